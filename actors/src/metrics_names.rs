@@ -1,0 +1,7 @@
+//! Names of the metrics this crate records (the server describes and exports
+//! them). Units go last in the name.
+
+pub const COMMIT_BATCH_SIZE: &str = "gavel_commit_batch_size";
+pub const COMMIT_LATENCY_SECONDS: &str = "gavel_commit_latency_seconds";
+pub const COMMIT_FAILURES_TOTAL: &str = "gavel_commit_failures_total";
+pub const LIVE_AUCTIONS: &str = "gavel_live_auctions";

@@ -1,0 +1,198 @@
+//! The persistence actor: group commit. Auction actors hand it their writes in
+//! the order they applied them; it gathers writes from every auction for about
+//! a millisecond (or until a batch is full), commits each batch in one store
+//! transaction, and only then tells each auction actor how far its writes are
+//! durable, so that bidders are answered and watchers told after commit.
+//!
+//! Guarantees:
+//! - Writes of one auction commit in the order they were sent; a batch never
+//!   commits partly (one transaction), so the store always holds a prefix of
+//!   what each auction actor applied.
+//! - A failed commit is retried, in order, with backoff, forever: nothing is
+//!   dropped or reordered. While it retries, the bounded queue fills and new
+//!   writes are refused at admission (503) instead of piling up.
+//! - A batch refused for a stale lease epoch is the one exception: those
+//!   writes were not made, are not retried, and their auctions are told to stop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::{debug, warn};
+
+use crate::admission::Admission;
+use crate::auction_actor::AuctionMsg;
+use crate::metrics_names as names;
+use crate::ports::{Store, StoreError, Write};
+
+#[derive(Clone, Debug)]
+pub struct PersistenceSettings {
+    /// How long the first write of a batch waits for company.
+    pub batch_delay: Duration,
+    pub max_batch_writes: usize,
+    /// One commit attempt's time limit.
+    pub commit_timeout: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for PersistenceSettings {
+    fn default() -> Self {
+        PersistenceSettings {
+            batch_delay: Duration::from_millis(1),
+            max_batch_writes: 1024,
+            commit_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+pub enum PersistenceMsg {
+    /// `write_no` numbers the writes of one auction actor, from 1 without gaps.
+    Write { write: Box<Write>, from: ActorRef<AuctionMsg>, write_no: u64 },
+    Flush,
+    /// Commits everything sent before it, then answers (graceful shutdown).
+    Drain(RpcReplyPort<()>),
+}
+
+pub struct PersistenceActor {
+    pub store: Arc<dyn Store>,
+    /// Slots reserved by auction actors for each write; freed after commit.
+    pub queue: Arc<Admission>,
+    pub settings: PersistenceSettings,
+}
+
+pub struct PersistenceState {
+    writes: Vec<Write>,
+    origins: Vec<(ActorRef<AuctionMsg>, u64)>,
+    flush_scheduled: bool,
+}
+
+impl Actor for PersistenceActor {
+    type Msg = PersistenceMsg;
+    type State = PersistenceState;
+    type Arguments = ();
+
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, _args: ()) -> Result<Self::State, ActorProcessingErr> {
+        Ok(PersistenceState { writes: Vec::new(), origins: Vec::new(), flush_scheduled: false })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            PersistenceMsg::Write { write, from, write_no } => {
+                state.writes.push(*write);
+                state.origins.push((from, write_no));
+                if state.writes.len() >= self.settings.max_batch_writes {
+                    self.commit_batch(state).await;
+                } else if !state.flush_scheduled {
+                    state.flush_scheduled = true;
+                    myself.send_after(self.settings.batch_delay, || PersistenceMsg::Flush);
+                }
+            }
+            PersistenceMsg::Flush => {
+                state.flush_scheduled = false;
+                self.commit_batch(state).await;
+            }
+            PersistenceMsg::Drain(reply) => {
+                self.commit_batch(state).await;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PersistenceActor {
+    async fn commit_batch(&self, state: &mut PersistenceState) {
+        if state.writes.is_empty() {
+            return;
+        }
+        let mut writes = std::mem::take(&mut state.writes);
+        let mut origins = std::mem::take(&mut state.origins);
+        metrics::histogram!(names::COMMIT_BATCH_SIZE).record(writes.len() as f64);
+        let mut backoff = Duration::from_millis(5);
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let started = Instant::now();
+            let result = tokio::time::timeout(self.settings.commit_timeout, self.store.commit(&writes))
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("commit timed out".to_owned())));
+            match result {
+                Ok(()) => {
+                    metrics::histogram!(names::COMMIT_LATENCY_SECONDS).record(started.elapsed().as_secs_f64());
+                    debug!(writes = writes.len(), attempt, "batch committed");
+                    break;
+                }
+                Err(StoreError::Fenced { shards }) => {
+                    warn!(?shards, "lease lost, refusing the writes of these shards");
+                    let (kept_writes, kept_origins) = self.refuse_fenced(writes, origins, &shards);
+                    writes = kept_writes;
+                    origins = kept_origins;
+                    if writes.is_empty() {
+                        return;
+                    }
+                }
+                Err(StoreError::Unavailable(reason)) => {
+                    metrics::counter!(names::COMMIT_FAILURES_TOTAL).increment(1);
+                    warn!(attempt, writes = writes.len(), error = %reason, "commit failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.settings.max_backoff);
+                }
+            }
+        }
+        self.queue.release(writes.len());
+        notify_durable(&origins);
+    }
+
+    /// Takes out the writes of fenced shards, tells their auctions, and returns the rest.
+    fn refuse_fenced(
+        &self,
+        writes: Vec<Write>,
+        origins: Vec<(ActorRef<AuctionMsg>, u64)>,
+        fenced_shards: &[u32],
+    ) -> (Vec<Write>, Vec<(ActorRef<AuctionMsg>, u64)>) {
+        let mut kept_writes = Vec::with_capacity(writes.len());
+        let mut kept_origins = Vec::with_capacity(origins.len());
+        let mut first_refused: HashMap<ActorId, (ActorRef<AuctionMsg>, u64)> = HashMap::new();
+        let mut refused = 0;
+        for (write, (actor, write_no)) in writes.into_iter().zip(origins) {
+            if fenced_shards.contains(&write.lease.shard) {
+                refused += 1;
+                first_refused.entry(actor.get_id()).or_insert((actor, write_no));
+            } else {
+                kept_writes.push(write);
+                kept_origins.push((actor, write_no));
+            }
+        }
+        self.queue.release(refused);
+        for (actor, from_write_no) in first_refused.into_values() {
+            let _ = actor.cast(AuctionMsg::WriteRefused { from_write_no });
+        }
+        (kept_writes, kept_origins)
+    }
+}
+
+/// Tells each auction actor, once, the last of its writes in this batch.
+fn notify_durable(origins: &[(ActorRef<AuctionMsg>, u64)]) {
+    let mut last_by_actor: Vec<(ActorRef<AuctionMsg>, u64)> = Vec::new();
+    let mut index_by_actor: HashMap<ActorId, usize> = HashMap::new();
+    for (actor, write_no) in origins {
+        match index_by_actor.get(&actor.get_id()) {
+            Some(&index) => last_by_actor[index].1 = *write_no,
+            None => {
+                index_by_actor.insert(actor.get_id(), last_by_actor.len());
+                last_by_actor.push((actor.clone(), *write_no));
+            }
+        }
+    }
+    for (actor, through_write_no) in last_by_actor {
+        // An actor that is gone has nobody left to answer; its writes are durable anyway.
+        let _ = actor.cast(AuctionMsg::Durable { through_write_no });
+    }
+}

@@ -1,0 +1,131 @@
+//! The ports this crate needs from the outside world, implemented by the server:
+//! a clock (the only source of `now`), a store (load an auction, make a batch of
+//! writes durable), and a sink for events that have become durable. Keeping them
+//! as small traits is what keeps the rules and the actors free of SQL and HTTP.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::auction::state::{AuctionId, AuctionState, BidPlaced, Event, TimestampMs, UserId};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Wall-clock time in milliseconds since the Unix epoch. Tests may drive their own.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> TimestampMs;
+}
+
+/// Which shard an auction lives in, and the lease epoch (fencing token) under
+/// which this node writes for that shard. Every write carries it; the store
+/// refuses a write whose epoch is no longer the shard's current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ShardLease {
+    pub shard: u32,
+    pub epoch: i64,
+}
+
+/// An idempotency key recorded with the write it produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub user_id: UserId,
+    pub key: String,
+    pub fingerprint: u64,
+}
+
+/// One change to make durable: the auction's state right after it, the
+/// accepted bid if it was one, and the idempotency key that asked for it.
+/// Applying the same `Write` twice leaves the store as applying it once (rows
+/// are keyed by auction and seq, the auction row gets absolute values), which
+/// makes retrying a commit of unknown outcome safe.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub lease: ShardLease,
+    /// When the command was applied.
+    pub at_ms: TimestampMs,
+    pub auction: AuctionState,
+    pub bid: Option<BidPlaced>,
+    pub key: Option<KeyRecord>,
+}
+
+/// A key found in the store for an auction's recent bids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredKey {
+    pub record: KeyRecord,
+    pub seq: u64,
+}
+
+/// What activation needs: the state and the most recent idempotency keys.
+#[derive(Clone, Debug)]
+pub struct LoadedAuction {
+    pub state: AuctionState,
+    pub recent_keys: Vec<StoredKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The writer no longer holds the lease epoch of these shards: nothing of
+    /// theirs was written, and nothing must be retried.
+    #[error("lease epoch no longer current for shards {shards:?}")]
+    Fenced { shards: Vec<u32> },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// Loads an auction with its recent idempotency keys; `None` when unknown.
+    fn load_auction(&self, id: AuctionId) -> BoxFuture<'_, Result<Option<LoadedAuction>, StoreError>>;
+
+    /// Writes every change of the batch in one transaction, after checking
+    /// inside it that every lease epoch named is still current.
+    fn commit<'a>(&'a self, batch: &'a [Write]) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Auctions not yet in a final state whose start or end is at or before
+    /// `horizon_ms`: the ones a node must activate so their timers run.
+    fn due_auctions(&self, horizon_ms: TimestampMs, limit: u32) -> BoxFuture<'_, Result<Vec<AuctionId>, StoreError>>;
+}
+
+/// Receives every event once it is durable, per auction in order, with the
+/// auction's state right after it. The WebSocket fan-out and the cluster's
+/// pub/sub plug in here.
+pub trait EventSink: Send + Sync + 'static {
+    fn publish(&self, event: &Event, state: &AuctionState);
+}
+
+/// A sink that drops everything, for nodes (and tests) with nobody listening.
+pub struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn publish(&self, _event: &Event, _state: &AuctionState) {}
+}
+
+/// The fixed number of shards auctions map to.
+pub const SHARD_COUNT: u32 = 256;
+
+/// A stable hash of the auction id (FNV-1a over its bytes) onto `0..SHARD_COUNT`.
+/// Stable across builds and nodes: it decides ownership in a cluster.
+pub fn shard_of(id: AuctionId) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(SHARD_COUNT)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        assert_eq!(shard_of(Uuid::from_u128(1)), shard_of(Uuid::from_u128(1)));
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..10_000u128 {
+            let shard = shard_of(Uuid::from_u128(n * 7_919));
+            assert!(shard < SHARD_COUNT);
+            seen.insert(shard);
+        }
+        assert_eq!(seen.len(), SHARD_COUNT as usize);
+    }
+}

@@ -1,0 +1,124 @@
+//! Building and running one gavel node: open the store, take the shards, start
+//! the actors, bind the listener. `Application::build` then `run_until_stopped`
+//! with any shutdown future, so tests bind port 0 and stop the node at will.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use gavel_actors::node::{Leases, Node, NodeSettings};
+use gavel_actors::ports::{Clock, NoEvents, Store};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::auth::{self, Auth};
+use crate::clock::SystemClock;
+use crate::config::Config;
+use crate::http::{self, ApiContext, ContextInner};
+use crate::ratelimit::RateLimiter;
+use crate::storage::{Db, DbStore};
+use crate::telemetry;
+
+pub struct Application {
+    listener: TcpListener,
+    context: ApiContext,
+    sweeper: tokio::task::JoinHandle<()>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        Self::build_with(config, NodeSettings::default()).await
+    }
+
+    pub async fn build_with(config: Config, settings: NodeSettings) -> anyhow::Result<Application> {
+        let metrics = telemetry::metrics();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let node_id = config.node_id();
+        let db = match &config.database_url {
+            Some(url) => Db::open_postgres(url).await.context("connecting to Postgres")?,
+            None => Db::open_sqlite(&config.data_dir)
+                .await
+                .with_context(|| format!("opening SQLite in {}", config.data_dir.display()))?,
+        };
+        if config.redis_url.is_some() {
+            warn!("--redis-url is set, but this build runs a single node; Redis is not used");
+        }
+        let secret = match &config.jwt_secret {
+            Some(secret) => secret.clone(),
+            None => auth::load_or_create_secret(&config.data_dir).context("creating the JWT secret")?,
+        };
+        let leases = Arc::new(Leases::none());
+        for (shard, epoch) in db.acquire_all_shards(&node_id, clock.now_ms()).await.context("taking the shard leases")? {
+            leases.grant(shard, epoch);
+        }
+        let store: Arc<dyn Store> = Arc::new(DbStore { db: db.clone(), node_id: node_id.clone() });
+        let node = Node::start(settings, clock.clone(), store, Arc::new(NoEvents), leases)
+            .await
+            .context("starting the actors")?;
+        // Auctions that should have opened or closed while the node was down do so now.
+        node.sweep_once().await;
+        let sweeper = node.spawn_sweeper();
+        let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        info!(listen = %listener.local_addr()?, store = db.backend_name(), node_id, "gavel node ready");
+        let context = ApiContext::new(ContextInner {
+            db,
+            node,
+            auth: Auth::new(&secret),
+            rate_limiter: RateLimiter::new(config.bid_rate_per_user),
+            clock,
+            metrics,
+            node_id,
+        });
+        Ok(Application { listener, context, sweeper })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Serves until `shutdown` completes, then stops in order: no new
+    /// connections, in-flight requests answered (their bids committed), the
+    /// persistence queue drained, the actors stopped, the store closed.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Application { listener, context, sweeper } = self;
+        let router = http::router(context.clone());
+        let listener = listener.tap_io(|stream| {
+            let _ = stream.set_nodelay(true);
+        });
+        axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
+        info!("stopped taking requests; draining");
+        sweeper.abort();
+        context.node.shutdown().await;
+        context.db.close().await;
+        info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}

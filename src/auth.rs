@@ -1,0 +1,143 @@
+//! Passwords (argon2id) and tokens (HS256 JWT, `sub` = user id). The secret is
+//! wrapped so it never prints, and tokens are never logged.
+
+use std::fmt;
+use std::path::Path;
+
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::http::extract::AuthUser;
+
+/// How long a token is valid.
+const TOKEN_LIFETIME_SECS: i64 = 7 * 24 * 3600;
+
+/// A secret that never shows up in logs or `Debug` output.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Reads the secret kept in `data_dir/jwt-secret`, creating it on first use.
+pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<Secret> {
+    let path = data_dir.join("jwt-secret");
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let trimmed = existing.trim();
+        if trimmed.len() >= 32 {
+            return Ok(Secret(trimmed.to_owned()));
+        }
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let mut bytes = [0u8; 32];
+    OsRng.fill_bytes(&mut bytes);
+    let secret: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    write_private(&path, &secret)?;
+    Ok(Secret(secret))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(contents.as_bytes())
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(path, contents)
+}
+
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    sub: Uuid,
+    name: String,
+    iat: i64,
+    exp: i64,
+}
+
+pub struct Auth {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl Auth {
+    pub fn new(secret: &Secret) -> Auth {
+        // Only HS256: a token naming another algorithm (or `none`) is refused.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        Auth {
+            encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
+            decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
+            validation,
+        }
+    }
+
+    pub fn issue(&self, user_id: Uuid, username: &str, now_secs: i64) -> String {
+        let claims = Claims { sub: user_id, name: username.to_owned(), iat: now_secs, exp: now_secs + TOKEN_LIFETIME_SECS };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing with a valid key cannot fail")
+    }
+
+    pub fn verify(&self, token: &str) -> Option<AuthUser> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
+        Some(AuthUser { id: data.claims.sub, username: data.claims.name })
+    }
+}
+
+/// Hashes a password with argon2id and a random salt (CPU-heavy: call from a blocking task).
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default().hash_password(password.as_bytes(), &salt)?.to_string())
+}
+
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_forgeries_fail() {
+        let auth = Auth::new(&Secret::new("a".repeat(64)));
+        let other = Auth::new(&Secret::new("b".repeat(64)));
+        let id = Uuid::now_v7();
+        let now = chrono::Utc::now().timestamp();
+        let token = auth.issue(id, "alice", now);
+        assert_eq!(auth.verify(&token).map(|user| user.id), Some(id));
+        assert!(other.verify(&token).is_none(), "signed with another secret");
+        assert!(auth.verify(&auth.issue(id, "alice", now - 2 * TOKEN_LIFETIME_SECS)).is_none(), "expired");
+        assert!(format!("{:?}", Secret::new("hunter2".to_owned())).find("hunter2").is_none());
+    }
+
+    #[test]
+    fn passwords_verify_only_against_their_hash() {
+        let hash = hash_password("correct horse").unwrap();
+        assert!(verify_password("correct horse", &hash));
+        assert!(!verify_password("wrong horse", &hash));
+    }
+}

@@ -1,0 +1,12 @@
+//! The real clock, the one place the server reads wall-clock time for the rules.
+
+use gavel_actors::ports::Clock;
+use gavel_actors::TimestampMs;
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> TimestampMs {
+        chrono::Utc::now().timestamp_millis()
+    }
+}

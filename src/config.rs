@@ -1,0 +1,70 @@
+//! Configuration: every flag also reads the environment variable in brackets
+//! (docs/API.md, "Running"). Defaults make `cargo run --release` a working
+//! single node on SQLite under ./data.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::auth::Secret;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Clone, Debug, Parser)]
+#[command(name = "gavel", version, about = "A real-time auction server")]
+pub struct Config {
+    /// HTTP, WebSocket and /metrics.
+    #[arg(long, env = "GAVEL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// SQLite database and generated secrets (embedded mode).
+    #[arg(long, env = "GAVEL_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// `postgres://…` switches storage to Postgres.
+    #[arg(long, env = "GAVEL_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Enables snapshots and cross-node pub/sub (cluster).
+    #[arg(long, env = "GAVEL_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// This node's name in a cluster; defaults to the host name.
+    #[arg(long, env = "GAVEL_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Shared by all nodes of a cluster; generated once and kept in the data dir if not given.
+    #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub jwt_secret: Option<Secret>,
+    #[arg(long, env = "GAVEL_LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+    /// Bids per second per user (burst twice that); 0 turns the limit off.
+    #[arg(long, env = "GAVEL_BID_RATE_PER_USER", default_value_t = 20)]
+    pub bid_rate_per_user: u32,
+}
+
+fn parse_secret(text: &str) -> Result<Secret, String> {
+    if text.len() < 32 {
+        return Err("the JWT secret must be at least 32 characters".to_owned());
+    }
+    Ok(Secret::new(text.to_owned()))
+}
+
+impl Config {
+    /// Defaults for tests and embedding: an ephemeral port, everything else as shipped.
+    pub fn for_data_dir(data_dir: PathBuf) -> Config {
+        Config::parse_from(["gavel", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap_or("./data")])
+    }
+
+    pub fn node_id(&self) -> String {
+        if let Some(node_id) = &self.node_id {
+            return node_id.clone();
+        }
+        std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "gavel".to_owned())
+    }
+}

@@ -1,0 +1,200 @@
+//! The one error type of the HTTP layer. Every error leaves as
+//! `{"error": {"code", "message", ...extra}}` with the status docs/API.md gives
+//! it. Database and internal failures are logged in full and never leaked: the
+//! client sees `503 UNAVAILABLE` (try again), never a stack of SQL.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use gavel_actors::{Money, Rejection, Status};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
+
+#[derive(Debug)]
+pub enum ApiError {
+    InvalidRequest(String),
+    PayloadTooLarge,
+    Unauthenticated,
+    InvalidCredentials,
+    Forbidden,
+    UsernameTaken,
+    AuctionNotFound,
+    NoBids,
+    RouteNotFound,
+    MethodNotAllowed,
+    AuctionNotActive { status: Status },
+    SellerCannotBid,
+    BidTooLow { min_bid: Money, current_price: Money },
+    AlreadyLeading,
+    AuctionHasBids,
+    InvalidAmount(String),
+    IdempotencyKeyReused,
+    RateLimited { retry_after_secs: u64 },
+    Unavailable { reason: String, outcome_unknown: bool },
+}
+
+/// The error envelope, for the OpenAPI document.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// UPPER_SNAKE code, stable for clients to match on.
+    #[schema(example = "BID_TOO_LOW")]
+    pub code: String,
+    pub message: String,
+    /// Extra fields some codes carry: `min_bid`, `current_price` (BID_TOO_LOW),
+    /// `status` (AUCTION_NOT_ACTIVE), `field` (INVALID_REQUEST), `retry_after_secs`.
+    #[serde(flatten)]
+    #[schema(additional_properties)]
+    pub extra: Map<String, Value>,
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthenticated | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden | ApiError::SellerCannotBid => StatusCode::FORBIDDEN,
+            ApiError::AuctionNotFound | ApiError::NoBids | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UsernameTaken
+            | ApiError::AuctionNotActive { .. }
+            | ApiError::BidTooLow { .. }
+            | ApiError::AlreadyLeading
+            | ApiError::AuctionHasBids => StatusCode::CONFLICT,
+            ApiError::InvalidAmount(_) | ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) => "INVALID_REQUEST",
+            ApiError::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ApiError::Unauthenticated => "UNAUTHENTICATED",
+            ApiError::InvalidCredentials => "INVALID_CREDENTIALS",
+            ApiError::Forbidden => "FORBIDDEN",
+            ApiError::UsernameTaken => "USERNAME_TAKEN",
+            ApiError::AuctionNotFound => "AUCTION_NOT_FOUND",
+            ApiError::NoBids => "NO_BIDS",
+            ApiError::RouteNotFound => "NOT_FOUND",
+            ApiError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ApiError::AuctionNotActive { .. } => "AUCTION_NOT_ACTIVE",
+            ApiError::SellerCannotBid => "SELLER_CANNOT_BID",
+            ApiError::BidTooLow { .. } => "BID_TOO_LOW",
+            ApiError::AlreadyLeading => "ALREADY_LEADING",
+            ApiError::AuctionHasBids => "AUCTION_HAS_BIDS",
+            ApiError::InvalidAmount(_) => "INVALID_AMOUNT",
+            ApiError::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            ApiError::RateLimited { .. } => "RATE_LIMITED",
+            ApiError::Unavailable { .. } => "UNAVAILABLE",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ApiError::InvalidRequest(message) | ApiError::InvalidAmount(message) => message.clone(),
+            ApiError::PayloadTooLarge => "request body is larger than 16 KiB".to_owned(),
+            ApiError::Unauthenticated => "a valid bearer token is required".to_owned(),
+            ApiError::InvalidCredentials => "wrong username or password".to_owned(),
+            ApiError::Forbidden => "only the seller may do this".to_owned(),
+            ApiError::UsernameTaken => "that username is taken".to_owned(),
+            ApiError::AuctionNotFound => "no such auction".to_owned(),
+            ApiError::NoBids => "the auction has no bids yet".to_owned(),
+            ApiError::RouteNotFound => "no such endpoint".to_owned(),
+            ApiError::MethodNotAllowed => "method not allowed on this endpoint".to_owned(),
+            ApiError::AuctionNotActive { status } => format!("the auction is {}", status.as_str()),
+            ApiError::SellerCannotBid => "sellers cannot bid on their own auction".to_owned(),
+            ApiError::BidTooLow { min_bid, .. } => format!("the minimum bid is {min_bid}"),
+            ApiError::AlreadyLeading => "you already lead; raise your maximum to bid again".to_owned(),
+            ApiError::AuctionHasBids => "an auction with bids cannot be cancelled".to_owned(),
+            ApiError::IdempotencyKeyReused => "this Idempotency-Key was used for a different request".to_owned(),
+            ApiError::RateLimited { .. } => "too many bids; slow down".to_owned(),
+            ApiError::Unavailable { reason, outcome_unknown: false } => {
+                format!("cannot accept writes right now ({reason}); not accepted, retry later")
+            }
+            ApiError::Unavailable { reason, outcome_unknown: true } => {
+                format!("{reason}; the outcome is not known yet, retry with the same Idempotency-Key")
+            }
+        }
+    }
+
+    fn extra(&self) -> Map<String, Value> {
+        let mut extra = Map::new();
+        match self {
+            ApiError::AuctionNotActive { status } => {
+                extra.insert("status".to_owned(), json!(status.as_str()));
+            }
+            ApiError::BidTooLow { min_bid, current_price } => {
+                extra.insert("min_bid".to_owned(), json!(min_bid.minor_units()));
+                extra.insert("current_price".to_owned(), json!(current_price.minor_units()));
+            }
+            ApiError::RateLimited { retry_after_secs } => {
+                extra.insert("retry_after_secs".to_owned(), json!(retry_after_secs));
+            }
+            ApiError::Unavailable { outcome_unknown: true, .. } => {
+                extra.insert("outcome".to_owned(), json!("unknown"));
+            }
+            _ => {}
+        }
+        extra
+    }
+
+    pub fn internal(context: &str, error: impl std::fmt::Display) -> ApiError {
+        tracing::error!(%error, context, "internal failure");
+        ApiError::Unavailable { reason: "storage unavailable".to_owned(), outcome_unknown: false }
+    }
+
+    pub fn unavailable(reason: impl Into<String>) -> ApiError {
+        ApiError::Unavailable { reason: reason.into(), outcome_unknown: false }
+    }
+
+    /// The body as the WebSocket and tests want it: `{code, message, ...extra}`.
+    pub fn detail(&self) -> Value {
+        let mut detail = self.extra();
+        detail.insert("code".to_owned(), json!(self.code()));
+        detail.insert("message".to_owned(), json!(self.message()));
+        Value::Object(detail)
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> ApiError {
+        match rejection {
+            Rejection::AuctionNotActive { status } => ApiError::AuctionNotActive { status },
+            Rejection::SellerCannotBid => ApiError::SellerCannotBid,
+            Rejection::BidTooLow { min_bid, current_price } => ApiError::BidTooLow { min_bid, current_price },
+            Rejection::AlreadyLeading => ApiError::AlreadyLeading,
+            Rejection::InvalidAmount => ApiError::InvalidAmount("max_amount must be at least amount".to_owned()),
+            Rejection::Forbidden => ApiError::Forbidden,
+            Rejection::AuctionHasBids => ApiError::AuctionHasBids,
+            // Only the actor's own timer issues Start/End; a client never sees this.
+            Rejection::NotDue => ApiError::unavailable("lifecycle not due"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::Unavailable { .. } => Some(1),
+            _ => None,
+        };
+        let mut response = (status, Json(json!({ "error": self.detail() }))).into_response();
+        response.extensions_mut().insert(super::BidOutcomeLabel(self.code()));
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,135 @@
+//! Extractors that turn every malformed input into the documented error
+//! instead of axum's plain-text rejections: JSON bodies (16 KiB at most,
+//! unknown fields refused), query strings, path ids, bearer tokens and the
+//! `Idempotency-Key` header.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use super::ApiContext;
+use super::error::ApiError;
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// A JSON body. The content type is not checked (clients often omit it); the
+/// bytes must be one JSON value of the expected shape.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::InvalidRequest(format!("could not read the body: {}", rejection.body_text()))
+            }
+        })?;
+        if bytes.len() > MAX_BODY_BYTES {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|error| ApiError::InvalidRequest(format!("invalid JSON body: {error}")))
+    }
+}
+
+/// A query string; malformed or out-of-type parameters are `400 INVALID_REQUEST`.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| ApiQuery(value))
+            .map_err(|rejection| ApiError::InvalidRequest(format!("invalid query: {}", rejection.body_text())))
+    }
+}
+
+/// Parses an id from the path; anything but a UUID is `400 INVALID_REQUEST`.
+pub fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(text).map_err(|_| ApiError::InvalidRequest(format!("{what} must be a UUID")))
+}
+
+/// The caller, from a valid `Authorization: Bearer` token.
+#[derive(Clone, Debug)]
+pub struct AuthUser {
+    pub id: Uuid,
+    pub username: String,
+}
+
+impl FromRequestParts<ApiContext> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, context: &ApiContext) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or(ApiError::Unauthenticated)?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthenticated)?;
+        context.auth.verify(token.trim()).ok_or(ApiError::Unauthenticated)
+    }
+}
+
+/// The caller if a token was sent; a token that is sent must be valid.
+pub struct MaybeAuthUser(pub Option<AuthUser>);
+
+impl FromRequestParts<ApiContext> for MaybeAuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, context: &ApiContext) -> Result<Self, Self::Rejection> {
+        if !parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
+            return Ok(MaybeAuthUser(None));
+        }
+        AuthUser::from_request_parts(parts, context).await.map(|user| MaybeAuthUser(Some(user)))
+    }
+}
+
+/// The `Idempotency-Key` header: 1..=64 printable ASCII characters.
+pub struct IdempotencyKeyHeader(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(IdempotencyKeyHeader(None));
+        };
+        let invalid = || ApiError::InvalidRequest("Idempotency-Key must be 1 to 64 printable ASCII characters".to_owned());
+        let key = value.to_str().map_err(|_| invalid())?;
+        if key.is_empty() || key.len() > 64 || !key.bytes().all(|byte| (0x20..=0x7e).contains(&byte)) {
+            return Err(invalid());
+        }
+        Ok(IdempotencyKeyHeader(Some(key.to_owned())))
+    }
+}
+
+/// A stable 64-bit fingerprint (FNV-1a) of what a request asks for, so a
+/// key reused for a different request is told apart from a retry.
+pub fn fingerprint(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.iter().chain(std::iter::once(&0xffu8)) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
+}

@@ -1,0 +1,154 @@
+//! The HTTP edge: routes of docs/API.md, the OpenAPI document generated from
+//! the handlers (`/api/openapi.json`), Swagger UI (`/api/docs`, served from the
+//! binary), health, readiness and metrics. Each request has a time limit and a
+//! 16 KiB body limit; every error is JSON.
+
+pub mod auctions;
+pub mod bids;
+pub mod error;
+pub mod extract;
+pub mod ops;
+pub mod users;
+pub mod views;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use gavel_actors::node::Node;
+use gavel_actors::ports::Clock;
+use metrics_exporter_prometheus::PrometheusHandle;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::auth::Auth;
+use crate::ratelimit::RateLimiter;
+use crate::storage::Db;
+use crate::telemetry;
+use error::ApiError;
+
+/// Everything a handler may use; cheap to clone.
+#[derive(Clone)]
+pub struct ApiContext {
+    inner: Arc<ContextInner>,
+}
+
+pub struct ContextInner {
+    pub db: Db,
+    pub node: Arc<Node>,
+    pub auth: Auth,
+    pub rate_limiter: RateLimiter,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: PrometheusHandle,
+    pub node_id: String,
+}
+
+impl std::ops::Deref for ApiContext {
+    type Target = ContextInner;
+    fn deref(&self) -> &ContextInner {
+        &self.inner
+    }
+}
+
+impl ApiContext {
+    pub fn new(inner: ContextInner) -> ApiContext {
+        ApiContext { inner: Arc::new(inner) }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}
+
+/// A request slower than this is answered 503 (a bid's own wait is shorter).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(35);
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "gavel", description = "A real-time auction server. Money is integer minor units of the auction's currency."),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "auth", description = "Accounts and tokens"),
+        (name = "auctions", description = "Auctions"),
+        (name = "bids", description = "Bids"),
+        (name = "operations", description = "Health, readiness, metrics"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+/// The routes and the OpenAPI document they produce.
+pub fn api() -> (Router<ApiContext>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(users::register))
+        .routes(routes!(users::login))
+        .routes(routes!(users::me))
+        .routes(routes!(auctions::create_auction, auctions::list_auctions))
+        .routes(routes!(auctions::get_auction))
+        .routes(routes!(auctions::cancel_auction))
+        .routes(routes!(auctions::my_bids))
+        .routes(routes!(bids::place_bid, bids::bid_history))
+        .routes(routes!(bids::highest_bid))
+        .routes(routes!(ops::health))
+        .routes(routes!(ops::ready))
+        .routes(routes!(ops::metrics))
+        .split_for_parts()
+}
+
+pub fn router(context: ApiContext) -> Router {
+    let (api_routes, openapi) = api();
+    api_routes
+        .merge(SwaggerUi::new("/api/docs").url("/api/openapi.json", openapi))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(context.clone(), observe))
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .with_state(context)
+}
+
+/// Time limit, request metrics by matched route (never the raw URL), and bid
+/// outcome counting.
+async fn observe(State(_context): State<ApiContext>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let is_bid = request.method() == axum::http::Method::POST && route == "/api/v1/auctions/{id}/bids";
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::unavailable("request timed out").into_response(),
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(telemetry::HTTP_REQUESTS_TOTAL, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!(telemetry::HTTP_REQUEST_DURATION_SECONDS, "route" => route).record(elapsed);
+    if is_bid {
+        let outcome = response.extensions().get::<BidOutcomeLabel>().map_or("accepted", |label| label.0);
+        metrics::counter!(telemetry::BIDS_TOTAL, "outcome" => outcome).increment(1);
+        metrics::histogram!(telemetry::BID_LATENCY_SECONDS).record(elapsed);
+    }
+    response
+}
+
+/// Set on error responses so the metrics layer can count bids by rejection code.
+#[derive(Clone, Copy)]
+pub struct BidOutcomeLabel(pub &'static str);

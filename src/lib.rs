@@ -1,0 +1,15 @@
+//! The gavel server: configuration, the HTTP edge, storage adapters (SQLite
+//! and Postgres), metrics and logs. The auction domain and its actors live in
+//! the `gavel-actors` crate; this crate implements the ports they need.
+
+pub mod app;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod ratelimit;
+pub mod storage;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Config;

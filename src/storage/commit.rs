@@ -1,0 +1,277 @@
+//! The group commit: one transaction per batch of writes from any number of
+//! auctions. Inside it, first the fencing check (every lease epoch the batch
+//! names is still this node's), then the bids, the auctions' new state and the
+//! idempotency keys. Re-running a batch whose first commit's outcome was lost
+//! leaves the same rows (bids and keys skip existing keys, auction rows get
+//! absolute values), so the persistence actor may retry blindly.
+
+use std::collections::HashMap;
+
+use gavel_actors::ports::{StoreError, Write};
+use gavel_actors::{AuctionState, BidPlaced};
+use sqlx::{Postgres, Sqlite, Transaction};
+use uuid::Uuid;
+
+use super::Db;
+
+pub(super) async fn commit(db: &Db, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
+    let unavailable = |error: sqlx::Error| StoreError::Unavailable(error.to_string());
+    match db {
+        Db::Sqlite { writer, .. } => {
+            let mut tx = writer.begin().await.map_err(unavailable)?;
+            check_leases_sqlite(&mut tx, node_id, batch).await?;
+            write_sqlite(&mut tx, batch).await.map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)
+        }
+        Db::Postgres(pool) => {
+            let mut tx = pool.begin().await.map_err(unavailable)?;
+            check_leases_postgres(&mut tx, node_id, batch).await?;
+            write_postgres(&mut tx, batch).await.map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)
+        }
+    }
+}
+
+/// `(shard, epoch)` pairs named by the batch, each once.
+fn leases_named(batch: &[Write]) -> Vec<(u32, i64)> {
+    let mut leases: Vec<(u32, i64)> = batch.iter().map(|write| (write.lease.shard, write.lease.epoch)).collect();
+    leases.sort_unstable();
+    leases.dedup();
+    leases
+}
+
+fn fenced(current: &HashMap<i32, (String, i64)>, node_id: &str, named: &[(u32, i64)]) -> Vec<u32> {
+    named
+        .iter()
+        .filter(|(shard, epoch)| {
+            current.get(&(*shard as i32)).is_none_or(|(owner, current_epoch)| owner != node_id || current_epoch != epoch)
+        })
+        .map(|(shard, _)| *shard)
+        .collect()
+}
+
+async fn check_leases_sqlite(tx: &mut Transaction<'static, Sqlite>, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
+    let named = leases_named(batch);
+    let mut current = HashMap::new();
+    for (shard, _) in &named {
+        let row: Option<(String, i64)> = sqlx::query_as("SELECT owner, epoch FROM shard_leases WHERE shard = $1")
+            .bind(*shard as i32)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(|error| StoreError::Unavailable(error.to_string()))?;
+        if let Some(row) = row {
+            current.insert(*shard as i32, row);
+        }
+    }
+    let shards = fenced(&current, node_id, &named);
+    if shards.is_empty() { Ok(()) } else { Err(StoreError::Fenced { shards }) }
+}
+
+/// Takes the lease rows `FOR SHARE`, so a takeover (which updates them) waits
+/// for this commit, and this commit sees a takeover that came first.
+async fn check_leases_postgres(tx: &mut Transaction<'static, Postgres>, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
+    let named = leases_named(batch);
+    let shards: Vec<i32> = named.iter().map(|(shard, _)| *shard as i32).collect();
+    let rows: Vec<(i32, String, i64)> =
+        sqlx::query_as("SELECT shard, owner, epoch FROM shard_leases WHERE shard = ANY($1) FOR SHARE")
+            .bind(&shards)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(|error| StoreError::Unavailable(error.to_string()))?;
+    let current = rows.into_iter().map(|(shard, owner, epoch)| (shard, (owner, epoch))).collect();
+    let shards = fenced(&current, node_id, &named);
+    if shards.is_empty() { Ok(()) } else { Err(StoreError::Fenced { shards }) }
+}
+
+/// The last state of each auction in the batch, in first-seen order.
+fn final_states(batch: &[Write]) -> Vec<&AuctionState> {
+    let mut index: HashMap<Uuid, usize> = HashMap::new();
+    let mut states: Vec<&AuctionState> = Vec::new();
+    for write in batch {
+        match index.get(&write.auction.id) {
+            Some(&position) => states[position] = &write.auction,
+            None => {
+                index.insert(write.auction.id, states.len());
+                states.push(&write.auction);
+            }
+        }
+    }
+    states
+}
+
+struct KeyInsert<'a> {
+    user_id: Uuid,
+    key: &'a str,
+    fingerprint: i64,
+    kind: &'static str,
+    auction_id: Uuid,
+    seq: Option<i64>,
+    created_at_ms: i64,
+}
+
+fn keys(batch: &[Write]) -> Vec<KeyInsert<'_>> {
+    batch
+        .iter()
+        .filter_map(|write| {
+            let record = write.key.as_ref()?;
+            let (kind, seq) = match &write.bid {
+                Some(bid) => ("bid", Some(bid.seq as i64)),
+                None => ("cancel", None),
+            };
+            Some(KeyInsert {
+                user_id: record.user_id,
+                key: &record.key,
+                fingerprint: record.fingerprint as i64,
+                kind,
+                auction_id: write.auction.id,
+                seq,
+                created_at_ms: write.at_ms,
+            })
+        })
+        .collect()
+}
+
+fn bids(batch: &[Write]) -> impl Iterator<Item = (Uuid, &BidPlaced)> {
+    batch.iter().filter_map(|write| write.bid.as_ref().map(|bid| (write.auction.id, bid)))
+}
+
+const UPDATE_AUCTION: &str = "UPDATE auctions SET status = $2, current_price = $3, leader_id = $4, leader_max = $5, \
+     bid_count = $6, seq = $7, end_at_ms = $8, winner_id = $9, final_price = $10 WHERE id = $1";
+
+/// SQLite binds at most 32,766 parameters per statement: 9 columns a bid.
+const SQLITE_BIDS_PER_STATEMENT: usize = 1000;
+
+async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) -> Result<(), sqlx::Error> {
+    let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
+    for chunk in all_bids.chunks(SQLITE_BIDS_PER_STATEMENT) {
+        let mut sql = String::from(
+            "INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, \
+             leader_id, end_at_ms) VALUES ",
+        );
+        for (row, _) in chunk.iter().enumerate() {
+            let base = row * 9;
+            if row > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for column in 1..=9 {
+                if column > 1 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("${}", base + column));
+            }
+            sql.push(')');
+        }
+        sql.push_str(" ON CONFLICT (auction_id, seq) DO NOTHING");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (auction_id, bid) in chunk {
+            query = query
+                .bind(*auction_id)
+                .bind(bid.seq as i64)
+                .bind(bid.bidder.id)
+                .bind(bid.amount.minor_units())
+                .bind(bid.bidder_max.minor_units())
+                .bind(bid.placed_at_ms)
+                .bind(bid.current_price.minor_units())
+                .bind(bid.leader.id)
+                .bind(bid.end_at_ms);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    for state in final_states(batch) {
+        let leader = state.leader.as_ref();
+        sqlx::query(UPDATE_AUCTION)
+            .bind(state.id)
+            .bind(state.status.as_str())
+            .bind(state.current_price.minor_units())
+            .bind(leader.map(|leader| leader.user.id))
+            .bind(leader.map(|leader| leader.max_amount.minor_units()))
+            .bind(state.bid_count as i64)
+            .bind(state.seq as i64)
+            .bind(state.end_at_ms)
+            .bind(state.winner.as_ref().map(|winner| winner.id))
+            .bind(state.final_price.map(|price| price.minor_units()))
+            .execute(&mut **tx)
+            .await?;
+    }
+    for key in keys(batch) {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (user_id, key) DO NOTHING",
+        )
+        .bind(key.user_id)
+        .bind(key.key)
+        .bind(key.fingerprint)
+        .bind(key.kind)
+        .bind(key.auction_id)
+        .bind(key.seq)
+        .bind(key.created_at_ms)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// On Postgres each table gets one statement per batch, columns bound as arrays.
+async fn write_postgres(tx: &mut Transaction<'static, Postgres>, batch: &[Write]) -> Result<(), sqlx::Error> {
+    let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
+    if !all_bids.is_empty() {
+        sqlx::query(
+            "INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, \
+             leader_id, end_at_ms) \
+             SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::uuid[], $4::int8[], $5::int8[], $6::int8[], \
+             $7::int8[], $8::uuid[], $9::int8[]) ON CONFLICT (auction_id, seq) DO NOTHING",
+        )
+        .bind(all_bids.iter().map(|(auction_id, _)| *auction_id).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.seq as i64).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.bidder.id).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.amount.minor_units()).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.bidder_max.minor_units()).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.placed_at_ms).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.current_price.minor_units()).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.leader.id).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.end_at_ms).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    let states = final_states(batch);
+    sqlx::query(
+        "UPDATE auctions a SET status = u.status, current_price = u.current_price, leader_id = u.leader_id, \
+         leader_max = u.leader_max, bid_count = u.bid_count, seq = u.seq, end_at_ms = u.end_at_ms, \
+         winner_id = u.winner_id, final_price = u.final_price \
+         FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::int8[], $6::int8[], $7::int8[], \
+         $8::int8[], $9::uuid[], $10::int8[]) \
+         AS u(id, status, current_price, leader_id, leader_max, bid_count, seq, end_at_ms, winner_id, final_price) \
+         WHERE a.id = u.id",
+    )
+    .bind(states.iter().map(|state| state.id).collect::<Vec<_>>())
+    .bind(states.iter().map(|state| state.status.as_str()).collect::<Vec<_>>())
+    .bind(states.iter().map(|state| state.current_price.minor_units()).collect::<Vec<_>>())
+    .bind(states.iter().map(|state| state.leader.as_ref().map(|leader| leader.user.id)).collect::<Vec<_>>())
+    .bind(states.iter().map(|state| state.leader.as_ref().map(|leader| leader.max_amount.minor_units())).collect::<Vec<_>>())
+    .bind(states.iter().map(|state| state.bid_count as i64).collect::<Vec<_>>())
+    .bind(states.iter().map(|state| state.seq as i64).collect::<Vec<_>>())
+    .bind(states.iter().map(|state| state.end_at_ms).collect::<Vec<_>>())
+    .bind(states.iter().map(|state| state.winner.as_ref().map(|winner| winner.id)).collect::<Vec<_>>())
+    .bind(states.iter().map(|state| state.final_price.map(|price| price.minor_units())).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    let keys = keys(batch);
+    if !keys.is_empty() {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::uuid[], $6::int8[], $7::int8[]) \
+             ON CONFLICT (user_id, key) DO NOTHING",
+        )
+        .bind(keys.iter().map(|key| key.user_id).collect::<Vec<_>>())
+        .bind(keys.iter().map(|key| key.key).collect::<Vec<_>>())
+        .bind(keys.iter().map(|key| key.fingerprint).collect::<Vec<_>>())
+        .bind(keys.iter().map(|key| key.kind).collect::<Vec<_>>())
+        .bind(keys.iter().map(|key| key.auction_id).collect::<Vec<_>>())
+        .bind(keys.iter().map(|key| key.seq).collect::<Vec<_>>())
+        .bind(keys.iter().map(|key| key.created_at_ms).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}

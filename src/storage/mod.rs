@@ -1,0 +1,376 @@
+//! Storage adapters: SQLite (embedded default) and Postgres, one behaviour.
+//!
+//! Both schemas have the same tables and column types as far as queries can
+//! tell (UUIDs, 64-bit integers, text), and SQLite accepts Postgres' `$1`
+//! parameters, so every query below is written once and runs on either pool.
+//! Only the group commit differs: Postgres takes whole columns as arrays
+//! (`UNNEST`), SQLite takes multi-row `VALUES` in chunks. Every call has a time
+//! limit: the pools' acquire timeout and, on Postgres, `statement_timeout`.
+//!
+//! The `Store` port of `gavel-actors` is implemented here (load an auction,
+//! commit a batch, find due auctions); the HTTP edge reads through the same
+//! `Db` for everything else (users, listings, history).
+
+mod commit;
+mod rows;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use gavel_actors::ports::{
+    BoxFuture, KeyRecord, LoadedAuction, SHARD_COUNT, Store, StoreError, StoredKey, Write,
+};
+use gavel_actors::{AuctionId, Status, TimestampMs, UserId};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use uuid::Uuid;
+
+pub use rows::{AuctionRow, BidRow, KeyRow, MyBidRow, UserRow};
+
+/// The database, whichever it is.
+#[derive(Clone)]
+pub enum Db {
+    /// One writer connection (SQLite has one writer anyway) and a few readers,
+    /// which WAL mode lets read while the writer commits.
+    Sqlite { writer: SqlitePool, readers: SqlitePool },
+    Postgres(PgPool),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unique constraint violated")]
+    UniqueViolation,
+    #[error(transparent)]
+    Other(#[from] sqlx::Error),
+}
+
+impl DbError {
+    fn classify(error: sqlx::Error) -> DbError {
+        let unique = error.as_database_error().is_some_and(|db_error| db_error.is_unique_violation());
+        if unique { DbError::UniqueViolation } else { DbError::Other(error) }
+    }
+}
+
+/// Runs `$body` with `$pool` bound to the pool that reads.
+macro_rules! reading {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Sqlite { readers: $pool, .. } => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$pool` bound to the pool that writes.
+macro_rules! writing {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            Db::Sqlite { writer: $pool, .. } => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const AUCTION_SELECT: &str = "SELECT a.id, a.seller_id, s.username AS seller_username, a.title, a.description, \
+     a.currency, a.starting_price, a.reserve_price, a.min_increment, a.soft_close_secs, a.start_at_ms, \
+     a.end_at_ms, a.status, a.current_price, a.leader_id, l.username AS leader_username, a.leader_max, \
+     a.bid_count, a.seq, a.winner_id, w.username AS winner_username, a.final_price \
+     FROM auctions a JOIN users s ON s.id = a.seller_id \
+     LEFT JOIN users l ON l.id = a.leader_id LEFT JOIN users w ON w.id = a.winner_id";
+
+impl Db {
+    /// Opens (creating if needed) `data_dir/gavel.db` in WAL mode with
+    /// `synchronous=FULL`: a commit is on disk when it returns.
+    pub async fn open_sqlite(data_dir: &Path) -> Result<Db, sqlx::Error> {
+        std::fs::create_dir_all(data_dir).map_err(sqlx::Error::Io)?;
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("gavel.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&writer).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Db::Sqlite { writer, readers })
+    }
+
+    /// Connects to Postgres with `synchronous_commit` on (batching, not weaker
+    /// durability, is what makes commits cheap) and a statement time limit.
+    pub async fn open_postgres(url: &str) -> Result<Db, sqlx::Error> {
+        let options = PgConnectOptions::from_str(url)?
+            .options([("synchronous_commit", "on"), ("statement_timeout", "10000")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        Ok(Db::Postgres(pool))
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Db::Sqlite { .. } => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite { writer, readers } => {
+                readers.close().await;
+                writer.close().await;
+            }
+            Db::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        reading!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
+    }
+
+    /// Takes every shard for `owner`, raising each epoch (single node: this
+    /// node owns all of them). Returns `(shard, epoch)` pairs.
+    pub async fn acquire_all_shards(&self, owner: &str, now_ms: TimestampMs) -> Result<Vec<(u32, i64)>, sqlx::Error> {
+        let sql = "INSERT INTO shard_leases (shard, owner, epoch, expires_at_ms) VALUES ($1, $2, 1, $3) \
+                   ON CONFLICT (shard) DO UPDATE SET owner = excluded.owner, \
+                   epoch = shard_leases.epoch + 1, expires_at_ms = excluded.expires_at_ms RETURNING epoch";
+        let mut leases = Vec::with_capacity(SHARD_COUNT as usize);
+        writing!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for shard in 0..SHARD_COUNT {
+                let epoch: i64 = sqlx::query_scalar(sql)
+                    .bind(shard as i32)
+                    .bind(owner)
+                    .bind(i64::MAX)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                leases.push((shard, epoch));
+            }
+            tx.commit().await?;
+        });
+        let _ = now_ms;
+        Ok(leases)
+    }
+
+    pub async fn insert_user(&self, id: UserId, username: &str, password_hash: &str, now_ms: TimestampMs) -> Result<(), DbError> {
+        let sql = "INSERT INTO users (id, username, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)";
+        writing!(self, pool => sqlx::query(sql)
+            .bind(id)
+            .bind(username)
+            .bind(password_hash)
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map(|_| ())
+            .map_err(DbError::classify))
+    }
+
+    pub async fn user_by_name(&self, username: &str) -> Result<Option<UserRow>, sqlx::Error> {
+        let sql = "SELECT id, username, password_hash FROM users WHERE username = $1";
+        reading!(self, pool => sqlx::query_as(sql).bind(username).fetch_optional(pool).await)
+    }
+
+    pub async fn user_by_id(&self, id: UserId) -> Result<Option<UserRow>, sqlx::Error> {
+        let sql = "SELECT id, username, password_hash FROM users WHERE id = $1";
+        reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)
+    }
+
+    /// Inserts a new auction, and its idempotency key if given, in one transaction.
+    pub async fn insert_auction(&self, auction: &NewAuction, key: Option<&KeyRecord>, now_ms: TimestampMs) -> Result<(), DbError> {
+        let insert = "INSERT INTO auctions (id, shard, seller_id, title, description, currency, starting_price, \
+             reserve_price, min_increment, soft_close_secs, start_at_ms, end_at_ms, status, current_price, \
+             leader_id, leader_max, bid_count, seq, winner_id, final_price, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $7, NULL, NULL, 0, 0, NULL, NULL, $14)";
+        let insert_key = "INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
+             VALUES ($1, $2, $3, 'create', $4, NULL, $5)";
+        writing!(self, pool => {
+            let mut tx = pool.begin().await.map_err(DbError::classify)?;
+            sqlx::query(insert)
+                .bind(auction.id)
+                .bind(gavel_actors::ports::shard_of(auction.id) as i32)
+                .bind(auction.seller_id)
+                .bind(&auction.title)
+                .bind(&auction.description)
+                .bind(&auction.currency)
+                .bind(auction.starting_price)
+                .bind(auction.reserve_price)
+                .bind(auction.min_increment)
+                .bind(auction.soft_close_secs as i32)
+                .bind(auction.start_at_ms)
+                .bind(auction.end_at_ms)
+                .bind(auction.status.as_str())
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(DbError::classify)?;
+            if let Some(key) = key {
+                sqlx::query(insert_key)
+                    .bind(key.user_id)
+                    .bind(&key.key)
+                    .bind(key.fingerprint as i64)
+                    .bind(auction.id)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(DbError::classify)?;
+            }
+            tx.commit().await.map_err(DbError::classify)
+        })
+    }
+
+    pub async fn auction(&self, id: AuctionId) -> Result<Option<AuctionRow>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!("{AUCTION_SELECT} WHERE a.id = $1"));
+        reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)
+    }
+
+    /// One page of auctions in `status`, keyset-paginated after `after`.
+    pub async fn list_auctions(
+        &self,
+        status: Status,
+        after: Option<(i64, Uuid)>,
+        limit: u32,
+    ) -> Result<Vec<AuctionRow>, sqlx::Error> {
+        // Active: ending soonest first. Scheduled: starting soonest first.
+        // Ended and cancelled: most recently ended first.
+        let (column, comparison, order) = match status {
+            Status::Active => ("a.end_at_ms", ">", "ASC"),
+            Status::Scheduled => ("a.start_at_ms", ">", "ASC"),
+            Status::Ended | Status::Cancelled => ("a.end_at_ms", "<", "DESC"),
+        };
+        let (after_ms, after_id) = after.unwrap_or(match order {
+            "ASC" => (i64::MIN, Uuid::nil()),
+            _ => (i64::MAX, Uuid::max()),
+        });
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{AUCTION_SELECT} WHERE a.status = $1 AND ({column}, a.id) {comparison} ($2, $3) \
+             ORDER BY {column} {order}, a.id {order} LIMIT $4"
+        ));
+        reading!(self, pool => sqlx::query_as(sql)
+            .bind(status.as_str())
+            .bind(after_ms)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await)
+    }
+
+    /// Bids of an auction, newest first, with `seq < before_seq`.
+    pub async fn bids(&self, auction_id: AuctionId, before_seq: i64, limit: u32) -> Result<Vec<BidRow>, sqlx::Error> {
+        let sql = "SELECT b.auction_id, b.seq, b.bidder_id, u.username AS bidder_username, b.amount, b.max_amount, \
+             b.placed_at_ms, b.current_price, b.leader_id, l.username AS leader_username, b.end_at_ms \
+             FROM bids b JOIN users u ON u.id = b.bidder_id JOIN users l ON l.id = b.leader_id \
+             WHERE b.auction_id = $1 AND b.seq < $2 ORDER BY b.seq DESC LIMIT $3";
+        reading!(self, pool => sqlx::query_as(sql)
+            .bind(auction_id)
+            .bind(before_seq)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await)
+    }
+
+    pub async fn bid(&self, auction_id: AuctionId, seq: u64) -> Result<Option<BidRow>, sqlx::Error> {
+        let sql = "SELECT b.auction_id, b.seq, b.bidder_id, u.username AS bidder_username, b.amount, b.max_amount, \
+             b.placed_at_ms, b.current_price, b.leader_id, l.username AS leader_username, b.end_at_ms \
+             FROM bids b JOIN users u ON u.id = b.bidder_id JOIN users l ON l.id = b.leader_id \
+             WHERE b.auction_id = $1 AND b.seq = $2";
+        reading!(self, pool => sqlx::query_as(sql).bind(auction_id).bind(seq as i64).fetch_optional(pool).await)
+    }
+
+    /// The auctions a user has bid on, most recently ending first, with the
+    /// user's highest maximum on each.
+    pub async fn bids_of_user(&self, user_id: UserId, limit: u32) -> Result<Vec<MyBidRow>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT x.*, mine.your_max, mine.your_bid_count FROM ({AUCTION_SELECT}) x \
+             JOIN (SELECT auction_id, MAX(max_amount) AS your_max, COUNT(*) AS your_bid_count \
+                   FROM bids WHERE bidder_id = $1 GROUP BY auction_id) mine ON mine.auction_id = x.id \
+             ORDER BY x.end_at_ms DESC, x.id DESC LIMIT $2"
+        ));
+        reading!(self, pool => sqlx::query_as(sql).bind(user_id).bind(i64::from(limit)).fetch_all(pool).await)
+    }
+
+    pub async fn key(&self, user_id: UserId, key: &str) -> Result<Option<KeyRow>, sqlx::Error> {
+        let sql = "SELECT fingerprint, kind, auction_id, seq FROM idempotency_keys WHERE user_id = $1 AND key = $2";
+        reading!(self, pool => sqlx::query_as(sql).bind(user_id).bind(key).fetch_optional(pool).await)
+    }
+
+    async fn load(&self, id: AuctionId) -> Result<Option<LoadedAuction>, sqlx::Error> {
+        let Some(row) = self.auction(id).await? else {
+            return Ok(None);
+        };
+        let sql = "SELECT user_id, key, fingerprint, seq FROM idempotency_keys \
+                   WHERE auction_id = $1 AND kind = 'bid' ORDER BY created_at_ms DESC, seq DESC LIMIT 1000";
+        let keys: Vec<(Uuid, String, i64, Option<i64>)> =
+            reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_all(pool).await)?;
+        let state = row.to_state().map_err(|reason| sqlx::Error::Decode(reason.into()))?;
+        let recent_keys = keys
+            .into_iter()
+            .rev()
+            .map(|(user_id, key, fingerprint, seq)| StoredKey {
+                record: KeyRecord { user_id, key, fingerprint: fingerprint as u64 },
+                seq: seq.unwrap_or(0) as u64,
+            })
+            .collect();
+        Ok(Some(LoadedAuction { state, recent_keys }))
+    }
+
+    async fn due(&self, horizon_ms: TimestampMs, limit: u32) -> Result<Vec<AuctionId>, sqlx::Error> {
+        let sql = "SELECT id FROM auctions WHERE status = 'scheduled' AND start_at_ms <= $1 \
+                   UNION SELECT id FROM auctions WHERE status = 'active' AND end_at_ms <= $1 LIMIT $2";
+        reading!(self, pool => sqlx::query_scalar(sql).bind(horizon_ms).bind(i64::from(limit)).fetch_all(pool).await)
+    }
+}
+
+/// A validated auction about to be created.
+#[derive(Clone, Debug)]
+pub struct NewAuction {
+    pub id: AuctionId,
+    pub seller_id: UserId,
+    pub title: String,
+    pub description: String,
+    pub currency: String,
+    pub starting_price: i64,
+    pub reserve_price: Option<i64>,
+    pub min_increment: i64,
+    pub soft_close_secs: u32,
+    pub start_at_ms: TimestampMs,
+    pub end_at_ms: TimestampMs,
+    pub status: Status,
+}
+
+fn unavailable(error: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+/// The actors' view of the database.
+pub struct DbStore {
+    pub db: Db,
+    pub node_id: String,
+}
+
+impl Store for DbStore {
+    fn load_auction(&self, id: AuctionId) -> BoxFuture<'_, Result<Option<LoadedAuction>, StoreError>> {
+        Box::pin(async move { self.db.load(id).await.map_err(unavailable) })
+    }
+
+    fn commit<'a>(&'a self, batch: &'a [Write]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(commit::commit(&self.db, &self.node_id, batch))
+    }
+
+    fn due_auctions(&self, horizon_ms: TimestampMs, limit: u32) -> BoxFuture<'_, Result<Vec<AuctionId>, StoreError>> {
+        Box::pin(async move { self.db.due(horizon_ms, limit).await.map_err(unavailable) })
+    }
+}

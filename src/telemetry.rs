@@ -1,0 +1,97 @@
+//! Logs (`tracing`, pretty or JSON) and metrics (Prometheus text at `/metrics`).
+//! Every series is described and created at start-up, so dashboards show zeros
+//! instead of gaps; histogram buckets run from a tenth of a millisecond to
+//! seconds, where bid and commit latencies live.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use gavel_actors::metrics_names as actor_names;
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const BIDS_TOTAL: &str = "gavel_bids_total";
+pub const BID_LATENCY_SECONDS: &str = "gavel_bid_latency_seconds";
+pub const PERSISTENCE_QUEUE_DEPTH: &str = "gavel_persistence_queue_depth";
+pub const HTTP_REQUESTS_TOTAL: &str = "gavel_http_requests_total";
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "gavel_http_request_duration_seconds";
+
+/// Every outcome a bid can have, as the `outcome` label.
+pub const BID_OUTCOMES: &[&str] = &[
+    "accepted",
+    "AUCTION_NOT_FOUND",
+    "AUCTION_NOT_ACTIVE",
+    "SELLER_CANNOT_BID",
+    "BID_TOO_LOW",
+    "ALREADY_LEADING",
+    "INVALID_AMOUNT",
+    "IDEMPOTENCY_KEY_REUSED",
+    "RATE_LIMITED",
+    "UNAVAILABLE",
+    "INVALID_REQUEST",
+    "UNAUTHENTICATED",
+];
+
+const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once (later calls get the same handle)
+/// and starts its upkeep.
+pub fn metrics() -> PrometheusHandle {
+    METRICS
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS_SECONDS)
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(Matcher::Full(actor_names::COMMIT_BATCH_SIZE.to_owned()), BATCH_SIZE_BUCKETS)
+                })
+                .expect("bucket lists are non-empty")
+                .install_recorder()
+                .expect("the metrics recorder is installed once per process");
+            describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".to_owned())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawn metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(BIDS_TOTAL, Unit::Count, "Bids answered, by outcome (accepted or the rejection code).");
+    describe_histogram!(BID_LATENCY_SECONDS, Unit::Seconds, "Time from a bid request in to its reply out.");
+    describe_histogram!(actor_names::COMMIT_BATCH_SIZE, Unit::Count, "Writes per group-commit transaction.");
+    describe_histogram!(actor_names::COMMIT_LATENCY_SECONDS, Unit::Seconds, "Time one group commit takes.");
+    describe_counter!(actor_names::COMMIT_FAILURES_TOTAL, Unit::Count, "Commit attempts that failed and were retried.");
+    describe_gauge!(PERSISTENCE_QUEUE_DEPTH, Unit::Count, "Writes accepted but not yet durable.");
+    describe_gauge!(actor_names::LIVE_AUCTIONS, Unit::Count, "Auction actors running on this node.");
+    describe_counter!(HTTP_REQUESTS_TOTAL, Unit::Count, "HTTP requests, by matched route and status.");
+    describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, Unit::Seconds, "HTTP request duration, by matched route.");
+    for outcome in BID_OUTCOMES {
+        metrics::counter!(BIDS_TOTAL, "outcome" => *outcome).absolute(0);
+    }
+    metrics::counter!(actor_names::COMMIT_FAILURES_TOTAL).absolute(0);
+    metrics::gauge!(PERSISTENCE_QUEUE_DEPTH).set(0.0);
+    metrics::gauge!(actor_names::LIVE_AUCTIONS).set(0.0);
+}
+
+/// `pretty` for people, `json` for machines. `RUST_LOG` filters (default `info`).
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let result = if json { builder.json().try_init() } else { builder.try_init() };
+    // A second init (tests) keeps the first subscriber.
+    let _ = result;
+}
