@@ -390,13 +390,22 @@ enum Max {
     None,
     Of(Amount),
     /// Relative to the bid's own amount; may fall below it.
-    FromAmount { incs: i64, units: i64 },
+    FromAmount {
+        incs: i64,
+        units: i64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    Bid { user: usize, amount: Amount, max: Max },
-    Cancel { user: usize },
+    Bid {
+        user: usize,
+        amount: Amount,
+        max: Max,
+    },
+    Cancel {
+        user: usize,
+    },
     Start,
     End,
     /// The actor's timer: apply whatever is due.
@@ -436,7 +445,7 @@ fn clamp(value: i128) -> i128 {
 
 fn resolve(model: &Model, timid: bool, amount: Amount) -> i128 {
     match amount {
-        Amount::Abs(v) if timid => model.min_bid() + i128::from(v % 3) * model.inc,
+        Amount::Abs(v) if timid => clamp(model.min_bid() + i128::from(v % 3) * model.inc),
         Amount::Abs(v) => i128::from(v),
         Amount::Near { base, incs, units } => {
             let base = match base {
@@ -456,9 +465,9 @@ fn resolve_max(model: &Model, timid: bool, amount: i128, max: Max) -> Option<i12
     match max {
         Max::None => None,
         Max::Of(spec) => Some(resolve(model, timid, spec)),
-        Max::FromAmount { incs, units } => {
-            Some(clamp(amount + i128::from(incs) * model.inc + i128::from(units)))
-        }
+        Max::FromAmount { incs, units } => Some(clamp(
+            amount + i128::from(incs) * model.inc + i128::from(units),
+        )),
     }
 }
 
@@ -738,9 +747,9 @@ impl Harness {
         let inc = i128::from(setup.inc);
         let reserve = match setup.reserve {
             ReserveSpec::None => None,
-            ReserveSpec::Near { incs, units } => {
-                Some(clamp(start_price + i128::from(incs) * inc + i128::from(units)))
-            }
+            ReserveSpec::Near { incs, units } => Some(clamp(
+                start_price + i128::from(incs) * inc + i128::from(units),
+            )),
             ReserveSpec::Abs(v) => Some(i128::from(v)),
         };
         let start_at = if setup.begin_active {
@@ -811,7 +820,7 @@ impl Harness {
         prop_assert_eq!(
             view_real(&self.users, &self.real),
             view_model(&self.model),
-            "state after:\n{}",
+            "state (left: AuctionState, right: model) after:\n{}",
             self.context()
         );
         // What never changes.
@@ -820,7 +829,13 @@ impl Harness {
         prop_assert_eq!(&self.real.terms, &self.initial.terms);
         // Lifecycle scheduling.
         let due = self.model.due(now).map(|c| cmd(&self.users, c));
-        prop_assert_eq!(self.real.due(now), due, "due at {}:\n{}", now, self.context());
+        prop_assert_eq!(
+            self.real.due(now),
+            due,
+            "due at {}:\n{}",
+            now,
+            self.context()
+        );
         let deadline = match self.model.status {
             St::Scheduled => Some(self.model.start_at),
             St::Active => Some(self.model.end_at),
@@ -841,7 +856,12 @@ impl Harness {
             Err(r) => Err(rej(r)),
         };
         self.log.push(format!("    -> {want:?}"));
-        prop_assert_eq!(&got_view, &want, "reply:\n{}", self.context());
+        prop_assert_eq!(
+            &got_view,
+            &want,
+            "reply (left: AuctionState, right: model) to the last command of:\n{}",
+            self.context()
+        );
         if got.is_err() {
             prop_assert_eq!(&self.real, &before, "a rejection changed the state");
         }
@@ -910,8 +930,12 @@ proptest! {
 /// is not vacuous.
 #[test]
 fn generators_reach_every_rule_and_answer() {
-    let config = Config { failure_persistence: None, ..Config::default() };
-    let mut runner = TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let config = Config {
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
     let strategy = scenario_strategy();
     let mut total = Stats::default();
     for _ in 0..256 {
@@ -931,7 +955,10 @@ fn generators_reach_every_rule_and_answer() {
         add(&mut total.extended, stats.extended);
         add(&mut total.started, stats.started);
         add(&mut total.ended_with_winner, stats.ended_with_winner);
-        add(&mut total.ended_reserve_not_met, stats.ended_reserve_not_met);
+        add(
+            &mut total.ended_reserve_not_met,
+            stats.ended_reserve_not_met,
+        );
         add(&mut total.ended_without_bids, stats.ended_without_bids);
         add(&mut total.cancelled, stats.cancelled);
         add(&mut total.not_active, stats.not_active);
@@ -970,7 +997,10 @@ fn generators_reach_every_rule_and_answer() {
     for (name, count) in [
         ("first_bid", first_bid),
         ("challenger_wins", challenger_wins),
-        ("challenger_wins_at_own_amount", challenger_wins_at_own_amount),
+        (
+            "challenger_wins_at_own_amount",
+            challenger_wins_at_own_amount,
+        ),
         ("challenger_loses", challenger_loses),
         ("tie", tie),
         ("leader_raises", leader_raises),
@@ -1012,7 +1042,13 @@ fn active(start_price: i64, inc: i64, reserve: Option<i64>, soft_close_secs: u32
     })
 }
 
-fn bid_at(h: &mut Harness, now: i64, user: usize, amount: i128, max: Option<i128>) -> Result<Ev, Rej> {
+fn bid_at(
+    h: &mut Harness,
+    now: i64,
+    user: usize,
+    amount: i128,
+    max: Option<i128>,
+) -> Result<Ev, Rej> {
     h.apply_due(now).unwrap();
     h.exec(MCmd::Bid { user, amount, max }, now).unwrap()
 }
@@ -1028,42 +1064,86 @@ fn price_after(reply: &Result<Ev, Rej>) -> (i128, usize, bool) {
 fn proxy_bidding_walkthrough() {
     let mut h = active(10_000, 500, None, 0);
     // Rule 1: the first bid leads at its amount.
-    assert_eq!(price_after(&bid_at(&mut h, T0, 1, 10_000, Some(20_000))), (10_000, 1, true));
+    assert_eq!(
+        price_after(&bid_at(&mut h, T0, 1, 10_000, Some(20_000))),
+        (10_000, 1, true)
+    );
     // Rule 2, m <= M: P = min(M, m + inc).
-    assert_eq!(price_after(&bid_at(&mut h, T0, 2, 12_000, None)), (12_500, 1, false));
+    assert_eq!(
+        price_after(&bid_at(&mut h, T0, 2, 12_000, None)),
+        (12_500, 1, false)
+    );
     // Tie: the earlier bid keeps the lead, P = M.
-    assert_eq!(price_after(&bid_at(&mut h, T0, 2, 20_000, None)), (20_000, 1, false));
+    assert_eq!(
+        price_after(&bid_at(&mut h, T0, 2, 20_000, None)),
+        (20_000, 1, false)
+    );
     // Below P + inc.
     assert_eq!(
         bid_at(&mut h, T0, 3, 20_499, Some(90_000)),
-        Err(Rej::TooLow { min_bid: 20_500, current_price: 20_000 })
+        Err(Rej::TooLow {
+            min_bid: 20_500,
+            current_price: 20_000
+        })
     );
     // Rule 2, m > M: P = max(amount, min(m, M + inc)).
-    assert_eq!(price_after(&bid_at(&mut h, T0, 3, 20_500, Some(90_000))), (20_500, 3, true));
+    assert_eq!(
+        price_after(&bid_at(&mut h, T0, 3, 20_500, Some(90_000))),
+        (20_500, 3, true)
+    );
     // Rule 3: the leader must raise the maximum; the price stays.
-    assert_eq!(bid_at(&mut h, T0, 3, 30_000, Some(90_000)), Err(Rej::AlreadyLeading));
-    assert_eq!(price_after(&bid_at(&mut h, T0, 3, 1, Some(90_001))), (20_500, 3, true));
+    assert_eq!(
+        bid_at(&mut h, T0, 3, 30_000, Some(90_000)),
+        Err(Rej::AlreadyLeading)
+    );
+    assert_eq!(
+        price_after(&bid_at(&mut h, T0, 3, 1, Some(90_001))),
+        (20_500, 3, true)
+    );
     // A challenger whose maximum is just one above the leader's.
-    assert_eq!(price_after(&bid_at(&mut h, T0, 1, 21_000, Some(90_002))), (90_002, 1, true));
+    assert_eq!(
+        price_after(&bid_at(&mut h, T0, 1, 21_000, Some(90_002))),
+        (90_002, 1, true)
+    );
     assert_eq!(h.model.bid_count, 6);
 }
 
 #[test]
 fn reserve_and_end() {
     let mut h = active(10_000, 500, Some(15_000), 0);
-    assert_eq!(price_after(&bid_at(&mut h, T0, 1, 10_000, Some(12_000))), (10_000, 1, true));
+    assert_eq!(
+        price_after(&bid_at(&mut h, T0, 1, 10_000, Some(12_000))),
+        (10_000, 1, true)
+    );
     // Rule 4 on a challenger whose maximum covers the reserve.
-    assert_eq!(price_after(&bid_at(&mut h, T0, 2, 10_500, Some(15_000))), (15_000, 2, true));
+    assert_eq!(
+        price_after(&bid_at(&mut h, T0, 2, 10_500, Some(15_000))),
+        (15_000, 2, true)
+    );
     // Cancel after a bid; non-seller first.
-    assert_eq!(h.exec(MCmd::Cancel { user: 2 }, T0).unwrap(), Err(Rej::Forbidden));
-    assert_eq!(h.exec(MCmd::Cancel { user: SELLER }, T0).unwrap(), Err(Rej::HasBids));
+    assert_eq!(
+        h.exec(MCmd::Cancel { user: 2 }, T0).unwrap(),
+        Err(Rej::Forbidden)
+    );
+    assert_eq!(
+        h.exec(MCmd::Cancel { user: SELLER }, T0).unwrap(),
+        Err(Rej::HasBids)
+    );
     assert_eq!(h.exec(MCmd::End, T0 + 59_999).unwrap(), Err(Rej::NotDue));
     // Rule 7.
     assert_eq!(
         h.exec(MCmd::End, T0 + 60_000).unwrap(),
-        Ok(Ev::Ended { seq: 2, winner: Some(2), final_price: Some(15_000), reserve_met: true })
+        Ok(Ev::Ended {
+            seq: 2,
+            winner: Some(2),
+            final_price: Some(15_000),
+            reserve_met: true
+        })
     );
-    assert_eq!(bid_at(&mut h, T0 + 60_001, 1, 99_999, None), Err(Rej::NotActive(St::Ended)));
+    assert_eq!(
+        bid_at(&mut h, T0 + 60_001, 1, 99_999, None),
+        Err(Rej::NotActive(St::Ended))
+    );
     assert_eq!(
         h.exec(MCmd::Cancel { user: SELLER }, T0 + 60_001).unwrap(),
         Err(Rej::NotActive(St::Ended))
@@ -1075,17 +1155,26 @@ fn soft_close_keeps_extending_until_quiet() {
     let mut h = active(100, 10, None, 5);
     let end = T0 + 60_000;
     // More than 5 s before the end: no extension.
-    let Ok(Ev::Placed(p)) = bid_at(&mut h, end - 5_000, 1, 100, None) else { panic!() };
+    let Ok(Ev::Placed(p)) = bid_at(&mut h, end - 5_000, 1, 100, None) else {
+        panic!()
+    };
     assert!(!p.extended);
     assert_eq!(p.end_at, end);
     // Less than 5 s before: the end moves to placed_at + 5 s, repeatedly.
-    let Ok(Ev::Placed(p)) = bid_at(&mut h, end - 4_999, 2, 110, None) else { panic!() };
+    let Ok(Ev::Placed(p)) = bid_at(&mut h, end - 4_999, 2, 110, None) else {
+        panic!()
+    };
     assert!(p.extended);
     assert_eq!(p.end_at, end + 1);
-    let Ok(Ev::Placed(p)) = bid_at(&mut h, end, 1, 120, None) else { panic!() };
+    let Ok(Ev::Placed(p)) = bid_at(&mut h, end, 1, 120, None) else {
+        panic!()
+    };
     assert_eq!((p.extended, p.end_at), (true, end + 5_000));
     // Once quiet, the auction ends at the moved end, before any later bid.
-    assert_eq!(bid_at(&mut h, end + 5_000, 2, 500, None), Err(Rej::NotActive(St::Ended)));
+    assert_eq!(
+        bid_at(&mut h, end + 5_000, 2, 500, None),
+        Err(Rej::NotActive(St::Ended))
+    );
     assert_eq!(h.model.winner, Some(1));
     assert_eq!(h.model.final_price, Some(120));
 }
@@ -1103,21 +1192,83 @@ fn rejection_order_and_lifecycle() {
         timid: false,
     });
     // Scheduled: nothing may bid, Start is not yet due.
-    assert_eq!(h.exec(MCmd::Bid { user: SELLER, amount: 5, max: Some(1) }, T0).unwrap(), Err(Rej::NotActive(St::Scheduled)));
-    assert_eq!(h.exec(MCmd::Start, T0 + 999).unwrap(), Err(Rej::NotDue));
-    assert_eq!(h.exec(MCmd::End, T0 + 999).unwrap(), Err(Rej::NotActive(St::Scheduled)));
-    assert_eq!(h.exec(MCmd::Start, T0 + 1_000).unwrap(), Ok(Ev::Started { seq: 0 }));
-    // Active: seller before amounts, max < amount before "too low".
-    assert_eq!(h.exec(MCmd::Bid { user: SELLER, amount: 5, max: Some(1) }, T0 + 1_000).unwrap(), Err(Rej::SellerCannotBid));
-    assert_eq!(h.exec(MCmd::Bid { user: 1, amount: 5, max: Some(1) }, T0 + 1_000).unwrap(), Err(Rej::InvalidAmount));
     assert_eq!(
-        h.exec(MCmd::Bid { user: 1, amount: 999, max: Some(5_000) }, T0 + 1_000).unwrap(),
-        Err(Rej::TooLow { min_bid: 1_000, current_price: 1_000 })
+        h.exec(
+            MCmd::Bid {
+                user: SELLER,
+                amount: 5,
+                max: Some(1)
+            },
+            T0
+        )
+        .unwrap(),
+        Err(Rej::NotActive(St::Scheduled))
+    );
+    assert_eq!(h.exec(MCmd::Start, T0 + 999).unwrap(), Err(Rej::NotDue));
+    assert_eq!(
+        h.exec(MCmd::End, T0 + 999).unwrap(),
+        Err(Rej::NotActive(St::Scheduled))
+    );
+    assert_eq!(
+        h.exec(MCmd::Start, T0 + 1_000).unwrap(),
+        Ok(Ev::Started { seq: 0 })
+    );
+    // Active: seller before amounts, max < amount before "too low".
+    assert_eq!(
+        h.exec(
+            MCmd::Bid {
+                user: SELLER,
+                amount: 5,
+                max: Some(1)
+            },
+            T0 + 1_000
+        )
+        .unwrap(),
+        Err(Rej::SellerCannotBid)
+    );
+    assert_eq!(
+        h.exec(
+            MCmd::Bid {
+                user: 1,
+                amount: 5,
+                max: Some(1)
+            },
+            T0 + 1_000
+        )
+        .unwrap(),
+        Err(Rej::InvalidAmount)
+    );
+    assert_eq!(
+        h.exec(
+            MCmd::Bid {
+                user: 1,
+                amount: 999,
+                max: Some(5_000)
+            },
+            T0 + 1_000
+        )
+        .unwrap(),
+        Err(Rej::TooLow {
+            min_bid: 1_000,
+            current_price: 1_000
+        })
     );
     // Cancelled before any bid: seller only; then nothing is active any more.
-    assert_eq!(h.exec(MCmd::Cancel { user: 1 }, T0 + 2_000).unwrap(), Err(Rej::Forbidden));
-    assert_eq!(h.exec(MCmd::Cancel { user: SELLER }, T0 + 2_000).unwrap(), Ok(Ev::Cancelled { seq: 0 }));
-    assert_eq!(h.exec(MCmd::Start, T0 + 2_000).unwrap(), Err(Rej::NotActive(St::Cancelled)));
-    assert_eq!(h.exec(MCmd::End, T0 + 20_000).unwrap(), Err(Rej::NotActive(St::Cancelled)));
+    assert_eq!(
+        h.exec(MCmd::Cancel { user: 1 }, T0 + 2_000).unwrap(),
+        Err(Rej::Forbidden)
+    );
+    assert_eq!(
+        h.exec(MCmd::Cancel { user: SELLER }, T0 + 2_000).unwrap(),
+        Ok(Ev::Cancelled { seq: 0 })
+    );
+    assert_eq!(
+        h.exec(MCmd::Start, T0 + 2_000).unwrap(),
+        Err(Rej::NotActive(St::Cancelled))
+    );
+    assert_eq!(
+        h.exec(MCmd::End, T0 + 20_000).unwrap(),
+        Err(Rej::NotActive(St::Cancelled))
+    );
     assert_eq!(h.model.due(T0 + 20_000), None);
 }

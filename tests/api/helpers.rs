@@ -1,0 +1,301 @@
+//! Spawning a real gavel node for a test: in-process on port 0 (SQLite in a
+//! temp dir, or a fresh Postgres database per test), or as the real binary
+//! (for kill and restart tests). Waits are on conditions with deadlines.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use gavel::{Application, Config};
+use gavel_actors::node::NodeSettings;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::Connection;
+use tokio::sync::oneshot;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Postgres of this machine; every test gets its own database in it.
+pub fn postgres_base_url() -> String {
+    std::env::var("GAVEL_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+pub async fn fresh_postgres_database() -> String {
+    let name = format!("gavel_test_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_base_url()))
+        .await
+        .expect("Postgres must run at GAVEL_TEST_POSTGRES (default postgres://postgres@127.0.0.1:5432)");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.expect("create test database");
+    format!("{}/{name}", postgres_base_url())
+}
+
+pub struct User {
+    pub id: String,
+    pub username: String,
+    pub token: String,
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub backend: Backend,
+    pub data_dir: tempfile::TempDir,
+    pub database_url: Option<String>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("reqwest client")
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, |_| {}, NodeSettings::default()).await
+    }
+
+    pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Config), settings: NodeSettings) -> TestApp {
+        if std::env::var("TEST_LOG").is_ok() {
+            gavel::telemetry::init_tracing(false);
+        }
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::for_data_dir(data_dir.path().to_path_buf());
+        config.bid_rate_per_user = 0;
+        if backend == Backend::Postgres {
+            config.database_url = Some(fresh_postgres_database().await);
+        }
+        adjust(&mut config);
+        let database_url = config.database_url.clone();
+        let application = Application::build_with(config, settings).await.expect("build the application");
+        let address = format!("http://{}", application.local_addr());
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(application.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        TestApp { address, client: client(), backend, data_dir, database_url, shutdown: Some(shutdown), task: Some(task) }
+    }
+
+    /// Graceful stop, as on SIGTERM; waits until the node has shut down.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("graceful shutdown within 30 s")
+                .expect("server task")
+                .expect("server stopped cleanly");
+        }
+    }
+
+    /// Stops gracefully and hands back the data dir for a restart on the same store.
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("temp dir"));
+        self.stop().await;
+        data_dir
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+}
+
+/// Calls the API of a node at `address`; shared by in-process and spawned nodes.
+pub struct Api<'a> {
+    pub address: &'a str,
+    pub client: &'a reqwest::Client,
+}
+
+pub trait HasApi {
+    fn api(&self) -> Api<'_>;
+}
+
+impl HasApi for TestApp {
+    fn api(&self) -> Api<'_> {
+        Api { address: &self.address, client: &self.client }
+    }
+}
+
+impl Api<'_> {
+    pub async fn send(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = self.client.request(method, format!("{}{path}", self.address));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request reaches the server");
+        let status = response.status();
+        let text = response.text().await.expect("response body");
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        self.send(reqwest::Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.send(reqwest::Method::POST, path, token, Some(body)).await
+    }
+
+    pub async fn register(&self, username: &str) -> User {
+        let (status, body) = self.post("/api/v1/auth/register", None, json!({"username": username, "password": "password-123"})).await;
+        assert_eq!(status, StatusCode::CREATED, "register {username}: {body}");
+        User {
+            id: body["user"]["id"].as_str().expect("user id").to_owned(),
+            username: username.to_owned(),
+            token: body["token"].as_str().expect("token").to_owned(),
+        }
+    }
+
+    pub async fn create_auction(&self, seller: &User, body: Value) -> Value {
+        let (status, auction) = self.post("/api/v1/auctions", Some(&seller.token), body).await;
+        assert_eq!(status, StatusCode::CREATED, "create auction: {auction}");
+        auction
+    }
+
+    pub async fn bid(&self, bidder: &User, auction_id: &str, amount: i64, max_amount: Option<i64>) -> (StatusCode, Value) {
+        let mut body = json!({"amount": amount});
+        if let Some(max) = max_amount {
+            body["max_amount"] = json!(max);
+        }
+        self.post(&format!("/api/v1/auctions/{auction_id}/bids"), Some(&bidder.token), body).await
+    }
+
+    pub async fn auction(&self, auction_id: &str) -> Value {
+        let (status, auction) = self.get(&format!("/api/v1/auctions/{auction_id}"), None).await;
+        assert_eq!(status, StatusCode::OK, "get auction: {auction}");
+        auction
+    }
+
+    /// The whole bid history, oldest first, following `next_before_seq`.
+    pub async fn history(&self, auction_id: &str) -> Vec<Value> {
+        let mut items = Vec::new();
+        let mut before: Option<i64> = None;
+        loop {
+            let query = match before {
+                Some(seq) => format!("?limit=100&before_seq={seq}"),
+                None => "?limit=100".to_owned(),
+            };
+            let (status, page) = self.get(&format!("/api/v1/auctions/{auction_id}/bids{query}"), None).await;
+            assert_eq!(status, StatusCode::OK, "history: {page}");
+            items.extend(page["items"].as_array().expect("items").iter().cloned());
+            match page["next_before_seq"].as_i64() {
+                Some(seq) => before = Some(seq),
+                None => break,
+            }
+        }
+        items.reverse();
+        items
+    }
+}
+
+/// An auction body with sane defaults; `overrides` replaces fields.
+pub fn auction_body(overrides: Value) -> Value {
+    let mut body = json!({
+        "title": "Leica M6", "description": "a camera", "currency": "EUR",
+        "starting_price": 10_000, "min_increment": 500, "duration_secs": 3600,
+    });
+    for (key, value) in overrides.as_object().expect("overrides object") {
+        if value.is_null() {
+            body.as_object_mut().unwrap().remove(key);
+        } else {
+            body[key] = value.clone();
+        }
+    }
+    body
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The real `gavel` binary, for tests that kill it or restart it.
+pub struct ServerProcess {
+    pub child: tokio::process::Child,
+    pub address: String,
+    pub client: reqwest::Client,
+}
+
+impl HasApi for ServerProcess {
+    fn api(&self) -> Api<'_> {
+        Api { address: &self.address, client: &self.client }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+impl ServerProcess {
+    /// Starts the binary and waits until `/ready` answers 200.
+    pub async fn start(data_dir: &Path, database_url: Option<&str>, port: u16) -> ServerProcess {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_gavel"));
+        command
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--bid-rate-per-user")
+            .arg("0")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if std::env::var("TEST_LOG").is_err() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        if let Some(url) = database_url {
+            command.arg("--database-url").arg(url);
+        }
+        let child = command.spawn().expect("spawn gavel");
+        let process = ServerProcess { child, address: format!("http://127.0.0.1:{port}"), client: client() };
+        let ready_url = format!("{}/ready", process.address);
+        let probe = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+        eventually(Duration::from_secs(30), "the server to become ready", || {
+            let probe = probe.clone();
+            let url = ready_url.clone();
+            async move { probe.get(url).send().await.ok().filter(|response| response.status() == StatusCode::OK).map(|_| ()) }
+        })
+        .await;
+        process
+    }
+
+    pub async fn kill_hard(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        let _ = self.child.wait().await;
+    }
+
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits within 30 s of SIGTERM")
+            .expect("wait")
+    }
+}
+
+pub fn temp_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().to_path_buf()
+}

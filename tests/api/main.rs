@@ -1,0 +1,25 @@
+//! The server over real sockets: in-process nodes on port 0 and the real
+//! binary, against SQLite in a temp dir and a fresh Postgres database per test.
+
+mod helpers;
+mod basics;
+
+/// Runs an `async fn(Backend)` test once on SQLite and once on Postgres.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
