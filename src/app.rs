@@ -50,7 +50,9 @@ impl Application {
             None => auth::load_or_create_secret(&config.data_dir).context("creating the JWT secret")?,
         };
         let leases = Arc::new(Leases::none());
-        for (shard, epoch) in db.acquire_all_shards(&node_id, clock.now_ms()).await.context("taking the shard leases")? {
+        for (shard, epoch) in
+            db.acquire_all_shards(&node_id, clock.now_ms()).await.context("taking the shard leases")?
+        {
             leases.grant(shard, epoch);
         }
         let store: Arc<dyn Store> = Arc::new(DbStore { db: db.clone(), node_id: node_id.clone() });

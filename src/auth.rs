@@ -4,9 +4,9 @@
 use std::fmt;
 use std::path::Path;
 
+use argon2::Argon2;
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -94,7 +94,8 @@ impl Auth {
     }
 
     pub fn issue(&self, user_id: Uuid, username: &str, now_secs: i64) -> String {
-        let claims = Claims { sub: user_id, name: username.to_owned(), iat: now_secs, exp: now_secs + TOKEN_LIFETIME_SECS };
+        let claims =
+            Claims { sub: user_id, name: username.to_owned(), iat: now_secs, exp: now_secs + TOKEN_LIFETIME_SECS };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing with a valid key cannot fail")
     }

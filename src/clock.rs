@@ -1,7 +1,7 @@
 //! The real clock, the one place the server reads wall-clock time for the rules.
 
-use gavel_actors::ports::Clock;
 use gavel_actors::TimestampMs;
+use gavel_actors::ports::Clock;
 
 pub struct SystemClock;
 

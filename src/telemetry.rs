@@ -32,9 +32,8 @@ pub const BID_OUTCOMES: &[&str] = &[
     "UNAUTHENTICATED",
 ];
 
-const LATENCY_BUCKETS_SECONDS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+const LATENCY_BUCKETS_SECONDS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -47,7 +46,10 @@ pub fn metrics() -> PrometheusHandle {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS_SECONDS)
                 .and_then(|builder| {
-                    builder.set_buckets_for_metric(Matcher::Full(actor_names::COMMIT_BATCH_SIZE.to_owned()), BATCH_SIZE_BUCKETS)
+                    builder.set_buckets_for_metric(
+                        Matcher::Full(actor_names::COMMIT_BATCH_SIZE.to_owned()),
+                        BATCH_SIZE_BUCKETS,
+                    )
                 })
                 .expect("bucket lists are non-empty")
                 .install_recorder()

@@ -27,15 +27,22 @@ use crate::ports::{KeyRecord, LoadedAuction, ShardLease, Write};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
     /// Durable. The event and the auction's state right after it.
-    Accepted { event: Event, state: Box<AuctionState> },
+    Accepted {
+        event: Event,
+        state: Box<AuctionState>,
+    },
     /// An earlier request with this idempotency key was accepted as `seq`; its
     /// reply is read back from the store.
-    Replay { seq: u64 },
+    Replay {
+        seq: u64,
+    },
     Rejected(Rejection),
     /// The idempotency key was used before for a different request.
     KeyReused,
     /// Not accepted: the node cannot make it durable now.
-    Unavailable { reason: &'static str },
+    Unavailable {
+        reason: &'static str,
+    },
 }
 
 /// An idempotency key with the fingerprint of the request that carries it.
@@ -46,15 +53,29 @@ pub struct KeyedRequest {
 }
 
 pub enum AuctionMsg {
-    Bid { command: BidCommand, key: Option<KeyedRequest>, reply: RpcReplyPort<WriteOutcome> },
-    Cancel { by: UserId, key: Option<KeyedRequest>, reply: RpcReplyPort<WriteOutcome> },
+    Bid {
+        command: BidCommand,
+        key: Option<KeyedRequest>,
+        reply: RpcReplyPort<WriteOutcome>,
+    },
+    Cancel {
+        by: UserId,
+        key: Option<KeyedRequest>,
+        reply: RpcReplyPort<WriteOutcome>,
+    },
     /// The persistence actor made writes up to and including this one durable.
-    Durable { through_write_no: u64 },
+    Durable {
+        through_write_no: u64,
+    },
     /// The persistence actor refused writes from this one on (lease lost).
-    WriteRefused { from_write_no: u64 },
+    WriteRefused {
+        from_write_no: u64,
+    },
     /// The committed state, as readers and new watchers should see it.
     Committed(RpcReplyPort<AuctionState>),
-    Tick { generation: u64 },
+    Tick {
+        generation: u64,
+    },
     IdleCheck,
 }
 
@@ -111,12 +132,20 @@ impl Actor for AuctionActor {
     type State = AuctionActorState;
     type Arguments = AuctionArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: AuctionArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: AuctionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let settings = &self.node.settings;
         let mut recent_keys = RecentKeys::new(settings.recent_keys_per_auction);
         for stored in args.loaded.recent_keys {
             let key = IdempotencyKey { user_id: stored.record.user_id, key: stored.record.key };
-            recent_keys.insert(key, stored.record.fingerprint, KeyState::Done(WriteOutcome::Replay { seq: stored.seq }));
+            recent_keys.insert(
+                key,
+                stored.record.fingerprint,
+                KeyState::Done(WriteOutcome::Replay { seq: stored.seq }),
+            );
         }
         let idle_check = myself.send_interval(settings.idle_check_interval, || AuctionMsg::IdleCheck);
         let now = self.node.clock.now_ms();
@@ -156,7 +185,12 @@ impl Actor for AuctionActor {
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let now = self.node.clock.now_ms();
         match message {
             AuctionMsg::Bid { command, key, reply } => {

@@ -7,8 +7,8 @@ pub mod auction;
 pub mod money;
 
 pub use auction::state::{
-    AuctionId, AuctionState, BidCommand, BidPlaced, Command, Event, Leader, Rejection, Status,
-    Terms, TimestampMs, UserId, UserRef,
+    AuctionId, AuctionState, BidCommand, BidPlaced, Command, Event, Leader, Rejection, Status, Terms, TimestampMs,
+    UserId, UserRef,
 };
 pub use money::Money;
 pub mod admission;

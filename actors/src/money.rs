@@ -21,11 +21,7 @@ pub struct InvalidAmount;
 impl Money {
     /// Accepts an amount named by a client or read back from storage.
     pub fn parse(minor_units: i64) -> Result<Money, InvalidAmount> {
-        if (1..=MAX_AMOUNT_MINOR).contains(&minor_units) {
-            Ok(Money(minor_units))
-        } else {
-            Err(InvalidAmount)
-        }
+        if (1..=MAX_AMOUNT_MINOR).contains(&minor_units) { Ok(Money(minor_units)) } else { Err(InvalidAmount) }
     }
 
     pub fn minor_units(self) -> i64 {
@@ -54,10 +50,7 @@ mod tests {
         assert_eq!(Money::parse(0), Err(InvalidAmount));
         assert_eq!(Money::parse(-5), Err(InvalidAmount));
         assert_eq!(Money::parse(1).map(Money::minor_units), Ok(1));
-        assert_eq!(
-            Money::parse(MAX_AMOUNT_MINOR).map(Money::minor_units),
-            Ok(MAX_AMOUNT_MINOR)
-        );
+        assert_eq!(Money::parse(MAX_AMOUNT_MINOR).map(Money::minor_units), Ok(MAX_AMOUNT_MINOR));
         assert_eq!(Money::parse(MAX_AMOUNT_MINOR + 1), Err(InvalidAmount));
         assert_eq!(Money::parse(i64::MAX), Err(InvalidAmount));
     }

@@ -149,8 +149,7 @@ impl Node {
         command: BidCommand,
         key: Option<KeyedRequest>,
     ) -> Result<WriteOutcome, NodeError> {
-        self.call_write(auction_id, |reply| AuctionMsg::Bid { command: command.clone(), key: key.clone(), reply })
-            .await
+        self.call_write(auction_id, |reply| AuctionMsg::Bid { command: command.clone(), key: key.clone(), reply }).await
     }
 
     pub async fn cancel(
@@ -244,7 +243,10 @@ impl Node {
                 Ok(handle) => return Ok(handle.clone()),
                 Err(error) => {
                     let mut live = self.live.lock().expect("registry lock");
-                    if live.get(&auction_id).is_some_and(|existing| Arc::ptr_eq(existing, &cell) && existing.get().is_none()) {
+                    if live
+                        .get(&auction_id)
+                        .is_some_and(|existing| Arc::ptr_eq(existing, &cell) && existing.get().is_none())
+                    {
                         live.remove(&auction_id);
                     }
                     return Err(error);

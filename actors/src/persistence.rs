@@ -49,7 +49,11 @@ impl Default for PersistenceSettings {
 
 pub enum PersistenceMsg {
     /// `write_no` numbers the writes of one auction actor, from 1 without gaps.
-    Write { write: Box<Write>, from: ActorRef<AuctionMsg>, write_no: u64 },
+    Write {
+        write: Box<Write>,
+        from: ActorRef<AuctionMsg>,
+        write_no: u64,
+    },
     Flush,
     /// Commits everything sent before it, then answers (graceful shutdown).
     Drain(RpcReplyPort<()>),

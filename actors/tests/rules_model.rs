@@ -14,9 +14,7 @@
 //! arbitrary times to cover their "not due" and "not active" answers.
 
 use gavel_actors::money::MAX_AMOUNT_MINOR;
-use gavel_actors::{
-    AuctionState, BidCommand, BidPlaced, Command, Event, Money, Rejection, Status, Terms, UserRef,
-};
+use gavel_actors::{AuctionState, BidCommand, BidPlaced, Command, Event, Money, Rejection, Status, Terms, UserRef};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
@@ -74,32 +72,17 @@ struct Placed {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Ev {
     Placed(Placed),
-    Started {
-        seq: u64,
-    },
-    Ended {
-        seq: u64,
-        winner: Option<usize>,
-        final_price: Option<i128>,
-        reserve_met: bool,
-    },
-    Cancelled {
-        seq: u64,
-    },
+    Started { seq: u64 },
+    Ended { seq: u64, winner: Option<usize>, final_price: Option<i128>, reserve_met: bool },
+    Cancelled { seq: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum MCmd {
-    Bid {
-        user: usize,
-        amount: i128,
-        max: Option<i128>,
-    },
+    Bid { user: usize, amount: i128, max: Option<i128> },
     Start,
     End,
-    Cancel {
-        user: usize,
-    },
+    Cancel { user: usize },
 }
 
 /// How often each rule and answer was reached, to check the generators.
@@ -196,14 +179,7 @@ impl Model {
         result
     }
 
-    fn bid(
-        &mut self,
-        user: usize,
-        amount: i128,
-        max: Option<i128>,
-        now: i64,
-        stats: &mut Stats,
-    ) -> Result<Ev, Rej> {
+    fn bid(&mut self, user: usize, amount: i128, max: Option<i128>, now: i64, stats: &mut Stats) -> Result<Ev, Rej> {
         if self.status != St::Active {
             return Err(Rej::NotActive(self.status));
         }
@@ -219,10 +195,7 @@ impl Model {
             Some(max) if max > amount => max,
             _ => amount,
         };
-        let too_low = Rej::TooLow {
-            min_bid: self.min_bid(),
-            current_price: self.price,
-        };
+        let too_low = Rej::TooLow { min_bid: self.min_bid(), current_price: self.price };
         let old_price = self.price;
         let old_leader = self.leader;
 
@@ -341,12 +314,7 @@ impl Model {
             Some(_) => stats.ended_reserve_not_met += 1,
             None => stats.ended_without_bids += 1,
         }
-        Ok(Ev::Ended {
-            seq: self.seq,
-            winner: self.winner,
-            final_price: self.final_price,
-            reserve_met,
-        })
+        Ok(Ev::Ended { seq: self.seq, winner: self.winner, final_price: self.final_price, reserve_met })
     }
 
     fn cancel(&mut self, user: usize, stats: &mut Stats) -> Result<Ev, Rej> {
@@ -465,9 +433,7 @@ fn resolve_max(model: &Model, timid: bool, amount: i128, max: Max) -> Option<i12
     match max {
         Max::None => None,
         Max::Of(spec) => Some(resolve(model, timid, spec)),
-        Max::FromAmount { incs, units } => Some(clamp(
-            amount + i128::from(incs) * model.inc + i128::from(units),
-        )),
+        Max::FromAmount { incs, units } => Some(clamp(amount + i128::from(incs) * model.inc + i128::from(units))),
     }
 }
 
@@ -544,16 +510,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
         prop::bool::weighted(0.25),
     )
         .prop_map(
-            |(
-                start_price,
-                inc,
-                reserve,
-                soft_close_secs,
-                begin_active,
-                start_offset_ms,
-                duration_ms,
-                timid,
-            )| Setup {
+            |(start_price, inc, reserve, soft_close_secs, begin_active, start_offset_ms, duration_ms, timid)| Setup {
                 start_price,
                 inc,
                 reserve,
@@ -567,10 +524,7 @@ fn setup_strategy() -> impl Strategy<Value = Setup> {
 }
 
 fn scenario_strategy() -> impl Strategy<Value = (Setup, Vec<Step>)> {
-    (
-        setup_strategy(),
-        proptest::collection::vec(step_strategy(), 1..200),
-    )
+    (setup_strategy(), proptest::collection::vec(step_strategy(), 1..200))
 }
 
 // ---------------------------------------------------------------------------
@@ -578,12 +532,7 @@ fn scenario_strategy() -> impl Strategy<Value = (Setup, Vec<Step>)> {
 // ---------------------------------------------------------------------------
 
 fn users() -> Vec<UserRef> {
-    (0..USERS)
-        .map(|i| UserRef {
-            id: Uuid::from_u128(0x1000 + i as u128),
-            username: format!("user{i}"),
-        })
-        .collect()
+    (0..USERS).map(|i| UserRef { id: Uuid::from_u128(0x1000 + i as u128), username: format!("user{i}") }).collect()
 }
 
 fn money(minor: i128) -> Money {
@@ -612,13 +561,9 @@ fn rej(r: &Rejection) -> Rej {
     match r {
         Rejection::AuctionNotActive { status } => Rej::NotActive(st(*status)),
         Rejection::SellerCannotBid => Rej::SellerCannotBid,
-        Rejection::BidTooLow {
-            min_bid,
-            current_price,
-        } => Rej::TooLow {
-            min_bid: minor(*min_bid),
-            current_price: minor(*current_price),
-        },
+        Rejection::BidTooLow { min_bid, current_price } => {
+            Rej::TooLow { min_bid: minor(*min_bid), current_price: minor(*current_price) }
+        }
         Rejection::AlreadyLeading => Rej::AlreadyLeading,
         Rejection::InvalidAmount => Rej::InvalidAmount,
         Rejection::Forbidden => Rej::Forbidden,
@@ -650,12 +595,7 @@ fn ev(users: &[UserRef], e: &Event) -> Ev {
     match e {
         Event::BidPlaced(p) => Ev::Placed(placed(users, p)),
         Event::Started { seq } => Ev::Started { seq: *seq },
-        Event::Ended {
-            seq,
-            winner,
-            final_price,
-            reserve_met,
-        } => Ev::Ended {
+        Event::Ended { seq, winner, final_price, reserve_met } => Ev::Ended {
             seq: *seq,
             winner: winner.as_ref().map(|u| who(users, u)),
             final_price: final_price.map(minor),
@@ -698,10 +638,7 @@ fn view_real(users: &[UserRef], s: &AuctionState) -> View {
     View {
         status: st(s.status),
         price: minor(s.current_price),
-        leader: s
-            .leader
-            .as_ref()
-            .map(|l| (who(users, &l.user), minor(l.max_amount))),
+        leader: s.leader.as_ref().map(|l| (who(users, &l.user), minor(l.max_amount))),
         bid_count: s.bid_count,
         seq: s.seq,
         start_at: s.start_at_ms,
@@ -747,22 +684,12 @@ impl Harness {
         let inc = i128::from(setup.inc);
         let reserve = match setup.reserve {
             ReserveSpec::None => None,
-            ReserveSpec::Near { incs, units } => Some(clamp(
-                start_price + i128::from(incs) * inc + i128::from(units),
-            )),
+            ReserveSpec::Near { incs, units } => Some(clamp(start_price + i128::from(incs) * inc + i128::from(units))),
             ReserveSpec::Abs(v) => Some(i128::from(v)),
         };
-        let start_at = if setup.begin_active {
-            T0 - setup.start_offset_ms.abs()
-        } else {
-            T0 + setup.start_offset_ms
-        };
+        let start_at = if setup.begin_active { T0 - setup.start_offset_ms.abs() } else { T0 + setup.start_offset_ms };
         let end_at = start_at + setup.duration_ms;
-        let status = if setup.begin_active {
-            St::Active
-        } else {
-            St::Scheduled
-        };
+        let status = if setup.begin_active { St::Active } else { St::Scheduled };
         let model = Model {
             start_price,
             reserve,
@@ -789,11 +716,7 @@ impl Harness {
             },
             start_at_ms: start_at,
             end_at_ms: end_at,
-            status: if setup.begin_active {
-                Status::Active
-            } else {
-                Status::Scheduled
-            },
+            status: if setup.begin_active { Status::Active } else { Status::Scheduled },
             current_price: money(start_price),
             leader: None,
             bid_count: 0,
@@ -829,13 +752,7 @@ impl Harness {
         prop_assert_eq!(&self.real.terms, &self.initial.terms);
         // Lifecycle scheduling.
         let due = self.model.due(now).map(|c| cmd(&self.users, c));
-        prop_assert_eq!(
-            self.real.due(now),
-            due,
-            "due at {}:\n{}",
-            now,
-            self.context()
-        );
+        prop_assert_eq!(self.real.due(now), due, "due at {}:\n{}", now, self.context());
         let deadline = match self.model.status {
             St::Scheduled => Some(self.model.start_at),
             St::Active => Some(self.model.end_at),
@@ -930,12 +847,8 @@ proptest! {
 /// is not vacuous.
 #[test]
 fn generators_reach_every_rule_and_answer() {
-    let config = Config {
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let config = Config { failure_persistence: None, ..Config::default() };
+    let mut runner = TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
     let strategy = scenario_strategy();
     let mut total = Stats::default();
     for _ in 0..256 {
@@ -944,10 +857,7 @@ fn generators_reach_every_rule_and_answer() {
         let add = |a: &mut u64, b: u64| *a += b;
         add(&mut total.first_bid, stats.first_bid);
         add(&mut total.challenger_wins, stats.challenger_wins);
-        add(
-            &mut total.challenger_wins_at_own_amount,
-            stats.challenger_wins_at_own_amount,
-        );
+        add(&mut total.challenger_wins_at_own_amount, stats.challenger_wins_at_own_amount);
         add(&mut total.challenger_loses, stats.challenger_loses);
         add(&mut total.tie, stats.tie);
         add(&mut total.leader_raises, stats.leader_raises);
@@ -955,10 +865,7 @@ fn generators_reach_every_rule_and_answer() {
         add(&mut total.extended, stats.extended);
         add(&mut total.started, stats.started);
         add(&mut total.ended_with_winner, stats.ended_with_winner);
-        add(
-            &mut total.ended_reserve_not_met,
-            stats.ended_reserve_not_met,
-        );
+        add(&mut total.ended_reserve_not_met, stats.ended_reserve_not_met);
         add(&mut total.ended_without_bids, stats.ended_without_bids);
         add(&mut total.cancelled, stats.cancelled);
         add(&mut total.not_active, stats.not_active);
@@ -997,10 +904,7 @@ fn generators_reach_every_rule_and_answer() {
     for (name, count) in [
         ("first_bid", first_bid),
         ("challenger_wins", challenger_wins),
-        (
-            "challenger_wins_at_own_amount",
-            challenger_wins_at_own_amount,
-        ),
+        ("challenger_wins_at_own_amount", challenger_wins_at_own_amount),
         ("challenger_loses", challenger_loses),
         ("tie", tie),
         ("leader_raises", leader_raises),
@@ -1042,13 +946,7 @@ fn active(start_price: i64, inc: i64, reserve: Option<i64>, soft_close_secs: u32
     })
 }
 
-fn bid_at(
-    h: &mut Harness,
-    now: i64,
-    user: usize,
-    amount: i128,
-    max: Option<i128>,
-) -> Result<Ev, Rej> {
+fn bid_at(h: &mut Harness, now: i64, user: usize, amount: i128, max: Option<i128>) -> Result<Ev, Rej> {
     h.apply_due(now).unwrap();
     h.exec(MCmd::Bid { user, amount, max }, now).unwrap()
 }
@@ -1064,90 +962,43 @@ fn price_after(reply: &Result<Ev, Rej>) -> (i128, usize, bool) {
 fn proxy_bidding_walkthrough() {
     let mut h = active(10_000, 500, None, 0);
     // Rule 1: the first bid leads at its amount.
-    assert_eq!(
-        price_after(&bid_at(&mut h, T0, 1, 10_000, Some(20_000))),
-        (10_000, 1, true)
-    );
+    assert_eq!(price_after(&bid_at(&mut h, T0, 1, 10_000, Some(20_000))), (10_000, 1, true));
     // Rule 2, m <= M: P = min(M, m + inc).
-    assert_eq!(
-        price_after(&bid_at(&mut h, T0, 2, 12_000, None)),
-        (12_500, 1, false)
-    );
+    assert_eq!(price_after(&bid_at(&mut h, T0, 2, 12_000, None)), (12_500, 1, false));
     // Tie: the earlier bid keeps the lead, P = M.
-    assert_eq!(
-        price_after(&bid_at(&mut h, T0, 2, 20_000, None)),
-        (20_000, 1, false)
-    );
+    assert_eq!(price_after(&bid_at(&mut h, T0, 2, 20_000, None)), (20_000, 1, false));
     // Below P + inc.
     assert_eq!(
         bid_at(&mut h, T0, 3, 20_499, Some(90_000)),
-        Err(Rej::TooLow {
-            min_bid: 20_500,
-            current_price: 20_000
-        })
+        Err(Rej::TooLow { min_bid: 20_500, current_price: 20_000 })
     );
     // Rule 2, m > M: P = max(amount, min(m, M + inc)).
-    assert_eq!(
-        price_after(&bid_at(&mut h, T0, 3, 20_500, Some(90_000))),
-        (20_500, 3, true)
-    );
+    assert_eq!(price_after(&bid_at(&mut h, T0, 3, 20_500, Some(90_000))), (20_500, 3, true));
     // Rule 3: the leader must raise the maximum; the price stays.
-    assert_eq!(
-        bid_at(&mut h, T0, 3, 30_000, Some(90_000)),
-        Err(Rej::AlreadyLeading)
-    );
-    assert_eq!(
-        price_after(&bid_at(&mut h, T0, 3, 1, Some(90_001))),
-        (20_500, 3, true)
-    );
+    assert_eq!(bid_at(&mut h, T0, 3, 30_000, Some(90_000)), Err(Rej::AlreadyLeading));
+    assert_eq!(price_after(&bid_at(&mut h, T0, 3, 1, Some(90_001))), (20_500, 3, true));
     // A challenger whose maximum is just one above the leader's.
-    assert_eq!(
-        price_after(&bid_at(&mut h, T0, 1, 21_000, Some(90_002))),
-        (90_002, 1, true)
-    );
+    assert_eq!(price_after(&bid_at(&mut h, T0, 1, 21_000, Some(90_002))), (90_002, 1, true));
     assert_eq!(h.model.bid_count, 6);
 }
 
 #[test]
 fn reserve_and_end() {
     let mut h = active(10_000, 500, Some(15_000), 0);
-    assert_eq!(
-        price_after(&bid_at(&mut h, T0, 1, 10_000, Some(12_000))),
-        (10_000, 1, true)
-    );
+    assert_eq!(price_after(&bid_at(&mut h, T0, 1, 10_000, Some(12_000))), (10_000, 1, true));
     // Rule 4 on a challenger whose maximum covers the reserve.
-    assert_eq!(
-        price_after(&bid_at(&mut h, T0, 2, 10_500, Some(15_000))),
-        (15_000, 2, true)
-    );
+    assert_eq!(price_after(&bid_at(&mut h, T0, 2, 10_500, Some(15_000))), (15_000, 2, true));
     // Cancel after a bid; non-seller first.
-    assert_eq!(
-        h.exec(MCmd::Cancel { user: 2 }, T0).unwrap(),
-        Err(Rej::Forbidden)
-    );
-    assert_eq!(
-        h.exec(MCmd::Cancel { user: SELLER }, T0).unwrap(),
-        Err(Rej::HasBids)
-    );
+    assert_eq!(h.exec(MCmd::Cancel { user: 2 }, T0).unwrap(), Err(Rej::Forbidden));
+    assert_eq!(h.exec(MCmd::Cancel { user: SELLER }, T0).unwrap(), Err(Rej::HasBids));
     assert_eq!(h.exec(MCmd::End, T0 + 59_999).unwrap(), Err(Rej::NotDue));
     // Rule 7.
     assert_eq!(
         h.exec(MCmd::End, T0 + 60_000).unwrap(),
-        Ok(Ev::Ended {
-            seq: 2,
-            winner: Some(2),
-            final_price: Some(15_000),
-            reserve_met: true
-        })
+        Ok(Ev::Ended { seq: 2, winner: Some(2), final_price: Some(15_000), reserve_met: true })
     );
-    assert_eq!(
-        bid_at(&mut h, T0 + 60_001, 1, 99_999, None),
-        Err(Rej::NotActive(St::Ended))
-    );
-    assert_eq!(
-        h.exec(MCmd::Cancel { user: SELLER }, T0 + 60_001).unwrap(),
-        Err(Rej::NotActive(St::Ended))
-    );
+    assert_eq!(bid_at(&mut h, T0 + 60_001, 1, 99_999, None), Err(Rej::NotActive(St::Ended)));
+    assert_eq!(h.exec(MCmd::Cancel { user: SELLER }, T0 + 60_001).unwrap(), Err(Rej::NotActive(St::Ended)));
 }
 
 #[test]
@@ -1155,26 +1006,17 @@ fn soft_close_keeps_extending_until_quiet() {
     let mut h = active(100, 10, None, 5);
     let end = T0 + 60_000;
     // More than 5 s before the end: no extension.
-    let Ok(Ev::Placed(p)) = bid_at(&mut h, end - 5_000, 1, 100, None) else {
-        panic!()
-    };
+    let Ok(Ev::Placed(p)) = bid_at(&mut h, end - 5_000, 1, 100, None) else { panic!() };
     assert!(!p.extended);
     assert_eq!(p.end_at, end);
     // Less than 5 s before: the end moves to placed_at + 5 s, repeatedly.
-    let Ok(Ev::Placed(p)) = bid_at(&mut h, end - 4_999, 2, 110, None) else {
-        panic!()
-    };
+    let Ok(Ev::Placed(p)) = bid_at(&mut h, end - 4_999, 2, 110, None) else { panic!() };
     assert!(p.extended);
     assert_eq!(p.end_at, end + 1);
-    let Ok(Ev::Placed(p)) = bid_at(&mut h, end, 1, 120, None) else {
-        panic!()
-    };
+    let Ok(Ev::Placed(p)) = bid_at(&mut h, end, 1, 120, None) else { panic!() };
     assert_eq!((p.extended, p.end_at), (true, end + 5_000));
     // Once quiet, the auction ends at the moved end, before any later bid.
-    assert_eq!(
-        bid_at(&mut h, end + 5_000, 2, 500, None),
-        Err(Rej::NotActive(St::Ended))
-    );
+    assert_eq!(bid_at(&mut h, end + 5_000, 2, 500, None), Err(Rej::NotActive(St::Ended)));
     assert_eq!(h.model.winner, Some(1));
     assert_eq!(h.model.final_price, Some(120));
 }
@@ -1193,82 +1035,26 @@ fn rejection_order_and_lifecycle() {
     });
     // Scheduled: nothing may bid, Start is not yet due.
     assert_eq!(
-        h.exec(
-            MCmd::Bid {
-                user: SELLER,
-                amount: 5,
-                max: Some(1)
-            },
-            T0
-        )
-        .unwrap(),
+        h.exec(MCmd::Bid { user: SELLER, amount: 5, max: Some(1) }, T0).unwrap(),
         Err(Rej::NotActive(St::Scheduled))
     );
     assert_eq!(h.exec(MCmd::Start, T0 + 999).unwrap(), Err(Rej::NotDue));
-    assert_eq!(
-        h.exec(MCmd::End, T0 + 999).unwrap(),
-        Err(Rej::NotActive(St::Scheduled))
-    );
-    assert_eq!(
-        h.exec(MCmd::Start, T0 + 1_000).unwrap(),
-        Ok(Ev::Started { seq: 0 })
-    );
+    assert_eq!(h.exec(MCmd::End, T0 + 999).unwrap(), Err(Rej::NotActive(St::Scheduled)));
+    assert_eq!(h.exec(MCmd::Start, T0 + 1_000).unwrap(), Ok(Ev::Started { seq: 0 }));
     // Active: seller before amounts, max < amount before "too low".
     assert_eq!(
-        h.exec(
-            MCmd::Bid {
-                user: SELLER,
-                amount: 5,
-                max: Some(1)
-            },
-            T0 + 1_000
-        )
-        .unwrap(),
+        h.exec(MCmd::Bid { user: SELLER, amount: 5, max: Some(1) }, T0 + 1_000).unwrap(),
         Err(Rej::SellerCannotBid)
     );
+    assert_eq!(h.exec(MCmd::Bid { user: 1, amount: 5, max: Some(1) }, T0 + 1_000).unwrap(), Err(Rej::InvalidAmount));
     assert_eq!(
-        h.exec(
-            MCmd::Bid {
-                user: 1,
-                amount: 5,
-                max: Some(1)
-            },
-            T0 + 1_000
-        )
-        .unwrap(),
-        Err(Rej::InvalidAmount)
-    );
-    assert_eq!(
-        h.exec(
-            MCmd::Bid {
-                user: 1,
-                amount: 999,
-                max: Some(5_000)
-            },
-            T0 + 1_000
-        )
-        .unwrap(),
-        Err(Rej::TooLow {
-            min_bid: 1_000,
-            current_price: 1_000
-        })
+        h.exec(MCmd::Bid { user: 1, amount: 999, max: Some(5_000) }, T0 + 1_000).unwrap(),
+        Err(Rej::TooLow { min_bid: 1_000, current_price: 1_000 })
     );
     // Cancelled before any bid: seller only; then nothing is active any more.
-    assert_eq!(
-        h.exec(MCmd::Cancel { user: 1 }, T0 + 2_000).unwrap(),
-        Err(Rej::Forbidden)
-    );
-    assert_eq!(
-        h.exec(MCmd::Cancel { user: SELLER }, T0 + 2_000).unwrap(),
-        Ok(Ev::Cancelled { seq: 0 })
-    );
-    assert_eq!(
-        h.exec(MCmd::Start, T0 + 2_000).unwrap(),
-        Err(Rej::NotActive(St::Cancelled))
-    );
-    assert_eq!(
-        h.exec(MCmd::End, T0 + 20_000).unwrap(),
-        Err(Rej::NotActive(St::Cancelled))
-    );
+    assert_eq!(h.exec(MCmd::Cancel { user: 1 }, T0 + 2_000).unwrap(), Err(Rej::Forbidden));
+    assert_eq!(h.exec(MCmd::Cancel { user: SELLER }, T0 + 2_000).unwrap(), Ok(Ev::Cancelled { seq: 0 }));
+    assert_eq!(h.exec(MCmd::Start, T0 + 2_000).unwrap(), Err(Rej::NotActive(St::Cancelled)));
+    assert_eq!(h.exec(MCmd::End, T0 + 20_000).unwrap(), Err(Rej::NotActive(St::Cancelled)));
     assert_eq!(h.model.due(T0 + 20_000), None);
 }

@@ -86,7 +86,8 @@ fn validate(request: &CreateAuctionRequest, seller_id: Uuid, now_ms: i64) -> Res
         return Err(invalid("currency must be an ISO 4217 code such as EUR"));
     }
     let starting_price = parse_amount(&request.starting_price, "starting_price")?;
-    let reserve_price = request.reserve_price.as_ref().map(|reserve| parse_amount(reserve, "reserve_price")).transpose()?;
+    let reserve_price =
+        request.reserve_price.as_ref().map(|reserve| parse_amount(reserve, "reserve_price")).transpose()?;
     let min_increment = parse_amount(&request.min_increment, "min_increment")?;
     let start_at_ms = match &request.start_at {
         None => now_ms,
@@ -261,10 +262,15 @@ pub fn check_limit(limit: Option<u32>) -> Result<u32, ApiError> {
         (status = 200, description = "a page; active auctions ending soonest first", body = AuctionPage),
         (status = 400, description = "INVALID_REQUEST", body = ErrorBody),
     ))]
-pub async fn list_auctions(State(context): State<ApiContext>, ApiQuery(params): ApiQuery<ListParams>) -> ApiResult<Json<AuctionPage>> {
+pub async fn list_auctions(
+    State(context): State<ApiContext>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> ApiResult<Json<AuctionPage>> {
     let status = match params.status.as_deref() {
         None => Status::Active,
-        Some(text) => Status::parse(text).ok_or_else(|| invalid("status must be active, scheduled, ended or cancelled"))?,
+        Some(text) => {
+            Status::parse(text).ok_or_else(|| invalid("status must be active, scheduled, ended or cancelled"))?
+        }
     };
     let limit = check_limit(params.limit)?;
     let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
@@ -274,7 +280,8 @@ pub async fn list_auctions(State(context): State<ApiContext>, ApiQuery(params): 
         .await
         .map_err(|error| ApiError::internal("list auctions", error))?;
     let now_ms = context.now_ms();
-    let next_cursor = (rows.len() == limit as usize).then(|| rows.last().map(|row| encode_cursor(row, status))).flatten();
+    let next_cursor =
+        (rows.len() == limit as usize).then(|| rows.last().map(|row| encode_cursor(row, status))).flatten();
     let items = rows.iter().map(|row| AuctionView::from_row(row, None, now_ms)).collect();
     Ok(Json(AuctionPage { items, next_cursor }))
 }
@@ -310,10 +317,8 @@ pub async fn cancel_auction(
             return Ok(Json(AuctionView::from_row(&row, Some(user.id), context.now_ms())));
         }
     }
-    let keyed = key.map(|key| KeyedRequest {
-        key: IdempotencyKey { user_id: user.id, key },
-        fingerprint: request_fingerprint,
-    });
+    let keyed =
+        key.map(|key| KeyedRequest { key: IdempotencyKey { user_id: user.id, key }, fingerprint: request_fingerprint });
     let outcome = context.node.cancel(id, user.id, keyed).await.map_err(node_error)?;
     match outcome {
         WriteOutcome::Accepted { .. } | WriteOutcome::Replay { .. } => {

@@ -45,12 +45,8 @@ pub async fn place(
         return Err(ApiError::InvalidAmount("max_amount must be at least amount".to_owned()));
     }
     let max_text = max_amount.map(|max| max.minor_units().to_string()).unwrap_or_default();
-    let request_fingerprint = fingerprint(&[
-        b"bid",
-        auction_id.as_bytes(),
-        amount.minor_units().to_string().as_bytes(),
-        max_text.as_bytes(),
-    ]);
+    let request_fingerprint =
+        fingerprint(&[b"bid", auction_id.as_bytes(), amount.minor_units().to_string().as_bytes(), max_text.as_bytes()]);
     if let Some(key) = &key {
         let stored = context.db.key(user.id, key).await.map_err(|error| ApiError::internal("read key", error))?;
         if let Some(stored) = stored {
@@ -60,15 +56,14 @@ pub async fn place(
             return replay(context, stored.auction_id, stored.seq.unwrap_or(0) as u64).await;
         }
     }
-    let command = BidCommand {
-        bidder: UserRef { id: user.id, username: user.username.clone() },
-        amount,
-        max_amount,
-    };
-    let keyed = key.map(|key| KeyedRequest { key: IdempotencyKey { user_id: user.id, key }, fingerprint: request_fingerprint });
+    let command = BidCommand { bidder: UserRef { id: user.id, username: user.username.clone() }, amount, max_amount };
+    let keyed =
+        key.map(|key| KeyedRequest { key: IdempotencyKey { user_id: user.id, key }, fingerprint: request_fingerprint });
     let outcome = context.node.place_bid(auction_id, command, keyed).await.map_err(node_error)?;
     match outcome {
-        WriteOutcome::Accepted { event: Event::BidPlaced(placed), .. } => Ok(BidResultView::from_event(auction_id, &placed)),
+        WriteOutcome::Accepted { event: Event::BidPlaced(placed), .. } => {
+            Ok(BidResultView::from_event(auction_id, &placed))
+        }
         WriteOutcome::Accepted { .. } => Err(ApiError::unavailable("unexpected outcome")),
         WriteOutcome::Replay { seq } => replay(context, auction_id, seq).await,
         WriteOutcome::Rejected(rejection) => Err(rejection.into()),
@@ -142,11 +137,8 @@ pub async fn bid_history(
     if auction.is_none() {
         return Err(ApiError::AuctionNotFound);
     }
-    let rows = context
-        .db
-        .bids(auction_id, before_seq, limit)
-        .await
-        .map_err(|error| ApiError::internal("read bids", error))?;
+    let rows =
+        context.db.bids(auction_id, before_seq, limit).await.map_err(|error| ApiError::internal("read bids", error))?;
     let next_before_seq = match rows.last() {
         Some(last) if rows.len() == limit as usize && last.seq > 1 => Some(last.seq),
         _ => None,

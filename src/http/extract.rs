@@ -79,11 +79,8 @@ impl FromRequestParts<ApiContext> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, context: &ApiContext) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or(ApiError::Unauthenticated)?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthenticated)?;
+        let token =
+            header.to_str().ok().and_then(|value| value.strip_prefix("Bearer ")).ok_or(ApiError::Unauthenticated)?;
         context.auth.verify(token.trim()).ok_or(ApiError::Unauthenticated)
     }
 }
@@ -112,7 +109,8 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
         let Some(value) = parts.headers.get("idempotency-key") else {
             return Ok(IdempotencyKeyHeader(None));
         };
-        let invalid = || ApiError::InvalidRequest("Idempotency-Key must be 1 to 64 printable ASCII characters".to_owned());
+        let invalid =
+            || ApiError::InvalidRequest("Idempotency-Key must be 1 to 64 printable ASCII characters".to_owned());
         let key = value.to_str().map_err(|_| invalid())?;
         if key.is_empty() || key.len() > 64 || !key.bytes().all(|byte| (0x20..=0x7e).contains(&byte)) {
             return Err(invalid());

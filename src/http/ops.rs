@@ -48,9 +48,5 @@ pub async fn ready(State(context): State<ApiContext>) -> Response {
 pub async fn metrics(State(context): State<ApiContext>) -> Response {
     let queue = &context.node.persistence_queue;
     metrics::gauge!(telemetry::PERSISTENCE_QUEUE_DEPTH).set(queue.in_use() as f64);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        context.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], context.metrics.render()).into_response()
 }

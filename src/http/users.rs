@@ -49,7 +49,10 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
         (status = 409, description = "USERNAME_TAKEN", body = ErrorBody),
         (status = 413, description = "body over 16 KiB", body = ErrorBody),
     ))]
-pub async fn register(State(context): State<ApiContext>, ApiJson(credentials): ApiJson<Credentials>) -> ApiResult<(StatusCode, Json<AuthView>)> {
+pub async fn register(
+    State(context): State<ApiContext>,
+    ApiJson(credentials): ApiJson<Credentials>,
+) -> ApiResult<(StatusCode, Json<AuthView>)> {
     validate(&credentials)?;
     let password = credentials.password;
     let hash = blocking(move || auth::hash_password(&password))
@@ -73,12 +76,12 @@ pub async fn register(State(context): State<ApiContext>, ApiJson(credentials): A
         (status = 400, description = "malformed body", body = ErrorBody),
         (status = 401, description = "INVALID_CREDENTIALS", body = ErrorBody),
     ))]
-pub async fn login(State(context): State<ApiContext>, ApiJson(credentials): ApiJson<Credentials>) -> ApiResult<Json<AuthView>> {
-    let user = context
-        .db
-        .user_by_name(&credentials.username)
-        .await
-        .map_err(|error| ApiError::internal("find user", error))?;
+pub async fn login(
+    State(context): State<ApiContext>,
+    ApiJson(credentials): ApiJson<Credentials>,
+) -> ApiResult<Json<AuthView>> {
+    let user =
+        context.db.user_by_name(&credentials.username).await.map_err(|error| ApiError::internal("find user", error))?;
     let Some(user) = user else {
         return Err(ApiError::InvalidCredentials);
     };

@@ -11,9 +11,7 @@ use crate::storage::{AuctionRow, BidRow, MyBidRow};
 
 /// RFC 3339, UTC, milliseconds: `2026-11-22T10:00:00.000Z`.
 pub fn timestamp(ms: TimestampMs) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[derive(Clone, Debug, Serialize, ToSchema, PartialEq, Eq)]

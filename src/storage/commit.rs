@@ -44,13 +44,19 @@ fn fenced(current: &HashMap<i32, (String, i64)>, node_id: &str, named: &[(u32, i
     named
         .iter()
         .filter(|(shard, epoch)| {
-            current.get(&(*shard as i32)).is_none_or(|(owner, current_epoch)| owner != node_id || current_epoch != epoch)
+            current
+                .get(&(*shard as i32))
+                .is_none_or(|(owner, current_epoch)| owner != node_id || current_epoch != epoch)
         })
         .map(|(shard, _)| *shard)
         .collect()
 }
 
-async fn check_leases_sqlite(tx: &mut Transaction<'static, Sqlite>, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
+async fn check_leases_sqlite(
+    tx: &mut Transaction<'static, Sqlite>,
+    node_id: &str,
+    batch: &[Write],
+) -> Result<(), StoreError> {
     let named = leases_named(batch);
     let mut current = HashMap::new();
     for (shard, _) in &named {
@@ -69,7 +75,11 @@ async fn check_leases_sqlite(tx: &mut Transaction<'static, Sqlite>, node_id: &st
 
 /// Takes the lease rows `FOR SHARE`, so a takeover (which updates them) waits
 /// for this commit, and this commit sees a takeover that came first.
-async fn check_leases_postgres(tx: &mut Transaction<'static, Postgres>, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
+async fn check_leases_postgres(
+    tx: &mut Transaction<'static, Postgres>,
+    node_id: &str,
+    batch: &[Write],
+) -> Result<(), StoreError> {
     let named = leases_named(batch);
     let shards: Vec<i32> = named.iter().map(|(shard, _)| *shard as i32).collect();
     let rows: Vec<(i32, String, i64)> =
@@ -248,7 +258,12 @@ async fn write_postgres(tx: &mut Transaction<'static, Postgres>, batch: &[Write]
     .bind(states.iter().map(|state| state.status.as_str()).collect::<Vec<_>>())
     .bind(states.iter().map(|state| state.current_price.minor_units()).collect::<Vec<_>>())
     .bind(states.iter().map(|state| state.leader.as_ref().map(|leader| leader.user.id)).collect::<Vec<_>>())
-    .bind(states.iter().map(|state| state.leader.as_ref().map(|leader| leader.max_amount.minor_units())).collect::<Vec<_>>())
+    .bind(
+        states
+            .iter()
+            .map(|state| state.leader.as_ref().map(|leader| leader.max_amount.minor_units()))
+            .collect::<Vec<_>>(),
+    )
     .bind(states.iter().map(|state| state.bid_count as i64).collect::<Vec<_>>())
     .bind(states.iter().map(|state| state.seq as i64).collect::<Vec<_>>())
     .bind(states.iter().map(|state| state.end_at_ms).collect::<Vec<_>>())

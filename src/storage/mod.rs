@@ -18,9 +18,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use gavel_actors::ports::{
-    BoxFuture, KeyRecord, LoadedAuction, SHARD_COUNT, Store, StoreError, StoredKey, Write,
-};
+use gavel_actors::ports::{BoxFuture, KeyRecord, LoadedAuction, SHARD_COUNT, Store, StoreError, StoredKey, Write};
 use gavel_actors::{AuctionId, Status, TimestampMs, UserId};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
@@ -33,7 +31,10 @@ pub use rows::{AuctionRow, BidRow, KeyRow, MyBidRow, UserRow};
 pub enum Db {
     /// One writer connection (SQLite has one writer anyway) and a few readers,
     /// which WAL mode lets read while the writer commits.
-    Sqlite { writer: SqlitePool, readers: SqlitePool },
+    Sqlite {
+        writer: SqlitePool,
+        readers: SqlitePool,
+    },
     Postgres(PgPool),
 }
 
@@ -110,13 +111,10 @@ impl Db {
     /// Connects to Postgres with `synchronous_commit` on (batching, not weaker
     /// durability, is what makes commits cheap) and a statement time limit.
     pub async fn open_postgres(url: &str) -> Result<Db, sqlx::Error> {
-        let options = PgConnectOptions::from_str(url)?
-            .options([("synchronous_commit", "on"), ("statement_timeout", "10000")]);
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await?;
+        let options =
+            PgConnectOptions::from_str(url)?.options([("synchronous_commit", "on"), ("statement_timeout", "10000")]);
+        let pool =
+            PgPoolOptions::new().max_connections(16).acquire_timeout(ACQUIRE_TIMEOUT).connect_with(options).await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
         Ok(Db::Postgres(pool))
     }
@@ -166,7 +164,13 @@ impl Db {
         Ok(leases)
     }
 
-    pub async fn insert_user(&self, id: UserId, username: &str, password_hash: &str, now_ms: TimestampMs) -> Result<(), DbError> {
+    pub async fn insert_user(
+        &self,
+        id: UserId,
+        username: &str,
+        password_hash: &str,
+        now_ms: TimestampMs,
+    ) -> Result<(), DbError> {
         let sql = "INSERT INTO users (id, username, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)";
         writing!(self, pool => sqlx::query(sql)
             .bind(id)
@@ -190,7 +194,12 @@ impl Db {
     }
 
     /// Inserts a new auction, and its idempotency key if given, in one transaction.
-    pub async fn insert_auction(&self, auction: &NewAuction, key: Option<&KeyRecord>, now_ms: TimestampMs) -> Result<(), DbError> {
+    pub async fn insert_auction(
+        &self,
+        auction: &NewAuction,
+        key: Option<&KeyRecord>,
+        now_ms: TimestampMs,
+    ) -> Result<(), DbError> {
         let insert = "INSERT INTO auctions (id, shard, seller_id, title, description, currency, starting_price, \
              reserve_price, min_increment, soft_close_secs, start_at_ms, end_at_ms, status, current_price, \
              leader_id, leader_max, bid_count, seq, winner_id, final_price, created_at_ms) \

@@ -6,19 +6,29 @@ use serde_json::json;
 use crate::helpers::{Backend, HasApi, TestApp, auction_body};
 use crate::on_both_backends;
 
-on_both_backends!(accounts, auction_lifecycle_and_reads, listing_pages_ending_soonest_first, cancel_rules, idempotent_writes);
+on_both_backends!(
+    accounts,
+    auction_lifecycle_and_reads,
+    listing_pages_ending_soonest_first,
+    cancel_rules,
+    idempotent_writes
+);
 
 async fn accounts(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let api = app.api();
     let alice = api.register("alice").await;
-    let (status, body) = api.post("/api/v1/auth/register", None, json!({"username": "alice", "password": "another-pass"})).await;
+    let (status, body) =
+        api.post("/api/v1/auth/register", None, json!({"username": "alice", "password": "another-pass"})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("USERNAME_TAKEN")));
-    let (status, body) = api.post("/api/v1/auth/login", None, json!({"username": "alice", "password": "wrong-password"})).await;
+    let (status, body) =
+        api.post("/api/v1/auth/login", None, json!({"username": "alice", "password": "wrong-password"})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("INVALID_CREDENTIALS")));
-    let (status, body) = api.post("/api/v1/auth/login", None, json!({"username": "nobody", "password": "wrong-password"})).await;
+    let (status, body) =
+        api.post("/api/v1/auth/login", None, json!({"username": "nobody", "password": "wrong-password"})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("INVALID_CREDENTIALS")));
-    let (status, login) = api.post("/api/v1/auth/login", None, json!({"username": "alice", "password": "password-123"})).await;
+    let (status, login) =
+        api.post("/api/v1/auth/login", None, json!({"username": "alice", "password": "password-123"})).await;
     assert_eq!(status, StatusCode::OK, "{login}");
     assert_eq!(login["user"]["id"], json!(alice.id));
     let (status, me) = api.get("/api/v1/users/me", login["token"].as_str()).await;
@@ -46,7 +56,10 @@ async fn auction_lifecycle_and_reads(backend: Backend) {
 
     let (status, first) = api.bid(&bob, id, 10_000, Some(15_000)).await;
     assert_eq!(status, StatusCode::CREATED, "{first}");
-    assert_eq!((first["leading"].as_bool(), first["current_price"].as_i64(), first["seq"].as_i64()), (Some(true), Some(10_000), Some(1)));
+    assert_eq!(
+        (first["leading"].as_bool(), first["current_price"].as_i64(), first["seq"].as_i64()),
+        (Some(true), Some(10_000), Some(1))
+    );
     assert_eq!(first["your_max"], 15_000);
     // Carol bids under Bob's maximum: recorded, raises the price, Bob keeps the lead.
     let (status, second) = api.bid(&carol, id, 12_000, None).await;
@@ -60,7 +73,10 @@ async fn auction_lifecycle_and_reads(backend: Backend) {
 
     let (status, body) = api.bid(&bob, id, 20_000, None).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("BID_TOO_LOW")));
-    assert_eq!((body["error"]["min_bid"].as_i64(), body["error"]["current_price"].as_i64()), (Some(20_500), Some(20_000)));
+    assert_eq!(
+        (body["error"]["min_bid"].as_i64(), body["error"]["current_price"].as_i64()),
+        (Some(20_500), Some(20_000))
+    );
     let (status, body) = api.bid(&carol, id, 20_500, None).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("ALREADY_LEADING")));
     let (status, body) = api.bid(&seller, id, 30_000, None).await;
@@ -82,7 +98,10 @@ async fn auction_lifecycle_and_reads(backend: Backend) {
 
     let (status, highest) = api.get(&format!("/api/v1/auctions/{id}/bids/highest"), None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!((highest["leader"]["username"].as_str(), highest["current_price"].as_i64(), highest["seq"].as_i64()), (Some("carol"), Some(20_000), Some(3)));
+    assert_eq!(
+        (highest["leader"]["username"].as_str(), highest["current_price"].as_i64(), highest["seq"].as_i64()),
+        (Some("carol"), Some(20_000), Some(3))
+    );
 
     let (status, mine) = api.get("/api/v1/users/me/bids", Some(&bob.token)).await;
     assert_eq!(status, StatusCode::OK);
@@ -101,7 +120,10 @@ async fn auction_lifecycle_and_reads(backend: Backend) {
     assert_eq!(ended["final_price"], 20_000);
     assert_eq!(ended["bid_count"], 3);
     let (status, body) = api.bid(&bob, id, 50_000, None).await;
-    assert_eq!((status, body["error"]["code"].as_str(), body["error"]["status"].as_str()), (StatusCode::CONFLICT, Some("AUCTION_NOT_ACTIVE"), Some("ended")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str(), body["error"]["status"].as_str()),
+        (StatusCode::CONFLICT, Some("AUCTION_NOT_ACTIVE"), Some("ended"))
+    );
     app.stop().await;
 }
 
@@ -198,7 +220,10 @@ async fn idempotent_writes(backend: Backend) {
     }
     assert_eq!(api.auction(&id).await["bid_count"], 1);
     let (status, body) = bid(12_000).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("IDEMPOTENCY_KEY_REUSED")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("IDEMPOTENCY_KEY_REUSED"))
+    );
     // A new node on the same store has none of the actor's memory: the store answers.
     let first_answer = answers[0].1.clone();
     let backend = app.backend;

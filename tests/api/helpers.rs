@@ -30,7 +30,10 @@ pub async fn fresh_postgres_database() -> String {
     let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_base_url()))
         .await
         .expect("Postgres must run at GAVEL_TEST_POSTGRES (default postgres://postgres@127.0.0.1:5432)");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.expect("create test database");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
     format!("{}/{name}", postgres_base_url())
 }
 
@@ -77,7 +80,15 @@ impl TestApp {
         let task = tokio::spawn(application.run_until_stopped(async move {
             let _ = stopped.await;
         }));
-        TestApp { address, client: client(), backend, data_dir, database_url, shutdown: Some(shutdown), task: Some(task) }
+        TestApp {
+            address,
+            client: client(),
+            backend,
+            data_dir,
+            database_url,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
     }
 
     /// Graceful stop, as on SIGTERM; waits until the node has shut down.
@@ -123,7 +134,13 @@ impl HasApi for TestApp {
 }
 
 impl Api<'_> {
-    pub async fn send(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut request = self.client.request(method, format!("{}{path}", self.address));
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -147,7 +164,8 @@ impl Api<'_> {
     }
 
     pub async fn register(&self, username: &str) -> User {
-        let (status, body) = self.post("/api/v1/auth/register", None, json!({"username": username, "password": "password-123"})).await;
+        let (status, body) =
+            self.post("/api/v1/auth/register", None, json!({"username": username, "password": "password-123"})).await;
         assert_eq!(status, StatusCode::CREATED, "register {username}: {body}");
         User {
             id: body["user"]["id"].as_str().expect("user id").to_owned(),
@@ -162,7 +180,13 @@ impl Api<'_> {
         auction
     }
 
-    pub async fn bid(&self, bidder: &User, auction_id: &str, amount: i64, max_amount: Option<i64>) -> (StatusCode, Value) {
+    pub async fn bid(
+        &self,
+        bidder: &User,
+        auction_id: &str,
+        amount: i64,
+        max_amount: Option<i64>,
+    ) -> (StatusCode, Value) {
         let mut body = json!({"amount": amount});
         if let Some(max) = max_amount {
             body["max_amount"] = json!(max);
@@ -274,7 +298,9 @@ impl ServerProcess {
         eventually(Duration::from_secs(30), "the server to become ready", || {
             let probe = probe.clone();
             let url = ready_url.clone();
-            async move { probe.get(url).send().await.ok().filter(|response| response.status() == StatusCode::OK).map(|_| ()) }
+            async move {
+                probe.get(url).send().await.ok().filter(|response| response.status() == StatusCode::OK).map(|_| ())
+            }
         })
         .await;
         process

@@ -1,8 +1,9 @@
 //! The server over real sockets: in-process nodes on port 0 and the real
 //! binary, against SQLite in a temp dir and a fresh Postgres database per test.
 
-mod helpers;
+mod bad_input;
 mod basics;
+mod helpers;
 
 /// Runs an `async fn(Backend)` test once on SQLite and once on Postgres.
 #[macro_export]

@@ -102,7 +102,9 @@ pub enum Command {
     Start,
     /// Closes an active auction once `end_at` has come.
     End,
-    Cancel { by: UserId },
+    Cancel {
+        by: UserId,
+    },
 }
 
 /// One accepted bid, with the auction as it stands right after it.
@@ -131,26 +133,22 @@ pub struct BidPlaced {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     BidPlaced(BidPlaced),
-    Started {
-        seq: u64,
-    },
-    Ended {
-        seq: u64,
-        winner: Option<UserRef>,
-        final_price: Option<Money>,
-        reserve_met: bool,
-    },
-    Cancelled {
-        seq: u64,
-    },
+    Started { seq: u64 },
+    Ended { seq: u64, winner: Option<UserRef>, final_price: Option<Money>, reserve_met: bool },
+    Cancelled { seq: u64 },
 }
 
 /// Why a command changed nothing. These are answers, not failures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Rejection {
-    AuctionNotActive { status: Status },
+    AuctionNotActive {
+        status: Status,
+    },
     SellerCannotBid,
-    BidTooLow { min_bid: Money, current_price: Money },
+    BidTooLow {
+        min_bid: Money,
+        current_price: Money,
+    },
     AlreadyLeading,
     /// `max_amount < amount`.
     InvalidAmount,
@@ -335,12 +333,7 @@ impl AuctionState {
             _ => None,
         };
         self.final_price = self.winner.as_ref().map(|_| self.current_price);
-        Ok(Event::Ended {
-            seq: self.seq,
-            winner: self.winner.clone(),
-            final_price: self.final_price,
-            reserve_met,
-        })
+        Ok(Event::Ended { seq: self.seq, winner: self.winner.clone(), final_price: self.final_price, reserve_met })
     }
 
     fn cancel(&mut self, by: UserId) -> Result<Event, Rejection> {
@@ -405,12 +398,15 @@ mod tests {
         }
     }
 
-    fn bid(state: &mut AuctionState, who: u128, amount: i64, max: Option<i64>, now: i64) -> Result<BidPlaced, Rejection> {
-        let command = Command::PlaceBid(BidCommand {
-            bidder: user(who),
-            amount: money(amount),
-            max_amount: max.map(money),
-        });
+    fn bid(
+        state: &mut AuctionState,
+        who: u128,
+        amount: i64,
+        max: Option<i64>,
+        now: i64,
+    ) -> Result<BidPlaced, Rejection> {
+        let command =
+            Command::PlaceBid(BidCommand { bidder: user(who), amount: money(amount), max_amount: max.map(money) });
         match state.apply(command, now)? {
             Event::BidPlaced(placed) => Ok(placed),
             other => panic!("unexpected event {other:?}"),
@@ -492,10 +488,7 @@ mod tests {
         assert_eq!(state.apply(Command::End, 99_999), Err(Rejection::NotDue));
         assert_eq!(state.due(100_000), Some(Command::End));
         let ended = state.apply(Command::End, 100_000).unwrap();
-        assert_eq!(
-            ended,
-            Event::Ended { seq: 1, winner: None, final_price: None, reserve_met: false }
-        );
+        assert_eq!(ended, Event::Ended { seq: 1, winner: None, final_price: None, reserve_met: false });
         assert_eq!(
             bid(&mut state, 3, 60_000, None, 100_001),
             Err(Rejection::AuctionNotActive { status: Status::Ended })
@@ -508,10 +501,7 @@ mod tests {
         assert_eq!(state.apply(Command::Cancel { by: user(2).id }, 2_000), Err(Rejection::Forbidden));
         let mut with_bid = state.clone();
         bid(&mut with_bid, 2, 10_000, None, 2_000).unwrap();
-        assert_eq!(
-            with_bid.apply(Command::Cancel { by: user(1).id }, 2_000),
-            Err(Rejection::AuctionHasBids)
-        );
+        assert_eq!(with_bid.apply(Command::Cancel { by: user(1).id }, 2_000), Err(Rejection::AuctionHasBids));
         assert_eq!(state.apply(Command::Cancel { by: user(1).id }, 2_000), Ok(Event::Cancelled { seq: 0 }));
         assert_eq!(
             state.apply(Command::Cancel { by: user(1).id }, 2_000),

@@ -1,0 +1,224 @@
+//! Every malformed, oversized, out-of-range or unauthorised input gets its
+//! documented 4xx JSON error, changes nothing, and leaves the server serving.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{Backend, HasApi, TestApp, auction_body};
+use crate::on_both_backends;
+
+on_both_backends!(bad_input_battery);
+
+fn raw_request(app: &TestApp, path: &str, token: Option<&str>, body: &'static str) -> reqwest::RequestBuilder {
+    let mut request = app.client.post(app.url(path)).header("content-type", "application/json").body(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request
+}
+
+async fn expect_error(request: reqwest::RequestBuilder, status: StatusCode, code: &str, case: &str) {
+    let response = request.send().await.unwrap_or_else(|error| panic!("{case}: {error}"));
+    assert_eq!(response.status(), status, "{case}");
+    let body: Value = response.json().await.unwrap_or_else(|error| panic!("{case}: body is not JSON: {error}"));
+    assert_eq!(body["error"]["code"], code, "{case}: {body}");
+    assert!(body["error"]["message"].is_string(), "{case}: {body}");
+}
+
+fn token_with(header: Value, claims: Value, signature: &str) -> String {
+    format!("{}.{}.{signature}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()))
+}
+
+async fn bad_input_battery(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let api = app.api();
+    let seller = api.register("seller").await;
+    let bob = api.register("bob").await;
+    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
+    let id = auction["id"].as_str().unwrap().to_owned();
+    let bids = format!("/api/v1/auctions/{id}/bids");
+    let token = Some(bob.token.as_str());
+
+    let cases: &[(&str, &'static str, StatusCode, &str)] = &[
+        ("malformed JSON", r#"{"amount": "#, StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("not JSON at all", "amount=5", StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("empty body", "", StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("wrong type", r#"{"amount": "12000"}"#, StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("array body", "[12000]", StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("unknown field", r#"{"amount": 12000, "bonus": 1}"#, StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("missing field", r#"{"max_amount": 12000}"#, StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("zero amount", r#"{"amount": 0}"#, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_AMOUNT"),
+        ("negative amount", r#"{"amount": -500}"#, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_AMOUNT"),
+        ("amount over 10^13", r#"{"amount": 10000000000001}"#, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_AMOUNT"),
+        (
+            "huge amount",
+            r#"{"amount": 99999999999999999999999999}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INVALID_AMOUNT",
+        ),
+        ("fractional amount", r#"{"amount": 12000.5}"#, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_AMOUNT"),
+        (
+            "max below amount",
+            r#"{"amount": 12000, "max_amount": 11000}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INVALID_AMOUNT",
+        ),
+        (
+            "max out of range",
+            r#"{"amount": 12000, "max_amount": 1e20}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INVALID_AMOUNT",
+        ),
+    ];
+    for (case, body, status, code) in cases {
+        expect_error(raw_request(&app, &bids, token, body), *status, code, case).await;
+    }
+
+    // Ids that are not UUIDs, and UUIDs of nothing.
+    expect_error(
+        raw_request(&app, "/api/v1/auctions/not-a-uuid/bids", token, r#"{"amount": 12000}"#),
+        StatusCode::BAD_REQUEST,
+        "INVALID_REQUEST",
+        "bad uuid",
+    )
+    .await;
+    let (status, body) = api.get("/api/v1/auctions/1234", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST")));
+    let nothing = uuid::Uuid::now_v7();
+    expect_error(
+        raw_request(&app, &format!("/api/v1/auctions/{nothing}/bids"), token, r#"{"amount": 12000}"#),
+        StatusCode::NOT_FOUND,
+        "AUCTION_NOT_FOUND",
+        "unknown auction",
+    )
+    .await;
+
+    // Tokens: missing, garbage, forged, alg:none, expired, wrong scheme.
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"sub": bob.id, "name": "bob", "iat": now, "exp": now + 3600});
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"not the server's secret, not at all"),
+    )
+    .unwrap();
+    let alg_none = token_with(json!({"alg": "none", "typ": "JWT"}), claims.clone(), "");
+    let tampered = {
+        let parts: Vec<&str> = bob.token.split('.').collect();
+        let other_claims = json!({"sub": seller.id, "name": "seller", "iat": now, "exp": now + 3600});
+        format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode(other_claims.to_string()), parts[2])
+    };
+    for (case, token) in [
+        ("forged", forged.as_str()),
+        ("alg none", alg_none.as_str()),
+        ("garbage", "abc.def.ghi"),
+        ("tampered", tampered.as_str()),
+    ] {
+        expect_error(
+            raw_request(&app, &bids, Some(token), r#"{"amount": 12000}"#),
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            case,
+        )
+        .await;
+    }
+    expect_error(
+        raw_request(&app, &bids, None, r#"{"amount": 12000}"#),
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHENTICATED",
+        "no token",
+    )
+    .await;
+    let basic = app.client.post(app.url(&bids)).header("authorization", "Basic Ym9iOnB3").body(r#"{"amount": 12000}"#);
+    expect_error(basic, StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "basic auth").await;
+    let (status, body) = api.get("/api/v1/users/me", Some(&alg_none)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("UNAUTHENTICATED")));
+
+    // The seller bidding on their own auction.
+    expect_error(
+        raw_request(&app, &bids, Some(&seller.token), r#"{"amount": 12000}"#),
+        StatusCode::FORBIDDEN,
+        "SELLER_CANNOT_BID",
+        "seller bids",
+    )
+    .await;
+
+    // Bodies over 16 KiB, on bids and elsewhere.
+    let big = format!(r#"{{"amount": 12000, "pad": "{}"}}"#, "x".repeat(17 * 1024));
+    let oversized = app.client.post(app.url(&bids)).bearer_auth(&bob.token).body(big.clone());
+    expect_error(oversized, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "oversized bid").await;
+    let oversized = app.client.post(app.url("/api/v1/auth/register")).body(big);
+    expect_error(oversized, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "oversized register").await;
+
+    // Idempotency keys outside 1..=64 printable ASCII.
+    let long_key = raw_request(&app, &bids, token, r#"{"amount": 12000}"#).header("Idempotency-Key", "k".repeat(65));
+    expect_error(long_key, StatusCode::BAD_REQUEST, "INVALID_REQUEST", "65-char key").await;
+
+    // Auction creation with each field out of bounds.
+    let create_cases: &[(&str, Value, StatusCode, &str)] = &[
+        ("empty title", json!({"title": ""}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("long title", json!({"title": "t".repeat(201)}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("bad currency", json!({"currency": "euro"}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("zero price", json!({"starting_price": 0}), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_AMOUNT"),
+        ("zero increment", json!({"min_increment": 0}), StatusCode::UNPROCESSABLE_ENTITY, "INVALID_AMOUNT"),
+        ("too long", json!({"duration_secs": 31 * 24 * 3600}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("no end", json!({"duration_secs": null}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        (
+            "end before start",
+            json!({"duration_secs": null, "end_at": "2001-01-01T00:00:00Z"}),
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+        ),
+        ("bad time", json!({"duration_secs": null, "end_at": "tomorrow"}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("soft close too long", json!({"soft_close_secs": 3601}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("string price", json!({"starting_price": "100"}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+    ];
+    for (case, overrides, status, code) in create_cases {
+        let (got, body) = api.post("/api/v1/auctions", Some(&seller.token), auction_body(overrides.clone())).await;
+        assert_eq!((got, body["error"]["code"].as_str()), (*status, Some(*code)), "{case}: {body}");
+    }
+    let (status, body) =
+        api.post("/api/v1/auth/register", None, json!({"username": "No Spaces", "password": "password-123"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST")));
+    let (status, body) =
+        api.post("/api/v1/auth/register", None, json!({"username": "shortpw", "password": "short"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST")));
+
+    // Query parameters.
+    for query in ["limit=0", "limit=101", "limit=abc", "cursor=%%%", "status=open"] {
+        let (status, body) = api.get(&format!("/api/v1/auctions?{query}"), None).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST")),
+            "{query}: {body}"
+        );
+    }
+    let (status, _) = api.get(&format!("{bids}?before_seq=-1"), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Garbage on a raw socket: that connection is refused, nobody else notices.
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    socket.write_all(b"\x16\x03\x01\x00\xa5garbage that is not HTTP\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), socket.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 400"), "garbage got: {answer}");
+
+    // Nothing above changed the auction, and the server still serves.
+    let after = api.auction(&id).await;
+    assert_eq!(
+        (after["bid_count"].as_i64(), after["current_price"].as_i64(), after["status"].as_str()),
+        (Some(0), Some(10_000), Some("active"))
+    );
+    let (_, listed) = api.get("/api/v1/auctions", None).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "no auction was created by bad input");
+    let (status, _) = api.get("/health", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, placed) = api.bid(&bob, &id, 12_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "a good bid still works: {placed}");
+    app.stop().await;
+}
