@@ -1,337 +1,34 @@
 //! Model-based property test of the auction rules.
 //!
-//! `Model` below is a second, deliberately plain implementation of the bidding
-//! rules, transcribed straight from docs/API.md ("Placing a bid", "Bidding
-//! rules" 1-7, and cancel in "Auctions") with `i128` arithmetic and user
-//! indices instead of `Money` and `UserRef`. It shares no code with
-//! `AuctionState`. Long random command sequences are fed to both, and after
-//! every step the reply (every field of the event, or the exact rejection) and
-//! the whole observable state must agree.
+//! `Model` (in reference/mod.rs, shared with the server's integration tests)
+//! is a second, deliberately plain implementation of the bidding rules,
+//! transcribed straight from docs/API.md ("Placing a bid", "Bidding rules"
+//! 1-7, and cancel in "Auctions") with `i128` arithmetic and user indices
+//! instead of `Money` and `UserRef`. It shares no code with `AuctionState`.
+//! Long random command sequences are fed to both, and after every step the
+//! reply (every field of the event, or the exact rejection) and the whole
+//! observable state must agree.
 //!
 //! Time is driven the way the auction actor drives it: before a bid or a
 //! cancel, every lifecycle command that is due is applied first (so a bid never
 //! lands after `end_at`); explicit `Start`/`End` commands are also sent at
 //! arbitrary times to cover their "not due" and "not active" answers.
 
+mod reference;
+
 use gavel_actors::money::MAX_AMOUNT_MINOR;
 use gavel_actors::{AuctionState, BidCommand, BidPlaced, Command, Event, Money, Rejection, Status, Terms, UserRef};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use reference::{Ev, MAX, MCmd, Model, Placed, Rej, St, Stats};
 use uuid::Uuid;
 
-const MAX: i128 = MAX_AMOUNT_MINOR as i128;
 /// User 0 is the seller; users 1..=3 bid.
 const SELLER: usize = 0;
 const USERS: usize = 4;
 /// "now" at the first step, in ms since the epoch.
 const T0: i64 = 1_700_000_000_000;
-
-// ---------------------------------------------------------------------------
-// The reference model, from API.md only.
-// ---------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum St {
-    Scheduled,
-    Active,
-    Ended,
-    Cancelled,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Rej {
-    NotActive(St),
-    SellerCannotBid,
-    TooLow { min_bid: i128, current_price: i128 },
-    AlreadyLeading,
-    InvalidAmount,
-    Forbidden,
-    HasBids,
-    NotDue,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Placed {
-    seq: u64,
-    bidder: usize,
-    amount: i128,
-    bidder_max: i128,
-    placed_at: i64,
-    price: i128,
-    leader: usize,
-    leader_max: i128,
-    leading: bool,
-    bid_count: u64,
-    end_at: i64,
-    extended: bool,
-    reserve_met: bool,
-    outbid: Option<usize>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Ev {
-    Placed(Placed),
-    Started { seq: u64 },
-    Ended { seq: u64, winner: Option<usize>, final_price: Option<i128>, reserve_met: bool },
-    Cancelled { seq: u64 },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum MCmd {
-    Bid { user: usize, amount: i128, max: Option<i128> },
-    Start,
-    End,
-    Cancel { user: usize },
-}
-
-/// How often each rule and answer was reached, to check the generators.
-#[derive(Clone, Debug, Default)]
-struct Stats {
-    first_bid: u64,
-    challenger_wins: u64,
-    challenger_wins_at_own_amount: u64,
-    challenger_loses: u64,
-    tie: u64,
-    leader_raises: u64,
-    reserve_lift: u64,
-    extended: u64,
-    started: u64,
-    ended_with_winner: u64,
-    ended_reserve_not_met: u64,
-    ended_without_bids: u64,
-    cancelled: u64,
-    not_active: u64,
-    seller_cannot_bid: u64,
-    too_low: u64,
-    already_leading: u64,
-    invalid_amount: u64,
-    forbidden: u64,
-    has_bids: u64,
-    not_due: u64,
-}
-
-#[derive(Clone, Debug)]
-struct Model {
-    // Terms.
-    start_price: i128,
-    reserve: Option<i128>,
-    inc: i128,
-    soft_ms: i64,
-    start_at: i64,
-    // State.
-    status: St,
-    end_at: i64,
-    price: i128,
-    /// The leader and their maximum `M`.
-    leader: Option<(usize, i128)>,
-    bid_count: u64,
-    seq: u64,
-    winner: Option<usize>,
-    final_price: Option<i128>,
-}
-
-impl Model {
-    fn reserve_met(&self) -> bool {
-        // Rule 4: `P >= R`, always true without a reserve.
-        self.reserve.is_none_or(|r| self.price >= r)
-    }
-
-    fn min_bid(&self) -> i128 {
-        if self.leader.is_some() {
-            self.price + self.inc // rule 2
-        } else {
-            self.start_price // rule 1
-        }
-    }
-
-    /// What the actor applies on its own at `now`.
-    fn due(&self, now: i64) -> Option<MCmd> {
-        if self.status == St::Scheduled && now >= self.start_at {
-            Some(MCmd::Start)
-        } else if self.status == St::Active && now >= self.end_at {
-            Some(MCmd::End)
-        } else {
-            None
-        }
-    }
-
-    fn apply(&mut self, cmd: MCmd, now: i64, stats: &mut Stats) -> Result<Ev, Rej> {
-        let result = match cmd {
-            MCmd::Bid { user, amount, max } => self.bid(user, amount, max, now, stats),
-            MCmd::Start => self.start(now, stats),
-            MCmd::End => self.end(now, stats),
-            MCmd::Cancel { user } => self.cancel(user, stats),
-        };
-        if let Err(rej) = &result {
-            let counter = match rej {
-                Rej::NotActive(_) => &mut stats.not_active,
-                Rej::SellerCannotBid => &mut stats.seller_cannot_bid,
-                Rej::TooLow { .. } => &mut stats.too_low,
-                Rej::AlreadyLeading => &mut stats.already_leading,
-                Rej::InvalidAmount => &mut stats.invalid_amount,
-                Rej::Forbidden => &mut stats.forbidden,
-                Rej::HasBids => &mut stats.has_bids,
-                Rej::NotDue => &mut stats.not_due,
-            };
-            *counter += 1;
-        }
-        result
-    }
-
-    fn bid(&mut self, user: usize, amount: i128, max: Option<i128>, now: i64, stats: &mut Stats) -> Result<Ev, Rej> {
-        if self.status != St::Active {
-            return Err(Rej::NotActive(self.status));
-        }
-        if user == SELLER {
-            return Err(Rej::SellerCannotBid);
-        }
-        if let Some(max) = max
-            && max < amount
-        {
-            return Err(Rej::InvalidAmount);
-        }
-        let m = match max {
-            Some(max) if max > amount => max,
-            _ => amount,
-        };
-        let too_low = Rej::TooLow { min_bid: self.min_bid(), current_price: self.price };
-        let old_price = self.price;
-        let old_leader = self.leader;
-
-        let (mut price, new_leader) = match self.leader {
-            // Rule 1.
-            None => {
-                if amount < self.start_price {
-                    return Err(too_low);
-                }
-                stats.first_bid += 1;
-                (amount, (user, m))
-            }
-            // Rule 3.
-            Some((leader, leader_max)) if leader == user => {
-                if m <= leader_max {
-                    return Err(Rej::AlreadyLeading);
-                }
-                stats.leader_raises += 1;
-                (self.price, (user, m))
-            }
-            // Rule 2.
-            Some((leader, leader_max)) => {
-                if amount < self.price + self.inc {
-                    return Err(too_low);
-                }
-                if m > leader_max {
-                    stats.challenger_wins += 1;
-                    let p = amount.max(m.min(leader_max + self.inc));
-                    if p == amount {
-                        stats.challenger_wins_at_own_amount += 1;
-                    }
-                    (p, (user, m))
-                } else {
-                    if m == leader_max {
-                        stats.tie += 1;
-                    }
-                    stats.challenger_loses += 1;
-                    (leader_max.min(m + self.inc), (leader, leader_max))
-                }
-            }
-        };
-        // Rule 4.
-        if let Some(r) = self.reserve
-            && new_leader.1 >= r
-            && price < r
-        {
-            stats.reserve_lift += 1;
-            price = r;
-        }
-        // Properties the rules imply on their own.
-        assert!(price >= old_price, "price fell: {old_price} -> {price}");
-        assert!(new_leader.1 >= price, "leader max below price");
-        assert!((1..=MAX).contains(&price), "price out of range");
-
-        self.price = price;
-        self.leader = Some(new_leader);
-        // Rule 5.
-        self.seq += 1;
-        self.bid_count += 1;
-        // Rule 6.
-        let extended = self.end_at - now < self.soft_ms;
-        if extended {
-            stats.extended += 1;
-            self.end_at = now + self.soft_ms;
-        }
-        let outbid = match old_leader {
-            Some((previous, _)) if previous != new_leader.0 => Some(previous),
-            _ => None,
-        };
-        Ok(Ev::Placed(Placed {
-            seq: self.seq,
-            bidder: user,
-            amount,
-            bidder_max: m,
-            placed_at: now,
-            price: self.price,
-            leader: new_leader.0,
-            leader_max: new_leader.1,
-            leading: new_leader.0 == user,
-            bid_count: self.bid_count,
-            end_at: self.end_at,
-            extended,
-            reserve_met: self.reserve_met(),
-            outbid,
-        }))
-    }
-
-    fn start(&mut self, now: i64, stats: &mut Stats) -> Result<Ev, Rej> {
-        if self.status != St::Scheduled {
-            return Err(Rej::NotActive(self.status));
-        }
-        if now < self.start_at {
-            return Err(Rej::NotDue);
-        }
-        stats.started += 1;
-        self.status = St::Active;
-        Ok(Ev::Started { seq: self.seq })
-    }
-
-    /// Rule 7.
-    fn end(&mut self, now: i64, stats: &mut Stats) -> Result<Ev, Rej> {
-        if self.status != St::Active {
-            return Err(Rej::NotActive(self.status));
-        }
-        if now < self.end_at {
-            return Err(Rej::NotDue);
-        }
-        self.status = St::Ended;
-        let reserve_met = self.reserve_met();
-        match self.leader {
-            Some((leader, _)) if reserve_met => {
-                stats.ended_with_winner += 1;
-                self.winner = Some(leader);
-                self.final_price = Some(self.price);
-            }
-            Some(_) => stats.ended_reserve_not_met += 1,
-            None => stats.ended_without_bids += 1,
-        }
-        Ok(Ev::Ended { seq: self.seq, winner: self.winner, final_price: self.final_price, reserve_met })
-    }
-
-    fn cancel(&mut self, user: usize, stats: &mut Stats) -> Result<Ev, Rej> {
-        if user != SELLER {
-            return Err(Rej::Forbidden);
-        }
-        if matches!(self.status, St::Ended | St::Cancelled) {
-            return Err(Rej::NotActive(self.status));
-        }
-        if self.bid_count > 0 {
-            return Err(Rej::HasBids);
-        }
-        stats.cancelled += 1;
-        self.status = St::Cancelled;
-        Ok(Ev::Cancelled { seq: self.seq })
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Scenarios: terms, and steps whose amounts are resolved against the state.
@@ -690,21 +387,7 @@ impl Harness {
         let start_at = if setup.begin_active { T0 - setup.start_offset_ms.abs() } else { T0 + setup.start_offset_ms };
         let end_at = start_at + setup.duration_ms;
         let status = if setup.begin_active { St::Active } else { St::Scheduled };
-        let model = Model {
-            start_price,
-            reserve,
-            inc,
-            soft_ms: i64::from(setup.soft_close_secs) * 1000,
-            start_at,
-            status,
-            end_at,
-            price: start_price,
-            leader: None,
-            bid_count: 0,
-            seq: 0,
-            winner: None,
-            final_price: None,
-        };
+        let model = Model::new(SELLER, start_price, reserve, inc, setup.soft_close_secs, start_at, end_at, status);
         let real = AuctionState {
             id: Uuid::from_u128(0xA0C7),
             seller: users[SELLER].clone(),
@@ -767,7 +450,7 @@ impl Harness {
         self.log.push(format!("t={now}: {c:?}"));
         let before = self.real.clone();
         let got = self.real.apply(cmd(&self.users, c), now);
-        let want = self.model.apply(c, now, &mut self.stats);
+        let want = self.model.apply_counting(c, now, &mut self.stats);
         let got_view = match &got {
             Ok(e) => Ok(ev(&self.users, e)),
             Err(r) => Err(rej(r)),

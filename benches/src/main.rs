@@ -1,1 +1,269 @@
-fn main() {}
+//! gavel's load generator. Closed loop: each of N connections (one user each)
+//! sends its next request as soon as the previous one is answered.
+//!
+//! ```text
+//! gavel-bench hot_auction  --target 127.0.0.1:8080 --connections 64 --seconds 10
+//! gavel-bench http_ceiling --target 127.0.0.1:8080 --connections 64 --seconds 10
+//! ```
+//!
+//! `hot_auction` registers the users, creates one auction (increment 1) and
+//! has every connection bid the next value of a shared counter, so nearly all
+//! bids are valid and the few that lose a race are rejected as too low. At the
+//! end it checks the history: seq 1..n without gaps and every 201 in it.
+
+mod http;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+use http::Connection;
+
+struct Options {
+    scenario: String,
+    target: String,
+    connections: usize,
+    seconds: u64,
+    /// Open model: total requests per second, spread over the connections;
+    /// latency counts from each request's intended send time. 0 = closed loop.
+    rate: u64,
+}
+
+fn parse_options() -> Options {
+    let mut args = std::env::args().skip(1);
+    let scenario = args.next().unwrap_or_else(|| usage());
+    let mut options = Options { scenario, target: "127.0.0.1:8080".to_owned(), connections: 64, seconds: 10, rate: 0 };
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--target" => options.target = value,
+            "--connections" => options.connections = value.parse().unwrap_or_else(|_| usage()),
+            "--seconds" => options.seconds = value.parse().unwrap_or_else(|_| usage()),
+            "--rate" => options.rate = value.parse().unwrap_or_else(|_| usage()),
+            _ => usage(),
+        }
+    }
+    options
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: gavel-bench hot_auction|http_ceiling [--target HOST:PORT] [--connections N] [--seconds S] [--rate PER_SECOND]"
+    );
+    std::process::exit(2)
+}
+
+struct Report {
+    latency: Histogram<u64>,
+    statuses: BTreeMap<u16, u64>,
+    errors: u64,
+    accepted_seqs: Vec<i64>,
+}
+
+impl Report {
+    fn new() -> Report {
+        Report {
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            statuses: BTreeMap::new(),
+            errors: 0,
+            accepted_seqs: Vec::new(),
+        }
+    }
+
+    fn merge(&mut self, other: Report) {
+        self.latency.add(&other.latency).expect("same bounds");
+        for (status, count) in other.statuses {
+            *self.statuses.entry(status).or_default() += count;
+        }
+        self.errors += other.errors;
+        self.accepted_seqs.extend(other.accepted_seqs);
+    }
+}
+
+async fn json_call(
+    connection: &mut Connection,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> (u16, Value) {
+    let bytes = serde_json::to_vec(&body).expect("json");
+    let body = if method == "GET" { None } else { Some(bytes.as_slice()) };
+    let response = connection.request(method, path, token, body).await.expect("setup request");
+    (response.status, serde_json::from_slice(&response.body).unwrap_or(Value::Null))
+}
+
+async fn register(target: &str, count: usize) -> Vec<String> {
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let mut connection = Connection::open(target).await.expect("connect");
+    let mut tokens = Vec::new();
+    for index in 0..count {
+        let username = format!("b{}_{index}", &run[20..]);
+        let (status, body) = json_call(
+            &mut connection,
+            "POST",
+            "/api/v1/auth/register",
+            None,
+            json!({"username": username, "password": "bench-password"}),
+        )
+        .await;
+        assert_eq!(status, 201, "register: {body}");
+        tokens.push(body["token"].as_str().expect("token").to_owned());
+    }
+    tokens
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let options = parse_options();
+    match options.scenario.as_str() {
+        "hot_auction" => hot_auction(&options).await,
+        "http_ceiling" => http_ceiling(&options).await,
+        _ => usage(),
+    }
+}
+
+async fn http_ceiling(options: &Options) {
+    let deadline = Instant::now() + Duration::from_secs(options.seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..options.connections {
+        let target = options.target.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut report = Report::new();
+            let mut connection = Connection::open(&target).await.expect("connect");
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                match connection.request("GET", "/health", None, None).await {
+                    Ok(response) => {
+                        report.latency.record(started.elapsed().as_micros() as u64).ok();
+                        *report.statuses.entry(response.status).or_default() += 1;
+                    }
+                    Err(_) => report.errors += 1,
+                }
+            }
+            report
+        }));
+    }
+    let started = Instant::now();
+    let report = collect(tasks).await;
+    print_report("http_ceiling", &report, started.elapsed(), None);
+}
+
+async fn hot_auction(options: &Options) {
+    let tokens = register(&options.target, options.connections + 1).await;
+    let mut connection = Connection::open(&options.target).await.expect("connect");
+    let (status, auction) = json_call(
+        &mut connection,
+        "POST",
+        "/api/v1/auctions",
+        Some(&tokens[0]),
+        json!({"title": "bench", "currency": "EUR", "starting_price": 1, "min_increment": 1, "duration_secs": 3600}),
+    )
+    .await;
+    assert_eq!(status, 201, "create auction: {auction}");
+    let auction_id = auction["id"].as_str().expect("id").to_owned();
+    let path = format!("/api/v1/auctions/{auction_id}/bids");
+    let counter = Arc::new(AtomicI64::new(1));
+    let begin = Instant::now();
+    let deadline = begin + Duration::from_secs(options.seconds);
+    let interval =
+        (options.rate > 0).then(|| Duration::from_secs_f64(options.connections as f64 / options.rate as f64));
+    let mut tasks = Vec::new();
+    for (index, token) in tokens.into_iter().skip(1).enumerate() {
+        let target = options.target.clone();
+        let path = path.clone();
+        let counter = counter.clone();
+        let offset = interval.map(|interval| interval.mul_f64(index as f64 / options.connections as f64));
+        tasks.push(tokio::spawn(async move {
+            let mut report = Report::new();
+            let mut connection = Connection::open(&target).await.expect("connect");
+            let mut sent: u32 = 0;
+            while Instant::now() < deadline {
+                // Open model: wait for this request's slot, and count latency from
+                // the slot (not from the late send), correcting coordinated omission.
+                let started = match (interval, offset) {
+                    (Some(interval), Some(offset)) => {
+                        let slot = begin + offset + interval * sent;
+                        tokio::time::sleep_until(slot.into()).await;
+                        slot
+                    }
+                    _ => Instant::now(),
+                };
+                sent += 1;
+                let amount = counter.fetch_add(1, Ordering::Relaxed);
+                let body = format!("{{\"amount\":{amount}}}");
+                match connection.request("POST", &path, Some(&token), Some(body.as_bytes())).await {
+                    Ok(response) => {
+                        report.latency.record(started.elapsed().as_micros() as u64).ok();
+                        *report.statuses.entry(response.status).or_default() += 1;
+                        if response.status == 201 {
+                            let reply: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+                            report.accepted_seqs.push(reply["seq"].as_i64().unwrap_or(-1));
+                        }
+                    }
+                    Err(_) => {
+                        report.errors += 1;
+                        connection = match Connection::open(&target).await {
+                            Ok(connection) => connection,
+                            Err(_) => break,
+                        };
+                    }
+                }
+            }
+            report
+        }));
+    }
+    let started = Instant::now();
+    let mut report = collect(tasks).await;
+    let elapsed = started.elapsed();
+    let verdict = verify(&mut connection, &auction_id, &mut report).await;
+    print_report("hot_auction", &report, elapsed, Some(verdict));
+}
+
+/// Checks the history after the run: seq 1..n, bid_count = n = number of 201s.
+async fn verify(connection: &mut Connection, auction_id: &str, report: &mut Report) -> String {
+    let (_, auction) = json_call(connection, "GET", &format!("/api/v1/auctions/{auction_id}"), None, Value::Null).await;
+    let bid_count = auction["bid_count"].as_i64().unwrap_or(-1);
+    report.accepted_seqs.sort_unstable();
+    let gap_free = report.accepted_seqs.iter().enumerate().all(|(index, seq)| *seq == index as i64 + 1);
+    let accepted = report.accepted_seqs.len() as i64;
+    if gap_free && accepted == bid_count {
+        format!("ok: seq 1..{bid_count} without gaps, bid_count = 201s = {accepted}")
+    } else {
+        format!("FAILED: bid_count {bid_count}, 201s {accepted}, gap-free {gap_free}")
+    }
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Report>>) -> Report {
+    let mut total = Report::new();
+    for task in tasks {
+        total.merge(task.await.expect("load task"));
+    }
+    total
+}
+
+fn print_report(scenario: &str, report: &Report, elapsed: Duration, verdict: Option<String>) {
+    let seconds = elapsed.as_secs_f64();
+    let requests: u64 = report.statuses.values().sum();
+    let ms = |quantile: f64| report.latency.value_at_quantile(quantile) as f64 / 1000.0;
+    println!("scenario {scenario}: {requests} requests in {seconds:.1} s = {:.0}/s", requests as f64 / seconds);
+    if let Some(accepted) = report.statuses.get(&201) {
+        println!("  accepted (201): {accepted} = {:.0}/s", *accepted as f64 / seconds);
+    }
+    println!("  statuses: {:?}, errors: {}", report.statuses, report.errors);
+    println!(
+        "  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999),
+        report.latency.max() as f64 / 1000.0
+    );
+    if let Some(verdict) = verdict {
+        println!("  correctness: {verdict}");
+    }
+}

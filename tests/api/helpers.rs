@@ -3,7 +3,7 @@
 //! (for kill and restart tests). Waits are on conditions with deadlines.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -320,8 +320,4 @@ impl ServerProcess {
             .expect("exits within 30 s of SIGTERM")
             .expect("wait")
     }
-}
-
-pub fn temp_path(dir: &tempfile::TempDir) -> PathBuf {
-    dir.path().to_path_buf()
 }

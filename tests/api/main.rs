@@ -4,6 +4,7 @@
 mod bad_input;
 mod basics;
 mod helpers;
+mod process;
 
 /// Runs an `async fn(Backend)` test once on SQLite and once on Postgres.
 #[macro_export]

@@ -1,0 +1,232 @@
+//! The real binary, killed and restarted: nothing acknowledged is ever lost,
+//! and auctions open and close on time across restarts.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    Api, Backend, HasApi, ServerProcess, User, auction_body, eventually, free_port, fresh_postgres_database,
+};
+use crate::on_both_backends;
+
+on_both_backends!(
+    sigkill_mid_storm_loses_no_acknowledged_bid,
+    auctions_close_and_open_across_a_restart,
+    sigterm_answers_in_flight_bids
+);
+
+struct Storage {
+    data_dir: tempfile::TempDir,
+    database_url: Option<String>,
+}
+
+impl Storage {
+    async fn new(backend: Backend) -> Storage {
+        let database_url = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(fresh_postgres_database().await),
+        };
+        Storage { data_dir: tempfile::tempdir().unwrap(), database_url }
+    }
+
+    async fn start(&self, port: u16) -> ServerProcess {
+        ServerProcess::start(self.data_dir.path(), self.database_url.as_deref(), port).await
+    }
+}
+
+/// Every 201 a storm of bidders got, in the order they got them.
+type Acknowledged = Arc<Mutex<Vec<Value>>>;
+
+/// Bidders that bid just above the price they last heard of, until their
+/// connection fails (the server died) or `stop` is set.
+fn start_storm(
+    address: String,
+    bidders: Vec<User>,
+    auction_id: String,
+    acknowledged: Acknowledged,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    bidders
+        .into_iter()
+        .enumerate()
+        .map(|(index, bidder)| {
+            let address = address.clone();
+            let auction_id = auction_id.clone();
+            let acknowledged = acknowledged.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+                let api = Api { address: &address, client: &client };
+                let mut next_amount = 1_000 + index as i64;
+                let mut answered = 0;
+                loop {
+                    let max_amount = (index % 3 == 0).then_some(next_amount + 7);
+                    let mut body = json!({"amount": next_amount});
+                    if let Some(max) = max_amount {
+                        body["max_amount"] = json!(max);
+                    }
+                    let response = client
+                        .post(format!("{}/api/v1/auctions/{auction_id}/bids", api.address))
+                        .bearer_auth(&bidder.token)
+                        .json(&body)
+                        .send()
+                        .await;
+                    let Ok(response) = response else { return answered };
+                    let status = response.status();
+                    let Ok(body) = response.json::<Value>().await else { return answered };
+                    answered += 1;
+                    match status {
+                        StatusCode::CREATED => {
+                            let request = json!({"amount": next_amount, "max_amount": max_amount, "bidder": bidder.id});
+                            next_amount = body["current_price"].as_i64().unwrap() + 1 + (index as i64 % 4);
+                            acknowledged.lock().unwrap().push(json!({"request": request, "reply": body}));
+                        }
+                        StatusCode::CONFLICT if body["error"]["code"] == "BID_TOO_LOW" => {
+                            next_amount = body["error"]["min_bid"].as_i64().unwrap() + (index as i64 % 3);
+                        }
+                        StatusCode::CONFLICT if body["error"]["code"] == "ALREADY_LEADING" => {
+                            next_amount += 10;
+                        }
+                        StatusCode::SERVICE_UNAVAILABLE => return answered,
+                        other => panic!("unexpected answer {other}: {body}"),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// The history agrees with itself and with the auction: seq 1..n, each row
+/// the price and leader the auction ended up with.
+async fn check_consistent(api: &Api<'_>, auction_id: &str) -> Vec<Value> {
+    let history = api.history(auction_id).await;
+    for (index, bid) in history.iter().enumerate() {
+        assert_eq!(bid["seq"].as_i64(), Some(index as i64 + 1), "history has no gaps");
+    }
+    let auction = api.auction(auction_id).await;
+    assert_eq!(auction["bid_count"].as_u64(), Some(history.len() as u64));
+    assert_eq!(auction["seq"].as_u64(), Some(history.len() as u64));
+    if let Some(last) = history.last() {
+        assert_eq!(auction["current_price"], last["current_price"], "auction price is its last bid's");
+        assert_eq!(auction["leader"], last["leader"], "auction leader is its last bid's");
+    }
+    history
+}
+
+async fn setup_auction(api: &Api<'_>, bidders: usize) -> (User, Vec<User>, String) {
+    let seller = api.register("seller").await;
+    let mut users = Vec::new();
+    for index in 0..bidders {
+        users.push(api.register(&format!("bidder_{index}")).await);
+    }
+    let auction = api.create_auction(&seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1}))).await;
+    let id = auction["id"].as_str().unwrap().to_owned();
+    (seller, users, id)
+}
+
+async fn sigkill_mid_storm_loses_no_acknowledged_bid(backend: Backend) {
+    let storage = Storage::new(backend).await;
+    let port = free_port();
+    let server = storage.start(port).await;
+    let (_seller, bidders, auction_id) = setup_auction(&server.api(), 16).await;
+    let acknowledged: Acknowledged = Arc::default();
+    let storm = start_storm(server.address.clone(), bidders, auction_id.clone(), acknowledged.clone());
+    eventually(Duration::from_secs(60), "200 acknowledged bids", || {
+        let count = acknowledged.lock().unwrap().len();
+        async move { (count >= 200).then_some(()) }
+    })
+    .await;
+    server.kill_hard().await;
+    for bidder in storm {
+        bidder.await.expect("bidder task");
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+
+    let server = storage.start(port).await;
+    let history = check_consistent(&server.api(), &auction_id).await;
+    for record in &acknowledged {
+        let reply = &record["reply"];
+        let seq = reply["seq"].as_u64().unwrap() as usize;
+        let row = history.get(seq - 1).unwrap_or_else(|| panic!("acknowledged seq {seq} is missing after the crash"));
+        assert_eq!(row["bidder"]["id"], record["request"]["bidder"], "seq {seq} is the acknowledged bidder's");
+        assert_eq!(row["current_price"], reply["current_price"], "seq {seq} unchanged");
+        assert_eq!(row["leader"], reply["leader"], "seq {seq} unchanged");
+        assert_eq!(row["placed_at"], reply["placed_at"], "seq {seq} unchanged");
+    }
+    let mut seqs: Vec<u64> = acknowledged.iter().map(|record| record["reply"]["seq"].as_u64().unwrap()).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), acknowledged.len(), "no seq was acknowledged twice");
+    server.terminate().await;
+}
+
+async fn auctions_close_and_open_across_a_restart(backend: Backend) {
+    let storage = Storage::new(backend).await;
+    let port = free_port();
+    let server = storage.start(port).await;
+    let api = server.api();
+    let seller = api.register("seller").await;
+    let bob = api.register("bob").await;
+    let now = chrono::Utc::now();
+    let ending = api.create_auction(&seller, auction_body(json!({"duration_secs": 3}))).await;
+    let ending_id = ending["id"].as_str().unwrap().to_owned();
+    let start_at = now + chrono::Duration::seconds(3);
+    let opening = api
+        .create_auction(&seller, auction_body(json!({"duration_secs": null, "start_at": start_at.to_rfc3339(), "end_at": (start_at + chrono::Duration::hours(1)).to_rfc3339()})))
+        .await;
+    let opening_id = opening["id"].as_str().unwrap().to_owned();
+    assert_eq!(opening["status"], "scheduled");
+    let (status, bid) = api.bid(&bob, &ending_id, 10_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{bid}");
+    server.kill_hard().await;
+
+    // Both deadlines pass while the node is down.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let server = storage.start(port).await;
+    let restarted_at = std::time::Instant::now();
+    let api = server.api();
+    let ended = eventually(Duration::from_secs(5), "the auction to end after the restart", || async {
+        let auction = api.auction(&ending_id).await;
+        (auction["status"] == "ended").then_some(auction)
+    })
+    .await;
+    assert_eq!(ended["winner"]["username"], "bob");
+    assert_eq!(ended["final_price"], 10_000);
+    eventually(Duration::from_secs(5), "the scheduled auction to open after the restart", || async {
+        (api.auction(&opening_id).await["status"] == "active").then_some(())
+    })
+    .await;
+    assert!(restarted_at.elapsed() < Duration::from_secs(5));
+    let (status, _) = api.bid(&bob, &opening_id, 10_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "the opened auction takes bids");
+    server.terminate().await;
+}
+
+async fn sigterm_answers_in_flight_bids(backend: Backend) {
+    let storage = Storage::new(backend).await;
+    let port = free_port();
+    let server = storage.start(port).await;
+    let (_seller, bidders, auction_id) = setup_auction(&server.api(), 8).await;
+    let acknowledged: Acknowledged = Arc::default();
+    let storm = start_storm(server.address.clone(), bidders, auction_id.clone(), acknowledged.clone());
+    eventually(Duration::from_secs(60), "50 acknowledged bids", || {
+        let count = acknowledged.lock().unwrap().len();
+        async move { (count >= 50).then_some(()) }
+    })
+    .await;
+    let exit = server.terminate().await;
+    assert!(exit.success(), "graceful exit, got {exit:?}");
+    for bidder in storm {
+        bidder.await.expect("bidder task");
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let server = storage.start(port).await;
+    let history = check_consistent(&server.api(), &auction_id).await;
+    assert!(history.len() >= acknowledged.len());
+    for record in &acknowledged {
+        let seq = record["reply"]["seq"].as_u64().unwrap() as usize;
+        assert_eq!(history[seq - 1]["current_price"], record["reply"]["current_price"]);
+    }
+    server.terminate().await;
+}
