@@ -32,7 +32,7 @@ async fn accounts(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{login}");
     assert_eq!(login["user"]["id"], json!(alice.id));
     let (status, me) = api.get("/api/v1/users/me", login["token"].as_str()).await;
-    assert_eq!((status, me), (StatusCode::OK, json!({"id": alice.id, "username": "alice"})));
+    assert_eq!((status, me), (StatusCode::OK, json!({"id": alice.id, "username": alice.username})));
     app.stop().await;
 }
 
