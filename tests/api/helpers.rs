@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gavel::{Application, Config};
@@ -320,4 +321,66 @@ impl ServerProcess {
             .expect("exits within 30 s of SIGTERM")
             .expect("wait")
     }
+}
+
+/// Every 201 a storm of bidders got, in the order they got them.
+pub type Acknowledged = Arc<Mutex<Vec<Value>>>;
+
+/// Bidders that bid just above the price they last heard of, for
+/// `attempts_per_bidder` bids or until their connection fails (the server died).
+pub fn start_storm(
+    address: String,
+    bidders: Vec<User>,
+    auction_id: String,
+    acknowledged: Acknowledged,
+    attempts_per_bidder: usize,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    bidders
+        .into_iter()
+        .enumerate()
+        .map(|(index, bidder)| {
+            let address = address.clone();
+            let auction_id = auction_id.clone();
+            let acknowledged = acknowledged.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+                let api = Api { address: &address, client: &client };
+                let mut next_amount = 1_000 + index as i64;
+                let mut answered = 0;
+                for _attempt in 0..attempts_per_bidder {
+                    let max_amount = (index % 3 == 0).then_some(next_amount + 7);
+                    let mut body = json!({"amount": next_amount});
+                    if let Some(max) = max_amount {
+                        body["max_amount"] = json!(max);
+                    }
+                    let response = client
+                        .post(format!("{}/api/v1/auctions/{auction_id}/bids", api.address))
+                        .bearer_auth(&bidder.token)
+                        .json(&body)
+                        .send()
+                        .await;
+                    let Ok(response) = response else { return answered };
+                    let status = response.status();
+                    let Ok(body) = response.json::<Value>().await else { return answered };
+                    answered += 1;
+                    match status {
+                        StatusCode::CREATED => {
+                            let request = json!({"amount": next_amount, "max_amount": max_amount, "bidder": bidder.id});
+                            next_amount = body["current_price"].as_i64().unwrap() + 1 + (index as i64 % 4);
+                            acknowledged.lock().unwrap().push(json!({"request": request, "reply": body}));
+                        }
+                        StatusCode::CONFLICT if body["error"]["code"] == "BID_TOO_LOW" => {
+                            next_amount = body["error"]["min_bid"].as_i64().unwrap() + (index as i64 % 3);
+                        }
+                        StatusCode::CONFLICT if body["error"]["code"] == "ALREADY_LEADING" => {
+                            next_amount += 10;
+                        }
+                        StatusCode::SERVICE_UNAVAILABLE => return answered,
+                        other => panic!("unexpected answer {other}: {body}"),
+                    }
+                }
+                answered
+            })
+        })
+        .collect()
 }

@@ -3,8 +3,11 @@
 
 mod bad_input;
 mod basics;
+mod concurrency;
 mod helpers;
 mod process;
+#[path = "../../actors/tests/reference/mod.rs"]
+mod reference;
 
 /// Runs an `async fn(Backend)` test once on SQLite and once on Postgres.
 #[macro_export]

@@ -1,14 +1,15 @@
 //! The real binary, killed and restarted: nothing acknowledged is ever lost,
 //! and auctions open and close on time across restarts.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Api, Backend, HasApi, ServerProcess, User, auction_body, eventually, free_port, fresh_postgres_database,
+    Acknowledged, Api, Backend, HasApi, ServerProcess, User, auction_body, eventually, free_port,
+    fresh_postgres_database, start_storm,
 };
 use crate::on_both_backends;
 
@@ -35,66 +36,6 @@ impl Storage {
     async fn start(&self, port: u16) -> ServerProcess {
         ServerProcess::start(self.data_dir.path(), self.database_url.as_deref(), port).await
     }
-}
-
-/// Every 201 a storm of bidders got, in the order they got them.
-type Acknowledged = Arc<Mutex<Vec<Value>>>;
-
-/// Bidders that bid just above the price they last heard of, until their
-/// connection fails (the server died) or `stop` is set.
-fn start_storm(
-    address: String,
-    bidders: Vec<User>,
-    auction_id: String,
-    acknowledged: Acknowledged,
-) -> Vec<tokio::task::JoinHandle<usize>> {
-    bidders
-        .into_iter()
-        .enumerate()
-        .map(|(index, bidder)| {
-            let address = address.clone();
-            let auction_id = auction_id.clone();
-            let acknowledged = acknowledged.clone();
-            tokio::spawn(async move {
-                let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-                let api = Api { address: &address, client: &client };
-                let mut next_amount = 1_000 + index as i64;
-                let mut answered = 0;
-                loop {
-                    let max_amount = (index % 3 == 0).then_some(next_amount + 7);
-                    let mut body = json!({"amount": next_amount});
-                    if let Some(max) = max_amount {
-                        body["max_amount"] = json!(max);
-                    }
-                    let response = client
-                        .post(format!("{}/api/v1/auctions/{auction_id}/bids", api.address))
-                        .bearer_auth(&bidder.token)
-                        .json(&body)
-                        .send()
-                        .await;
-                    let Ok(response) = response else { return answered };
-                    let status = response.status();
-                    let Ok(body) = response.json::<Value>().await else { return answered };
-                    answered += 1;
-                    match status {
-                        StatusCode::CREATED => {
-                            let request = json!({"amount": next_amount, "max_amount": max_amount, "bidder": bidder.id});
-                            next_amount = body["current_price"].as_i64().unwrap() + 1 + (index as i64 % 4);
-                            acknowledged.lock().unwrap().push(json!({"request": request, "reply": body}));
-                        }
-                        StatusCode::CONFLICT if body["error"]["code"] == "BID_TOO_LOW" => {
-                            next_amount = body["error"]["min_bid"].as_i64().unwrap() + (index as i64 % 3);
-                        }
-                        StatusCode::CONFLICT if body["error"]["code"] == "ALREADY_LEADING" => {
-                            next_amount += 10;
-                        }
-                        StatusCode::SERVICE_UNAVAILABLE => return answered,
-                        other => panic!("unexpected answer {other}: {body}"),
-                    }
-                }
-            })
-        })
-        .collect()
 }
 
 /// The history agrees with itself and with the auction: seq 1..n, each row
@@ -131,7 +72,7 @@ async fn sigkill_mid_storm_loses_no_acknowledged_bid(backend: Backend) {
     let server = storage.start(port).await;
     let (_seller, bidders, auction_id) = setup_auction(&server.api(), 16).await;
     let acknowledged: Acknowledged = Arc::default();
-    let storm = start_storm(server.address.clone(), bidders, auction_id.clone(), acknowledged.clone());
+    let storm = start_storm(server.address.clone(), bidders, auction_id.clone(), acknowledged.clone(), usize::MAX);
     eventually(Duration::from_secs(60), "200 acknowledged bids", || {
         let count = acknowledged.lock().unwrap().len();
         async move { (count >= 200).then_some(()) }
@@ -209,7 +150,7 @@ async fn sigterm_answers_in_flight_bids(backend: Backend) {
     let server = storage.start(port).await;
     let (_seller, bidders, auction_id) = setup_auction(&server.api(), 8).await;
     let acknowledged: Acknowledged = Arc::default();
-    let storm = start_storm(server.address.clone(), bidders, auction_id.clone(), acknowledged.clone());
+    let storm = start_storm(server.address.clone(), bidders, auction_id.clone(), acknowledged.clone(), usize::MAX);
     eventually(Duration::from_secs(60), "50 acknowledged bids", || {
         let count = acknowledged.lock().unwrap().len();
         async move { (count >= 50).then_some(()) }
