@@ -32,13 +32,14 @@ const START_AT_PAST_TOLERANCE_MS: i64 = 60 * 1000;
 #[serde(deny_unknown_fields)]
 pub struct CreateAuctionRequest {
     /// 1 to 200 characters.
-    #[schema(example = "Leica M6")]
+    #[schema(example = "Leica M6", min_length = 1, max_length = 200, pattern = r"\S")]
     pub title: String,
     /// At most 10,000 characters.
     #[serde(default)]
+    #[schema(max_length = 10000)]
     pub description: String,
     /// ISO 4217 code, three capital letters.
-    #[schema(example = "EUR")]
+    #[schema(example = "EUR", pattern = "^[A-Z]{3}$")]
     pub currency: String,
     #[schema(value_type = i64, minimum = 1, maximum = 10000000000000_i64, example = 10000)]
     pub starting_price: Number,
@@ -46,9 +47,11 @@ pub struct CreateAuctionRequest {
     pub reserve_price: Option<Number>,
     #[schema(value_type = i64, minimum = 1, maximum = 10000000000000_i64, example = 500)]
     pub min_increment: Number,
-    /// RFC 3339; default now.
+    /// RFC 3339; default now. At most 60 s in the past.
+    #[schema(format = DateTime)]
     pub start_at: Option<String>,
-    /// RFC 3339; give this or `duration_secs`.
+    /// RFC 3339; give this or `duration_secs`. After the start, at most 30 days from now.
+    #[schema(format = DateTime)]
     pub end_at: Option<String>,
     #[schema(minimum = 1, maximum = 2592000)]
     pub duration_secs: Option<i64>,
@@ -144,7 +147,7 @@ async fn load_row(context: &ApiContext, id: Uuid) -> ApiResult<AuctionRow> {
 
 #[utoipa::path(post, path = "/api/v1/auctions", tag = "auctions", request_body = CreateAuctionRequest,
     security(("bearer" = [])),
-    params(("Idempotency-Key" = Option<String>, Header, description = "1..=64 printable ASCII")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1..=64 printable ASCII", min_length = 1, max_length = 64, pattern = r"^[\x20-\x7e]{1,64}$")),
     responses(
         (status = 201, description = "created (the seller's view)", body = AuctionView),
         (status = 400, description = "INVALID_REQUEST", body = ErrorBody),
@@ -208,7 +211,7 @@ async fn replay_create(
 }
 
 #[utoipa::path(get, path = "/api/v1/auctions/{id}", tag = "auctions",
-    params(("id" = String, Path, description = "auction id (UUID)")),
+    params(("id" = Uuid, Path, description = "auction id")),
     responses(
         (status = 200, description = "the auction; `reserve_price` only for its seller", body = AuctionView),
         (status = 400, description = "INVALID_REQUEST (not a UUID)", body = ErrorBody),
@@ -229,8 +232,10 @@ pub async fn get_auction(
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// `active` (default), `scheduled`, `ended` or `cancelled`.
+    #[param(pattern = "^(active|scheduled|ended|cancelled)$")]
     pub status: Option<String>,
     /// 1..=100, default 20.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -287,8 +292,8 @@ pub async fn list_auctions(
 }
 
 #[utoipa::path(post, path = "/api/v1/auctions/{id}/cancel", tag = "auctions", security(("bearer" = [])),
-    params(("id" = String, Path, description = "auction id (UUID)"),
-           ("Idempotency-Key" = Option<String>, Header, description = "1..=64 printable ASCII")),
+    params(("id" = Uuid, Path, description = "auction id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "1..=64 printable ASCII", min_length = 1, max_length = 64, pattern = r"^[\x20-\x7e]{1,64}$")),
     responses(
         (status = 200, description = "cancelled (the seller's view)", body = AuctionView),
         (status = 400, description = "INVALID_REQUEST", body = ErrorBody),

@@ -80,8 +80,8 @@ async fn replay(context: &ApiContext, auction_id: Uuid, seq: u64) -> ApiResult<B
 
 #[utoipa::path(post, path = "/api/v1/auctions/{id}/bids", tag = "bids", request_body = PlaceBidRequest,
     security(("bearer" = [])),
-    params(("id" = String, Path, description = "auction id (UUID)"),
-           ("Idempotency-Key" = Option<String>, Header, description = "1..=64 printable ASCII")),
+    params(("id" = Uuid, Path, description = "auction id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "1..=64 printable ASCII", min_length = 1, max_length = 64, pattern = r"^[\x20-\x7e]{1,64}$")),
     responses(
         (status = 201, description = "accepted and durable", body = BidResultView),
         (status = 400, description = "INVALID_REQUEST", body = ErrorBody),
@@ -110,13 +110,15 @@ pub async fn place_bid(
 #[into_params(parameter_in = Query)]
 pub struct HistoryParams {
     /// 1..=100, default 20.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// Only bids with a lower `seq` (`next_before_seq` of the previous page).
+    #[param(minimum = 1)]
     pub before_seq: Option<i64>,
 }
 
 #[utoipa::path(get, path = "/api/v1/auctions/{id}/bids", tag = "bids",
-    params(("id" = String, Path, description = "auction id (UUID)"), HistoryParams),
+    params(("id" = Uuid, Path, description = "auction id"), HistoryParams),
     responses(
         (status = 200, description = "accepted bids, newest first", body = BidPage),
         (status = 400, description = "INVALID_REQUEST", body = ErrorBody),
@@ -147,7 +149,7 @@ pub async fn bid_history(
 }
 
 #[utoipa::path(get, path = "/api/v1/auctions/{id}/bids/highest", tag = "bids",
-    params(("id" = String, Path, description = "auction id (UUID)")),
+    params(("id" = Uuid, Path, description = "auction id")),
     responses(
         (status = 200, description = "the current lead", body = HighestBidView),
         (status = 400, description = "INVALID_REQUEST", body = ErrorBody),

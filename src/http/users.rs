@@ -18,10 +18,10 @@ use crate::storage::DbError;
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     /// `[a-z0-9_]{3,32}`
-    #[schema(example = "alice")]
+    #[schema(example = "alice", pattern = "^[a-z0-9_]{3,32}$")]
     pub username: String,
     /// 8 to 128 characters.
-    #[schema(example = "correct horse battery")]
+    #[schema(example = "correct horse battery", min_length = 8, max_length = 128)]
     pub password: String,
 }
 
