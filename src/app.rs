@@ -76,6 +76,11 @@ impl Application {
         Ok(Application { listener, context, sweeper })
     }
 
+    /// The actor side of this node, for tests and embedding.
+    pub fn node(&self) -> Arc<Node> {
+        self.context.node.clone()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
     }

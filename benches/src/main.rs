@@ -62,6 +62,8 @@ struct Report {
     statuses: BTreeMap<u16, u64>,
     errors: u64,
     accepted_seqs: Vec<i64>,
+    /// Error codes of the non-2xx answers.
+    codes: BTreeMap<String, u64>,
 }
 
 impl Report {
@@ -71,6 +73,7 @@ impl Report {
             statuses: BTreeMap::new(),
             errors: 0,
             accepted_seqs: Vec::new(),
+            codes: BTreeMap::new(),
         }
     }
 
@@ -81,6 +84,9 @@ impl Report {
         }
         self.errors += other.errors;
         self.accepted_seqs.extend(other.accepted_seqs);
+        for (code, count) in other.codes {
+            *self.codes.entry(code).or_default() += count;
+        }
     }
 }
 
@@ -194,12 +200,19 @@ async fn hot_auction(options: &Options) {
                     _ => Instant::now(),
                 };
                 sent += 1;
-                let amount = counter.fetch_add(1, Ordering::Relaxed);
+                // Steps of two increments: a challenger who stays behind a proxy
+                // maximum moves the price to its amount plus one increment, and
+                // the next bid in line must still be a valid one.
+                let amount = counter.fetch_add(2, Ordering::Relaxed);
                 let body = format!("{{\"amount\":{amount}}}");
                 match connection.request("POST", &path, Some(&token), Some(body.as_bytes())).await {
                     Ok(response) => {
                         report.latency.record(started.elapsed().as_micros() as u64).ok();
                         *report.statuses.entry(response.status).or_default() += 1;
+                        if response.status >= 400 {
+                            let code = error_code(&response.body);
+                            *report.codes.entry(code).or_default() += 1;
+                        }
                         if response.status == 201 {
                             let reply: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
                             report.accepted_seqs.push(reply["seq"].as_i64().unwrap_or(-1));
@@ -255,6 +268,9 @@ fn print_report(scenario: &str, report: &Report, elapsed: Duration, verdict: Opt
         println!("  accepted (201): {accepted} = {:.0}/s", *accepted as f64 / seconds);
     }
     println!("  statuses: {:?}, errors: {}", report.statuses, report.errors);
+    if !report.codes.is_empty() {
+        println!("  error codes: {:?}", report.codes);
+    }
     println!(
         "  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         ms(0.5),
@@ -266,4 +282,9 @@ fn print_report(scenario: &str, report: &Report, elapsed: Duration, verdict: Opt
     if let Some(verdict) = verdict {
         println!("  correctness: {verdict}");
     }
+}
+
+fn error_code(body: &[u8]) -> String {
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    parsed["error"]["code"].as_str().unwrap_or("?").to_owned()
 }

@@ -50,6 +50,7 @@ pub struct TestApp {
     pub backend: Backend,
     pub data_dir: tempfile::TempDir,
     pub database_url: Option<String>,
+    pub node: std::sync::Arc<gavel_actors::node::Node>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -77,6 +78,7 @@ impl TestApp {
         let database_url = config.database_url.clone();
         let application = Application::build_with(config, settings).await.expect("build the application");
         let address = format!("http://{}", application.local_addr());
+        let node = application.node();
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(application.run_until_stopped(async move {
             let _ = stopped.await;
@@ -87,6 +89,7 @@ impl TestApp {
             backend,
             data_dir,
             database_url,
+            node,
             shutdown: Some(shutdown),
             task: Some(task),
         }

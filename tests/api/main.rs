@@ -9,6 +9,7 @@ mod openapi;
 mod process;
 #[path = "../../actors/tests/reference/mod.rs"]
 mod reference;
+mod resilience;
 
 /// Runs an `async fn(Backend)` test once on SQLite and once on Postgres.
 #[macro_export]

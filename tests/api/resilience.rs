@@ -1,0 +1,193 @@
+//! What happens when things go wrong: the database goes away, the lease moves,
+//! queues fill, bidders flood, auctions go idle.
+
+use std::time::Duration;
+
+use gavel_actors::node::NodeSettings;
+use reqwest::StatusCode;
+use serde_json::json;
+use sqlx::Connection;
+
+use crate::helpers::{Backend, HasApi, TestApp, auction_body, eventually, postgres_base_url};
+use crate::on_both_backends;
+
+on_both_backends!(a_stale_lease_epoch_is_refused_inside_the_commit, idle_auctions_passivate_and_come_back);
+
+async fn admin(sql: String) {
+    let mut connection = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_base_url())).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut connection).await.unwrap();
+}
+
+fn database_name(url: &str) -> String {
+    url.rsplit('/').next().unwrap().to_owned()
+}
+
+/// While Postgres refuses the node, rejections are still answered at once (they
+/// cost no database work), a valid bid waits while its commit is retried, and a
+/// full persistence queue answers 503 at once. When Postgres is back, the
+/// waiting bid is committed and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_retries_in_order_and_rejections_need_no_database() {
+    let settings = NodeSettings { persistence_queue_capacity: 1, ..NodeSettings::default() };
+    let app = TestApp::spawn_with(Backend::Postgres, |_| {}, settings).await;
+    let api = app.api();
+    let seller = api.register("seller").await;
+    let bob = api.register("bob").await;
+    let carol = api.register("carol").await;
+    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
+    let id = auction["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.bid(&bob, &id, 10_000, None).await.0, StatusCode::CREATED);
+
+    let url = app.database_url.clone().unwrap();
+    let name = database_name(&url);
+    admin(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false")).await;
+    admin(format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")).await;
+
+    // Rejections: no database needed, answered at once.
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let (status, body) = api.bid(&carol, &id, 10_100, None).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("BID_TOO_LOW")));
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    // A valid bid takes the only queue slot and waits for its commit...
+    let waiting = {
+        let client = app.client.clone();
+        let url = app.url(&format!("/api/v1/auctions/{id}/bids"));
+        let token = carol.token.clone();
+        tokio::spawn(async move {
+            let response = client.post(url).bearer_auth(token).json(&json!({"amount": 11_000})).send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        })
+    };
+    eventually(Duration::from_secs(10), "the bid to wait in the persistence queue", || {
+        let in_use = app.node.persistence_queue.in_use();
+        async move { (in_use == 1).then_some(()) }
+    })
+    .await;
+    // ...so the next valid bid finds the queue full: 503 at once, not accepted.
+    let (status, body) = api.bid(&bob, &id, 12_000, None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE")),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a bid is not acknowledged before it is durable");
+
+    admin(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await;
+    let (status, placed) =
+        tokio::time::timeout(Duration::from_secs(20), waiting).await.expect("committed after recovery").unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{placed}");
+    assert_eq!(placed["seq"], 2);
+    let history = api.history(&id).await;
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1]["amount"], 11_000);
+    assert_eq!(api.auction(&id).await["current_price"], 11_000);
+    app.stop().await;
+}
+
+/// The seam for the cluster: a write under a lease epoch that is no longer the
+/// shard's is refused inside the transaction and never acknowledged.
+async fn a_stale_lease_epoch_is_refused_inside_the_commit(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let api = app.api();
+    let seller = api.register("seller").await;
+    let bob = api.register("bob").await;
+    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
+    let id = auction["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.bid(&bob, &id, 10_000, None).await.0, StatusCode::CREATED);
+
+    // Another owner takes every shard: the epochs move on behind this node's back.
+    let takeover = "UPDATE shard_leases SET owner = 'someone-else', epoch = epoch + 1";
+    match backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(app.database_url.as_deref().unwrap()).await.unwrap();
+            sqlx::query(takeover).execute(&mut connection).await.unwrap();
+        }
+        Backend::Sqlite => {
+            let path = app.data_dir.path().join("gavel.db");
+            let mut connection =
+                sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+            sqlx::query(takeover).execute(&mut connection).await.unwrap();
+        }
+    }
+    let (status, body) = api.bid(&bob, &id, 20_000, Some(30_000)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE")),
+        "{body}"
+    );
+    let history = api.history(&id).await;
+    assert_eq!(history.len(), 1, "the refused bid was not written");
+    let after = api.auction(&id).await;
+    assert_eq!((after["bid_count"].as_i64(), after["current_price"].as_i64()), (Some(1), Some(10_000)));
+    app.stop().await;
+}
+
+async fn idle_auctions_passivate_and_come_back(backend: Backend) {
+    let settings = NodeSettings {
+        idle_after: Duration::from_millis(300),
+        idle_check_interval: Duration::from_millis(100),
+        ..NodeSettings::default()
+    };
+    let app = TestApp::spawn_with(backend, |_| {}, settings).await;
+    let api = app.api();
+    let seller = api.register("seller").await;
+    let bob = api.register("bob").await;
+    let carol = api.register("carol").await;
+    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
+    let id = auction["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.bid(&bob, &id, 10_000, Some(20_000)).await.0, StatusCode::CREATED);
+    assert_eq!(app.node.live_auctions(), 1);
+    eventually(Duration::from_secs(10), "the idle auction to passivate", || {
+        let live = app.node.live_auctions();
+        async move { (live == 0).then_some(()) }
+    })
+    .await;
+    // Reactivated from the store: Bob's secret maximum survived, seq goes on.
+    let (status, placed) = api.bid(&carol, &id, 15_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{placed}");
+    assert_eq!(
+        (placed["seq"].as_i64(), placed["leading"].as_bool(), placed["current_price"].as_i64()),
+        (Some(2), Some(false), Some(15_500))
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bidders_over_their_rate_get_429_with_retry_after() {
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |config| config.bid_rate_per_user = 2, NodeSettings::default()).await;
+    let api = app.api();
+    let seller = api.register("seller").await;
+    let bob = api.register("bob").await;
+    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
+    let id = auction["id"].as_str().unwrap().to_owned();
+    // A burst of twice the rate passes (whatever the rules say of each bid)...
+    for amount in [10_000, 20_000, 30_000, 40_000] {
+        let (status, body) = api.bid(&bob, &id, amount, None).await;
+        assert_ne!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    }
+    // ...the next is refused, with Retry-After, and changes nothing.
+    let response = app
+        .client
+        .post(app.url(&format!("/api/v1/auctions/{id}/bids")))
+        .bearer_auth(&bob.token)
+        .json(&json!({"amount": 50_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry_after));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "RATE_LIMITED");
+    let after = api.auction(&id).await;
+    assert_eq!(after["bid_count"], 4, "the leader raised their maximum three times; the refused bid is not there");
+    // Another user is not affected.
+    let carol = api.register("carol").await;
+    assert_eq!(api.bid(&carol, &id, 45_000, None).await.0, StatusCode::CREATED);
+    app.stop().await;
+}
