@@ -226,7 +226,8 @@ impl Actor for AuctionActor {
                     self.node.settings.idle_after
                 };
                 let idle_ms = now - state.last_activity_ms;
-                if state.pending.is_empty() && idle_ms >= idle_after.as_millis() as i64 {
+                let nothing_waiting = state.pending.is_empty() && state.mailbox.load(Ordering::Acquire) == 0;
+                if nothing_waiting && idle_ms >= idle_after.as_millis() as i64 {
                     debug!(auction_id = %state.auction.id, idle_ms, "passivating idle auction");
                     myself.stop(Some("idle".to_owned()));
                 }

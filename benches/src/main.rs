@@ -174,35 +174,37 @@ async fn hot_auction(options: &Options) {
     let auction_id = auction["id"].as_str().expect("id").to_owned();
     let path = format!("/api/v1/auctions/{auction_id}/bids");
     let counter = Arc::new(AtomicI64::new(1));
-    let begin = Instant::now();
-    let deadline = begin + Duration::from_secs(options.seconds);
-    let interval =
-        (options.rate > 0).then(|| Duration::from_secs_f64(options.connections as f64 / options.rate as f64));
+    let deadline = Instant::now() + Duration::from_secs(options.seconds);
     let mut tasks = Vec::new();
-    for (index, token) in tokens.into_iter().skip(1).enumerate() {
+    let mut ticket_senders = Vec::new();
+    for token in tokens.into_iter().skip(1) {
         let target = options.target.clone();
         let path = path.clone();
         let counter = counter.clone();
-        let offset = interval.map(|interval| interval.mul_f64(index as f64 / options.connections as f64));
+        let (ticket_sender, mut tickets) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        ticket_senders.push(ticket_sender);
+        let open_model = options.rate > 0;
         tasks.push(tokio::spawn(async move {
             let mut report = Report::new();
             let mut connection = Connection::open(&target).await.expect("connect");
-            let mut sent: u32 = 0;
-            while Instant::now() < deadline {
-                // Open model: wait for this request's slot, and count latency from
-                // the slot (not from the late send), correcting coordinated omission.
-                let started = match (interval, offset) {
-                    (Some(interval), Some(offset)) => {
-                        let slot = begin + offset + interval * sent;
-                        tokio::time::sleep_until(slot.into()).await;
-                        slot
+            loop {
+                // Open model: the pacer names each request's send time and amount;
+                // latency counts from that time, so a late send is not forgiven
+                // (coordinated omission). Closed loop: next request at once.
+                let started = if open_model {
+                    match tickets.recv().await {
+                        Some(slot) => slot,
+                        None => break,
                     }
-                    _ => Instant::now(),
+                } else {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    Instant::now()
                 };
-                sent += 1;
-                // Steps of two increments: a challenger who stays behind a proxy
-                // maximum moves the price to its amount plus one increment, and
-                // the next bid in line must still be a valid one.
+                // The amount is fixed at the moment of sending, so amounts rise in
+                // send order. Steps of two increments: a challenger who stays behind
+                // a proxy maximum moves the price to its amount plus one increment.
                 let amount = counter.fetch_add(2, Ordering::Relaxed);
                 let body = format!("{{\"amount\":{amount}}}");
                 match connection.request("POST", &path, Some(&token), Some(body.as_bytes())).await {
@@ -230,11 +232,48 @@ async fn hot_auction(options: &Options) {
             report
         }));
     }
+    if options.rate > 0 {
+        spawn_pacer(options.rate, deadline, ticket_senders);
+    } else {
+        drop(ticket_senders);
+    }
     let started = Instant::now();
     let mut report = collect(tasks).await;
     let elapsed = started.elapsed();
     let verdict = verify(&mut connection, &auction_id, &mut report).await;
     print_report("hot_auction", &report, elapsed, Some(verdict));
+}
+
+/// The open model's clock: a thread that hands out send times at exactly
+/// `rate` per second, round-robin over the connections. It sleeps between
+/// tickets and spins only for the last few tens of microseconds, so the load is
+/// smooth rather than in timer-tick bursts.
+fn spawn_pacer(rate: u64, deadline: Instant, connections: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>) {
+    std::thread::spawn(move || {
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let begin = Instant::now();
+        let mut issued: u32 = 0;
+        loop {
+            let slot = begin + interval * issued;
+            if slot >= deadline {
+                break;
+            }
+            loop {
+                let now = Instant::now();
+                if now >= slot {
+                    break;
+                }
+                let remaining = slot - now;
+                if remaining > Duration::from_micros(200) {
+                    std::thread::sleep(remaining - Duration::from_micros(150));
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            let _ = connections[issued as usize % connections.len()].send(slot);
+            issued += 1;
+        }
+    });
 }
 
 /// Checks the history after the run: seq 1..n, bid_count = n = number of 201s.

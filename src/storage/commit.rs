@@ -148,32 +148,31 @@ fn bids(batch: &[Write]) -> impl Iterator<Item = (Uuid, &BidPlaced)> {
 const UPDATE_AUCTION: &str = "UPDATE auctions SET status = $2, current_price = $3, leader_id = $4, leader_max = $5, \
      bid_count = $6, seq = $7, end_at_ms = $8, winner_id = $9, final_price = $10 WHERE id = $1";
 
-/// SQLite binds at most 32,766 parameters per statement: 9 columns a bid.
-const SQLITE_BIDS_PER_STATEMENT: usize = 1000;
+/// Multi-row inserts come in a few fixed sizes (largest first), so SQLite's
+/// prepared statements are reused from the cache instead of being compiled for
+/// every batch size. 256 rows of 9 columns stay far below SQLite's limit of
+/// 32,766 parameters.
+const SQLITE_ROWS_PER_STATEMENT: [usize; 5] = [256, 64, 16, 4, 1];
+
+/// `INSERT INTO bids … VALUES (?, …), …` for `rows` rows. Anonymous `?`
+/// parameters: SQLite looks named ones up by a linear scan for each bind.
+fn sqlite_insert_bids_sql(rows: usize) -> String {
+    let row = "(?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    let values = vec![row; rows].join(", ");
+    format!(
+        "INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, leader_id, \
+         end_at_ms) VALUES {values} ON CONFLICT (auction_id, seq) DO NOTHING"
+    )
+}
 
 async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) -> Result<(), sqlx::Error> {
     let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
-    for chunk in all_bids.chunks(SQLITE_BIDS_PER_STATEMENT) {
-        let mut sql = String::from(
-            "INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, \
-             leader_id, end_at_ms) VALUES ",
-        );
-        for (row, _) in chunk.iter().enumerate() {
-            let base = row * 9;
-            if row > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for column in 1..=9 {
-                if column > 1 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("${}", base + column));
-            }
-            sql.push(')');
-        }
-        sql.push_str(" ON CONFLICT (auction_id, seq) DO NOTHING");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    let mut remaining: &[(Uuid, &BidPlaced)] = &all_bids;
+    while !remaining.is_empty() {
+        let rows = SQLITE_ROWS_PER_STATEMENT.into_iter().find(|size| *size <= remaining.len()).unwrap_or(1);
+        let (chunk, rest) = remaining.split_at(rows);
+        remaining = rest;
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sqlite_insert_bids_sql(rows)));
         for (auction_id, bid) in chunk {
             query = query
                 .bind(*auction_id)
