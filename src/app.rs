@@ -32,7 +32,8 @@ impl Application {
         Self::build_with(config, NodeSettings::default()).await
     }
 
-    pub async fn build_with(config: Config, settings: NodeSettings) -> anyhow::Result<Application> {
+    pub async fn build_with(config: Config, mut settings: NodeSettings) -> anyhow::Result<Application> {
+        settings.persistence.batch_delay = std::time::Duration::from_micros(config.commit_delay_us);
         let metrics = telemetry::metrics();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let node_id = config.node_id();

@@ -41,6 +41,11 @@ pub struct Config {
     /// Bids per second per user (burst twice that); 0 turns the limit off.
     #[arg(long, env = "GAVEL_BID_RATE_PER_USER", default_value_t = 20)]
     pub bid_rate_per_user: u32,
+    /// How long the first write of a group commit waits for company, in
+    /// microseconds. 0: commit as soon as the writes already queued are in (the
+    /// batch is whatever arrived during the previous commit).
+    #[arg(long, env = "GAVEL_COMMIT_DELAY_US", default_value_t = 0)]
+    pub commit_delay_us: u64,
 }
 
 fn parse_secret(text: &str) -> Result<Secret, String> {

@@ -26,10 +26,9 @@ use crate::ports::{KeyRecord, LoadedAuction, ShardLease, Write};
 /// The answer to a bid or a cancel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
-    /// Durable. The event and the auction's state right after it.
+    /// Durable: the event the command caused.
     Accepted {
         event: Event,
-        state: Box<AuctionState>,
     },
     /// An earlier request with this idempotency key was accepted as `seq`; its
     /// reply is read back from the store.
@@ -348,7 +347,7 @@ impl AuctionActor {
             let pending = state.pending.pop_front().expect("checked non-empty");
             state.committed = pending.state.clone();
             self.node.events.publish(&pending.event, &pending.state);
-            let outcome = WriteOutcome::Accepted { event: pending.event, state: Box::new(pending.state) };
+            let outcome = WriteOutcome::Accepted { event: pending.event };
             if let Some(key) = pending.key
                 && let Some(key_state) = state.recent_keys.get_mut(&key)
             {

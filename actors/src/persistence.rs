@@ -1,6 +1,7 @@
 //! The persistence actor: group commit. Auction actors hand it their writes in
-//! the order they applied them; it gathers writes from every auction for about
-//! a millisecond (or until a batch is full), commits each batch in one store
+//! the order they applied them; it gathers the writes of every auction that
+//! queued up while the previous commit ran (optionally waiting `batch_delay`
+//! for more, and never more than `max_batch_writes`), commits each batch in one store
 //! transaction, and only then tells each auction actor how far its writes are
 //! durable, so that bidders are answered and watchers told after commit.
 //!
@@ -28,7 +29,11 @@ use crate::ports::{Store, StoreError, Write};
 
 #[derive(Clone, Debug)]
 pub struct PersistenceSettings {
-    /// How long the first write of a batch waits for company.
+    /// How long the first write of a batch waits for company. Zero: the batch
+    /// is what is queued when the first write is handled, which under load is
+    /// everything that arrived while the previous commit ran (the commit time is
+    /// the batching window), and under light load a single write that commits
+    /// at once.
     pub batch_delay: Duration,
     pub max_batch_writes: usize,
     /// One commit attempt's time limit.
@@ -39,7 +44,7 @@ pub struct PersistenceSettings {
 impl Default for PersistenceSettings {
     fn default() -> Self {
         PersistenceSettings {
-            batch_delay: Duration::from_millis(1),
+            batch_delay: Duration::ZERO,
             max_batch_writes: 1024,
             commit_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(1),
@@ -95,7 +100,13 @@ impl Actor for PersistenceActor {
                     self.commit_batch(state).await;
                 } else if !state.flush_scheduled {
                     state.flush_scheduled = true;
-                    myself.send_after(self.settings.batch_delay, || PersistenceMsg::Flush);
+                    if self.settings.batch_delay.is_zero() {
+                        // The flush queues behind every write already in the mailbox:
+                        // the batch is whatever arrived while the last commit ran.
+                        let _ = myself.send_message(PersistenceMsg::Flush);
+                    } else {
+                        myself.send_after(self.settings.batch_delay, || PersistenceMsg::Flush);
+                    }
                 }
             }
             PersistenceMsg::Flush => {

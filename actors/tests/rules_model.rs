@@ -229,7 +229,9 @@ fn scenario_strategy() -> impl Strategy<Value = (Setup, Vec<Step>)> {
 // ---------------------------------------------------------------------------
 
 fn users() -> Vec<UserRef> {
-    (0..USERS).map(|i| UserRef { id: Uuid::from_u128(0x1000 + i as u128), username: format!("user{i}") }).collect()
+    (0..USERS)
+        .map(|i| UserRef { id: Uuid::from_u128(0x1000 + i as u128), username: format!("user{i}").into() })
+        .collect()
 }
 
 fn money(minor: i128) -> Money {

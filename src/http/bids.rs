@@ -56,7 +56,8 @@ pub async fn place(
             return replay(context, stored.auction_id, stored.seq.unwrap_or(0) as u64).await;
         }
     }
-    let command = BidCommand { bidder: UserRef { id: user.id, username: user.username.clone() }, amount, max_amount };
+    let command =
+        BidCommand { bidder: UserRef { id: user.id, username: user.username.as_str().into() }, amount, max_amount };
     let keyed =
         key.map(|key| KeyedRequest { key: IdempotencyKey { user_id: user.id, key }, fingerprint: request_fingerprint });
     let outcome = context.node.place_bid(auction_id, command, keyed).await.map_err(node_error)?;

@@ -127,19 +127,15 @@ pub fn router(context: ApiContext) -> Router {
 /// outcome counting.
 async fn observe(State(_context): State<ApiContext>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| path.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |path| intern_route(path.as_str()));
     let is_bid = request.method() == axum::http::Method::POST && route == "/api/v1/auctions/{id}/bids";
     let response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::unavailable("request timed out").into_response(),
     };
     let elapsed = started.elapsed().as_secs_f64();
-    let status = response.status().as_u16().to_string();
-    metrics::counter!(telemetry::HTTP_REQUESTS_TOTAL, "route" => route.clone(), "status" => status).increment(1);
+    let status = status_label(response.status().as_u16());
+    metrics::counter!(telemetry::HTTP_REQUESTS_TOTAL, "route" => route, "status" => status).increment(1);
     metrics::histogram!(telemetry::HTTP_REQUEST_DURATION_SECONDS, "route" => route).record(elapsed);
     if is_bid {
         let outcome = response.extensions().get::<BidOutcomeLabel>().map_or("accepted", |label| label.0);
@@ -147,6 +143,26 @@ async fn observe(State(_context): State<ApiContext>, request: Request, next: Nex
         metrics::histogram!(telemetry::BID_LATENCY_SECONDS).record(elapsed);
     }
     response
+}
+
+/// Route labels as `&'static str`, so labelling a request allocates nothing.
+/// Only matched route templates arrive here: the set is the router's, bounded.
+fn intern_route(route: &str) -> &'static str {
+    static ROUTES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let mut routes = ROUTES.get_or_init(Default::default).lock().expect("route label lock");
+    if let Some(known) = routes.get(route) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(route.to_owned().into_boxed_str());
+    routes.insert(leaked);
+    leaked
+}
+
+fn status_label(status: u16) -> &'static str {
+    static LABELS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let labels = LABELS.get_or_init(|| (0..600).map(|code: u16| code.to_string()).collect());
+    labels.get(status as usize).map_or("other", String::as_str)
 }
 
 /// Set on error responses so the metrics layer can count bids by rejection code.

@@ -22,7 +22,7 @@ pub struct UserView {
 
 impl From<&UserRef> for UserView {
     fn from(user: &UserRef) -> UserView {
-        UserView { id: user.id, username: user.username.clone() }
+        UserView { id: user.id, username: user.username.to_string() }
     }
 }
 

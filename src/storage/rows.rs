@@ -68,7 +68,7 @@ pub struct KeyRow {
 }
 
 fn user(id: Option<Uuid>, username: Option<String>) -> Option<UserRef> {
-    Some(UserRef { id: id?, username: username? })
+    Some(UserRef { id: id?, username: username?.into() })
 }
 
 impl AuctionRow {
@@ -99,7 +99,7 @@ impl AuctionRow {
         };
         Ok(AuctionState {
             id: self.id,
-            seller: UserRef { id: self.seller_id, username: self.seller_username.clone() },
+            seller: UserRef { id: self.seller_id, username: self.seller_username.as_str().into() },
             terms: Terms {
                 starting_price: money(self.starting_price, "starting_price")?,
                 reserve_price: self.reserve_price.map(|reserve| money(reserve, "reserve_price")).transpose()?,
