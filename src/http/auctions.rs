@@ -19,7 +19,9 @@ use uuid::Uuid;
 
 use super::ApiContext;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{ApiJson, ApiQuery, AuthUser, IdempotencyKeyHeader, MaybeAuthUser, fingerprint, parse_id};
+use super::extract::{
+    ApiJson, ApiQuery, AuthUser, IdempotencyKeyHeader, MaybeAuthUser, earlier_write, fingerprint, parse_id,
+};
 use super::views::{AuctionPage, AuctionView, MyBidView, MyBidsPage};
 use crate::storage::{AuctionRow, DbError, NewAuction};
 
@@ -199,13 +201,9 @@ async fn replay_create(
     key: &str,
     request_fingerprint: u64,
 ) -> ApiResult<Option<(StatusCode, Json<AuctionView>)>> {
-    let stored = context.db.key(user_id, key).await.map_err(|error| ApiError::internal("read key", error))?;
-    let Some(stored) = stored else {
+    let Some(stored) = earlier_write(context, user_id, Some(key), request_fingerprint, "create").await? else {
         return Ok(None);
     };
-    if stored.fingerprint as u64 != request_fingerprint || stored.kind != "create" {
-        return Err(ApiError::IdempotencyKeyReused);
-    }
     let row = load_row(context, stored.auction_id).await?;
     Ok(Some((StatusCode::CREATED, Json(AuctionView::from_row(&row, Some(user_id), context.now_ms())))))
 }
@@ -312,15 +310,9 @@ pub async fn cancel_auction(
 ) -> ApiResult<Json<AuctionView>> {
     let id = parse_id(&id, "auction id")?;
     let request_fingerprint = fingerprint(&[b"cancel", id.as_bytes()]);
-    if let Some(key) = &key {
-        let stored = context.db.key(user.id, key).await.map_err(|error| ApiError::internal("read key", error))?;
-        if let Some(stored) = stored {
-            if stored.fingerprint as u64 != request_fingerprint || stored.kind != "cancel" {
-                return Err(ApiError::IdempotencyKeyReused);
-            }
-            let row = load_row(&context, id).await?;
-            return Ok(Json(AuctionView::from_row(&row, Some(user.id), context.now_ms())));
-        }
+    if earlier_write(&context, user.id, key.as_deref(), request_fingerprint, "cancel").await?.is_some() {
+        let row = load_row(&context, id).await?;
+        return Ok(Json(AuctionView::from_row(&row, Some(user.id), context.now_ms())));
     }
     let keyed =
         key.map(|key| KeyedRequest { key: IdempotencyKey { user_id: user.id, key }, fingerprint: request_fingerprint });

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::ApiContext;
 use super::auctions::{check_limit, node_error, parse_amount};
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{ApiJson, ApiQuery, AuthUser, IdempotencyKeyHeader, fingerprint, parse_id};
+use super::extract::{ApiJson, ApiQuery, AuthUser, IdempotencyKeyHeader, earlier_write, fingerprint, parse_id};
 use super::views::{BidPage, BidResultView, BidView, HighestBidView, UserView, timestamp};
 
 #[derive(Deserialize, ToSchema)]
@@ -47,14 +47,8 @@ pub async fn place(
     let max_text = max_amount.map(|max| max.minor_units().to_string()).unwrap_or_default();
     let request_fingerprint =
         fingerprint(&[b"bid", auction_id.as_bytes(), amount.minor_units().to_string().as_bytes(), max_text.as_bytes()]);
-    if let Some(key) = &key {
-        let stored = context.db.key(user.id, key).await.map_err(|error| ApiError::internal("read key", error))?;
-        if let Some(stored) = stored {
-            if stored.fingerprint as u64 != request_fingerprint || stored.kind != "bid" {
-                return Err(ApiError::IdempotencyKeyReused);
-            }
-            return replay(context, stored.auction_id, stored.seq.unwrap_or(0) as u64).await;
-        }
+    if let Some(stored) = earlier_write(context, user.id, key.as_deref(), request_fingerprint, "bid").await? {
+        return replay(context, stored.auction_id, stored.seq.unwrap_or(0) as u64).await;
     }
     let command =
         BidCommand { bidder: UserRef { id: user.id, username: user.username.as_str().into() }, amount, max_amount };

@@ -119,6 +119,28 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
     }
 }
 
+/// The write an earlier request with this `Idempotency-Key` made, if any. The
+/// same key on a different request (another `kind` of write, another body) is
+/// `422 IDEMPOTENCY_KEY_REUSED`.
+pub async fn earlier_write(
+    context: &ApiContext,
+    user_id: Uuid,
+    key: Option<&str>,
+    request_fingerprint: u64,
+    kind: &str,
+) -> Result<Option<crate::storage::KeyRow>, ApiError> {
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let stored = context.db.key(user_id, key).await.map_err(|error| ApiError::internal("read key", error))?;
+    match stored {
+        Some(stored) if stored.fingerprint as u64 != request_fingerprint || stored.kind != kind => {
+            Err(ApiError::IdempotencyKeyReused)
+        }
+        other => Ok(other),
+    }
+}
+
 /// A stable 64-bit fingerprint (FNV-1a) of what a request asks for, so a
 /// key reused for a different request is told apart from a retry.
 pub fn fingerprint(parts: &[&[u8]]) -> u64 {
