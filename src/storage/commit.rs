@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use gavel_actors::ports::{StoreError, Write};
 use gavel_actors::{AuctionState, BidPlaced};
-use sqlx::{Postgres, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::Db;
@@ -24,10 +24,8 @@ pub(super) async fn commit(db: &Db, node_id: &str, batch: &[Write]) -> Result<()
             tx.commit().await.map_err(unavailable)
         }
         Db::Postgres(pool) => {
-            let mut tx = pool.begin().await.map_err(unavailable)?;
-            check_leases_postgres(&mut tx, node_id, batch).await?;
-            write_postgres(&mut tx, batch).await.map_err(unavailable)?;
-            tx.commit().await.map_err(unavailable)
+            let leases_held = write_postgres(pool, node_id, batch).await.map_err(unavailable)?;
+            if leases_held { Ok(()) } else { Err(fenced_postgres(pool, node_id, batch).await) }
         }
     }
 }
@@ -73,24 +71,22 @@ async fn check_leases_sqlite(
     if shards.is_empty() { Ok(()) } else { Err(StoreError::Fenced { shards }) }
 }
 
-/// Takes the lease rows `FOR SHARE`, so a takeover (which updates them) waits
-/// for this commit, and this commit sees a takeover that came first.
-async fn check_leases_postgres(
-    tx: &mut Transaction<'static, Postgres>,
-    node_id: &str,
-    batch: &[Write],
-) -> Result<(), StoreError> {
+/// Which of the batch's leases moved on (after `write_postgres` found one that did).
+async fn fenced_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) -> StoreError {
     let named = leases_named(batch);
     let shards: Vec<i32> = named.iter().map(|(shard, _)| *shard as i32).collect();
-    let rows: Vec<(i32, String, i64)> =
-        sqlx::query_as("SELECT shard, owner, epoch FROM shard_leases WHERE shard = ANY($1) FOR SHARE")
+    let rows: Result<Vec<(i32, String, i64)>, sqlx::Error> =
+        sqlx::query_as("SELECT shard, owner, epoch FROM shard_leases WHERE shard = ANY($1)")
             .bind(&shards)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(|error| StoreError::Unavailable(error.to_string()))?;
-    let current = rows.into_iter().map(|(shard, owner, epoch)| (shard, (owner, epoch))).collect();
-    let shards = fenced(&current, node_id, &named);
-    if shards.is_empty() { Ok(()) } else { Err(StoreError::Fenced { shards }) }
+            .fetch_all(pool)
+            .await;
+    match rows {
+        Ok(rows) => {
+            let current = rows.into_iter().map(|(shard, owner, epoch)| (shard, (owner, epoch))).collect();
+            StoreError::Fenced { shards: fenced(&current, node_id, &named) }
+        }
+        Err(error) => StoreError::Unavailable(error.to_string()),
+    }
 }
 
 /// The last state of each auction in the batch, in first-seen order.
@@ -221,16 +217,48 @@ async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) ->
     Ok(())
 }
 
-/// On Postgres each table gets one statement per batch, columns bound as arrays.
-async fn write_postgres(tx: &mut Transaction<'static, Postgres>, batch: &[Write]) -> Result<(), sqlx::Error> {
+/// On Postgres the whole batch is one statement, hence one round trip and one
+/// transaction: the lease rows are taken `FOR SHARE` (a takeover, which updates
+/// them, waits for this commit; one that came first makes the epochs differ),
+/// and the bids, auction rows and keys are written only if every lease the
+/// batch names is still this node's at its epoch. Columns are bound as arrays.
+/// Returns whether the leases held (nothing was written otherwise).
+const POSTGRES_COMMIT: &str = "\
+WITH named AS (SELECT * FROM UNNEST($1::int4[], $2::int8[]) AS n(shard, epoch)), \
+held AS (SELECT s.shard FROM shard_leases s JOIN named n ON n.shard = s.shard AND n.epoch = s.epoch \
+         WHERE s.owner = $3 FOR SHARE OF s), \
+verdict AS (SELECT count(*) = cardinality($1::int4[]) AS ok FROM held), \
+new_bids AS ( \
+    INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, leader_id, end_at_ms) \
+    SELECT b.* FROM UNNEST($4::uuid[], $5::int8[], $6::uuid[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], \
+                           $11::uuid[], $12::int8[]) AS b \
+    WHERE (SELECT ok FROM verdict) \
+    ON CONFLICT (auction_id, seq) DO NOTHING), \
+new_states AS ( \
+    UPDATE auctions a SET status = u.status, current_price = u.current_price, leader_id = u.leader_id, \
+        leader_max = u.leader_max, bid_count = u.bid_count, seq = u.seq, end_at_ms = u.end_at_ms, \
+        winner_id = u.winner_id, final_price = u.final_price \
+    FROM UNNEST($13::uuid[], $14::text[], $15::int8[], $16::uuid[], $17::int8[], $18::int8[], $19::int8[], \
+                $20::int8[], $21::uuid[], $22::int8[]) \
+        AS u(id, status, current_price, leader_id, leader_max, bid_count, seq, end_at_ms, winner_id, final_price) \
+    WHERE a.id = u.id AND (SELECT ok FROM verdict)), \
+new_keys AS ( \
+    INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
+    SELECT k.* FROM UNNEST($23::uuid[], $24::text[], $25::int8[], $26::text[], $27::uuid[], $28::int8[], \
+                           $29::int8[]) AS k \
+    WHERE (SELECT ok FROM verdict) \
+    ON CONFLICT (user_id, key) DO NOTHING) \
+SELECT ok FROM verdict";
+
+async fn write_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) -> Result<bool, sqlx::Error> {
+    let named = leases_named(batch);
     let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
-    if !all_bids.is_empty() {
-        sqlx::query(
-            "INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, \
-             leader_id, end_at_ms) \
-             SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::uuid[], $4::int8[], $5::int8[], $6::int8[], \
-             $7::int8[], $8::uuid[], $9::int8[]) ON CONFLICT (auction_id, seq) DO NOTHING",
-        )
+    let states = final_states(batch);
+    let keys = keys(batch);
+    sqlx::query_scalar(POSTGRES_COMMIT)
+        .bind(named.iter().map(|(shard, _)| *shard as i32).collect::<Vec<_>>())
+        .bind(named.iter().map(|(_, epoch)| *epoch).collect::<Vec<_>>())
+        .bind(node_id)
         .bind(all_bids.iter().map(|(auction_id, _)| *auction_id).collect::<Vec<_>>())
         .bind(all_bids.iter().map(|(_, bid)| bid.seq as i64).collect::<Vec<_>>())
         .bind(all_bids.iter().map(|(_, bid)| bid.bidder.id).collect::<Vec<_>>())
@@ -240,43 +268,21 @@ async fn write_postgres(tx: &mut Transaction<'static, Postgres>, batch: &[Write]
         .bind(all_bids.iter().map(|(_, bid)| bid.current_price.minor_units()).collect::<Vec<_>>())
         .bind(all_bids.iter().map(|(_, bid)| bid.leader.id).collect::<Vec<_>>())
         .bind(all_bids.iter().map(|(_, bid)| bid.end_at_ms).collect::<Vec<_>>())
-        .execute(&mut **tx)
-        .await?;
-    }
-    let states = final_states(batch);
-    sqlx::query(
-        "UPDATE auctions a SET status = u.status, current_price = u.current_price, leader_id = u.leader_id, \
-         leader_max = u.leader_max, bid_count = u.bid_count, seq = u.seq, end_at_ms = u.end_at_ms, \
-         winner_id = u.winner_id, final_price = u.final_price \
-         FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::int8[], $6::int8[], $7::int8[], \
-         $8::int8[], $9::uuid[], $10::int8[]) \
-         AS u(id, status, current_price, leader_id, leader_max, bid_count, seq, end_at_ms, winner_id, final_price) \
-         WHERE a.id = u.id",
-    )
-    .bind(states.iter().map(|state| state.id).collect::<Vec<_>>())
-    .bind(states.iter().map(|state| state.status.as_str()).collect::<Vec<_>>())
-    .bind(states.iter().map(|state| state.current_price.minor_units()).collect::<Vec<_>>())
-    .bind(states.iter().map(|state| state.leader.as_ref().map(|leader| leader.user.id)).collect::<Vec<_>>())
-    .bind(
-        states
-            .iter()
-            .map(|state| state.leader.as_ref().map(|leader| leader.max_amount.minor_units()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(states.iter().map(|state| state.bid_count as i64).collect::<Vec<_>>())
-    .bind(states.iter().map(|state| state.seq as i64).collect::<Vec<_>>())
-    .bind(states.iter().map(|state| state.end_at_ms).collect::<Vec<_>>())
-    .bind(states.iter().map(|state| state.winner.as_ref().map(|winner| winner.id)).collect::<Vec<_>>())
-    .bind(states.iter().map(|state| state.final_price.map(|price| price.minor_units())).collect::<Vec<_>>())
-    .execute(&mut **tx)
-    .await?;
-    let keys = keys(batch);
-    if !keys.is_empty() {
-        sqlx::query(
-            "INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::uuid[], $6::int8[], $7::int8[]) \
-             ON CONFLICT (user_id, key) DO NOTHING",
+        .bind(states.iter().map(|state| state.id).collect::<Vec<_>>())
+        .bind(states.iter().map(|state| state.status.as_str()).collect::<Vec<_>>())
+        .bind(states.iter().map(|state| state.current_price.minor_units()).collect::<Vec<_>>())
+        .bind(states.iter().map(|state| state.leader.as_ref().map(|leader| leader.user.id)).collect::<Vec<_>>())
+        .bind(
+            states
+                .iter()
+                .map(|state| state.leader.as_ref().map(|leader| leader.max_amount.minor_units()))
+                .collect::<Vec<_>>(),
         )
+        .bind(states.iter().map(|state| state.bid_count as i64).collect::<Vec<_>>())
+        .bind(states.iter().map(|state| state.seq as i64).collect::<Vec<_>>())
+        .bind(states.iter().map(|state| state.end_at_ms).collect::<Vec<_>>())
+        .bind(states.iter().map(|state| state.winner.as_ref().map(|winner| winner.id)).collect::<Vec<_>>())
+        .bind(states.iter().map(|state| state.final_price.map(|price| price.minor_units())).collect::<Vec<_>>())
         .bind(keys.iter().map(|key| key.user_id).collect::<Vec<_>>())
         .bind(keys.iter().map(|key| key.key).collect::<Vec<_>>())
         .bind(keys.iter().map(|key| key.fingerprint).collect::<Vec<_>>())
@@ -284,8 +290,6 @@ async fn write_postgres(tx: &mut Transaction<'static, Postgres>, batch: &[Write]
         .bind(keys.iter().map(|key| key.auction_id).collect::<Vec<_>>())
         .bind(keys.iter().map(|key| key.seq).collect::<Vec<_>>())
         .bind(keys.iter().map(|key| key.created_at_ms).collect::<Vec<_>>())
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
+        .fetch_one(pool)
+        .await
 }
