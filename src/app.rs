@@ -50,6 +50,7 @@ impl Application {
             Some(secret) => secret.clone(),
             None => auth::load_or_create_secret(&config.data_dir).context("creating the JWT secret")?,
         };
+        let database_id = db.database_id().await.context("reading the database id")?;
         let leases = Arc::new(Leases::none());
         for (shard, epoch) in
             db.acquire_all_shards(&node_id, clock.now_ms()).await.context("taking the shard leases")?
@@ -68,7 +69,7 @@ impl Application {
         let context = ApiContext::new(ContextInner {
             db,
             node,
-            auth: Auth::new(&secret),
+            auth: Auth::new(&secret, &database_id),
             rate_limiter: RateLimiter::new(config.bid_rate_per_user),
             clock,
             metrics,

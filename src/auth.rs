@@ -70,6 +70,8 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 struct Claims {
     sub: Uuid,
     name: String,
+    /// The database the user lives in: a token from another one is refused.
+    db: String,
     iat: i64,
     exp: i64,
 }
@@ -78,10 +80,11 @@ pub struct Auth {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    database_id: String,
 }
 
 impl Auth {
-    pub fn new(secret: &Secret) -> Auth {
+    pub fn new(secret: &Secret, database_id: &str) -> Auth {
         // Only HS256: a token naming another algorithm (or `none`) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
@@ -90,18 +93,27 @@ impl Auth {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
             validation,
+            database_id: database_id.to_owned(),
         }
     }
 
     pub fn issue(&self, user_id: Uuid, username: &str, now_secs: i64) -> String {
-        let claims =
-            Claims { sub: user_id, name: username.to_owned(), iat: now_secs, exp: now_secs + TOKEN_LIFETIME_SECS };
+        let claims = Claims {
+            sub: user_id,
+            name: username.to_owned(),
+            db: self.database_id.clone(),
+            iat: now_secs,
+            exp: now_secs + TOKEN_LIFETIME_SECS,
+        };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing with a valid key cannot fail")
     }
 
     pub fn verify(&self, token: &str) -> Option<AuthUser> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
+        if data.claims.db != self.database_id {
+            return None;
+        }
         Some(AuthUser { id: data.claims.sub, username: data.claims.name })
     }
 }
@@ -124,13 +136,15 @@ mod tests {
 
     #[test]
     fn tokens_round_trip_and_forgeries_fail() {
-        let auth = Auth::new(&Secret::new("a".repeat(64)));
-        let other = Auth::new(&Secret::new("b".repeat(64)));
+        let auth = Auth::new(&Secret::new("a".repeat(64)), "db-1");
+        let other = Auth::new(&Secret::new("b".repeat(64)), "db-1");
+        let other_database = Auth::new(&Secret::new("a".repeat(64)), "db-2");
         let id = Uuid::now_v7();
         let now = chrono::Utc::now().timestamp();
         let token = auth.issue(id, "alice", now);
         assert_eq!(auth.verify(&token).map(|user| user.id), Some(id));
         assert!(other.verify(&token).is_none(), "signed with another secret");
+        assert!(other_database.verify(&token).is_none(), "issued for another database");
         assert!(auth.verify(&auth.issue(id, "alice", now - 2 * TOKEN_LIFETIME_SECS)).is_none(), "expired");
         assert!(format!("{:?}", Secret::new("hunter2".to_owned())).find("hunter2").is_none());
     }

@@ -98,8 +98,16 @@ pub struct AuctionArgs {
 
 enum KeyState {
     /// Accepted, not yet durable: duplicates wait here for the same answer.
+    /// Never evicted from the cache (a duplicate must find it); the persistence
+    /// queue bounds how many there are.
     Waiting(Vec<RpcReplyPort<WriteOutcome>>),
     Done(WriteOutcome),
+}
+
+impl KeyState {
+    fn is_in_flight(&self) -> bool {
+        matches!(self, KeyState::Waiting(_))
+    }
 }
 
 struct PendingWrite {
@@ -144,6 +152,7 @@ impl Actor for AuctionActor {
                 key,
                 stored.record.fingerprint,
                 KeyState::Done(WriteOutcome::Replay { seq: stored.seq }),
+                KeyState::is_in_flight,
             );
         }
         let idle_check = myself.send_interval(settings.idle_check_interval, || AuctionMsg::IdleCheck);
@@ -275,7 +284,12 @@ impl AuctionActor {
                 self.node.persistence_queue.release(1);
                 let outcome = WriteOutcome::Rejected(rejection);
                 if let Some(keyed) = key {
-                    state.recent_keys.insert(keyed.key, keyed.fingerprint, KeyState::Done(outcome.clone()));
+                    state.recent_keys.insert(
+                        keyed.key,
+                        keyed.fingerprint,
+                        KeyState::Done(outcome.clone()),
+                        KeyState::is_in_flight,
+                    );
                 }
                 let _ = reply.send(outcome);
             }
@@ -286,7 +300,12 @@ impl AuctionActor {
                         key: keyed.key.key.clone(),
                         fingerprint: keyed.fingerprint,
                     };
-                    state.recent_keys.insert(keyed.key.clone(), keyed.fingerprint, KeyState::Waiting(Vec::new()));
+                    state.recent_keys.insert(
+                        keyed.key.clone(),
+                        keyed.fingerprint,
+                        KeyState::Waiting(Vec::new()),
+                        KeyState::is_in_flight,
+                    );
                     (keyed.key, record)
                 });
                 self.send_write(myself, state, event, Some(reply), key_record, now);

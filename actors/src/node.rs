@@ -214,8 +214,16 @@ impl Node {
         match handle.actor.call(message, Some(self.settings.call_timeout)).await {
             Ok(CallResult::Success(outcome)) => Ok(outcome),
             Ok(CallResult::Timeout) => Err(CallFailure::Timeout),
-            // Sent but dropped unread, or not sent at all: no effect either way.
-            Ok(CallResult::SenderError) => Err(CallFailure::Gone),
+            // The reply port was dropped unanswered. If the actor stopped, the
+            // message was dropped unread and had no effect: try a fresh actor.
+            // If it still runs, something else went wrong; the write may stand.
+            Ok(CallResult::SenderError) => {
+                if matches!(handle.actor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped) {
+                    Err(CallFailure::Gone)
+                } else {
+                    Err(CallFailure::Timeout)
+                }
+            }
             Err(MessagingErr::SendErr(_) | MessagingErr::ChannelClosed | MessagingErr::InvalidActorType) => {
                 handle.mailbox.fetch_sub(1, Ordering::AcqRel);
                 Err(CallFailure::Gone)

@@ -3,7 +3,7 @@
 //! through the auction's actor, since it must be ordered with bids.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::ApiContext;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{
-    ApiJson, ApiQuery, AuthUser, IdempotencyKeyHeader, MaybeAuthUser, earlier_write, fingerprint, parse_id,
+    ApiJson, ApiPath, ApiQuery, AuthUser, IdempotencyKeyHeader, MaybeAuthUser, earlier_write, fingerprint, parse_id,
 };
 use super::views::{AuctionPage, AuctionView, MyBidView, MyBidsPage};
 use crate::storage::{AuctionRow, DbError, NewAuction};
@@ -83,6 +83,9 @@ fn validate(request: &CreateAuctionRequest, seller_id: Uuid, now_ms: i64) -> Res
     let title_chars = request.title.chars().count();
     if request.title.trim().is_empty() || title_chars > 200 {
         return Err(invalid("title must be 1 to 200 characters"));
+    }
+    if request.title.contains('\0') || request.description.contains('\0') {
+        return Err(invalid("title and description must not contain NUL characters"));
     }
     if request.description.chars().count() > 10_000 {
         return Err(invalid("description must be at most 10,000 characters"));
@@ -219,7 +222,7 @@ async fn replay_create(
 pub async fn get_auction(
     State(context): State<ApiContext>,
     MaybeAuthUser(viewer): MaybeAuthUser,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> ApiResult<Json<AuctionView>> {
     let id = parse_id(&id, "auction id")?;
     let row = load_row(&context, id).await?;
@@ -305,7 +308,7 @@ pub async fn list_auctions(
 pub async fn cancel_auction(
     State(context): State<ApiContext>,
     user: AuthUser,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
 ) -> ApiResult<Json<AuctionView>> {
     let id = parse_id(&id, "auction id")?;

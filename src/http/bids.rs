@@ -2,7 +2,7 @@
 //! decided, for REST and WebSocket alike), read the history, read the lead.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use gavel_actors::auction::idempotency::IdempotencyKey;
 use gavel_actors::auction_actor::{KeyedRequest, WriteOutcome};
@@ -15,7 +15,9 @@ use uuid::Uuid;
 use super::ApiContext;
 use super::auctions::{check_limit, node_error, parse_amount};
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{ApiJson, ApiQuery, AuthUser, IdempotencyKeyHeader, earlier_write, fingerprint, parse_id};
+use super::extract::{
+    ApiJson, ApiPath, ApiQuery, AuthUser, IdempotencyKeyHeader, earlier_write, fingerprint, parse_id,
+};
 use super::views::{BidPage, BidResultView, BidView, HighestBidView, UserView, timestamp};
 
 #[derive(Deserialize, ToSchema)]
@@ -36,9 +38,6 @@ pub async fn place(
     request: &PlaceBidRequest,
     key: Option<String>,
 ) -> ApiResult<BidResultView> {
-    if let Err(retry_after_secs) = context.rate_limiter.check(user.id, context.now_ms()) {
-        return Err(ApiError::RateLimited { retry_after_secs });
-    }
     let amount = parse_amount(&request.amount, "amount")?;
     let max_amount = request.max_amount.as_ref().map(|max| parse_amount(max, "max_amount")).transpose()?;
     if max_amount.is_some_and(|max| max < amount) {
@@ -49,6 +48,10 @@ pub async fn place(
         fingerprint(&[b"bid", auction_id.as_bytes(), amount.minor_units().to_string().as_bytes(), max_text.as_bytes()]);
     if let Some(stored) = earlier_write(context, user.id, key.as_deref(), request_fingerprint, "bid").await? {
         return replay(context, stored.auction_id, stored.seq.unwrap_or(0) as u64).await;
+    }
+    // A replay above is the first request's answer, not a new bid: not counted.
+    if let Err(retry_after_secs) = context.rate_limiter.check(user.id, context.now_ms()) {
+        return Err(ApiError::RateLimited { retry_after_secs });
     }
     let command =
         BidCommand { bidder: UserRef { id: user.id, username: user.username.as_str().into() }, amount, max_amount };
@@ -92,7 +95,7 @@ async fn replay(context: &ApiContext, auction_id: Uuid, seq: u64) -> ApiResult<B
 pub async fn place_bid(
     State(context): State<ApiContext>,
     user: AuthUser,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     ApiJson(request): ApiJson<PlaceBidRequest>,
 ) -> ApiResult<(StatusCode, Json<BidResultView>)> {
@@ -121,7 +124,7 @@ pub struct HistoryParams {
     ))]
 pub async fn bid_history(
     State(context): State<ApiContext>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     ApiQuery(params): ApiQuery<HistoryParams>,
 ) -> ApiResult<Json<BidPage>> {
     let auction_id = parse_id(&id, "auction id")?;
@@ -150,7 +153,7 @@ pub async fn bid_history(
         (status = 400, description = "INVALID_REQUEST", body = ErrorBody),
         (status = 404, description = "AUCTION_NOT_FOUND or NO_BIDS", body = ErrorBody),
     ))]
-pub async fn highest_bid(State(context): State<ApiContext>, Path(id): Path<String>) -> ApiResult<Json<HighestBidView>> {
+pub async fn highest_bid(State(context): State<ApiContext>, ApiPath(id): ApiPath) -> ApiResult<Json<HighestBidView>> {
     let auction_id = parse_id(&id, "auction id")?;
     let auction = context.db.auction(auction_id).await.map_err(|error| ApiError::internal("read auction", error))?;
     let auction = auction.ok_or(ApiError::AuctionNotFound)?;

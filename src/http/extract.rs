@@ -38,9 +38,16 @@ where
         if bytes.len() > MAX_BODY_BYTES {
             return Err(ApiError::PayloadTooLarge);
         }
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|error| ApiError::InvalidRequest(format!("invalid JSON body: {error}")))
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|error| {
+            // A number beyond what JSON parsing represents (`1e400`) is an
+            // absurd amount, not malformed JSON: every number field is an amount
+            // or a bounded count, and both refuse it.
+            if error.to_string().starts_with("number out of range") {
+                ApiError::InvalidAmount(format!("a number is out of range: {error}"))
+            } else {
+                ApiError::InvalidRequest(format!("invalid JSON body: {error}"))
+            }
+        })
     }
 }
 
@@ -59,6 +66,21 @@ where
             .await
             .map(|Query(value)| ApiQuery(value))
             .map_err(|rejection| ApiError::InvalidRequest(format!("invalid query: {}", rejection.body_text())))
+    }
+}
+
+/// The one path parameter of a route, with malformed percent-encoding answered
+/// as `400 INVALID_REQUEST` in the usual JSON error body.
+pub struct ApiPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| ApiPath(value))
+            .map_err(|rejection| ApiError::InvalidRequest(format!("invalid path: {}", rejection.body_text())))
     }
 }
 

@@ -128,10 +128,14 @@ pub fn router(context: ApiContext) -> Router {
 async fn observe(State(_context): State<ApiContext>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |path| intern_route(path.as_str()));
-    let is_bid = request.method() == axum::http::Method::POST && route == "/api/v1/auctions/{id}/bids";
+    let is_write = request.method() == axum::http::Method::POST;
+    let is_bid = is_write && route == "/api/v1/auctions/{id}/bids";
     let response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::unavailable("request timed out").into_response(),
+        // A write may have been handed over already and still become durable.
+        Err(_) => {
+            ApiError::Unavailable { reason: "request timed out".to_owned(), outcome_unknown: is_write }.into_response()
+        }
     };
     let elapsed = started.elapsed().as_secs_f64();
     let status = status_label(response.status().as_u16());

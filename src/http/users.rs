@@ -25,11 +25,13 @@ pub struct Credentials {
     pub password: String,
 }
 
+fn is_username(name: &str) -> bool {
+    (3..=32).contains(&name.len())
+        && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
+}
+
 fn validate(credentials: &Credentials) -> Result<(), ApiError> {
-    let name = &credentials.username;
-    let name_ok = (3..=32).contains(&name.len())
-        && name.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_');
-    if !name_ok {
+    if !is_username(&credentials.username) {
         return Err(ApiError::InvalidRequest("username must be 3 to 32 of a-z, 0-9 and _".to_owned()));
     }
     if !(8..=128).contains(&credentials.password.chars().count()) {
@@ -80,6 +82,10 @@ pub async fn login(
     State(context): State<ApiContext>,
     ApiJson(credentials): ApiJson<Credentials>,
 ) -> ApiResult<Json<AuthView>> {
+    // No name outside the registration rules exists; no need to ask the store.
+    if !is_username(&credentials.username) {
+        return Err(ApiError::InvalidCredentials);
+    }
     let user =
         context.db.user_by_name(&credentials.username).await.map_err(|error| ApiError::internal("find user", error))?;
     let Some(user) = user else {

@@ -164,6 +164,18 @@ impl Db {
         Ok(leases)
     }
 
+    /// This database's identity, made at the first start and kept for good.
+    pub async fn database_id(&self) -> Result<String, sqlx::Error> {
+        let candidate = Uuid::now_v7().to_string();
+        writing!(self, pool => {
+            sqlx::query("INSERT INTO database_meta (key, value) VALUES ('database_id', $1) ON CONFLICT (key) DO NOTHING")
+                .bind(&candidate)
+                .execute(pool)
+                .await?;
+            sqlx::query_scalar("SELECT value FROM database_meta WHERE key = 'database_id'").fetch_one(pool).await
+        })
+    }
+
     pub async fn insert_user(
         &self,
         id: UserId,

@@ -72,6 +72,7 @@ async fn bad_input_battery(backend: Backend) {
             StatusCode::UNPROCESSABLE_ENTITY,
             "INVALID_AMOUNT",
         ),
+        ("amount beyond f64", r#"{"amount": 1e400}"#, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_AMOUNT"),
     ];
     for (case, body, status, code) in cases {
         expect_error(raw_request(&app, &bids, token, body), *status, code, case).await;
@@ -87,6 +88,8 @@ async fn bad_input_battery(backend: Backend) {
     .await;
     let (status, body) = api.get("/api/v1/auctions/1234", None).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST")));
+    let (status, body) = api.get("/api/v1/auctions/%FF%FE/bids", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST")), "{body}");
     let nothing = uuid::Uuid::now_v7();
     expect_error(
         raw_request(&app, &format!("/api/v1/auctions/{nothing}/bids"), token, r#"{"amount": 12000}"#),
@@ -175,11 +178,16 @@ async fn bad_input_battery(backend: Backend) {
         ("bad time", json!({"duration_secs": null, "end_at": "tomorrow"}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
         ("soft close too long", json!({"soft_close_secs": 3601}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
         ("string price", json!({"starting_price": "100"}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("NUL in title", json!({"title": "a\u{0}b"}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+        ("NUL in description", json!({"description": "x\u{0}"}), StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
     ];
     for (case, overrides, status, code) in create_cases {
         let (got, body) = api.post("/api/v1/auctions", Some(&seller.token), auction_body(overrides.clone())).await;
         assert_eq!((got, body["error"]["code"].as_str()), (*status, Some(*code)), "{case}: {body}");
     }
+    let (status, body) =
+        api.post("/api/v1/auth/login", None, json!({"username": "bo\u{0}b", "password": "password-123"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("INVALID_CREDENTIALS")));
     let (status, body) =
         api.post("/api/v1/auth/register", None, json!({"username": "No Spaces", "password": "password-123"})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("INVALID_REQUEST")));

@@ -186,8 +186,45 @@ async fn bidders_over_their_rate_get_429_with_retry_after() {
     assert_eq!(body["error"]["code"], "RATE_LIMITED");
     let after = api.auction(&id).await;
     assert_eq!(after["bid_count"], 4, "the leader raised their maximum three times; the refused bid is not there");
-    // Another user is not affected.
+    // A retry of an accepted bid with its Idempotency-Key is the first answer,
+    // not a new bid: it is not refused for the rate.
     let carol = api.register("carol").await;
-    assert_eq!(api.bid(&carol, &id, 45_000, None).await.0, StatusCode::CREATED);
+    let keyed = |amount: i64| {
+        app.client
+            .post(app.url(&format!("/api/v1/auctions/{id}/bids")))
+            .bearer_auth(&carol.token)
+            .header("Idempotency-Key", "carol-1")
+            .json(&json!({"amount": amount}))
+            .send()
+    };
+    let first = keyed(45_000).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: serde_json::Value = first.json().await.unwrap();
+    for _ in 0..6 {
+        let again = keyed(45_000).await.unwrap();
+        assert_eq!(again.status(), StatusCode::CREATED, "replays are not rate limited");
+        assert_eq!(again.json::<serde_json::Value>().await.unwrap(), first);
+    }
+    // Another user is not affected.
+    let dave = api.register("dave").await;
+    assert_eq!(api.bid(&dave, &id, 50_000, None).await.0, StatusCode::CREATED);
     app.stop().await;
+}
+
+/// Two databases sharing one JWT secret (a reset database, or two
+/// deployments): a token names a user of its own database only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_another_database_is_refused() {
+    let secret = "a shared secret that is long enough to be accepted";
+    let with_secret =
+        |config: &mut gavel::Config| config.jwt_secret = Some(gavel::auth::Secret::new(secret.to_owned()));
+    let first = TestApp::spawn_with(Backend::Sqlite, with_secret, NodeSettings::default()).await;
+    let second = TestApp::spawn_with(Backend::Sqlite, with_secret, NodeSettings::default()).await;
+    let alice = first.api().register("alice").await;
+    let (status, _) = first.api().get("/api/v1/users/me", Some(&alice.token)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = second.api().get("/api/v1/users/me", Some(&alice.token)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("UNAUTHENTICATED")));
+    first.stop().await;
+    second.stop().await;
 }

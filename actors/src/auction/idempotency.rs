@@ -50,20 +50,29 @@ impl<T> RecentKeys<T> {
         }
     }
 
-    /// Records or replaces the outcome for `key`.
-    pub fn insert(&mut self, key: IdempotencyKey, fingerprint: u64, outcome: T) {
+    /// Records or replaces the outcome for `key`. At capacity the oldest entry
+    /// that `is_pinned` does not hold is evicted; pinned entries (requests still
+    /// in flight, whose duplicates must find them) are never evicted, so the
+    /// cache may exceed its capacity by the number of pinned entries (which the
+    /// caller bounds).
+    pub fn insert(&mut self, key: IdempotencyKey, fingerprint: u64, outcome: T, is_pinned: impl Fn(&T) -> bool) {
         if let Some(entry) = self.entries.get_mut(&key) {
             *entry = Entry { fingerprint, outcome };
             return;
         }
-        if self.entries.len() == self.capacity
-            && let Some(oldest) = self.insertion_order.pop_front()
-        {
-            self.entries.remove(&oldest);
+        if self.entries.len() >= self.capacity {
+            let evictable = self
+                .insertion_order
+                .iter()
+                .position(|candidate| self.entries.get(candidate).is_some_and(|entry| !is_pinned(&entry.outcome)));
+            if let Some(position) = evictable
+                && let Some(oldest) = self.insertion_order.remove(position)
+            {
+                self.entries.remove(&oldest);
+            }
         }
         self.insertion_order.push_back(key.clone());
         self.entries.insert(key, Entry { fingerprint, outcome });
-        debug_assert!(self.entries.len() <= self.capacity);
         debug_assert_eq!(self.entries.len(), self.insertion_order.len());
     }
 
@@ -93,7 +102,7 @@ mod tests {
     fn same_key_same_request_hits_and_other_request_mismatches() {
         let mut keys = RecentKeys::new(4);
         assert_eq!(keys.lookup(&key(1, "a"), 7), Lookup::Miss);
-        keys.insert(key(1, "a"), 7, "first");
+        keys.insert(key(1, "a"), 7, "first", |_| false);
         assert_eq!(keys.lookup(&key(1, "a"), 7), Lookup::Hit(&mut "first"));
         assert_eq!(keys.lookup(&key(1, "a"), 8), Lookup::Mismatch);
         assert_eq!(keys.lookup(&key(2, "a"), 7), Lookup::Miss, "keys are per user");
@@ -102,11 +111,27 @@ mod tests {
     #[test]
     fn the_oldest_key_is_evicted_at_capacity() {
         let mut keys = RecentKeys::new(2);
-        keys.insert(key(1, "a"), 1, 1);
-        keys.insert(key(1, "b"), 1, 2);
-        keys.insert(key(1, "c"), 1, 3);
+        keys.insert(key(1, "a"), 1, 1, |_| false);
+        keys.insert(key(1, "b"), 1, 2, |_| false);
+        keys.insert(key(1, "c"), 1, 3, |_| false);
         assert_eq!(keys.len(), 2);
         assert_eq!(keys.lookup(&key(1, "a"), 1), Lookup::Miss);
+        assert_eq!(keys.lookup(&key(1, "c"), 1), Lookup::Hit(&mut 3));
+    }
+
+    #[test]
+    fn pinned_entries_are_never_evicted() {
+        // Odd outcomes stand for requests still in flight.
+        let pinned = |outcome: &i32| outcome % 2 == 1;
+        let mut keys = RecentKeys::new(2);
+        keys.insert(key(1, "a"), 1, 1, pinned);
+        keys.insert(key(1, "b"), 1, 2, pinned);
+        keys.insert(key(1, "c"), 1, 3, pinned);
+        assert_eq!(keys.lookup(&key(1, "a"), 1), Lookup::Hit(&mut 1), "in flight: kept although oldest");
+        assert_eq!(keys.lookup(&key(1, "b"), 1), Lookup::Miss, "the oldest evictable went instead");
+        keys.insert(key(1, "d"), 1, 5, pinned);
+        assert_eq!(keys.len(), 3, "over capacity rather than forget a request in flight");
+        assert_eq!(keys.lookup(&key(1, "a"), 1), Lookup::Hit(&mut 1));
         assert_eq!(keys.lookup(&key(1, "c"), 1), Lookup::Hit(&mut 3));
     }
 }
