@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use gavel_actors::node::{Leases, Node, NodeSettings};
 use gavel_actors::ports::{Clock, NoEvents, Store};
 use tokio::net::TcpListener;
@@ -17,12 +16,13 @@ use crate::auth::{self, Auth};
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::http::{self, ApiContext, ContextInner};
+use crate::listener::LimitedListener;
 use crate::ratelimit::RateLimiter;
 use crate::storage::{Db, DbStore};
 use crate::telemetry;
 
 pub struct Application {
-    listener: TcpListener,
+    listener: LimitedListener,
     context: ApiContext,
     sweeper: tokio::task::JoinHandle<()>,
 }
@@ -52,9 +52,7 @@ impl Application {
         };
         let database_id = db.database_id().await.context("reading the database id")?;
         let leases = Arc::new(Leases::none());
-        for (shard, epoch) in
-            db.acquire_all_shards(&node_id, clock.now_ms()).await.context("taking the shard leases")?
-        {
+        for (shard, epoch) in db.acquire_all_shards(&node_id).await.context("taking the shard leases")? {
             leases.grant(shard, epoch);
         }
         let store: Arc<dyn Store> = Arc::new(DbStore { db: db.clone(), node_id: node_id.clone() });
@@ -65,6 +63,7 @@ impl Application {
         node.sweep_once().await;
         let sweeper = node.spawn_sweeper();
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let listener = LimitedListener::new(listener, config.max_connections.max(1));
         info!(listen = %listener.local_addr()?, store = db.backend_name(), node_id, "gavel node ready");
         let context = ApiContext::new(ContextInner {
             db,
@@ -97,9 +96,6 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Application { listener, context, sweeper } = self;
         let router = http::router(context.clone());
-        let listener = listener.tap_io(|stream| {
-            let _ = stream.set_nodelay(true);
-        });
         axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
         info!("stopped taking requests; draining");
         sweeper.abort();

@@ -46,6 +46,9 @@ pub struct Config {
     /// batch is whatever arrived during the previous commit).
     #[arg(long, env = "GAVEL_COMMIT_DELAY_US", default_value_t = 0)]
     pub commit_delay_us: u64,
+    /// Open connections at most; at the cap new ones wait in the kernel's backlog.
+    #[arg(long, env = "GAVEL_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
 }
 
 fn parse_secret(text: &str) -> Result<Secret, String> {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod http;
+pub mod listener;
 pub mod ratelimit;
 pub mod storage;
 pub mod telemetry;

@@ -140,9 +140,12 @@ impl Db {
         reading!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
     }
 
-    /// Takes every shard for `owner`, raising each epoch (single node: this
-    /// node owns all of them). Returns `(shard, epoch)` pairs.
-    pub async fn acquire_all_shards(&self, owner: &str, now_ms: TimestampMs) -> Result<Vec<(u32, i64)>, sqlx::Error> {
+    /// Takes every shard for `owner`, raising each epoch, and returns the
+    /// `(shard, epoch)` pairs. A single node owns every shard and holds its
+    /// leases without expiry (`expires_at_ms` = never) until cluster membership
+    /// adds renewal; a second node started on the same database takes the
+    /// shards over, and the first one's writes are then refused (fenced).
+    pub async fn acquire_all_shards(&self, owner: &str) -> Result<Vec<(u32, i64)>, sqlx::Error> {
         let sql = "INSERT INTO shard_leases (shard, owner, epoch, expires_at_ms) VALUES ($1, $2, 1, $3) \
                    ON CONFLICT (shard) DO UPDATE SET owner = excluded.owner, \
                    epoch = shard_leases.epoch + 1, expires_at_ms = excluded.expires_at_ms RETURNING epoch";
@@ -160,7 +163,6 @@ impl Db {
             }
             tx.commit().await?;
         });
-        let _ = now_ms;
         Ok(leases)
     }
 

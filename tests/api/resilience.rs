@@ -228,3 +228,24 @@ async fn a_token_from_another_database_is_refused() {
     first.stop().await;
     second.stop().await;
 }
+
+/// At the connection cap, a new connection waits for a free slot instead of
+/// being served beyond the limit; when a connection closes, it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| config.max_connections = 2, NodeSettings::default()).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let first = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let waiting = tokio::spawn({
+        let client = crate::helpers::client();
+        let url = app.url("/health");
+        async move { client.get(url).send().await.map(|response| response.status()) }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a third connection is not served while two are open");
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("served once a slot frees");
+    assert_eq!(status.unwrap().unwrap(), StatusCode::OK);
+    app.stop().await;
+}
