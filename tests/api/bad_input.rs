@@ -35,10 +35,8 @@ fn token_with(header: Value, claims: Value, signature: &str) -> String {
 async fn bad_input_battery(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let api = app.api();
-    let seller = api.register("seller").await;
-    let bob = api.register("bob").await;
-    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
-    let id = auction["id"].as_str().unwrap().to_owned();
+    let (seller, bidders, id) = api.scene(&["bob"], json!({})).await;
+    let bob = &bidders[0];
     let bids = format!("/api/v1/auctions/{id}/bids");
     let token = Some(bob.token.as_str());
 
@@ -226,7 +224,7 @@ async fn bad_input_battery(backend: Backend) {
     assert_eq!(listed["items"].as_array().unwrap().len(), 1, "no auction was created by bad input");
     let (status, _) = api.get("/health", None).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, placed) = api.bid(&bob, &id, 12_000, None).await;
+    let (status, placed) = api.bid(bob, &id, 12_000, None).await;
     assert_eq!(status, StatusCode::CREATED, "a good bid still works: {placed}");
     app.stop().await;
 }

@@ -198,6 +198,18 @@ impl Api<'_> {
         self.post(&format!("/api/v1/auctions/{auction_id}/bids"), Some(&bidder.token), body).await
     }
 
+    /// A seller, the named bidders and one auction of the seller's (`auction_body`
+    /// with `overrides`): the opening of most tests.
+    pub async fn scene(&self, bidders: &[&str], overrides: Value) -> (User, Vec<User>, String) {
+        let seller = self.register("seller").await;
+        let mut users = Vec::new();
+        for name in bidders {
+            users.push(self.register(name).await);
+        }
+        let auction = self.create_auction(&seller, auction_body(overrides)).await;
+        (seller, users, auction["id"].as_str().expect("auction id").to_owned())
+    }
+
     pub async fn auction(&self, auction_id: &str) -> Value {
         let (status, auction) = self.get(&format!("/api/v1/auctions/{auction_id}"), None).await;
         assert_eq!(status, StatusCode::OK, "get auction: {auction}");

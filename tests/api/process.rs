@@ -56,14 +56,9 @@ async fn check_consistent(api: &Api<'_>, auction_id: &str) -> Vec<Value> {
 }
 
 async fn setup_auction(api: &Api<'_>, bidders: usize) -> (User, Vec<User>, String) {
-    let seller = api.register("seller").await;
-    let mut users = Vec::new();
-    for index in 0..bidders {
-        users.push(api.register(&format!("bidder_{index}")).await);
-    }
-    let auction = api.create_auction(&seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1}))).await;
-    let id = auction["id"].as_str().unwrap().to_owned();
-    (seller, users, id)
+    let names: Vec<String> = (0..bidders).map(|index| format!("bidder_{index}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    api.scene(&names, json!({"starting_price": 1_000, "min_increment": 1})).await
 }
 
 async fn sigkill_mid_storm_loses_no_acknowledged_bid(backend: Backend) {

@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::Connection;
 
-use crate::helpers::{Backend, HasApi, TestApp, auction_body, eventually, postgres_base_url};
+use crate::helpers::{Backend, HasApi, TestApp, eventually, postgres_base_url};
 use crate::on_both_backends;
 
 on_both_backends!(a_stale_lease_epoch_is_refused_inside_the_commit, idle_auctions_passivate_and_come_back);
@@ -31,12 +31,9 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
     let settings = NodeSettings { persistence_queue_capacity: 1, ..NodeSettings::default() };
     let app = TestApp::spawn_with(Backend::Postgres, |_| {}, settings).await;
     let api = app.api();
-    let seller = api.register("seller").await;
-    let bob = api.register("bob").await;
-    let carol = api.register("carol").await;
-    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
-    let id = auction["id"].as_str().unwrap().to_owned();
-    assert_eq!(api.bid(&bob, &id, 10_000, None).await.0, StatusCode::CREATED);
+    let (_seller, bidders, id) = api.scene(&["bob", "carol"], json!({})).await;
+    let (bob, carol) = (&bidders[0], &bidders[1]);
+    assert_eq!(api.bid(bob, &id, 10_000, None).await.0, StatusCode::CREATED);
 
     let url = app.database_url.clone().unwrap();
     let name = database_name(&url);
@@ -46,7 +43,7 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
     // Rejections: no database needed, answered at once.
     for _ in 0..20 {
         let started = std::time::Instant::now();
-        let (status, body) = api.bid(&carol, &id, 10_100, None).await;
+        let (status, body) = api.bid(carol, &id, 10_100, None).await;
         assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("BID_TOO_LOW")));
         assert!(started.elapsed() < Duration::from_secs(1));
     }
@@ -67,7 +64,7 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
     })
     .await;
     // ...so the next valid bid finds the queue full: 503 at once, not accepted.
-    let (status, body) = api.bid(&bob, &id, 12_000, None).await;
+    let (status, body) = api.bid(bob, &id, 12_000, None).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE")),
@@ -93,11 +90,9 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
 async fn a_stale_lease_epoch_is_refused_inside_the_commit(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let api = app.api();
-    let seller = api.register("seller").await;
-    let bob = api.register("bob").await;
-    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
-    let id = auction["id"].as_str().unwrap().to_owned();
-    assert_eq!(api.bid(&bob, &id, 10_000, None).await.0, StatusCode::CREATED);
+    let (_seller, bidders, id) = api.scene(&["bob"], json!({})).await;
+    let bob = &bidders[0];
+    assert_eq!(api.bid(bob, &id, 10_000, None).await.0, StatusCode::CREATED);
 
     // Another owner takes every shard: the epochs move on behind this node's back.
     let takeover = "UPDATE shard_leases SET owner = 'someone-else', epoch = epoch + 1";
@@ -113,7 +108,7 @@ async fn a_stale_lease_epoch_is_refused_inside_the_commit(backend: Backend) {
             sqlx::query(takeover).execute(&mut connection).await.unwrap();
         }
     }
-    let (status, body) = api.bid(&bob, &id, 20_000, Some(30_000)).await;
+    let (status, body) = api.bid(bob, &id, 20_000, Some(30_000)).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE")),
@@ -134,12 +129,9 @@ async fn idle_auctions_passivate_and_come_back(backend: Backend) {
     };
     let app = TestApp::spawn_with(backend, |_| {}, settings).await;
     let api = app.api();
-    let seller = api.register("seller").await;
-    let bob = api.register("bob").await;
-    let carol = api.register("carol").await;
-    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
-    let id = auction["id"].as_str().unwrap().to_owned();
-    assert_eq!(api.bid(&bob, &id, 10_000, Some(20_000)).await.0, StatusCode::CREATED);
+    let (_seller, bidders, id) = api.scene(&["bob", "carol"], json!({})).await;
+    let (bob, carol) = (&bidders[0], &bidders[1]);
+    assert_eq!(api.bid(bob, &id, 10_000, Some(20_000)).await.0, StatusCode::CREATED);
     assert_eq!(app.node.live_auctions(), 1);
     eventually(Duration::from_secs(10), "the idle auction to passivate", || {
         let live = app.node.live_auctions();
@@ -147,7 +139,7 @@ async fn idle_auctions_passivate_and_come_back(backend: Backend) {
     })
     .await;
     // Reactivated from the store: Bob's secret maximum survived, seq goes on.
-    let (status, placed) = api.bid(&carol, &id, 15_000, None).await;
+    let (status, placed) = api.bid(carol, &id, 15_000, None).await;
     assert_eq!(status, StatusCode::CREATED, "{placed}");
     assert_eq!(
         (placed["seq"].as_i64(), placed["leading"].as_bool(), placed["current_price"].as_i64()),
@@ -161,13 +153,11 @@ async fn bidders_over_their_rate_get_429_with_retry_after() {
     let app =
         TestApp::spawn_with(Backend::Sqlite, |config| config.bid_rate_per_user = 2, NodeSettings::default()).await;
     let api = app.api();
-    let seller = api.register("seller").await;
-    let bob = api.register("bob").await;
-    let auction = api.create_auction(&seller, auction_body(json!({}))).await;
-    let id = auction["id"].as_str().unwrap().to_owned();
+    let (_seller, bidders, id) = api.scene(&["bob"], json!({})).await;
+    let bob = &bidders[0];
     // A burst of twice the rate passes (whatever the rules say of each bid)...
     for amount in [10_000, 20_000, 30_000, 40_000] {
-        let (status, body) = api.bid(&bob, &id, amount, None).await;
+        let (status, body) = api.bid(bob, &id, amount, None).await;
         assert_ne!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     }
     // ...the next is refused, with Retry-After, and changes nothing.
