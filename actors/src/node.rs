@@ -5,7 +5,7 @@
 //! is in flight, stop the actors).
 //!
 //! Callers (the HTTP and WebSocket edges) use `place_bid`, `cancel` and
-//! `committed_state`; every call to an actor has a time limit.
+//! `live_auctions`; every call to an actor has a time limit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -17,7 +17,7 @@ use tokio::sync::OnceCell;
 use tracing::{debug, info, warn};
 
 use crate::admission::Admission;
-use crate::auction::state::{AuctionId, AuctionState, BidCommand, UserId};
+use crate::auction::state::{AuctionId, BidCommand, UserId};
 use crate::auction_actor::{AuctionActor, AuctionArgs, AuctionHandle, AuctionMsg, KeyedRequest, WriteOutcome};
 use crate::persistence::{PersistenceActor, PersistenceMsg, PersistenceSettings};
 use crate::ports::{Clock, EventSink, SHARD_COUNT, ShardLease, Store, shard_of};
@@ -159,17 +159,6 @@ impl Node {
         key: Option<KeyedRequest>,
     ) -> Result<WriteOutcome, NodeError> {
         self.call_write(auction_id, |reply| AuctionMsg::Cancel { by, key: key.clone(), reply }).await
-    }
-
-    /// The auction as the store holds it, from its live actor when there is one.
-    /// `None` when the auction is not live here (read it from the store).
-    pub async fn committed_state(&self, auction_id: AuctionId) -> Option<AuctionState> {
-        let handle = self.live_handle(auction_id)?;
-        let timeout = Some(self.settings.call_timeout);
-        match handle.actor.call(AuctionMsg::Committed, timeout).await {
-            Ok(CallResult::Success(state)) => Some(state),
-            _ => None,
-        }
     }
 
     pub fn live_auctions(&self) -> usize {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use gavel_actors::node::Node;
@@ -118,14 +118,14 @@ pub fn router(context: ApiContext) -> Router {
         .merge(SwaggerUi::new("/api/docs").url("/api/openapi.json", openapi))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(context.clone(), observe))
+        .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .with_state(context)
 }
 
 /// Time limit, request metrics by matched route (never the raw URL), and bid
 /// outcome counting.
-async fn observe(State(_context): State<ApiContext>, request: Request, next: Next) -> Response {
+async fn observe(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |path| intern_route(path.as_str()));
     let is_write = request.method() == axum::http::Method::POST;
@@ -152,9 +152,14 @@ async fn observe(State(_context): State<ApiContext>, request: Request, next: Nex
 /// Route labels as `&'static str`, so labelling a request allocates nothing.
 /// Only matched route templates arrive here: the set is the router's, bounded.
 fn intern_route(route: &str) -> &'static str {
-    static ROUTES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+    static ROUTES: std::sync::OnceLock<std::sync::RwLock<std::collections::HashSet<&'static str>>> =
         std::sync::OnceLock::new();
-    let mut routes = ROUTES.get_or_init(Default::default).lock().expect("route label lock");
+    let routes = ROUTES.get_or_init(Default::default);
+    // Every route is seen once and read ever after: a shared read lock, no contention.
+    if let Some(known) = routes.read().expect("route label lock").get(route) {
+        return known;
+    }
+    let mut routes = routes.write().expect("route label lock");
     if let Some(known) = routes.get(route) {
         return known;
     }
