@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use gavel_actors::node::{Leases, Node, NodeSettings};
-use gavel_actors::ports::{Clock, NoEvents, Store};
+use gavel_actors::ports::{Clock, EventSink, Store};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -20,11 +20,13 @@ use crate::listener::LimitedListener;
 use crate::ratelimit::RateLimiter;
 use crate::storage::{Db, DbStore};
 use crate::telemetry;
+use crate::ws::Hub;
 
 pub struct Application {
     listener: LimitedListener,
     context: ApiContext,
     sweeper: tokio::task::JoinHandle<()>,
+    ticker: tokio::task::JoinHandle<()>,
 }
 
 impl Application {
@@ -56,14 +58,15 @@ impl Application {
             leases.grant(shard, epoch);
         }
         let store: Arc<dyn Store> = Arc::new(DbStore { db: db.clone(), node_id: node_id.clone() });
-        let node = Node::start(settings, clock.clone(), store, Arc::new(NoEvents), leases)
-            .await
-            .context("starting the actors")?;
+        let hub = Hub::new(config.ws_settings());
+        let events: Arc<dyn EventSink> = hub.clone();
+        let node = Node::start(settings, clock.clone(), store, events, leases).await.context("starting the actors")?;
         // Auctions that should have opened or closed while the node was down do so now.
         node.sweep_once().await;
         let sweeper = node.spawn_sweeper();
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        let listener = LimitedListener::new(listener, config.max_connections.max(1));
+        let listener = LimitedListener::new(listener, config.max_connections.max(1))
+            .with_send_buffer(config.socket_send_buffer_bytes.map(|bytes| bytes as usize));
         info!(listen = %listener.local_addr()?, store = db.backend_name(), node_id, "gavel node ready");
         let context = ApiContext::new(ContextInner {
             db,
@@ -73,8 +76,10 @@ impl Application {
             clock,
             metrics,
             node_id,
+            hub: hub.clone(),
         });
-        Ok(Application { listener, context, sweeper })
+        let ticker = hub.spawn_ticker();
+        Ok(Application { listener, context, sweeper, ticker })
     }
 
     /// The actor side of this node, for tests and embedding.
@@ -94,12 +99,15 @@ impl Application {
     /// connections, in-flight requests answered (their bids committed), the
     /// persistence queue drained, the actors stopped, the store closed.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Application { listener, context, sweeper } = self;
+        let Application { listener, context, sweeper, ticker } = self;
         let router = http::router(context.clone());
         axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
         info!("stopped taking requests; draining");
         sweeper.abort();
         context.node.shutdown().await;
+        // Bid results of the last commits are written, then every socket closes.
+        context.hub.shut_down(std::time::Duration::from_secs(5)).await;
+        ticker.abort();
         context.db.close().await;
         info!("shutdown complete");
         Ok(())

@@ -49,6 +49,25 @@ pub struct Config {
     /// Open connections at most; at the cap new ones wait in the kernel's backlog.
     #[arg(long, env = "GAVEL_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+    /// Events kept per auction for WebSocket resumes (`since_seq`); also how far
+    /// a subscriber may fall behind before it gets a fresh snapshot instead.
+    #[arg(long, env = "GAVEL_WS_BUFFER_EVENTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub ws_buffer_events: u32,
+    /// Auctions one WebSocket connection may watch at once.
+    #[arg(long, env = "GAVEL_WS_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub ws_max_subscriptions: usize,
+    /// Messages per second one WebSocket client may send (bursts of twice that); 0: no limit.
+    #[arg(long, env = "GAVEL_WS_MESSAGES_PER_SEC", default_value_t = 50)]
+    pub ws_messages_per_sec: u32,
+    /// Seconds between server pings; a client silent for 2.5 intervals is disconnected.
+    #[arg(long, env = "GAVEL_WS_PING_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub ws_ping_secs: u64,
+    /// Seconds one write to a WebSocket client may take before the connection is closed.
+    #[arg(long, env = "GAVEL_WS_WRITE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub ws_write_timeout_secs: u64,
+    /// Kernel send buffer per connection, in bytes; unset: the kernel's automatic sizing.
+    #[arg(long, env = "GAVEL_SOCKET_SEND_BUFFER_BYTES", value_parser = clap::value_parser!(u64).range(4_096..=16_777_216))]
+    pub socket_send_buffer_bytes: Option<u64>,
 }
 
 fn parse_secret(text: &str) -> Result<Secret, String> {
@@ -62,6 +81,17 @@ impl Config {
     /// Defaults for tests and embedding: an ephemeral port, everything else as shipped.
     pub fn for_data_dir(data_dir: PathBuf) -> Config {
         Config::parse_from(["gavel", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap_or("./data")])
+    }
+
+    pub fn ws_settings(&self) -> crate::ws::WsSettings {
+        crate::ws::WsSettings {
+            buffer_events: self.ws_buffer_events as usize,
+            max_subscriptions: self.ws_max_subscriptions,
+            messages_per_sec: self.ws_messages_per_sec,
+            ping_interval: std::time::Duration::from_secs(self.ws_ping_secs),
+            write_timeout: std::time::Duration::from_secs(self.ws_write_timeout_secs),
+            ..crate::ws::WsSettings::default()
+        }
     }
 
     pub fn node_id(&self) -> String {

@@ -16,11 +16,20 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct LimitedListener {
     listener: TcpListener,
     permits: Arc<Semaphore>,
+    send_buffer_bytes: Option<usize>,
 }
 
 impl LimitedListener {
     pub fn new(listener: TcpListener, max_connections: usize) -> LimitedListener {
-        LimitedListener { listener, permits: Arc::new(Semaphore::new(max_connections)) }
+        LimitedListener { listener, permits: Arc::new(Semaphore::new(max_connections)), send_buffer_bytes: None }
+    }
+
+    /// Fixes each connection's kernel send buffer (otherwise the kernel sizes
+    /// it, up to megabytes): bounds what a slow WebSocket reader holds in the
+    /// kernel, so it is found slow sooner and costs less memory.
+    pub fn with_send_buffer(mut self, bytes: Option<usize>) -> LimitedListener {
+        self.send_buffer_bytes = bytes;
+        self
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -45,6 +54,9 @@ impl axum::serve::Listener for LimitedListener {
                 Ok((stream, address)) => {
                     // Bids are small request/response exchanges: send them at once.
                     let _ = stream.set_nodelay(true);
+                    if let Some(bytes) = self.send_buffer_bytes {
+                        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(bytes);
+                    }
                     return (LimitedStream { stream, _permit: permit }, address);
                 }
                 Err(error) => {

@@ -15,6 +15,9 @@ pub const BID_LATENCY_SECONDS: &str = "gavel_bid_latency_seconds";
 pub const PERSISTENCE_QUEUE_DEPTH: &str = "gavel_persistence_queue_depth";
 pub const HTTP_REQUESTS_TOTAL: &str = "gavel_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "gavel_http_request_duration_seconds";
+pub const WS_CONNECTIONS: &str = "gavel_ws_connections";
+pub const WS_MESSAGES_SENT_TOTAL: &str = "gavel_ws_messages_sent_total";
+pub const WS_SLOW_CONSUMER_RESYNCS_TOTAL: &str = "gavel_ws_slow_consumer_resyncs_total";
 
 /// Every outcome a bid can have, as the `outcome` label.
 pub const BID_OUTCOMES: &[&str] = &[
@@ -80,12 +83,22 @@ fn describe() {
     describe_gauge!(actor_names::LIVE_AUCTIONS, Unit::Count, "Auction actors running on this node.");
     describe_counter!(HTTP_REQUESTS_TOTAL, Unit::Count, "HTTP requests, by matched route and status.");
     describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, Unit::Seconds, "HTTP request duration, by matched route.");
+    describe_gauge!(WS_CONNECTIONS, Unit::Count, "Open WebSocket connections.");
+    describe_counter!(WS_MESSAGES_SENT_TOTAL, Unit::Count, "Messages written to WebSocket clients.");
+    describe_counter!(
+        WS_SLOW_CONSUMER_RESYNCS_TOTAL,
+        Unit::Count,
+        "Subscriptions that fell behind and were resynchronised by snapshot."
+    );
     for outcome in BID_OUTCOMES {
         metrics::counter!(BIDS_TOTAL, "outcome" => *outcome).absolute(0);
     }
     metrics::counter!(actor_names::COMMIT_FAILURES_TOTAL).absolute(0);
     metrics::gauge!(PERSISTENCE_QUEUE_DEPTH).set(0.0);
     metrics::gauge!(actor_names::LIVE_AUCTIONS).set(0.0);
+    metrics::gauge!(WS_CONNECTIONS).set(0.0);
+    metrics::counter!(WS_MESSAGES_SENT_TOTAL).absolute(0);
+    metrics::counter!(WS_SLOW_CONSUMER_RESYNCS_TOTAL).absolute(0);
 }
 
 /// `pretty` for people, `json` for machines. `RUST_LOG` filters (default `info`).

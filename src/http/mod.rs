@@ -47,6 +47,7 @@ pub struct ContextInner {
     pub clock: Arc<dyn Clock>,
     pub metrics: PrometheusHandle,
     pub node_id: String,
+    pub hub: Arc<crate::ws::Hub>,
 }
 
 impl std::ops::Deref for ApiContext {
@@ -115,6 +116,7 @@ pub fn api() -> (Router<ApiContext>, utoipa::openapi::OpenApi) {
 pub fn router(context: ApiContext) -> Router {
     let (api_routes, openapi) = api();
     api_routes
+        .route("/ws", axum::routing::get(crate::ws::upgrade))
         .merge(SwaggerUi::new("/api/docs").url("/api/openapi.json", openapi))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -145,7 +145,7 @@ impl BidResultView {
 }
 
 /// One accepted bid in the history.
-#[derive(Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct BidView {
     pub seq: i64,
     pub bidder: UserView,

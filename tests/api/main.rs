@@ -10,6 +10,8 @@ mod process;
 #[path = "../../actors/tests/reference/mod.rs"]
 mod reference;
 mod resilience;
+mod ws;
+mod ws_client;
 
 /// Runs an `async fn(Backend)` test once on SQLite and once on Postgres.
 #[macro_export]

@@ -1,0 +1,633 @@
+//! `GET /ws`: the WebSocket edge of docs/API.md on the same listener as REST.
+//! Bids go through `http::bids::place`, the same path as `POST …/bids`, so one
+//! actor decides every bid of an auction whichever edge it came from.
+//!
+//! Each connection is one task that reads the client, writes what its
+//! subscriptions and private queue hand it (feeding every ready frame, then
+//! flushing once), and pings the client. Everything is bounded: frame size,
+//! subscriptions, messages per second, bids in flight, the private queue, how
+//! far a subscription may fall behind (then it is resynchronised by snapshot),
+//! and how long one write may take (then the connection is closed).
+
+pub mod hub;
+pub mod protocol;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::SplitSink;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use gavel_actors::AuctionId;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_stream::StreamMap;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+pub use hub::{Hub, WsSettings};
+use protocol::{ClientMessage, Encoding, Frame, MSGPACK_PROTOCOL, ServerMessage, Version};
+
+use crate::http::ApiContext;
+use crate::http::bids::{PlaceBidRequest, place};
+use crate::http::error::ApiError;
+use crate::http::extract::{ApiQuery, AuthUser, parse_id};
+use crate::http::views::{AuctionView, BidView, UserView, timestamp};
+use crate::telemetry;
+
+/// The largest message a client may send.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+/// Recent bids in a snapshot.
+const SNAPSHOT_BIDS: u32 = 10;
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Frames written between two flushes at most.
+const WRITE_BATCH: usize = 256;
+
+/// Close codes (RFC 6455).
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_INVALID_PAYLOAD: u16 = 1007;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+
+#[derive(Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+}
+
+/// Upgrades to a WebSocket. A `?token=` that is present must be valid (401
+/// otherwise); without one the connection may watch, and `auth` later.
+pub async fn upgrade(
+    State(context): State<ApiContext>,
+    ApiQuery(params): ApiQuery<WsParams>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade
+        .map_err(|rejection| ApiError::InvalidRequest(format!("not a WebSocket upgrade: {}", rejection.body_text())))?;
+    let user = match params.token {
+        Some(token) => Some(context.auth.verify(&token).ok_or(ApiError::Unauthenticated)?),
+        None => None,
+    };
+    let upgrade = upgrade
+        .protocols([MSGPACK_PROTOCOL])
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_write_buffer_size(1024 * 1024)
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES);
+    let encoding = match upgrade.selected_protocol() {
+        Some(protocol) if protocol == MSGPACK_PROTOCOL => Encoding::MsgPack,
+        _ => Encoding::Json,
+    };
+    Ok(upgrade.on_upgrade(move |socket| serve(context, socket, user, encoding)).into_response())
+}
+
+enum Stop {
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+    /// The client closed, or the connection is dead: nothing more to say.
+    Gone,
+}
+
+/// Counts the connection (gauge, and the hub's count that shutdown waits on)
+/// for exactly as long as it lives.
+struct Counted(Arc<Hub>);
+
+impl Counted {
+    fn new(hub: Arc<Hub>) -> Counted {
+        metrics::gauge!(telemetry::WS_CONNECTIONS).increment(1.0);
+        hub.connection_opened();
+        Counted(hub)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        metrics::gauge!(telemetry::WS_CONNECTIONS).decrement(1.0);
+        self.0.connection_closed();
+    }
+}
+
+struct Connection {
+    context: ApiContext,
+    hub: Arc<Hub>,
+    id: u64,
+    encoding: Encoding,
+    sink: SplitSink<WebSocket, Message>,
+    user: Option<AuthUser>,
+    direct: mpsc::Sender<ServerMessage>,
+    overflow: Arc<Notify>,
+    subscriptions: StreamMap<AuctionId, BroadcastStream<Arc<Frame>>>,
+    /// What each subscription has been shown so far.
+    versions: HashMap<AuctionId, Version>,
+    budget: MessageBudget,
+    resyncs: VecDeque<Instant>,
+    bids_in_flight: Arc<Semaphore>,
+}
+
+async fn serve(context: ApiContext, socket: WebSocket, user: Option<AuthUser>, encoding: Encoding) {
+    let hub = context.hub.clone();
+    let _counted = Counted::new(hub.clone());
+    let settings = hub.settings.clone();
+    let (sink, mut stream) = socket.split();
+    let (direct, mut direct_queue) = mpsc::channel(settings.direct_queue.max(1));
+    let mut connection = Connection {
+        id: hub.connection_id(),
+        hub,
+        context,
+        encoding,
+        sink,
+        user: None,
+        direct,
+        overflow: Arc::new(Notify::new()),
+        subscriptions: StreamMap::new(),
+        versions: HashMap::new(),
+        budget: MessageBudget::new(settings.messages_per_sec, Instant::now()),
+        resyncs: VecDeque::new(),
+        bids_in_flight: Arc::new(Semaphore::new(settings.max_bids_in_flight.max(1))),
+    };
+    if let Some(user) = user {
+        connection.authenticate(user);
+    }
+    let stop = connection.run(&mut stream, &mut direct_queue).await;
+    connection.finish(stop, stream).await;
+}
+
+impl Connection {
+    async fn run(
+        &mut self,
+        stream: &mut futures_util::stream::SplitStream<WebSocket>,
+        direct_queue: &mut mpsc::Receiver<ServerMessage>,
+    ) -> Stop {
+        let mut shutdown = self.hub.shutdown_signal();
+        let ping_interval = self.hub.settings.ping_interval;
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let overflow = self.overflow.clone();
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => {
+                    // Bid results already decided are delivered before closing.
+                    let mut last = Vec::new();
+                    while let Ok(message) = direct_queue.try_recv() {
+                        last.push(message.encode(self.encoding));
+                    }
+                    if let Err(stop) = self.write(last).await {
+                        return stop;
+                    }
+                    return Stop::Close(CLOSE_GOING_AWAY, "server shutting down");
+                }
+                () = overflow.notified() => Err(Stop::Close(CLOSE_POLICY, "too slow to keep up")),
+                Some(message) = direct_queue.recv() => {
+                    let mut batch = vec![message.encode(self.encoding)];
+                    while batch.len() < WRITE_BATCH && let Ok(message) = direct_queue.try_recv() {
+                        batch.push(message.encode(self.encoding));
+                    }
+                    self.write(batch).await
+                }
+                Some((auction_id, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
+                    self.on_frames(auction_id, item).await
+                }
+                incoming = stream.next() => match incoming {
+                    None => Err(Stop::Gone),
+                    Some(Err(error)) => Err(read_error(error)),
+                    Some(Ok(message)) => {
+                        last_heard = Instant::now();
+                        self.on_message(message).await
+                    }
+                },
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > ping_interval * 2 + ping_interval / 2 {
+                        Err(Stop::Close(CLOSE_GOING_AWAY, "no answer to pings"))
+                    } else {
+                        self.write(vec![Message::Ping(Default::default())]).await
+                    }
+                }
+            };
+            if let Err(stop) = step {
+                return stop;
+            }
+        }
+    }
+
+    async fn finish(mut self, stop: Stop, mut stream: futures_util::stream::SplitStream<WebSocket>) {
+        if let Stop::Close(code, reason) = stop {
+            let close = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+            let sent = tokio::time::timeout(self.hub.settings.write_timeout, self.sink.send(close)).await;
+            // Wait briefly for the client's close, discarding what it still
+            // sends: closing with unread input would reset the connection and
+            // could lose our close frame on the way.
+            if matches!(sent, Ok(Ok(()))) {
+                let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                    while let Some(Ok(message)) = stream.next().await {
+                        if matches!(message, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.close()).await;
+        if let Some(user) = &self.user {
+            self.hub.unregister_user(user.id, self.id);
+        }
+    }
+
+    fn authenticate(&mut self, user: AuthUser) {
+        let route =
+            hub::PrivateRoute { connection: self.id, sender: self.direct.clone(), overflow: self.overflow.clone() };
+        self.hub.register_user(user.id, route);
+        self.user = Some(user);
+    }
+
+    /// Feeds every message, then flushes once; all within the write timeout.
+    async fn write(&mut self, messages: Vec<Message>) -> Result<(), Stop> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let count = messages.len() as u64;
+        let sink = &mut self.sink;
+        let written = tokio::time::timeout(self.hub.settings.write_timeout, async move {
+            for message in messages {
+                sink.feed(message).await?;
+            }
+            sink.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {
+                metrics::counter!(telemetry::WS_MESSAGES_SENT_TOTAL).increment(count);
+                Ok(())
+            }
+            // Too slow to take even this, or gone.
+            Ok(Err(_)) | Err(_) => Err(Stop::Gone),
+        }
+    }
+
+    async fn reply(&mut self, message: ServerMessage) -> Result<(), Stop> {
+        let encoded = message.encode(self.encoding);
+        self.write(vec![encoded]).await
+    }
+
+    /// Handles one subscription item and whatever else is ready right now, so a
+    /// burst of events leaves in one flush.
+    async fn on_frames(
+        &mut self,
+        auction_id: AuctionId,
+        first: Result<Arc<Frame>, BroadcastStreamRecvError>,
+    ) -> Result<(), Stop> {
+        let mut out = Vec::new();
+        let mut lagged = HashSet::new();
+        let mut item = Some((auction_id, first));
+        let mut handled = 0;
+        while let Some((auction_id, result)) = item.take() {
+            match result {
+                Ok(frame) if !lagged.contains(&auction_id) => self.accept(&frame, &mut out),
+                Ok(_) => {}
+                // Events were lost to this reader: nothing more of this auction
+                // is written until a snapshot has replaced the gap.
+                Err(BroadcastStreamRecvError::Lagged(_)) => {
+                    lagged.insert(auction_id);
+                }
+            }
+            handled += 1;
+            if handled < WRITE_BATCH {
+                item = self.subscriptions.next().now_or_never().flatten();
+            }
+        }
+        self.write(out).await?;
+        for auction_id in lagged {
+            self.resync(auction_id).await?;
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, frame: &Frame, out: &mut Vec<Message>) {
+        let Some(shown) = self.versions.get_mut(&frame.auction_id) else {
+            return;
+        };
+        if let Some(version) = frame.version {
+            if version <= *shown {
+                return;
+            }
+            *shown = version;
+        }
+        out.extend(frame.encoded(self.encoding).iter().cloned());
+    }
+
+    async fn resync(&mut self, auction_id: AuctionId) -> Result<(), Stop> {
+        metrics::counter!(telemetry::WS_SLOW_CONSUMER_RESYNCS_TOTAL).increment(1);
+        let now = Instant::now();
+        while self.resyncs.front().is_some_and(|at| now.duration_since(*at) > Duration::from_secs(60)) {
+            self.resyncs.pop_front();
+        }
+        self.resyncs.push_back(now);
+        if self.resyncs.len() > self.hub.settings.max_resyncs_per_minute {
+            return Err(Stop::Close(CLOSE_POLICY, "too slow to keep up"));
+        }
+        self.subscriptions.remove(&auction_id);
+        self.versions.remove(&auction_id);
+        let joined = self.hub.join(auction_id, None);
+        self.send_snapshot(auction_id, joined.receiver).await
+    }
+
+    async fn on_message(&mut self, message: Message) -> Result<(), Stop> {
+        let parsed = match message {
+            Message::Text(text) => {
+                if !self.admit().await? {
+                    return Ok(());
+                }
+                serde_json::from_str::<Value>(text.as_str()).map_err(|error| format!("not JSON: {error}"))
+            }
+            Message::Binary(bytes) => {
+                if !self.admit().await? {
+                    return Ok(());
+                }
+                rmp_serde::from_slice::<Value>(&bytes).map_err(|error| format!("not MessagePack: {error}"))
+            }
+            Message::Ping(_) | Message::Pong(_) => return Ok(()),
+            Message::Close(_) => {
+                // The close reply is queued by the protocol layer; send it.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.flush()).await;
+                return Err(Stop::Gone);
+            }
+        };
+        match parsed {
+            Ok(value) => self.handle(value).await,
+            Err(message) => self.reply(ServerMessage::error("INVALID_REQUEST", message)).await,
+        }
+    }
+
+    /// Charges one message to the budget: `false` (and an error to the client)
+    /// when it is spent; a client that keeps going regardless is closed.
+    async fn admit(&mut self) -> Result<bool, Stop> {
+        match self.budget.charge(Instant::now()) {
+            Charge::Admitted => Ok(true),
+            Charge::Refused => {
+                self.reply(ServerMessage::error("RATE_LIMITED", "too many messages; slow down")).await?;
+                Ok(false)
+            }
+            Charge::Flood => Err(Stop::Close(CLOSE_POLICY, "message rate exceeded")),
+        }
+    }
+
+    async fn handle(&mut self, value: Value) -> Result<(), Stop> {
+        let request_id = value.get("request_id").and_then(Value::as_str).map(str::to_owned);
+        let is_bid = value.get("type").and_then(Value::as_str) == Some("bid");
+        let message = match serde_json::from_value::<ClientMessage>(value) {
+            Ok(message) => message,
+            Err(error) => {
+                let error = ApiError::InvalidRequest(format!("invalid message: {error}"));
+                return match request_id {
+                    Some(request_id) if is_bid => self.reply(bid_error(request_id, &error)).await,
+                    _ => self.reply(api_error(&error)).await,
+                };
+            }
+        };
+        match message {
+            ClientMessage::Ping => {
+                self.reply(ServerMessage::Pong { server_time: timestamp(self.context.now_ms()) }).await
+            }
+            ClientMessage::Auth { token } => {
+                if self.user.is_some() {
+                    return self
+                        .reply(ServerMessage::error("INVALID_REQUEST", "this connection is authenticated"))
+                        .await;
+                }
+                match self.context.auth.verify(&token) {
+                    Some(user) => {
+                        let view = UserView { id: user.id, username: user.username.clone() };
+                        self.authenticate(user);
+                        self.reply(ServerMessage::Authenticated { user: view }).await
+                    }
+                    None => self.reply(ServerMessage::error("UNAUTHENTICATED", "invalid or expired token")).await,
+                }
+            }
+            ClientMessage::Subscribe { auction_id, since_seq } => match parse_id(&auction_id, "auction_id") {
+                Ok(auction_id) => self.subscribe(auction_id, since_seq).await,
+                Err(error) => self.reply(api_error(&error)).await,
+            },
+            ClientMessage::Unsubscribe { auction_id } => match parse_id(&auction_id, "auction_id") {
+                Ok(auction_id) => {
+                    self.subscriptions.remove(&auction_id);
+                    self.versions.remove(&auction_id);
+                    Ok(())
+                }
+                Err(error) => self.reply(api_error(&error)).await,
+            },
+            ClientMessage::Bid { request_id, auction_id, amount, max_amount } => {
+                self.bid(request_id, auction_id, PlaceBidRequest { amount, max_amount }).await
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, auction_id: AuctionId, since_seq: Option<u64>) -> Result<(), Stop> {
+        let resubscribing = self.versions.contains_key(&auction_id);
+        if !resubscribing && self.versions.len() >= self.hub.settings.max_subscriptions {
+            let message = format!("at most {} subscriptions per connection", self.hub.settings.max_subscriptions);
+            return self
+                .reply(ServerMessage::Error { code: "TOO_MANY_SUBSCRIPTIONS", message, auction_id: Some(auction_id) })
+                .await;
+        }
+        self.subscriptions.remove(&auction_id);
+        self.versions.remove(&auction_id);
+        let joined = self.hub.join(auction_id, since_seq);
+        match joined.replay {
+            Some((version, frames)) => {
+                self.versions.insert(auction_id, version);
+                self.subscriptions.insert(auction_id, BroadcastStream::new(joined.receiver));
+                let mut out = Vec::new();
+                for frame in &frames {
+                    self.accept(frame, &mut out);
+                }
+                self.write(out).await
+            }
+            None => self.send_snapshot(auction_id, joined.receiver).await,
+        }
+    }
+
+    /// The auction as committed, then its events from there on. The receiver
+    /// was subscribed before the store is read, so whatever is published
+    /// meanwhile is either in the snapshot (and dropped as already shown) or
+    /// after it.
+    async fn send_snapshot(
+        &mut self,
+        auction_id: AuctionId,
+        receiver: broadcast::Receiver<Arc<Frame>>,
+    ) -> Result<(), Stop> {
+        let db = self.context.db.clone();
+        let read = async {
+            let Some(row) = db.auction(auction_id).await? else {
+                return Ok(None);
+            };
+            let bids = db.bids(auction_id, row.seq + 1, SNAPSHOT_BIDS).await?;
+            Ok::<_, sqlx::Error>(Some((row, bids)))
+        };
+        let (row, bids) = match tokio::time::timeout(SNAPSHOT_TIMEOUT, read).await {
+            Ok(Ok(Some(found))) => found,
+            Ok(Ok(None)) => {
+                let message = ServerMessage::Error {
+                    code: "AUCTION_NOT_FOUND",
+                    message: "no such auction".to_owned(),
+                    auction_id: Some(auction_id),
+                };
+                return self.reply(message).await;
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%error, %auction_id, "reading a snapshot");
+                return self.reply(unavailable(auction_id)).await;
+            }
+            Err(_) => return self.reply(unavailable(auction_id)).await,
+        };
+        let now = self.context.now_ms();
+        let viewer = self.user.as_ref().map(|user| user.id);
+        let snapshot = ServerMessage::Snapshot {
+            auction_id,
+            auction: Box::new(AuctionView::from_row(&row, viewer, now)),
+            recent_bids: bids.iter().map(BidView::from).collect(),
+            viewers: self.hub.viewers(auction_id),
+            server_time: timestamp(now),
+        };
+        self.versions.insert(auction_id, Version::of(row.seq as u64, row.status()));
+        self.subscriptions.insert(auction_id, BroadcastStream::new(receiver));
+        self.reply(snapshot).await
+    }
+
+    async fn bid(&mut self, request_id: String, auction_id: String, request: PlaceBidRequest) -> Result<(), Stop> {
+        let Some(user) = self.user.clone() else {
+            return self.reply(bid_error(request_id, &ApiError::Unauthenticated)).await;
+        };
+        if request_id.is_empty()
+            || request_id.len() > 64
+            || !request_id.bytes().all(|byte| (0x20..=0x7e).contains(&byte))
+        {
+            let error = ApiError::InvalidRequest("request_id must be 1 to 64 printable ASCII characters".to_owned());
+            return self.reply(bid_error(request_id, &error)).await;
+        }
+        let auction_id = match parse_id(&auction_id, "auction_id") {
+            Ok(auction_id) => auction_id,
+            Err(error) => return self.reply(bid_error(request_id, &error)).await,
+        };
+        let Ok(permit) = self.bids_in_flight.clone().try_acquire_owned() else {
+            let error = ApiError::RateLimited { retry_after_secs: 1 };
+            return self.reply(bid_error(request_id, &error)).await;
+        };
+        let context = self.context.clone();
+        let direct = self.direct.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let outcome = place(&context, &user, auction_id, &request, Some(request_id.clone())).await;
+            let label = outcome.as_ref().map_or_else(ApiError::code, |_| "accepted");
+            metrics::counter!(telemetry::BIDS_TOTAL, "outcome" => label).increment(1);
+            metrics::histogram!(telemetry::BID_LATENCY_SECONDS).record(started.elapsed().as_secs_f64());
+            let message = match outcome {
+                Ok(result) => ServerMessage::BidResult { request_id, result: Some(result), error: None },
+                Err(error) => bid_error(request_id, &error),
+            };
+            // Waits while the connection's queue is full; ends when it closes.
+            let _ = direct.send(message).await;
+            drop(permit);
+        });
+        Ok(())
+    }
+}
+
+fn bid_error(request_id: String, error: &ApiError) -> ServerMessage {
+    ServerMessage::BidResult { request_id, result: None, error: Some(error.detail()) }
+}
+
+fn api_error(error: &ApiError) -> ServerMessage {
+    let message = error.detail().get("message").and_then(Value::as_str).unwrap_or_default().to_owned();
+    ServerMessage::error(error.code(), message)
+}
+
+fn unavailable(auction_id: AuctionId) -> ServerMessage {
+    ServerMessage::Error {
+        code: "UNAVAILABLE",
+        message: "the auction cannot be read right now; subscribe again".to_owned(),
+        auction_id: Some(auction_id),
+    }
+}
+
+/// Why reading failed, as the close the client should get.
+fn read_error(error: axum::Error) -> Stop {
+    match error.into_inner().downcast::<tungstenite::Error>() {
+        Ok(error) => match *error {
+            tungstenite::Error::Capacity(_) => Stop::Close(CLOSE_TOO_BIG, "message too big"),
+            tungstenite::Error::Utf8(_) => Stop::Close(CLOSE_INVALID_PAYLOAD, "text frame is not UTF-8"),
+            tungstenite::Error::Protocol(_) => Stop::Close(CLOSE_PROTOCOL_ERROR, "protocol error"),
+            _ => Stop::Gone,
+        },
+        Err(_) => Stop::Gone,
+    }
+}
+
+enum Charge {
+    Admitted,
+    Refused,
+    Flood,
+}
+
+/// A token bucket in thousandths of a message: `per_sec` a second, bursts of
+/// twice that. Refusals in a row beyond one second's worth are a flood.
+struct MessageBudget {
+    per_sec: u64,
+    milli_tokens: u64,
+    refilled: Instant,
+    refused_in_a_row: u64,
+}
+
+impl MessageBudget {
+    fn new(per_sec: u32, now: Instant) -> MessageBudget {
+        let per_sec = u64::from(per_sec);
+        MessageBudget { per_sec, milli_tokens: per_sec * 2_000, refilled: now, refused_in_a_row: 0 }
+    }
+
+    fn charge(&mut self, now: Instant) -> Charge {
+        if self.per_sec == 0 {
+            return Charge::Admitted;
+        }
+        let elapsed_ms = now.duration_since(self.refilled).as_millis() as u64;
+        if elapsed_ms > 0 {
+            self.milli_tokens = (self.milli_tokens + elapsed_ms * self.per_sec).min(self.per_sec * 2_000);
+            self.refilled = now;
+        }
+        if self.milli_tokens >= 1_000 {
+            self.milli_tokens -= 1_000;
+            self.refused_in_a_row = 0;
+            return Charge::Admitted;
+        }
+        self.refused_in_a_row += 1;
+        if self.refused_in_a_row > self.per_sec { Charge::Flood } else { Charge::Refused }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_allows_bursts_refuses_then_calls_a_flood() {
+        let start = Instant::now();
+        let mut budget = MessageBudget::new(5, start);
+        for _ in 0..10 {
+            assert!(matches!(budget.charge(start), Charge::Admitted));
+        }
+        for _ in 0..5 {
+            assert!(matches!(budget.charge(start), Charge::Refused));
+        }
+        assert!(matches!(budget.charge(start), Charge::Flood));
+        // A fifth of a second later one message's worth has come back.
+        assert!(matches!(budget.charge(start + Duration::from_millis(200)), Charge::Admitted));
+    }
+}

@@ -1,0 +1,275 @@
+//! The WebSocket protocol of docs/API.md: what clients send, what the server
+//! sends, and the two encodings: JSON text frames, or MessagePack binary frames
+//! of the same shapes for clients that ask for the `gavel.msgpack` subprotocol.
+
+use std::sync::OnceLock;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use gavel_actors::{AuctionId, AuctionState, Event, Status};
+use serde::{Deserialize, Serialize};
+use serde_json::{Number, Value};
+use uuid::Uuid;
+
+use crate::http::views::{AuctionView, BidResultView, BidView, UserView, timestamp};
+
+pub const MSGPACK_PROTOCOL: &str = "gavel.msgpack";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Json,
+    MsgPack,
+}
+
+/// Everything a client may send.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    Auth { token: String },
+    Subscribe { auction_id: String, since_seq: Option<u64> },
+    Unsubscribe { auction_id: String },
+    Bid { request_id: String, auction_id: String, amount: Number, max_amount: Option<Number> },
+    Ping,
+}
+
+/// Everything the server sends. Auction messages carry `auction_id`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    Snapshot {
+        auction_id: Uuid,
+        auction: Box<AuctionView>,
+        /// The last (at most 10) bids, newest first.
+        recent_bids: Vec<BidView>,
+        viewers: u64,
+        server_time: String,
+    },
+    Bid {
+        auction_id: Uuid,
+        seq: u64,
+        current_price: i64,
+        leader: UserView,
+        bid_count: u64,
+        end_at: String,
+        reserve_met: bool,
+        placed_at: String,
+    },
+    Extended {
+        auction_id: Uuid,
+        seq: u64,
+        end_at: String,
+    },
+    Started {
+        auction_id: Uuid,
+        seq: u64,
+    },
+    Ended {
+        auction_id: Uuid,
+        seq: u64,
+        winner: Option<UserView>,
+        final_price: Option<i64>,
+        reserve_met: bool,
+    },
+    Cancelled {
+        auction_id: Uuid,
+        seq: u64,
+    },
+    Viewers {
+        auction_id: Uuid,
+        count: u64,
+    },
+    Outbid {
+        auction_id: Uuid,
+        current_price: i64,
+        seq: u64,
+    },
+    Won {
+        auction_id: Uuid,
+        final_price: i64,
+        seq: u64,
+    },
+    BidResult {
+        request_id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<BidResultView>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<Value>,
+    },
+    Authenticated {
+        user: UserView,
+    },
+    Pong {
+        server_time: String,
+    },
+    Error {
+        code: &'static str,
+        message: String,
+        /// The auction a failed `subscribe` named.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auction_id: Option<Uuid>,
+    },
+}
+
+impl ServerMessage {
+    pub fn error(code: &'static str, message: impl Into<String>) -> ServerMessage {
+        ServerMessage::Error { code, message: message.into(), auction_id: None }
+    }
+
+    pub fn encode(&self, encoding: Encoding) -> Message {
+        match encoding {
+            Encoding::Json => {
+                let text = serde_json::to_string(self).expect("server messages always serialise to JSON");
+                Message::Text(Utf8Bytes::from(text))
+            }
+            Encoding::MsgPack => Message::Binary(to_msgpack(self).into()),
+        }
+    }
+}
+
+/// MessagePack with named fields and the same textual forms as JSON (UUIDs
+/// and times as strings): the same shapes in both encodings.
+pub fn to_msgpack(value: &impl Serialize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(256);
+    let mut serializer = rmp_serde::Serializer::new(&mut bytes).with_struct_map().with_human_readable();
+    value.serialize(&mut serializer).expect("server messages always serialise to MessagePack");
+    bytes
+}
+
+/// Where an auction's sequence of events stands: the `seq` and how far its
+/// lifecycle has gone. Every event moves it forward (a bid raises `seq`; start,
+/// end and cancel raise the stage at the same `seq`), so a subscriber drops any
+/// event not past what it has already been shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub seq: u64,
+    pub stage: u8,
+}
+
+impl Version {
+    pub fn of(seq: u64, status: Status) -> Version {
+        let stage = match status {
+            Status::Scheduled => 0,
+            Status::Active => 1,
+            Status::Ended | Status::Cancelled => 2,
+        };
+        Version { seq, stage }
+    }
+}
+
+enum Body {
+    Event(Event),
+    Viewers(u64),
+}
+
+/// One durable event (or a viewer count) as every subscriber gets it. It is
+/// encoded at most once per encoding, by whichever subscriber needs it first,
+/// and the bytes are shared by all of them.
+pub struct Frame {
+    pub auction_id: AuctionId,
+    /// `None` for viewer counts, which are not part of the ordered sequence.
+    pub version: Option<Version>,
+    /// The `seq` of the bid this frame carries, if it is a bid.
+    pub bid_seq: Option<u64>,
+    body: Body,
+    json: OnceLock<Vec<Message>>,
+    msgpack: OnceLock<Vec<Message>>,
+}
+
+impl Frame {
+    pub fn event(event: &Event, state: &AuctionState) -> Frame {
+        let (version, bid_seq) = match event {
+            Event::BidPlaced(placed) => (Version { seq: placed.seq, stage: 1 }, Some(placed.seq)),
+            Event::Started { seq } => (Version { seq: *seq, stage: 1 }, None),
+            Event::Ended { seq, .. } | Event::Cancelled { seq } => (Version { seq: *seq, stage: 2 }, None),
+        };
+        Frame {
+            auction_id: state.id,
+            version: Some(version),
+            bid_seq,
+            body: Body::Event(event.clone()),
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    pub fn viewers(auction_id: AuctionId, count: u64) -> Frame {
+        Frame {
+            auction_id,
+            version: None,
+            bid_seq: None,
+            body: Body::Viewers(count),
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    /// True for lifecycle events (start, end, cancel).
+    pub fn is_lifecycle(&self) -> bool {
+        self.version.is_some() && self.bid_seq.is_none()
+    }
+
+    pub fn encoded(&self, encoding: Encoding) -> &[Message] {
+        let cell = match encoding {
+            Encoding::Json => &self.json,
+            Encoding::MsgPack => &self.msgpack,
+        };
+        cell.get_or_init(|| self.messages().iter().map(|message| message.encode(encoding)).collect())
+    }
+
+    fn messages(&self) -> Vec<ServerMessage> {
+        let auction_id = self.auction_id;
+        match &self.body {
+            Body::Viewers(count) => vec![ServerMessage::Viewers { auction_id, count: *count }],
+            Body::Event(event) => match event {
+                Event::BidPlaced(placed) => {
+                    let mut messages = vec![ServerMessage::Bid {
+                        auction_id,
+                        seq: placed.seq,
+                        current_price: placed.current_price.minor_units(),
+                        leader: UserView::from(&placed.leader),
+                        bid_count: placed.bid_count,
+                        end_at: timestamp(placed.end_at_ms),
+                        reserve_met: placed.reserve_met,
+                        placed_at: timestamp(placed.placed_at_ms),
+                    }];
+                    if placed.extended {
+                        messages.push(ServerMessage::Extended {
+                            auction_id,
+                            seq: placed.seq,
+                            end_at: timestamp(placed.end_at_ms),
+                        });
+                    }
+                    messages
+                }
+                Event::Started { seq } => vec![ServerMessage::Started { auction_id, seq: *seq }],
+                Event::Ended { seq, winner, final_price, reserve_met } => vec![ServerMessage::Ended {
+                    auction_id,
+                    seq: *seq,
+                    winner: winner.as_ref().map(UserView::from),
+                    final_price: final_price.map(|price| price.minor_units()),
+                    reserve_met: *reserve_met,
+                }],
+                Event::Cancelled { seq } => vec![ServerMessage::Cancelled { auction_id, seq: *seq }],
+            },
+        }
+    }
+}
+
+/// The private messages an event causes: `outbid` to whoever just lost the
+/// lead, `won` to the winner.
+pub fn private_messages(event: &Event, auction_id: AuctionId) -> Option<(Uuid, ServerMessage)> {
+    match event {
+        Event::BidPlaced(placed) => placed.outbid.as_ref().map(|outbid| {
+            let message = ServerMessage::Outbid {
+                auction_id,
+                current_price: placed.current_price.minor_units(),
+                seq: placed.seq,
+            };
+            (outbid.id, message)
+        }),
+        Event::Ended { seq, winner: Some(winner), final_price: Some(price), .. } => {
+            let message = ServerMessage::Won { auction_id, final_price: price.minor_units(), seq: *seq };
+            Some((winner.id, message))
+        }
+        _ => None,
+    }
+}

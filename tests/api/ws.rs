@@ -1,0 +1,529 @@
+//! The WebSocket protocol over real sockets: ordering without gaps while REST
+//! and WebSocket bidders race, resumes, a stalled reader, private messages,
+//! MessagePack against JSON, bad frames, heartbeats and shutdown.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{Acknowledged, Backend, HasApi, TestApp, User, start_storm};
+use crate::on_both_backends;
+use crate::ws_client::{WsClient, ws_url};
+use gavel_actors::node::NodeSettings;
+
+on_both_backends!(watchers_see_every_bid_once_in_order);
+
+/// Bids over the socket until `attempts` answers came back; the accepted results.
+async fn ws_bidder(address: String, bidder: User, auction_id: String, attempts: usize, offset: i64) -> Vec<Value> {
+    let mut client = WsClient::connect(&address, Some(&bidder.token)).await;
+    let mut amount = 1_000 + offset;
+    let mut accepted = Vec::new();
+    for attempt in 0..attempts {
+        let request_id = format!("{}-{attempt}", bidder.username);
+        client.send(json!({"type": "bid", "request_id": request_id, "auction_id": auction_id, "amount": amount})).await;
+        let answer = client.next_of("bid_result").await;
+        assert_eq!(answer["request_id"], request_id.as_str(), "bid_result carries the request_id");
+        if let Some(result) = answer.get("result") {
+            assert_eq!(result["accepted"], true);
+            accepted.push(json!({"bidder": bidder.id, "amount": amount, "result": result}));
+            amount = result["current_price"].as_i64().unwrap() + 1 + offset;
+        } else {
+            let error = &answer["error"];
+            match error["code"].as_str() {
+                Some("BID_TOO_LOW") => amount = error["min_bid"].as_i64().unwrap() + offset,
+                Some("ALREADY_LEADING") => amount += 1,
+                other => panic!("unexpected bid error {other:?}: {answer}"),
+            }
+        }
+    }
+    accepted
+}
+
+/// Reads a watcher's messages after its snapshot until it has seen bid `last_seq`.
+async fn bids_until(watcher: &mut WsClient, last_seq: u64) -> Vec<Value> {
+    let mut bids = Vec::new();
+    while bids.last().is_none_or(|bid: &Value| bid["seq"].as_u64() != Some(last_seq)) {
+        let message = watcher.next_event().await;
+        assert_eq!(message["type"], "bid", "only bids follow here: {message}");
+        bids.push(message);
+    }
+    bids
+}
+
+async fn watchers_see_every_bid_once_in_order(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let api = app.api();
+    let (seller, bidders, auction_id) = api
+        .scene(
+            &["rest_0", "rest_1", "rest_2", "ws_0", "ws_1", "ws_2"],
+            json!({"starting_price": 1_000, "min_increment": 1}),
+        )
+        .await;
+    let mut json_watcher = WsClient::connect(&app.address, None).await;
+    let mut msgpack_watcher = WsClient::connect_msgpack(&app.address, None).await;
+    let mut seller_watcher = WsClient::connect(&app.address, Some(&seller.token)).await;
+    let mut snapshots = Vec::new();
+    for watcher in [&mut json_watcher, &mut msgpack_watcher, &mut seller_watcher] {
+        let snapshot = watcher.subscribe(&auction_id).await;
+        assert_eq!(snapshot["auction"]["seq"], 0);
+        assert_eq!(snapshot["recent_bids"], json!([]));
+        snapshots.push(snapshot);
+    }
+
+    let mut bidders = bidders.into_iter();
+    let rest_bidders: Vec<User> = bidders.by_ref().take(3).collect();
+    let acknowledged: Acknowledged = Arc::default();
+    let storm = start_storm(app.address.clone(), rest_bidders, auction_id.clone(), acknowledged.clone(), 25);
+    let ws_storm: Vec<_> = bidders
+        .enumerate()
+        .map(|(index, bidder)| {
+            tokio::spawn(ws_bidder(app.address.clone(), bidder, auction_id.clone(), 25, index as i64 % 3))
+        })
+        .collect();
+    for bidder in storm {
+        bidder.await.expect("REST bidder");
+    }
+    let mut ws_accepted = Vec::new();
+    for bidder in ws_storm {
+        ws_accepted.extend(bidder.await.expect("WebSocket bidder"));
+    }
+
+    let history = api.history(&auction_id).await;
+    let rest_accepted = acknowledged.lock().unwrap().len();
+    let n = history.len() as u64;
+    assert_eq!(n as usize, rest_accepted + ws_accepted.len(), "every 201 and every accepted bid_result is one bid");
+    assert!(!ws_accepted.is_empty() && rest_accepted > 0, "both edges got bids in");
+    let by_seq: HashMap<u64, &Value> = history.iter().map(|row| (row["seq"].as_u64().unwrap(), row)).collect();
+    for accepted in &ws_accepted {
+        let row = by_seq[&accepted["result"]["seq"].as_u64().unwrap()];
+        assert_eq!(row["bidder"]["id"], accepted["bidder"]);
+        assert_eq!(row["amount"], accepted["amount"]);
+    }
+
+    let mut streams = Vec::new();
+    for watcher in [&mut json_watcher, &mut msgpack_watcher, &mut seller_watcher] {
+        let bids = bids_until(watcher, n).await;
+        assert_eq!(bids.len() as u64, n, "every bid exactly once");
+        for (position, (bid, row)) in bids.iter().zip(&history).enumerate() {
+            assert_eq!(bid["seq"].as_u64(), Some(position as u64 + 1), "in seq order without gaps");
+            assert_eq!(bid["auction_id"], auction_id.as_str());
+            assert_eq!(bid["current_price"], row["current_price"], "price as committed");
+            assert_eq!(bid["leader"], row["leader"], "leader as committed");
+            assert_eq!(bid["bid_count"], row["seq"]);
+            assert_eq!(bid["placed_at"], row["placed_at"]);
+        }
+        assert_eq!(watcher.drain().await, Vec::<Value>::new(), "nothing after the last bid");
+        streams.push(bids);
+    }
+    assert_eq!(streams[0], streams[1], "MessagePack carries what JSON carries");
+    assert_eq!(streams[0], streams[2]);
+
+    app.stop().await;
+    let close = json_watcher.close_frame().await.expect("a close frame on shutdown");
+    assert_eq!(u16::from(close.code), 1001, "going away: {close:?}");
+}
+
+/// `count` more accepted bids, each 10 above the last, the two bidders taking turns.
+async fn bid_up(api: &crate::helpers::Api<'_>, bidders: &[User], auction_id: &str, count: u64) {
+    let auction = api.auction(auction_id).await;
+    let seq = auction["seq"].as_u64().unwrap();
+    for next in seq + 1..=seq + count {
+        let (status, body) = api.bid(&bidders[(next % 2) as usize], auction_id, 1_000 + next as i64 * 10, None).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_replays_missed_events_or_sends_a_snapshot() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| config.ws_buffer_events = 8, NodeSettings::default()).await;
+    let api = app.api();
+    let (_seller, bidders, auction_id) =
+        api.scene(&["ann", "bob"], json!({"starting_price": 1_000, "min_increment": 10})).await;
+    let mut watcher = WsClient::connect(&app.address, None).await;
+    watcher.subscribe(&auction_id).await;
+    bid_up(&api, &bidders, &auction_id, 3).await;
+    let seen = bids_until(&mut watcher, 3).await;
+    assert_eq!(seen.len(), 3);
+    drop(watcher);
+
+    bid_up(&api, &bidders, &auction_id, 3).await;
+    let mut watcher = WsClient::connect(&app.address, None).await;
+    watcher.send(json!({"type": "subscribe", "auction_id": auction_id, "since_seq": 3})).await;
+    let replayed = bids_until(&mut watcher, 6).await;
+    let seqs: Vec<u64> = replayed.iter().map(|bid| bid["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![4, 5, 6], "exactly the missed events, no snapshot");
+    assert_eq!(watcher.drain().await, Vec::<Value>::new());
+    drop(watcher);
+
+    // More than the buffer holds (8) happen while away: a superseding snapshot.
+    bid_up(&api, &bidders, &auction_id, 12).await;
+    let mut watcher = WsClient::connect(&app.address, None).await;
+    watcher.send(json!({"type": "subscribe", "auction_id": auction_id, "since_seq": 6})).await;
+    let snapshot = watcher.next_event().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    assert_eq!(snapshot["auction"]["seq"], 18);
+    assert_eq!(snapshot["auction"]["current_price"], 1_000 + 18 * 10);
+    let recent: Vec<u64> =
+        snapshot["recent_bids"].as_array().unwrap().iter().map(|bid| bid["seq"].as_u64().unwrap()).collect();
+    assert_eq!(recent, (9..=18).rev().collect::<Vec<u64>>(), "the last ten bids, newest first");
+    bid_up(&api, &bidders, &auction_id, 1).await;
+    let next = bids_until(&mut watcher, 19).await;
+    assert_eq!(next.len(), 1, "and the events after it: {next:?}");
+    app.stop().await;
+}
+
+/// The Prometheus counter of snapshot resyncs, read from /metrics.
+async fn resyncs(app: &TestApp) -> u64 {
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("gavel_ws_slow_consumer_resyncs_total "))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_blocks_nobody_and_catches_up_by_snapshot() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |config| {
+            config.ws_buffer_events = 16;
+            config.ws_messages_per_sec = 0;
+            config.ws_write_timeout_secs = 60;
+            config.socket_send_buffer_bytes = Some(8 * 1024);
+        },
+        NodeSettings::default(),
+    )
+    .await;
+    let api = app.api();
+    let (_seller, bidders, auction_id) =
+        api.scene(&["ann", "bob"], json!({"starting_price": 1_000, "min_increment": 1})).await;
+
+    // The stalled reader: a tiny receive buffer, and it stops reading after its snapshot.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.address.trim_start_matches("http://").parse().unwrap()).await.unwrap();
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (stream, _) = tokio_tungstenite::client_async(ws_url(&app.address, None), stream).await.unwrap();
+    let mut stalled = WsClient { stream, msgpack: false };
+    stalled.subscribe(&auction_id).await;
+    let mut healthy = WsClient::connect(&app.address, None).await;
+    healthy.subscribe(&auction_id).await;
+    let resyncs_before = resyncs(&app).await;
+
+    // Bids pour in over the socket while the stalled reader reads nothing; each
+    // is answered, and the healthy reader sees every one.
+    let total: u64 = 800;
+    let healthy_reader = tokio::spawn(async move {
+        let bids = bids_until(&mut healthy, total).await;
+        (healthy, bids)
+    });
+    let mut bidder_clients = Vec::new();
+    for bidder in &bidders {
+        bidder_clients.push(WsClient::connect(&app.address, Some(&bidder.token)).await);
+    }
+    for seq in 1..=total {
+        let client = &mut bidder_clients[(seq % 2) as usize];
+        let amount = 1_000 + seq as i64;
+        client
+            .send(json!({"type": "bid", "request_id": format!("b-{seq}"), "auction_id": auction_id, "amount": amount}))
+            .await;
+        let result = client.next_of("bid_result").await;
+        assert_eq!(result["result"]["seq"], seq, "{result}");
+    }
+    let (_healthy, bids) = healthy_reader.await.expect("healthy reader");
+    assert!(
+        bids.iter().enumerate().all(|(index, bid)| bid["seq"] == index as u64 + 1),
+        "healthy reader: all, in order"
+    );
+
+    // Now the stalled reader reads: what fitted in the buffers, in order, then
+    // a snapshot superseding the gap, then live events again.
+    let mut last_seq = 0;
+    let snapshot = loop {
+        let message = stalled.next_event().await;
+        match message["type"].as_str() {
+            Some("bid") => {
+                assert_eq!(message["seq"], last_seq + 1, "in order until the gap");
+                last_seq += 1;
+            }
+            Some("snapshot") => break message,
+            _ => panic!("unexpected {message}"),
+        }
+    };
+    assert!(last_seq < total, "the stalled reader fell behind (it read {last_seq} of {total} before the snapshot)");
+    let snapshot_seq = snapshot["auction"]["seq"].as_u64().unwrap();
+    assert!(snapshot_seq > last_seq, "the snapshot supersedes the gap: {snapshot_seq} after {last_seq}");
+    let rest = if snapshot_seq < total { bids_until(&mut stalled, total).await } else { Vec::new() };
+    for (index, bid) in rest.iter().enumerate() {
+        assert_eq!(bid["seq"], snapshot_seq + index as u64 + 1, "live events after the snapshot, in order");
+    }
+    assert_eq!(resyncs(&app).await, resyncs_before + 1, "counted as one slow-consumer resync");
+    // And it keeps up from here.
+    let (status, body) = api.bid(&bidders[1], &auction_id, 1_000 + total as i64 + 1, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let next = bids_until(&mut stalled, total + 1).await;
+    assert_eq!(next.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbid_and_won_reach_their_user_and_nobody_else() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let api = app.api();
+    let (_seller, users, auction_id) = api
+        .scene(&["ann", "bob", "cat"], json!({"starting_price": 10_000, "min_increment": 500, "duration_secs": 3}))
+        .await;
+    let (ann, bob, cat) = (&users[0], &users[1], &users[2]);
+    // Ann twice (token in the URL, and an `auth` message), Bob and Cat once;
+    // only Cat watches the auction.
+    let mut ann_1 = WsClient::connect(&app.address, Some(&ann.token)).await;
+    let mut ann_2 = WsClient::connect(&app.address, None).await;
+    ann_2.send(json!({"type": "auth", "token": ann.token})).await;
+    let authenticated = ann_2.next_event().await;
+    assert_eq!(authenticated, json!({"type": "authenticated", "user": {"id": ann.id, "username": "ann"}}));
+    let mut bob_ws = WsClient::connect(&app.address, Some(&bob.token)).await;
+    let mut cat_ws = WsClient::connect(&app.address, Some(&cat.token)).await;
+    cat_ws.subscribe(&auction_id).await;
+
+    let (status, body) = api.bid(ann, &auction_id, 10_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    bob_ws.send(json!({"type": "bid", "request_id": "bob-1", "auction_id": auction_id, "amount": 10_500})).await;
+    let result = bob_ws.next_of("bid_result").await;
+    assert_eq!(result["result"]["leading"], true, "{result}");
+
+    let outbid = json!({"type": "outbid", "auction_id": auction_id, "current_price": 10_500, "seq": 2});
+    for ann_ws in [&mut ann_1, &mut ann_2] {
+        assert_eq!(ann_ws.next_event().await, outbid, "on each of the outbid user's connections");
+    }
+    assert_eq!(bob_ws.drain().await, Vec::<Value>::new(), "the new leader is not outbid");
+    let cat_seen = cat_ws.drain().await;
+    assert!(cat_seen.iter().all(|message| message["type"] == "bid"), "Cat only watches: {cat_seen:?}");
+
+    let won = bob_ws.next_event().await;
+    assert_eq!(won, json!({"type": "won", "auction_id": auction_id, "final_price": 10_500, "seq": 2}));
+    let ended = cat_ws.next_of("ended").await;
+    assert_eq!(ended["winner"]["id"], bob.id.as_str());
+    assert_eq!(ended["final_price"], 10_500);
+    assert_eq!(ended["seq"], 2);
+    for other in [&mut ann_1, &mut ann_2, &mut cat_ws] {
+        let seen = other.drain().await;
+        assert!(seen.iter().all(|message| message["type"] != "won" && message["type"] != "outbid"), "{seen:?}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_errors_and_the_connection_stays_usable() {
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |config| config.ws_max_subscriptions = 2, NodeSettings::default()).await;
+    let api = app.api();
+    let (seller, users, auction_id) = api.scene(&["ann"], json!({})).await;
+    let unknown = "01a20000-0000-7000-8000-000000000000";
+
+    // A token that is sent must be valid.
+    let refused = tokio_tungstenite::connect_async(ws_url(&app.address, Some("not-a-token"))).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("a bad token is refused with 401: {other:?}"),
+    }
+    // A plain GET is not an upgrade: a JSON 400.
+    let (status, body) = api.get("/ws", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "INVALID_REQUEST");
+
+    let mut anonymous = WsClient::connect(&app.address, None).await;
+    let cases: Vec<(Message, &str)> = vec![
+        (Message::Text("{not json".into()), "INVALID_REQUEST"),
+        (Message::Text("42".into()), "INVALID_REQUEST"),
+        (Message::Text("{}".into()), "INVALID_REQUEST"),
+        (Message::Text(r#"{"type":"dance"}"#.into()), "INVALID_REQUEST"),
+        (Message::Text(r#"{"type":"subscribe"}"#.into()), "INVALID_REQUEST"),
+        (Message::Text(r#"{"type":"subscribe","auction_id":"nope"}"#.into()), "INVALID_REQUEST"),
+        (Message::Text(r#"{"type":"subscribe","auction_id":42}"#.into()), "INVALID_REQUEST"),
+        (
+            Message::Text(format!(r#"{{"type":"subscribe","auction_id":"{auction_id}","since_seq":-1}}"#).into()),
+            "INVALID_REQUEST",
+        ),
+        (
+            Message::Text(format!(r#"{{"type":"subscribe","auction_id":"{auction_id}","extra":1}}"#).into()),
+            "INVALID_REQUEST",
+        ),
+        (Message::Text(format!(r#"{{"type":"subscribe","auction_id":"{unknown}"}}"#).into()), "AUCTION_NOT_FOUND"),
+        (Message::Text(r#"{"type":"unsubscribe","auction_id":"nope"}"#.into()), "INVALID_REQUEST"),
+        (Message::Text(r#"{"type":"auth","token":"forged"}"#.into()), "UNAUTHENTICATED"),
+        (Message::Binary(vec![0xc1, 0xff, 0x00].into()), "INVALID_REQUEST"),
+    ];
+    for (frame, code) in cases {
+        let shown = format!("{frame:?}");
+        anonymous.send_raw(frame).await;
+        let answer = anonymous.next_event().await;
+        assert_eq!(answer["type"], "error", "{shown}: {answer}");
+        assert_eq!(answer["code"], code, "{shown}: {answer}");
+        assert!(answer["message"].as_str().is_some_and(|message| !message.is_empty()));
+    }
+    // Anonymous connections may watch but not bid.
+    anonymous.send(json!({"type": "bid", "request_id": "r1", "auction_id": auction_id, "amount": 20_000})).await;
+    let refused = anonymous.next_event().await;
+    assert_eq!(refused["type"], "bid_result");
+    assert_eq!(refused["request_id"], "r1");
+    assert_eq!(refused["error"]["code"], "UNAUTHENTICATED");
+    assert_eq!(api.auction(&auction_id).await["bid_count"], 0, "nothing changed");
+
+    // Bids with bad fields answer under their request_id.
+    let mut ann = WsClient::connect(&app.address, Some(&users[0].token)).await;
+    let bad_bids = [
+        (json!({"type": "bid", "request_id": "b1", "auction_id": auction_id, "amount": "12"}), "INVALID_REQUEST"),
+        (json!({"type": "bid", "request_id": "b2", "auction_id": auction_id}), "INVALID_REQUEST"),
+        (json!({"type": "bid", "request_id": "b3", "auction_id": auction_id, "amount": 0}), "INVALID_AMOUNT"),
+        (json!({"type": "bid", "request_id": "b4", "auction_id": auction_id, "amount": 1.5}), "INVALID_AMOUNT"),
+        (
+            json!({"type": "bid", "request_id": "b5", "auction_id": auction_id, "amount": 20_000, "max_amount": 100}),
+            "INVALID_AMOUNT",
+        ),
+        (json!({"type": "bid", "request_id": "b6", "auction_id": "nope", "amount": 20_000}), "INVALID_REQUEST"),
+        (json!({"type": "bid", "request_id": "", "auction_id": auction_id, "amount": 20_000}), "INVALID_REQUEST"),
+        (json!({"type": "bid", "request_id": "b7", "auction_id": unknown, "amount": 20_000}), "AUCTION_NOT_FOUND"),
+        (json!({"type": "bid", "request_id": "b8", "auction_id": auction_id, "amount": 10}), "BID_TOO_LOW"),
+    ];
+    for (bid, code) in bad_bids {
+        ann.send(bid.clone()).await;
+        let answer = ann.next_event().await;
+        assert_eq!(answer["type"], "bid_result", "{bid}: {answer}");
+        assert_eq!(answer["request_id"], bid["request_id"], "{answer}");
+        assert_eq!(answer["error"]["code"], code, "{bid}: {answer}");
+    }
+    // Subscriptions are capped per connection (2 here); a failed one takes no place.
+    let second = api.create_auction(&seller, crate::helpers::auction_body(json!({}))).await;
+    let third = api.create_auction(&seller, crate::helpers::auction_body(json!({}))).await;
+    ann.subscribe(&auction_id).await;
+    ann.subscribe(second["id"].as_str().unwrap()).await;
+    ann.subscribe(&auction_id).await;
+    ann.send(json!({"type": "subscribe", "auction_id": third["id"]})).await;
+    let capped = ann.next_event().await;
+    assert_eq!(capped["code"], "TOO_MANY_SUBSCRIPTIONS", "{capped}");
+    assert_eq!(capped["auction_id"], third["id"]);
+    ann.send(json!({"type": "unsubscribe", "auction_id": second["id"]})).await;
+    ann.subscribe(third["id"].as_str().unwrap()).await;
+    assert_eq!(api.auction(&auction_id).await["bid_count"], 0, "nothing changed");
+
+    // Still usable after all that.
+    anonymous.send(json!({"type": "ping"})).await;
+    let pong = anonymous.next_event().await;
+    assert_eq!(pong["type"], "pong");
+    assert!(pong["server_time"].is_string());
+
+    // Oversized frames close the connection with 1009.
+    anonymous.send_raw(Message::Text("x".repeat(17 * 1024).into())).await;
+    let close = anonymous.close_frame().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1009, "{close:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_is_refused_then_closed_with_1008() {
+    use futures_util::StreamExt;
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |config| config.ws_messages_per_sec = 5, NodeSettings::default()).await;
+    let mut client = WsClient::connect(&app.address, None).await;
+    for _ in 0..40 {
+        client.send(json!({"type": "ping"})).await;
+    }
+    let (mut pongs, mut refused) = (0, 0);
+    let close = loop {
+        let message = tokio::time::timeout(Duration::from_secs(15), client.stream.next())
+            .await
+            .expect("answers within the deadline")
+            .expect("a close frame before the end of the stream")
+            .expect("no transport error");
+        let value: Value = match message {
+            Message::Text(text) => serde_json::from_str(&text).unwrap(),
+            Message::Close(frame) => break frame.expect("a close code"),
+            _ => continue,
+        };
+        match value["type"].as_str() {
+            Some("pong") => pongs += 1,
+            Some("error") if value["code"] == "RATE_LIMITED" => refused += 1,
+            _ => panic!("unexpected {value}"),
+        }
+    };
+    assert!((10..=12).contains(&pongs), "a burst of twice the rate is served: {pongs}");
+    assert!(refused >= 5, "then refused with RATE_LIMITED: {refused}");
+    assert_eq!(u16::from(close.code), 1008, "{close:?}");
+    app.stop().await;
+}
+
+/// A client that completes the handshake and then never answers: the server's
+/// pings go unanswered and it closes the connection (1001) on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_connections_are_reaped_by_heartbeat() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| config.ws_ping_secs = 1, NodeSettings::default()).await;
+    let mut socket = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://")).await.unwrap();
+    let handshake = "GET /ws HTTP/1.1\r\nHost: gavel\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    socket.write_all(handshake.as_bytes()).await.unwrap();
+    // Read nothing until the server gives up on us, then everything it sent.
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), socket.read_to_end(&mut received))
+        .await
+        .expect("the server closes a silent connection by itself")
+        .expect("read");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    let mut frames = &received[text.find("\r\n\r\n").unwrap() + 4..];
+    let (mut pings, mut close_code) = (0, None);
+    while frames.len() >= 2 {
+        let (opcode, length) = (frames[0] & 0x0f, (frames[1] & 0x7f) as usize);
+        let payload = &frames[2..2 + length];
+        match opcode {
+            0x9 => pings += 1,
+            0x8 => close_code = Some(u16::from_be_bytes([payload[0], payload[1]])),
+            _ => {}
+        }
+        frames = &frames[2 + length..];
+    }
+    assert!(pings >= 2, "pinged before giving up: {pings}");
+    assert_eq!(close_code, Some(1001));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_reach_watchers() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let api = app.api();
+    let start_at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let start_at = start_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let (seller, users, auction_id) = api
+        .scene(
+            &["ann"],
+            json!({"start_at": start_at, "duration_secs": 30, "soft_close_secs": 120, "starting_price": 1_000}),
+        )
+        .await;
+    let mut watcher = WsClient::connect(&app.address, None).await;
+    let snapshot = watcher.subscribe(&auction_id).await;
+    assert_eq!(snapshot["auction"]["status"], "scheduled");
+    let started = watcher.next_event().await;
+    assert_eq!(started, json!({"type": "started", "auction_id": auction_id, "seq": 0}));
+
+    // Within the soft-close window: the bid, then the extension it caused.
+    let (status, body) = api.bid(&users[0], &auction_id, 1_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let bid = watcher.next_event().await;
+    assert_eq!(bid["type"], "bid");
+    let extended = watcher.next_event().await;
+    assert_eq!(extended["type"], "extended", "{extended}");
+    assert_eq!(extended["seq"], 1);
+    assert_eq!(extended["end_at"], bid["end_at"]);
+    assert_eq!(extended["end_at"], api.auction(&auction_id).await["end_at"]);
+
+    let other = api.create_auction(&seller, crate::helpers::auction_body(json!({}))).await;
+    let other_id = other["id"].as_str().unwrap();
+    watcher.subscribe(other_id).await;
+    let (status, body) = api.post(&format!("/api/v1/auctions/{other_id}/cancel"), Some(&seller.token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let cancelled = watcher.next_event().await;
+    assert_eq!(cancelled, json!({"type": "cancelled", "auction_id": other_id, "seq": 0}));
+    app.stop().await;
+}
