@@ -58,7 +58,7 @@ impl Application {
             leases.grant(shard, epoch);
         }
         let store: Arc<dyn Store> = Arc::new(DbStore { db: db.clone(), node_id: node_id.clone() });
-        let hub = Hub::new(config.ws_settings());
+        let hub = Hub::new(config.ws_settings()).context("starting the WebSocket runtime")?;
         let events: Arc<dyn EventSink> = hub.clone();
         let node = Node::start(settings, clock.clone(), store, events, leases).await.context("starting the actors")?;
         // Auctions that should have opened or closed while the node was down do so now.

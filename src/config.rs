@@ -65,6 +65,10 @@ pub struct Config {
     /// Seconds one write to a WebSocket client may take before the connection is closed.
     #[arg(long, env = "GAVEL_WS_WRITE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub ws_write_timeout_secs: u64,
+    /// Milliseconds within which one auction's events are sent to watchers
+    /// together (one write per watcher); 0 sends every event at once.
+    #[arg(long, env = "GAVEL_WS_BATCH_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    pub ws_batch_ms: u64,
     /// Kernel send buffer per connection, in bytes; unset: the kernel's automatic sizing.
     #[arg(long, env = "GAVEL_SOCKET_SEND_BUFFER_BYTES", value_parser = clap::value_parser!(u64).range(4_096..=16_777_216))]
     pub socket_send_buffer_bytes: Option<u64>,
@@ -90,6 +94,7 @@ impl Config {
             messages_per_sec: self.ws_messages_per_sec,
             ping_interval: std::time::Duration::from_secs(self.ws_ping_secs),
             write_timeout: std::time::Duration::from_secs(self.ws_write_timeout_secs),
+            batch_interval: std::time::Duration::from_millis(self.ws_batch_ms),
             ..crate::ws::WsSettings::default()
         }
     }

@@ -12,6 +12,7 @@
 //! end it checks the history: seq 1..n without gaps and every 201 in it.
 
 mod http;
+mod ws;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,12 +32,26 @@ struct Options {
     /// Open model: total requests per second, spread over the connections;
     /// latency counts from each request's intended send time. 0 = closed loop.
     rate: u64,
+    /// ws_fanout: watchers of the auction, and how many of them time every event.
+    watchers: usize,
+    probes: usize,
+    /// ws_idle: the server process, to read its resident memory.
+    server_pid: Option<u32>,
 }
 
 fn parse_options() -> Options {
     let mut args = std::env::args().skip(1);
     let scenario = args.next().unwrap_or_else(|| usage());
-    let mut options = Options { scenario, target: "127.0.0.1:8080".to_owned(), connections: 64, seconds: 10, rate: 0 };
+    let mut options = Options {
+        scenario,
+        target: "127.0.0.1:8080".to_owned(),
+        connections: 64,
+        seconds: 10,
+        rate: 0,
+        watchers: 10_000,
+        probes: 100,
+        server_pid: None,
+    };
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
         match flag.as_str() {
@@ -44,6 +59,9 @@ fn parse_options() -> Options {
             "--connections" => options.connections = value.parse().unwrap_or_else(|_| usage()),
             "--seconds" => options.seconds = value.parse().unwrap_or_else(|_| usage()),
             "--rate" => options.rate = value.parse().unwrap_or_else(|_| usage()),
+            "--watchers" => options.watchers = value.parse().unwrap_or_else(|_| usage()),
+            "--probes" => options.probes = value.parse().unwrap_or_else(|_| usage()),
+            "--server-pid" => options.server_pid = Some(value.parse().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
@@ -52,7 +70,8 @@ fn parse_options() -> Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gavel-bench hot_auction|http_ceiling [--target HOST:PORT] [--connections N] [--seconds S] [--rate PER_SECOND]"
+        "usage: gavel-bench hot_auction|http_ceiling|ws_fanout|ws_idle [--target HOST:PORT] [--connections N] \
+         [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--server-pid PID]"
     );
     std::process::exit(2)
 }
@@ -129,6 +148,11 @@ async fn main() {
     match options.scenario.as_str() {
         "hot_auction" => hot_auction(&options).await,
         "http_ceiling" => http_ceiling(&options).await,
+        "ws_fanout" => ws_fanout(&options).await,
+        "ws_idle" => {
+            let target = options.target.parse().unwrap_or_else(|_| usage());
+            ws::idle(target, options.connections, options.server_pid, Duration::from_secs(options.seconds)).await
+        }
         _ => usage(),
     }
 }
@@ -160,6 +184,17 @@ async fn http_ceiling(options: &Options) {
 }
 
 async fn hot_auction(options: &Options) {
+    let (mut connection, tokens, auction_id) = auction_with_bidders(options).await;
+    let started = Instant::now();
+    let mut report = bid_load(options, tokens, &auction_id).await;
+    let elapsed = started.elapsed();
+    let verdict = verify(&mut connection, &auction_id, &mut report).await;
+    print_report("hot_auction", &report, elapsed, Some(verdict));
+}
+
+/// Registers a seller and `connections` bidders and creates one auction
+/// (increment 1); the bidders' tokens and the auction's id.
+async fn auction_with_bidders(options: &Options) -> (Connection, Vec<String>, String) {
     let tokens = register(&options.target, options.connections + 1).await;
     let mut connection = Connection::open(&options.target).await.expect("connect");
     let (status, auction) = json_call(
@@ -172,12 +207,17 @@ async fn hot_auction(options: &Options) {
     .await;
     assert_eq!(status, 201, "create auction: {auction}");
     let auction_id = auction["id"].as_str().expect("id").to_owned();
+    (connection, tokens.into_iter().skip(1).collect(), auction_id)
+}
+
+/// Every bidder on its own connection, closed loop or paced (`--rate`).
+async fn bid_load(options: &Options, tokens: Vec<String>, auction_id: &str) -> Report {
     let path = format!("/api/v1/auctions/{auction_id}/bids");
     let counter = Arc::new(AtomicI64::new(1));
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
     let mut tasks = Vec::new();
     let mut ticket_senders = Vec::new();
-    for token in tokens.into_iter().skip(1) {
+    for token in tokens {
         let target = options.target.clone();
         let path = path.clone();
         let counter = counter.clone();
@@ -237,11 +277,92 @@ async fn hot_auction(options: &Options) {
     } else {
         drop(ticket_senders);
     }
+    collect(tasks).await
+}
+
+/// W watchers on one auction while bids arrive at `--rate`; delivery latency
+/// from the probes.
+async fn ws_fanout(options: &Options) {
+    let target: std::net::SocketAddr = options.target.parse().unwrap_or_else(|_| usage());
+    ws::raise_open_files(options.watchers as u64 + options.connections as u64 + 1_024);
+    let (mut connection, tokens, auction_id) = auction_with_bidders(options).await;
+    let totals = Arc::new(ws::FanoutTotals::default());
+    let last_seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut probes = Vec::new();
+    let opening = Instant::now();
+    // The discarding watchers read on a thread of their own, so that reading
+    // thousands of sockets does not delay the bidders and probes here.
+    let (discarders, mut streams) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+    let discard_totals = totals.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let mut readers = Vec::new();
+            while let Some(stream) = streams.recv().await {
+                let stream = tokio::net::TcpStream::from_std(stream).expect("register the socket");
+                readers.push(tokio::spawn(ws::discard(stream, discard_totals.clone())));
+            }
+            for reader in readers {
+                let _ = reader.await;
+            }
+        });
+    });
+    for index in 0..options.watchers {
+        let stream = ws::watcher(target, ws::source_for(index), &auction_id).await.expect("open a watcher");
+        if index < options.probes {
+            probes.push(tokio::spawn(ws::probe(stream, last_seq.clone())));
+        } else {
+            discarders.send(stream.into_std().expect("a plain socket")).expect("the discard thread runs");
+        }
+    }
+    drop(discarders);
+    println!("  {} watchers subscribed in {:.1} s", options.watchers, opening.elapsed().as_secs_f64());
+    // Let the snapshots go out before the bids start.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bytes_before = totals.bytes.load(Ordering::Relaxed);
     let started = Instant::now();
-    let mut report = collect(tasks).await;
+    let mut report = bid_load(options, tokens, &auction_id).await;
     let elapsed = started.elapsed();
     let verdict = verify(&mut connection, &auction_id, &mut report).await;
-    print_report("hot_auction", &report, elapsed, Some(verdict));
+    let accepted = report.statuses.get(&201).copied().unwrap_or(0);
+    last_seq.store(accepted.max(1), Ordering::Relaxed);
+    // The probes stop once they have seen the last bid (or at the deadline).
+    let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
+    let (mut events, mut snapshots, mut gaps, mut complete) = (0, 0, 0, 0);
+    for probe in probes {
+        let probe = probe.await.expect("probe");
+        latency.add(&probe.latency).expect("same bounds");
+        events += probe.events;
+        snapshots += probe.snapshots;
+        gaps += probe.gaps;
+        complete += u64::from(probe.last_seq == accepted);
+    }
+    let discarded = totals.bytes.load(Ordering::Relaxed) - bytes_before;
+    print_report("ws_fanout (bids)", &report, elapsed, Some(verdict));
+    let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
+    println!(
+        "scenario ws_fanout: {} watchers, {accepted} events in {:.1} s = {:.0} events/s = {:.0} deliveries/s",
+        options.watchers,
+        elapsed.as_secs_f64(),
+        accepted as f64 / elapsed.as_secs_f64(),
+        (accepted * options.watchers as u64) as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  placed -> delivered ms (probes): p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999),
+        latency.max() as f64 / 1000.0
+    );
+    println!(
+        "  probes: {events} events timed, {} resync snapshots, {gaps} gaps, {complete}/{} saw the last bid; \
+         others read {:.0} MiB; {} connections closed",
+        snapshots.saturating_sub(options.probes as u64),
+        options.probes,
+        discarded as f64 / 1_048_576.0,
+        totals.closed.load(Ordering::Relaxed)
+    );
 }
 
 /// The open model's clock: a thread that hands out send times at exactly

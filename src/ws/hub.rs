@@ -6,6 +6,18 @@
 //! resynchronises from a snapshot. Private messages (`outbid`, `won`) go to
 //! every connection of their user through that connection's own bounded queue.
 //!
+//! Events are sent in batches: publishing (inside the auction's actor) only
+//! appends to the topic; a ticker sends what arrived every `batch_interval`
+//! (20 ms), each auction's events in one shared buffer. A hot auction's
+//! watchers are then woken, and write, at most once an interval however many
+//! bids arrive, and the actor never waits on a send: the ticker holds its own
+//! lock while sending, the actor only the short one that guards the topic.
+//! Private messages follow the batch holding their event.
+//!
+//! Connections run on a runtime of their own whose threads have a lower
+//! scheduling priority than the node's: writing to thousands of watchers can
+//! use whatever CPU is left, but never delays a bid, its commit or its answer.
+//!
 //! A ticker sends each auction's viewer count when it changed, at most once a
 //! second, and forgets topics nobody has watched or published to for a while.
 
@@ -18,7 +30,7 @@ use gavel_actors::ports::EventSink;
 use gavel_actors::{AuctionId, AuctionState, Event, UserId};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use super::protocol::{Frame, ServerMessage, Version, private_messages};
+use super::protocol::{Batch, Frame, ServerMessage, Version, private_messages};
 
 #[derive(Clone, Debug)]
 pub struct WsSettings {
@@ -37,6 +49,8 @@ pub struct WsSettings {
     pub max_bids_in_flight: usize,
     /// Private messages and bid results waiting to be written, per connection.
     pub direct_queue: usize,
+    /// Events of one auction within this interval go out together; zero: each at once.
+    pub batch_interval: Duration,
 }
 
 impl Default for WsSettings {
@@ -50,13 +64,23 @@ impl Default for WsSettings {
             max_resyncs_per_minute: 5,
             max_bids_in_flight: 16,
             direct_queue: 256,
+            batch_interval: Duration::from_millis(20),
         }
     }
 }
 
 struct Topic {
+    state: Mutex<TopicState>,
+    sender: broadcast::Sender<Arc<Batch>>,
+    /// Held while sending, so batches leave in order; never taken by publish.
+    sending: Mutex<()>,
+}
+
+struct TopicState {
     recent: VecDeque<Arc<Frame>>,
-    sender: broadcast::Sender<Arc<Frame>>,
+    /// Published, waiting for the next batch, with the private messages they cause.
+    pending: Vec<Arc<Frame>>,
+    pending_private: Vec<(UserId, ServerMessage)>,
     viewers_sent: usize,
     touched: Instant,
 }
@@ -73,77 +97,175 @@ pub struct PrivateRoute {
 /// What `join` hands a connection: its receiver, and the events to replay
 /// first when a resume could be served from the buffer.
 pub struct Joined {
-    pub receiver: broadcast::Receiver<Arc<Frame>>,
+    pub receiver: broadcast::Receiver<Arc<Batch>>,
     pub replay: Option<(Version, Vec<Arc<Frame>>)>,
 }
 
 pub struct Hub {
     pub settings: WsSettings,
-    topics: Mutex<HashMap<AuctionId, Arc<Mutex<Topic>>>>,
+    topics: Mutex<HashMap<AuctionId, Arc<Topic>>>,
     users: Mutex<HashMap<UserId, Vec<PrivateRoute>>>,
+    /// Topics with a batch waiting.
+    waiting: Mutex<Vec<(AuctionId, Weak<Topic>)>>,
     next_connection: AtomicU64,
     shutdown: watch::Sender<bool>,
     /// Open connections, so shutdown can wait for them to close.
     open: watch::Sender<usize>,
+    runtime: FanoutRuntime,
+}
+
+/// The connections' runtime. Dropped from anywhere (even async code), it
+/// stops in the background.
+struct FanoutRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for FanoutRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// How much lower the fan-out threads' priority is (`nice` steps).
+const FANOUT_NICENESS: i32 = 5;
+
+fn fanout_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("gavel-ws")
+        .enable_all()
+        .on_thread_start(|| {
+            // On Linux, `nice` is per thread: this lowers only the calling one.
+            // SAFETY: setpriority reads its plain integer arguments only.
+            #[cfg(target_os = "linux")]
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, FANOUT_NICENESS);
+            }
+        })
+        .build()
 }
 
 /// How long a topic nobody watches is kept after its last event (for resumes).
 const TOPIC_KEEP: Duration = Duration::from_secs(300);
 
 impl Hub {
-    pub fn new(settings: WsSettings) -> Arc<Hub> {
+    pub fn new(settings: WsSettings) -> std::io::Result<Arc<Hub>> {
         let (shutdown, _) = watch::channel(false);
         let (open, _) = watch::channel(0);
-        Arc::new(Hub {
+        let runtime = FanoutRuntime(Some(fanout_runtime()?));
+        Ok(Arc::new(Hub {
             settings,
             topics: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(Vec::new()),
             next_connection: AtomicU64::new(1),
             shutdown,
             open,
-        })
+            runtime,
+        }))
     }
 
-    /// Sends viewer counts and forgets idle topics, once a second, for as long
-    /// as the hub lives.
+    /// Runs `future` on the connections' runtime.
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.0.as_ref().expect("the runtime lives as long as the hub").spawn(future)
+    }
+
+    /// Sends waiting batches every `batch_interval`, and viewer counts (and
+    /// forgets idle topics) once a second, for as long as the hub lives.
     pub fn spawn_ticker(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let hub: Weak<Hub> = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_secs(1));
+        let period = self.settings.batch_interval.max(Duration::from_millis(1));
+        self.spawn(async move {
+            let mut interval = tokio::time::interval(period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_viewers = Instant::now();
             loop {
                 interval.tick().await;
                 let Some(hub) = hub.upgrade() else { return };
-                hub.tick();
+                hub.send_waiting();
+                if last_viewers.elapsed() >= Duration::from_secs(1) {
+                    last_viewers = Instant::now();
+                    hub.tick();
+                }
             }
         })
     }
 
-    fn tick(&self) {
-        let mut topics = self.topics.lock().expect("topics lock");
-        topics.retain(|auction_id, topic| {
-            let mut topic = topic.lock().expect("topic lock");
-            let viewers = topic.sender.receiver_count();
-            if viewers != topic.viewers_sent {
-                topic.viewers_sent = viewers;
-                let _ = topic.sender.send(Arc::new(Frame::viewers(*auction_id, viewers as u64)));
+    /// Sends every waiting batch, then the private messages of its events.
+    pub fn send_waiting(&self) {
+        let waiting = std::mem::take(&mut *self.waiting.lock().expect("waiting lock"));
+        for (auction_id, topic) in waiting {
+            let Some(topic) = topic.upgrade() else { continue };
+            let _sending = topic.sending.lock().expect("sending lock");
+            let (frames, private) = {
+                let mut state = topic.state.lock().expect("topic lock");
+                (std::mem::take(&mut state.pending), std::mem::take(&mut state.pending_private))
+            };
+            if !frames.is_empty() {
+                // No receivers is not an error: nobody is watching.
+                let _ = topic.sender.send(Arc::new(Batch::new(auction_id, frames)));
             }
-            viewers > 0 || topic.touched.elapsed() < TOPIC_KEEP
+            for (user_id, message) in private {
+                self.send_private(user_id, message);
+            }
+        }
+    }
+
+    /// Viewer counts that changed, and forgetting topics nobody watches,
+    /// holds, or published to for a while.
+    fn tick(&self) {
+        let topics: Vec<(AuctionId, Arc<Topic>)> = {
+            let topics = self.topics.lock().expect("topics lock");
+            topics.iter().map(|(id, topic)| (*id, topic.clone())).collect()
+        };
+        for (auction_id, topic) in &topics {
+            let viewers = topic.sender.receiver_count();
+            let changed = {
+                let mut state = topic.state.lock().expect("topic lock");
+                let changed = viewers != state.viewers_sent;
+                state.viewers_sent = viewers;
+                changed
+            };
+            if changed {
+                let _sending = topic.sending.lock().expect("sending lock");
+                let frame = Arc::new(Frame::viewers(*auction_id, viewers as u64));
+                let _ = topic.sender.send(Arc::new(Batch::new(*auction_id, vec![frame])));
+            }
+        }
+        drop(topics);
+        let mut topics = self.topics.lock().expect("topics lock");
+        topics.retain(|_, topic| {
+            // Held elsewhere (a join or publish in progress), watched, or recent.
+            Arc::strong_count(topic) > 1
+                || topic.sender.receiver_count() > 0
+                || topic.state.lock().expect("topic lock").touched.elapsed() < TOPIC_KEEP
         });
     }
 
-    fn topic(&self, auction_id: AuctionId) -> Arc<Mutex<Topic>> {
+    fn topic(&self, auction_id: AuctionId) -> Arc<Topic> {
         let mut topics = self.topics.lock().expect("topics lock");
         topics
             .entry(auction_id)
             .or_insert_with(|| {
                 let (sender, _) = broadcast::channel(self.settings.buffer_events.max(1));
-                Arc::new(Mutex::new(Topic {
-                    recent: VecDeque::new(),
+                // Only events make a topic worth keeping unwatched.
+                let long_ago = Instant::now().checked_sub(TOPIC_KEEP).unwrap_or_else(Instant::now);
+                Arc::new(Topic {
+                    state: Mutex::new(TopicState {
+                        recent: VecDeque::new(),
+                        pending: Vec::new(),
+                        pending_private: Vec::new(),
+                        viewers_sent: 0,
+                        touched: long_ago,
+                    }),
                     sender,
-                    viewers_sent: 0,
-                    touched: Instant::now(),
-                }))
+                    sending: Mutex::new(()),
+                })
             })
             .clone()
     }
@@ -154,17 +276,21 @@ impl Hub {
     /// snapshot. Either way nothing published after this call is missed.
     pub fn join(&self, auction_id: AuctionId, since_seq: Option<u64>) -> Joined {
         let topic = self.topic(auction_id);
-        let topic = topic.lock().expect("topic lock");
+        let state = topic.state.lock().expect("topic lock");
+        // Subscribed under the state lock: every frame not in `recent` yet
+        // will be in a batch this receiver gets (frames already taken for a
+        // batch not sent yet are in `recent`, and come twice: the version
+        // filter drops the second).
         let receiver = topic.sender.subscribe();
         let replay = since_seq.and_then(|since| {
-            let position = topic.recent.iter().position(|frame| frame.bid_seq == Some(since))?;
-            let after: Vec<Arc<Frame>> = topic.recent.iter().skip(position + 1).cloned().collect();
+            let position = state.recent.iter().position(|frame| frame.bid_seq == Some(since))?;
+            let after: Vec<Arc<Frame>> = state.recent.iter().skip(position + 1).cloned().collect();
             // A start, end or cancel at that same seq may or may not have been
             // seen: a snapshot settles it.
             if after.iter().any(|frame| frame.is_lifecycle() && frame.version.is_some_and(|v| v.seq == since)) {
                 return None;
             }
-            let version = topic.recent[position].version?;
+            let version = state.recent[position].version?;
             Some((version, after))
         });
         Joined { receiver, replay }
@@ -172,7 +298,7 @@ impl Hub {
 
     pub fn viewers(&self, auction_id: AuctionId) -> u64 {
         let topics = self.topics.lock().expect("topics lock");
-        topics.get(&auction_id).map_or(0, |topic| topic.lock().expect("topic lock").sender.receiver_count() as u64)
+        topics.get(&auction_id).map_or(0, |topic| topic.sender.receiver_count() as u64)
     }
 
     pub fn connection_id(&self) -> u64 {
@@ -217,9 +343,10 @@ impl Hub {
         self.open.send_modify(|open| *open = open.saturating_sub(1));
     }
 
-    /// Tells every connection to close (1001, going away) and waits, at most
-    /// `deadline`, until they have.
+    /// Sends what is waiting, tells every connection to close (1001, going
+    /// away) and waits, at most `deadline`, until they have.
     pub async fn shut_down(&self, deadline: Duration) {
+        self.send_waiting();
         self.shutdown.send_replace(true);
         let mut open = self.open.subscribe();
         let _ = tokio::time::timeout(deadline, open.wait_for(|open| *open == 0)).await;
@@ -227,19 +354,26 @@ impl Hub {
 }
 
 impl EventSink for Hub {
+    /// Appends to the topic; the ticker sends. Never blocks on a reader.
     fn publish(&self, event: &Event, state: &AuctionState) {
-        if let Some((user_id, message)) = private_messages(event, state.id) {
-            self.send_private(user_id, message);
-        }
         let frame = Arc::new(Frame::event(event, state));
         let topic = self.topic(state.id);
-        let mut topic = topic.lock().expect("topic lock");
-        topic.touched = Instant::now();
-        if topic.recent.len() >= self.settings.buffer_events.max(1) {
-            topic.recent.pop_front();
+        let was_waiting = {
+            let mut topic_state = topic.state.lock().expect("topic lock");
+            topic_state.touched = Instant::now();
+            if topic_state.recent.len() >= self.settings.buffer_events.max(1) {
+                topic_state.recent.pop_front();
+            }
+            topic_state.recent.push_back(frame.clone());
+            let was_waiting = !topic_state.pending.is_empty() || !topic_state.pending_private.is_empty();
+            topic_state.pending.push(frame);
+            if let Some(private) = private_messages(event, state.id) {
+                topic_state.pending_private.push(private);
+            }
+            was_waiting
+        };
+        if !was_waiting {
+            self.waiting.lock().expect("waiting lock").push((state.id, Arc::downgrade(&topic)));
         }
-        topic.recent.push_back(frame.clone());
-        // No receivers is not an error: nobody is watching.
-        let _ = topic.sender.send(frame);
     }
 }

@@ -13,25 +13,33 @@ pub mod hub;
 pub mod protocol;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::response::{IntoResponse, Response};
-use futures_util::stream::SplitSink;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use bytes::{Buf, Bytes};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use gavel_actors::AuctionId;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::Value;
+use sha1::{Digest, Sha1};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_stream::StreamMap;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode};
+use tokio_tungstenite::tungstenite::{self, Message};
 
 pub use hub::{Hub, WsSettings};
-use protocol::{ClientMessage, Encoding, Frame, MSGPACK_PROTOCOL, ServerMessage, Version};
+use protocol::{Batch, ClientMessage, Encoding, Frame, MSGPACK_PROTOCOL, OPCODE_PING, ServerMessage, Version};
 
 use crate::http::ApiContext;
 use crate::http::bids::{PlaceBidRequest, place};
@@ -40,11 +48,15 @@ use crate::http::extract::{ApiQuery, AuthUser, parse_id};
 use crate::http::views::{AuctionView, BidView, UserView, timestamp};
 use crate::telemetry;
 
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
 /// The largest message a client may send.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 /// Recent bids in a snapshot.
 const SNAPSHOT_BIDS: u32 = 10;
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing node waits for a connection's bids in flight.
+const SHUTDOWN_BIDS_WAIT: Duration = Duration::from_secs(5);
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Frames written between two flushes at most.
@@ -62,31 +74,90 @@ pub struct WsParams {
     token: Option<String>,
 }
 
-/// Upgrades to a WebSocket. A `?token=` that is present must be valid (401
-/// otherwise); without one the connection may watch, and `auth` later.
+/// Upgrades to a WebSocket (RFC 6455 over HTTP/1.1). A `?token=` that is
+/// present must be valid (401 otherwise); without one the connection may
+/// watch, and send `auth` later. The handshake is answered here rather than by
+/// axum's extractor because the connection writes shared, pre-framed events
+/// straight to the socket.
 pub async fn upgrade(
     State(context): State<ApiContext>,
     ApiQuery(params): ApiQuery<WsParams>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
-    let upgrade = upgrade
-        .map_err(|rejection| ApiError::InvalidRequest(format!("not a WebSocket upgrade: {}", rejection.body_text())))?;
+    let key = handshake_key(request.headers())?;
     let user = match params.token {
         Some(token) => Some(context.auth.verify(&token).ok_or(ApiError::Unauthenticated)?),
         None => None,
     };
-    let upgrade = upgrade
-        .protocols([MSGPACK_PROTOCOL])
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(8 * 1024)
-        .max_write_buffer_size(1024 * 1024)
-        .max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES);
-    let encoding = match upgrade.selected_protocol() {
-        Some(protocol) if protocol == MSGPACK_PROTOCOL => Encoding::MsgPack,
-        _ => Encoding::Json,
+    let on_upgrade = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| ApiError::InvalidRequest("this connection cannot be upgraded".to_owned()))?;
+    let msgpack = request
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|protocol| protocol.trim() == MSGPACK_PROTOCOL);
+    let encoding = if msgpack { Encoding::MsgPack } else { Encoding::Json };
+    let hub = context.hub.clone();
+    let node_runtime = tokio::runtime::Handle::current();
+    // Counted from here, so shutdown also waits for connections still upgrading.
+    let counted = Counted::new(hub.clone());
+    hub.spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(0)
+            .max_write_buffer_size(64 * 1024)
+            .max_message_size(Some(MAX_MESSAGE_BYTES))
+            .max_frame_size(Some(MAX_MESSAGE_BYTES));
+        let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        serve(context, socket, user, encoding, node_runtime).await;
+        drop(counted);
+    });
+    let accept = {
+        let mut hasher = Sha1::new();
+        hasher.update(key.as_bytes());
+        hasher.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, hasher.finalize())
     };
-    Ok(upgrade.on_upgrade(move |socket| serve(context, socket, user, encoding)).into_response())
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .map_err(|error| ApiError::internal("building the upgrade response", error))?;
+    if msgpack {
+        response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(MSGPACK_PROTOCOL));
+    }
+    Ok(response)
+}
+
+/// The client's `Sec-WebSocket-Key`, once the request is checked to be a
+/// version-13 WebSocket upgrade.
+fn handshake_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .any(|value| value.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
+    };
+    let not_upgrade = || ApiError::InvalidRequest("not a WebSocket upgrade (RFC 6455, version 13)".to_owned());
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(not_upgrade());
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|version| version != "13") {
+        return Err(not_upgrade());
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).and_then(|key| key.to_str().ok()).ok_or_else(not_upgrade)?;
+    if key.is_empty() || key.len() > 64 {
+        return Err(not_upgrade());
+    }
+    Ok(key.to_owned())
 }
 
 enum Stop {
@@ -120,11 +191,13 @@ struct Connection {
     hub: Arc<Hub>,
     id: u64,
     encoding: Encoding,
-    sink: SplitSink<WebSocket, Message>,
+    socket: Socket,
+    /// Where bids run: the node's runtime, at the node's priority.
+    node_runtime: tokio::runtime::Handle,
     user: Option<AuthUser>,
     direct: mpsc::Sender<ServerMessage>,
     overflow: Arc<Notify>,
-    subscriptions: StreamMap<AuctionId, BroadcastStream<Arc<Frame>>>,
+    subscriptions: StreamMap<AuctionId, BroadcastStream<Arc<Batch>>>,
     /// What each subscription has been shown so far.
     versions: HashMap<AuctionId, Version>,
     budget: MessageBudget,
@@ -132,18 +205,23 @@ struct Connection {
     bids_in_flight: Arc<Semaphore>,
 }
 
-async fn serve(context: ApiContext, socket: WebSocket, user: Option<AuthUser>, encoding: Encoding) {
+async fn serve(
+    context: ApiContext,
+    socket: Socket,
+    user: Option<AuthUser>,
+    encoding: Encoding,
+    node_runtime: tokio::runtime::Handle,
+) {
     let hub = context.hub.clone();
-    let _counted = Counted::new(hub.clone());
     let settings = hub.settings.clone();
-    let (sink, mut stream) = socket.split();
     let (direct, mut direct_queue) = mpsc::channel(settings.direct_queue.max(1));
     let mut connection = Connection {
         id: hub.connection_id(),
         hub,
         context,
         encoding,
-        sink,
+        socket,
+        node_runtime,
         user: None,
         direct,
         overflow: Arc::new(Notify::new()),
@@ -156,16 +234,12 @@ async fn serve(context: ApiContext, socket: WebSocket, user: Option<AuthUser>, e
     if let Some(user) = user {
         connection.authenticate(user);
     }
-    let stop = connection.run(&mut stream, &mut direct_queue).await;
-    connection.finish(stop, stream).await;
+    let stop = connection.run(&mut direct_queue).await;
+    connection.finish(stop).await;
 }
 
 impl Connection {
-    async fn run(
-        &mut self,
-        stream: &mut futures_util::stream::SplitStream<WebSocket>,
-        direct_queue: &mut mpsc::Receiver<ServerMessage>,
-    ) -> Stop {
+    async fn run(&mut self, direct_queue: &mut mpsc::Receiver<ServerMessage>) -> Stop {
         let mut shutdown = self.hub.shutdown_signal();
         let ping_interval = self.hub.settings.ping_interval;
         let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
@@ -176,7 +250,10 @@ impl Connection {
             let step = tokio::select! {
                 biased;
                 () = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => {
-                    // Bid results already decided are delivered before closing.
+                    // Bids in flight are answered before closing: wait (a
+                    // while) for their tasks to hand back their permits.
+                    let in_flight = self.hub.settings.max_bids_in_flight.max(1) as u32;
+                    let _ = tokio::time::timeout(SHUTDOWN_BIDS_WAIT, self.bids_in_flight.acquire_many(in_flight)).await;
                     let mut last = Vec::new();
                     while let Ok(message) = direct_queue.try_recv() {
                         last.push(message.encode(self.encoding));
@@ -187,17 +264,9 @@ impl Connection {
                     return Stop::Close(CLOSE_GOING_AWAY, "server shutting down");
                 }
                 () = overflow.notified() => Err(Stop::Close(CLOSE_POLICY, "too slow to keep up")),
-                Some(message) = direct_queue.recv() => {
-                    let mut batch = vec![message.encode(self.encoding)];
-                    while batch.len() < WRITE_BATCH && let Ok(message) = direct_queue.try_recv() {
-                        batch.push(message.encode(self.encoding));
-                    }
-                    self.write(batch).await
-                }
-                Some((auction_id, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
-                    self.on_frames(auction_id, item).await
-                }
-                incoming = stream.next() => match incoming {
+                // The client first: a busy subscription must not leave its
+                // messages (or its answers to pings) unread.
+                incoming = self.socket.next() => match incoming {
                     None => Err(Stop::Gone),
                     Some(Err(error)) => Err(read_error(error)),
                     Some(Ok(message)) => {
@@ -209,8 +278,21 @@ impl Connection {
                     if last_heard.elapsed() > ping_interval * 2 + ping_interval / 2 {
                         Err(Stop::Close(CLOSE_GOING_AWAY, "no answer to pings"))
                     } else {
-                        self.write(vec![Message::Ping(Default::default())]).await
+                        let mut ping = Vec::with_capacity(2);
+                        protocol::frame_into(OPCODE_PING, &[], &mut ping);
+                        self.write(vec![Bytes::from(ping)]).await
                     }
+                }
+                // Events before the private messages they caused.
+                Some((auction_id, item)) = self.subscriptions.next(), if !self.subscriptions.is_empty() => {
+                    self.on_frames(auction_id, item).await
+                }
+                Some(message) = direct_queue.recv() => {
+                    let mut batch = vec![message.encode(self.encoding)];
+                    while batch.len() < WRITE_BATCH && let Ok(message) = direct_queue.try_recv() {
+                        batch.push(message.encode(self.encoding));
+                    }
+                    self.write(batch).await
                 }
             };
             if let Err(stop) = step {
@@ -219,16 +301,16 @@ impl Connection {
         }
     }
 
-    async fn finish(mut self, stop: Stop, mut stream: futures_util::stream::SplitStream<WebSocket>) {
+    async fn finish(mut self, stop: Stop) {
         if let Stop::Close(code, reason) = stop {
-            let close = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
-            let sent = tokio::time::timeout(self.hub.settings.write_timeout, self.sink.send(close)).await;
+            let close = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+            let sent = tokio::time::timeout(self.hub.settings.write_timeout, self.socket.close(Some(close))).await;
             // Wait briefly for the client's close, discarding what it still
             // sends: closing with unread input would reset the connection and
             // could lose our close frame on the way.
             if matches!(sent, Ok(Ok(()))) {
                 let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                    while let Some(Ok(message)) = stream.next().await {
+                    while let Some(Ok(message)) = self.socket.next().await {
                         if matches!(message, Message::Close(_)) {
                             break;
                         }
@@ -237,7 +319,7 @@ impl Connection {
                 .await;
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.close()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.get_mut().shutdown()).await;
         if let Some(user) = &self.user {
             self.hub.unregister_user(user.id, self.id);
         }
@@ -250,18 +332,19 @@ impl Connection {
         self.user = Some(user);
     }
 
-    /// Feeds every message, then flushes once; all within the write timeout.
-    async fn write(&mut self, messages: Vec<Message>) -> Result<(), Stop> {
-        if messages.is_empty() {
+    /// Writes wire bytes (complete frames) straight to the socket, as few
+    /// system calls as it takes, within the write timeout. The protocol
+    /// layer's own pending frames (answers to pings) go first, so frames never
+    /// interleave.
+    async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), Stop> {
+        if chunks.is_empty() {
             return Ok(());
         }
-        let count = messages.len() as u64;
-        let sink = &mut self.sink;
+        let count = chunks.len() as u64;
+        let socket = &mut self.socket;
         let written = tokio::time::timeout(self.hub.settings.write_timeout, async move {
-            for message in messages {
-                sink.feed(message).await?;
-            }
-            sink.flush().await
+            socket.flush().await.map_err(std::io::Error::other)?;
+            write_all_vectored(socket.get_mut(), chunks).await
         })
         .await;
         match written {
@@ -284,7 +367,7 @@ impl Connection {
     async fn on_frames(
         &mut self,
         auction_id: AuctionId,
-        first: Result<Arc<Frame>, BroadcastStreamRecvError>,
+        first: Result<Arc<Batch>, BroadcastStreamRecvError>,
     ) -> Result<(), Stop> {
         let mut out = Vec::new();
         let mut lagged = HashSet::new();
@@ -292,7 +375,7 @@ impl Connection {
         let mut handled = 0;
         while let Some((auction_id, result)) = item.take() {
             match result {
-                Ok(frame) if !lagged.contains(&auction_id) => self.accept(&frame, &mut out),
+                Ok(batch) if !lagged.contains(&auction_id) => self.accept_batch(&batch, &mut out),
                 Ok(_) => {}
                 // Events were lost to this reader: nothing more of this auction
                 // is written until a snapshot has replaced the gap.
@@ -312,7 +395,24 @@ impl Connection {
         Ok(())
     }
 
-    fn accept(&mut self, frame: &Frame, out: &mut Vec<Message>) {
+    /// The part of a batch this subscription has not been shown yet: its
+    /// frames are in order, so that is everything from the first new one on.
+    fn accept_batch(&mut self, batch: &Batch, out: &mut Vec<Bytes>) {
+        let Some(shown) = self.versions.get_mut(&batch.auction_id) else {
+            return;
+        };
+        let first_new = batch.frames.iter().position(|frame| frame.version.is_none_or(|version| version > *shown));
+        let Some(first_new) = first_new else {
+            return;
+        };
+        if let Some(version) = batch.frames.iter().rev().find_map(|frame| frame.version) {
+            *shown = (*shown).max(version);
+        }
+        let (wire, starts) = batch.wire(self.encoding);
+        out.push(wire.slice(starts[first_new]..));
+    }
+
+    fn accept(&mut self, frame: &Frame, out: &mut Vec<Bytes>) {
         let Some(shown) = self.versions.get_mut(&frame.auction_id) else {
             return;
         };
@@ -322,7 +422,7 @@ impl Connection {
             }
             *shown = version;
         }
-        out.extend(frame.encoded(self.encoding).iter().cloned());
+        out.push(frame.wire(self.encoding).clone());
     }
 
     async fn resync(&mut self, auction_id: AuctionId) -> Result<(), Stop> {
@@ -355,10 +455,10 @@ impl Connection {
                 }
                 rmp_serde::from_slice::<Value>(&bytes).map_err(|error| format!("not MessagePack: {error}"))
             }
-            Message::Ping(_) | Message::Pong(_) => return Ok(()),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(()),
             Message::Close(_) => {
                 // The close reply is queued by the protocol layer; send it.
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.flush()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.flush()).await;
                 return Err(Stop::Gone);
             }
         };
@@ -463,19 +563,20 @@ impl Connection {
     async fn send_snapshot(
         &mut self,
         auction_id: AuctionId,
-        receiver: broadcast::Receiver<Arc<Frame>>,
+        receiver: broadcast::Receiver<Arc<Batch>>,
     ) -> Result<(), Stop> {
         let db = self.context.db.clone();
-        let read = async {
+        // On the node's runtime: the database's connections belong there.
+        let read = self.node_runtime.spawn(async move {
             let Some(row) = db.auction(auction_id).await? else {
                 return Ok(None);
             };
             let bids = db.bids(auction_id, row.seq + 1, SNAPSHOT_BIDS).await?;
             Ok::<_, sqlx::Error>(Some((row, bids)))
-        };
+        });
         let (row, bids) = match tokio::time::timeout(SNAPSHOT_TIMEOUT, read).await {
-            Ok(Ok(Some(found))) => found,
-            Ok(Ok(None)) => {
+            Ok(Ok(Ok(Some(found)))) => found,
+            Ok(Ok(Ok(None))) => {
                 let message = ServerMessage::Error {
                     code: "AUCTION_NOT_FOUND",
                     message: "no such auction".to_owned(),
@@ -483,11 +584,11 @@ impl Connection {
                 };
                 return self.reply(message).await;
             }
-            Ok(Err(error)) => {
+            Ok(Ok(Err(error))) => {
                 tracing::error!(%error, %auction_id, "reading a snapshot");
                 return self.reply(unavailable(auction_id)).await;
             }
-            Err(_) => return self.reply(unavailable(auction_id)).await,
+            Ok(Err(_)) | Err(_) => return self.reply(unavailable(auction_id)).await,
         };
         let now = self.context.now_ms();
         let viewer = self.user.as_ref().map(|user| user.id);
@@ -524,7 +625,7 @@ impl Connection {
         };
         let context = self.context.clone();
         let direct = self.direct.clone();
-        tokio::spawn(async move {
+        self.node_runtime.spawn(async move {
             let started = std::time::Instant::now();
             let outcome = place(&context, &user, auction_id, &request, Some(request_id.clone())).await;
             let label = outcome.as_ref().map_or_else(ApiError::code, |_| "accepted");
@@ -560,16 +661,39 @@ fn unavailable(auction_id: AuctionId) -> ServerMessage {
 }
 
 /// Why reading failed, as the close the client should get.
-fn read_error(error: axum::Error) -> Stop {
-    match error.into_inner().downcast::<tungstenite::Error>() {
-        Ok(error) => match *error {
-            tungstenite::Error::Capacity(_) => Stop::Close(CLOSE_TOO_BIG, "message too big"),
-            tungstenite::Error::Utf8(_) => Stop::Close(CLOSE_INVALID_PAYLOAD, "text frame is not UTF-8"),
-            tungstenite::Error::Protocol(_) => Stop::Close(CLOSE_PROTOCOL_ERROR, "protocol error"),
-            _ => Stop::Gone,
-        },
-        Err(_) => Stop::Gone,
+fn read_error(error: tungstenite::Error) -> Stop {
+    match error {
+        tungstenite::Error::Capacity(_) => Stop::Close(CLOSE_TOO_BIG, "message too big"),
+        tungstenite::Error::Utf8(_) => Stop::Close(CLOSE_INVALID_PAYLOAD, "text frame is not UTF-8"),
+        tungstenite::Error::Protocol(_) => Stop::Close(CLOSE_PROTOCOL_ERROR, "protocol error"),
+        _ => Stop::Gone,
     }
+}
+
+/// Writes every chunk, whole, in vectored writes.
+async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    chunks: Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut chunks = VecDeque::from(chunks);
+    while !chunks.is_empty() {
+        let slices: Vec<IoSlice<'_>> = chunks.iter().take(64).map(|chunk| IoSlice::new(chunk)).collect();
+        let mut written = writer.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let Some(first) = chunks.front_mut() else { break };
+            if written >= first.len() {
+                written -= first.len();
+                chunks.pop_front();
+            } else {
+                first.advance(written);
+                written = 0;
+            }
+        }
+    }
+    writer.flush().await
 }
 
 enum Charge {

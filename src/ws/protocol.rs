@@ -1,10 +1,14 @@
 //! The WebSocket protocol of docs/API.md: what clients send, what the server
 //! sends, and the two encodings: JSON text frames, or MessagePack binary frames
 //! of the same shapes for clients that ask for the `gavel.msgpack` subprotocol.
+//!
+//! Server messages leave as complete WebSocket frames ("wire" bytes). Server
+//! frames are not masked, so the bytes of an event are the same for every
+//! subscriber: they are built once and shared.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use bytes::Bytes;
 use gavel_actors::{AuctionId, AuctionState, Event, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
@@ -114,15 +118,45 @@ impl ServerMessage {
         ServerMessage::Error { code, message: message.into(), auction_id: None }
     }
 
-    pub fn encode(&self, encoding: Encoding) -> Message {
-        match encoding {
-            Encoding::Json => {
-                let text = serde_json::to_string(self).expect("server messages always serialise to JSON");
-                Message::Text(Utf8Bytes::from(text))
-            }
-            Encoding::MsgPack => Message::Binary(to_msgpack(self).into()),
+    /// The message as one complete WebSocket frame.
+    pub fn encode(&self, encoding: Encoding) -> Bytes {
+        let mut wire = Vec::with_capacity(256);
+        self.encode_into(encoding, &mut wire);
+        Bytes::from(wire)
+    }
+
+    fn encode_into(&self, encoding: Encoding, wire: &mut Vec<u8>) {
+        let payload = match encoding {
+            Encoding::Json => serde_json::to_vec(self).expect("server messages always serialise to JSON"),
+            Encoding::MsgPack => to_msgpack(self),
+        };
+        let opcode = match encoding {
+            Encoding::Json => OPCODE_TEXT,
+            Encoding::MsgPack => OPCODE_BINARY,
+        };
+        frame_into(opcode, &payload, wire);
+    }
+}
+
+pub const OPCODE_TEXT: u8 = 0x1;
+pub const OPCODE_BINARY: u8 = 0x2;
+pub const OPCODE_PING: u8 = 0x9;
+
+/// Appends one final, unmasked frame (RFC 6455, 5.2) carrying `payload`.
+pub fn frame_into(opcode: u8, payload: &[u8], wire: &mut Vec<u8>) {
+    wire.push(0x80 | opcode);
+    match payload.len() {
+        length @ 0..=125 => wire.push(length as u8),
+        length @ 126..=0xffff => {
+            wire.push(126);
+            wire.extend_from_slice(&(length as u16).to_be_bytes());
+        }
+        length => {
+            wire.push(127);
+            wire.extend_from_slice(&(length as u64).to_be_bytes());
         }
     }
+    wire.extend_from_slice(payload);
 }
 
 /// MessagePack with named fields and the same textual forms as JSON (UUIDs
@@ -170,8 +204,8 @@ pub struct Frame {
     /// The `seq` of the bid this frame carries, if it is a bid.
     pub bid_seq: Option<u64>,
     body: Body,
-    json: OnceLock<Vec<Message>>,
-    msgpack: OnceLock<Vec<Message>>,
+    json: OnceLock<Bytes>,
+    msgpack: OnceLock<Bytes>,
 }
 
 impl Frame {
@@ -207,12 +241,19 @@ impl Frame {
         self.version.is_some() && self.bid_seq.is_none()
     }
 
-    pub fn encoded(&self, encoding: Encoding) -> &[Message] {
+    /// The frame's messages as wire bytes, built on first use.
+    pub fn wire(&self, encoding: Encoding) -> &Bytes {
         let cell = match encoding {
             Encoding::Json => &self.json,
             Encoding::MsgPack => &self.msgpack,
         };
-        cell.get_or_init(|| self.messages().iter().map(|message| message.encode(encoding)).collect())
+        cell.get_or_init(|| {
+            let mut wire = Vec::with_capacity(320);
+            for message in self.messages() {
+                message.encode_into(encoding, &mut wire);
+            }
+            Bytes::from(wire)
+        })
     }
 
     fn messages(&self) -> Vec<ServerMessage> {
@@ -251,6 +292,42 @@ impl Frame {
                 Event::Cancelled { seq } => vec![ServerMessage::Cancelled { auction_id, seq: *seq }],
             },
         }
+    }
+}
+
+/// What the fan-out sends at once: the events of one auction published since
+/// the previous batch (in order), as one buffer of wire bytes that every
+/// subscriber writes with a single system call.
+pub struct Batch {
+    pub auction_id: AuctionId,
+    pub frames: Vec<Arc<Frame>>,
+    json: OnceLock<(Bytes, Vec<usize>)>,
+    msgpack: OnceLock<(Bytes, Vec<usize>)>,
+}
+
+impl Batch {
+    pub fn new(auction_id: AuctionId, frames: Vec<Arc<Frame>>) -> Batch {
+        Batch { auction_id, frames, json: OnceLock::new(), msgpack: OnceLock::new() }
+    }
+
+    /// The wire bytes of every frame, and where each frame starts in them.
+    pub fn wire(&self, encoding: Encoding) -> &(Bytes, Vec<usize>) {
+        let cell = match encoding {
+            Encoding::Json => &self.json,
+            Encoding::MsgPack => &self.msgpack,
+        };
+        cell.get_or_init(|| {
+            if let [only] = self.frames.as_slice() {
+                return (only.wire(encoding).clone(), vec![0]);
+            }
+            let mut wire = Vec::with_capacity(self.frames.len() * 320);
+            let mut starts = Vec::with_capacity(self.frames.len());
+            for frame in &self.frames {
+                starts.push(wire.len());
+                wire.extend_from_slice(frame.wire(encoding));
+            }
+            (Bytes::from(wire), starts)
+        })
     }
 }
 

@@ -122,20 +122,29 @@ impl WsClient {
         snapshot
     }
 
-    /// Everything received until the answer to a ping (viewer counts left out):
-    /// whatever the server had queued for this connection before.
+    /// Everything the server sends in the next observation window (viewer
+    /// counts left out): until the answer to a ping, then, after several
+    /// event-batch intervals (20 ms) have passed, until the answer to another.
+    /// Checking that nothing (else) arrives needs a window; this one is ten
+    /// batch intervals long.
     pub async fn drain(&mut self) -> Vec<Value> {
-        self.send(json!({"type": "ping"})).await;
         let mut seen = Vec::new();
-        loop {
-            let message = self.next().await;
-            if message["type"] == "pong" {
-                return seen;
+        for round in 0..2 {
+            if round == 1 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            if message["type"] != "viewers" {
-                seen.push(message);
+            self.send(json!({"type": "ping"})).await;
+            loop {
+                let message = self.next().await;
+                if message["type"] == "pong" {
+                    break;
+                }
+                if message["type"] != "viewers" {
+                    seen.push(message);
+                }
             }
         }
+        seen
     }
 
     /// Reads until the server's close frame and returns it.
