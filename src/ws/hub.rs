@@ -89,7 +89,7 @@ struct TopicState {
 #[derive(Clone)]
 pub struct PrivateRoute {
     pub connection: u64,
-    pub sender: mpsc::Sender<ServerMessage>,
+    pub sender: mpsc::Sender<Box<ServerMessage>>,
     /// Told when the connection's queue was full: it cannot keep up and closes.
     pub overflow: Arc<tokio::sync::Notify>,
 }
@@ -325,7 +325,7 @@ impl Hub {
         for route in users.get(&user_id).into_iter().flatten() {
             // A full queue means the connection is far behind: it is closed
             // (the client reconnects and resubscribes) rather than left to miss this.
-            if let Err(mpsc::error::TrySendError::Full(_)) = route.sender.try_send(message.clone()) {
+            if let Err(mpsc::error::TrySendError::Full(_)) = route.sender.try_send(Box::new(message.clone())) {
                 route.overflow.notify_one();
             }
         }

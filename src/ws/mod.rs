@@ -195,7 +195,9 @@ struct Connection {
     /// Where bids run: the node's runtime, at the node's priority.
     node_runtime: tokio::runtime::Handle,
     user: Option<AuthUser>,
-    direct: mpsc::Sender<ServerMessage>,
+    /// Bid results and private messages. Boxed: the channel allocates its
+    /// first block of slots up front, and idle connections should cost little.
+    direct: mpsc::Sender<Box<ServerMessage>>,
     overflow: Arc<Notify>,
     subscriptions: StreamMap<AuctionId, BroadcastStream<Arc<Batch>>>,
     /// What each subscription has been shown so far.
@@ -239,7 +241,7 @@ async fn serve(
 }
 
 impl Connection {
-    async fn run(&mut self, direct_queue: &mut mpsc::Receiver<ServerMessage>) -> Stop {
+    async fn run(&mut self, direct_queue: &mut mpsc::Receiver<Box<ServerMessage>>) -> Stop {
         let mut shutdown = self.hub.shutdown_signal();
         let ping_interval = self.hub.settings.ping_interval;
         let mut heartbeat = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
@@ -636,7 +638,7 @@ impl Connection {
                 Err(error) => bid_error(request_id, &error),
             };
             // Waits while the connection's queue is full; ends when it closes.
-            let _ = direct.send(message).await;
+            let _ = direct.send(Box::new(message)).await;
             drop(permit);
         });
         Ok(())

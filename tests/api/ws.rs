@@ -550,3 +550,30 @@ async fn lifecycle_events_reach_watchers() {
     assert_eq!(cancelled, json!({"type": "cancelled", "auction_id": other_id, "seq": 0}));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_counts_follow_subscriptions() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let api = app.api();
+    let (_seller, _users, auction_id) = api.scene(&[], json!({})).await;
+    let mut first = WsClient::connect(&app.address, None).await;
+    let snapshot = first.subscribe(&auction_id).await;
+    assert_eq!(snapshot["viewers"], 1, "the snapshot counts its own subscription");
+    let mut second = WsClient::connect_msgpack(&app.address, None).await;
+    let snapshot = second.subscribe(&auction_id).await;
+    assert_eq!(snapshot["viewers"], 2);
+    let counted = loop {
+        let message = first.next_of("viewers").await;
+        if message["count"] == 2 {
+            break message;
+        }
+    };
+    assert_eq!(counted, json!({"type": "viewers", "auction_id": auction_id, "count": 2}));
+    second.send(json!({"type": "unsubscribe", "auction_id": auction_id})).await;
+    loop {
+        if first.next_of("viewers").await["count"] == 1 {
+            break;
+        }
+    }
+    app.stop().await;
+}
