@@ -81,6 +81,11 @@ fn describe() {
     describe_counter!(actor_names::COMMIT_FAILURES_TOTAL, Unit::Count, "Commit attempts that failed and were retried.");
     describe_gauge!(PERSISTENCE_QUEUE_DEPTH, Unit::Count, "Writes accepted but not yet durable.");
     describe_gauge!(actor_names::LIVE_AUCTIONS, Unit::Count, "Auction actors running on this node.");
+    describe_gauge!(
+        actor_names::ACTOR_MAILBOX_DEPTH,
+        Unit::Count,
+        "Bid and cancel calls admitted to auction actors and not answered yet (admission in use)."
+    );
     describe_counter!(HTTP_REQUESTS_TOTAL, Unit::Count, "HTTP requests, by matched route and status.");
     describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, Unit::Seconds, "HTTP request duration, by matched route.");
     describe_gauge!(WS_CONNECTIONS, Unit::Count, "Open WebSocket connections.");
@@ -96,6 +101,7 @@ fn describe() {
     metrics::counter!(actor_names::COMMIT_FAILURES_TOTAL).absolute(0);
     metrics::gauge!(PERSISTENCE_QUEUE_DEPTH).set(0.0);
     metrics::gauge!(actor_names::LIVE_AUCTIONS).set(0.0);
+    metrics::gauge!(actor_names::ACTOR_MAILBOX_DEPTH).set(0.0);
     metrics::gauge!(WS_CONNECTIONS).set(0.0);
     metrics::counter!(WS_MESSAGES_SENT_TOTAL).absolute(0);
     metrics::counter!(WS_SLOW_CONSUMER_RESYNCS_TOTAL).absolute(0);

@@ -184,7 +184,10 @@ impl Node {
                 handle.mailbox.fetch_sub(1, Ordering::AcqRel);
                 return Err(NodeError::Unavailable("auction is saturated"));
             }
-            match self.call(&handle, &message).await {
+            metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH).increment(1.0);
+            let answered = self.call(&handle, &message).await;
+            metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH).decrement(1.0);
+            match answered {
                 Ok(outcome) => return Ok(outcome),
                 Err(CallFailure::Gone) => {
                     self.forget(auction_id, &handle.actor);

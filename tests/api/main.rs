@@ -5,6 +5,7 @@ mod bad_input;
 mod basics;
 mod concurrency;
 mod helpers;
+mod observability;
 mod openapi;
 mod process;
 #[path = "../../actors/tests/reference/mod.rs"]

@@ -1,0 +1,233 @@
+//! The operators' side: `/metrics` as Prometheus reads it, the Prometheus
+//! configuration and alert rules (checked and unit-tested by `promtool`), the
+//! Grafana dashboards' structure, and a real Prometheus scraping a node under
+//! a little load, evaluating every dashboard expression and every alert rule.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::helpers::{Backend, HasApi, TestApp, eventually, free_port};
+use crate::ws_client::WsClient;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+async fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut command = tokio::process::Command::new("promtool");
+    command.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().expect("promtool is installed (scripts/test installs Debian's prometheus)");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).await.unwrap();
+    }
+    drop(child.stdin.take());
+    let output = child.wait_with_output().await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+#[tokio::test]
+async fn prometheus_config_is_valid_and_every_alert_passes_its_unit_test() {
+    let config = repo("prometheus/prometheus.yml");
+    let (ok, output) = promtool(&["check", "config", config.to_str().unwrap()], None).await;
+    assert!(ok, "{output}");
+    let tests = repo("prometheus/alerts_test.yml");
+    let (ok, output) = promtool(&["test", "rules", tests.to_str().unwrap()], None).await;
+    assert!(ok, "{output}");
+    // Every alert has a unit test.
+    let rules = std::fs::read_to_string(repo("prometheus/alerts.yml")).unwrap();
+    let tested = std::fs::read_to_string(tests).unwrap();
+    for line in rules.lines().filter_map(|line| line.trim().strip_prefix("- alert: ")) {
+        assert!(tested.contains(&format!("alertname: {line}")), "alert {line} has no unit test");
+    }
+}
+
+/// Every series the operators' issue names, with help text, from start-up.
+const REQUIRED_SERIES: &[&str] = &[
+    "gavel_bids_total",
+    "gavel_bid_latency_seconds",
+    "gavel_commit_batch_size",
+    "gavel_commit_latency_seconds",
+    "gavel_commit_failures_total",
+    "gavel_persistence_queue_depth",
+    "gavel_live_auctions",
+    "gavel_actor_mailbox_depth",
+    "gavel_ws_connections",
+    "gavel_ws_messages_sent_total",
+    "gavel_ws_slow_consumer_resyncs_total",
+    "gavel_http_requests_total",
+    "gavel_http_request_duration_seconds",
+];
+
+/// Accepted and rejected bids, a watcher, a 404: every series has samples.
+/// The watcher is handed back to keep its connection open.
+async fn some_load(app: &TestApp) -> WsClient {
+    let api = app.api();
+    let (_seller, users, auction_id) = api.scene(&["ann", "bob"], json!({})).await;
+    let mut watcher = WsClient::connect(&app.address, None).await;
+    watcher.subscribe(&auction_id).await;
+    for (index, amount) in [10_000, 10_500, 11_000, 100].into_iter().enumerate() {
+        let _ = api.bid(&users[index % 2], &auction_id, amount, None).await;
+    }
+    let (status, _) = api.get("/api/v1/no-such-route", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    watcher
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_name_every_required_series() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let _watcher = some_load(&app).await;
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let (ok, output) = promtool(&["check", "metrics"], Some(&text)).await;
+    assert!(ok, "promtool check metrics: {output}");
+    for series in REQUIRED_SERIES {
+        assert!(text.contains(&format!("# HELP {series} ")), "{series} has help text");
+        assert!(text.lines().any(|line| line.starts_with(series)), "{series} is exported");
+    }
+    app.stop().await;
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(repo("grafana/dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        found.push((path.display().to_string(), serde_json::from_str(&text).expect("dashboard JSON")));
+    }
+    assert!(found.len() >= 2, "an overview and a drill-down");
+    found
+}
+
+#[test]
+fn dashboards_are_well_formed() {
+    let provisioning = std::fs::read_to_string(repo("grafana/provisioning/datasources/prometheus.yml")).unwrap();
+    let uid = provisioning
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("uid: "))
+        .expect("the datasource has a uid")
+        .trim()
+        .to_owned();
+    let mut uids = std::collections::HashSet::new();
+    for (path, dashboard) in dashboards() {
+        assert!(uids.insert(dashboard["uid"].as_str().unwrap().to_owned()), "{path}: unique dashboard uid");
+        let panels = dashboard["panels"].as_array().expect("panels");
+        let mut ids = std::collections::HashSet::new();
+        let mut cells = std::collections::HashSet::new();
+        for panel in panels {
+            let title = panel["title"].as_str().unwrap_or("?");
+            assert!(ids.insert(panel["id"].as_u64().expect("numeric id")), "{path}: unique panel id ({title})");
+            let grid = &panel["gridPos"];
+            let (x, y, w, h) = (grid["x"].as_u64(), grid["y"].as_u64(), grid["w"].as_u64(), grid["h"].as_u64());
+            let (Some(x), Some(y), Some(w), Some(h)) = (x, y, w, h) else {
+                panic!("{path}: {title} has a grid position")
+            };
+            assert!(w > 0 && h > 0 && x + w <= 24, "{path}: {title} fits the 24-column grid");
+            for column in x..x + w {
+                for row in y..y + h {
+                    assert!(cells.insert((column, row)), "{path}: {title} overlaps another panel");
+                }
+            }
+            assert_eq!(panel["datasource"]["uid"], uid.as_str(), "{path}: {title} uses the provisioned datasource");
+            let targets = panel["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "{path}: {title} queries something");
+            for target in targets {
+                assert_eq!(target["datasource"]["uid"], uid.as_str(), "{path}: {title}");
+                assert!(target["expr"].as_str().is_some_and(|expr| !expr.is_empty()), "{path}: {title}");
+            }
+        }
+        for variable in dashboard["templating"]["list"].as_array().unwrap() {
+            assert_eq!(variable["datasource"]["uid"], uid.as_str(), "{path}: variable {}", variable["name"]);
+        }
+    }
+}
+
+/// A dashboard expression as Grafana would send it, with its variables set to "all".
+fn concrete(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m").replace("$instance", ".*").replace("$route", ".*")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_a_node_and_every_panel_and_alert_evaluates() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let work = tempfile::tempdir().unwrap();
+    let target = app.address.trim_start_matches("http://");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: gavel\n    static_configs:\n      - targets: [\"{target}\"]\n",
+        repo("prometheus/alerts.yml").display()
+    );
+    std::fs::write(work.path().join("prometheus.yml"), config).unwrap();
+    let port = free_port();
+    let _prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", work.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", work.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus is installed (scripts/test installs Debian's prometheus)");
+    let query = |expr: String| {
+        let client = app.client.clone();
+        async move {
+            let response = client
+                .get(format!("http://127.0.0.1:{port}/api/v1/query"))
+                .query(&[("query", expr.as_str())])
+                .send()
+                .await
+                .ok()?;
+            response.json::<Value>().await.ok()
+        }
+    };
+    eventually(Duration::from_secs(60), "Prometheus scraping the node", || async {
+        let answer = query("up{job=\"gavel\"} == 1".to_owned()).await?;
+        (answer["data"]["result"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let _watcher = some_load(&app).await;
+
+    for (path, dashboard) in dashboards() {
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = concrete(target["expr"].as_str().unwrap());
+                let what = format!("{path}: {} returns data: {expr}", panel["title"]);
+                eventually(Duration::from_secs(30), &what, || async {
+                    let answer = query(expr.clone()).await?;
+                    assert_eq!(answer["status"], "success", "{what}: {answer}");
+                    (!answer["data"]["result"].as_array()?.is_empty()).then_some(())
+                })
+                .await;
+            }
+        }
+        for variable in dashboard["templating"]["list"].as_array().unwrap() {
+            let definition = variable["definition"].as_str().unwrap();
+            let inner = definition.trim_start_matches("label_values(").trim_end_matches(')');
+            let series = concrete(inner.rsplit_once(',').map_or(inner, |(series, _)| series));
+            let answer = query(series.clone()).await.expect("an answer");
+            assert!(!answer["data"]["result"].as_array().unwrap().is_empty(), "variable {definition}: {answer}");
+        }
+    }
+    // Every alert rule is loaded and evaluates without error.
+    let rules = eventually(Duration::from_secs(30), "alert rules evaluated", || async {
+        let client = app.client.clone();
+        let answer: Value =
+            client.get(format!("http://127.0.0.1:{port}/api/v1/rules")).send().await.ok()?.json().await.ok()?;
+        let rules: Vec<Value> = answer["data"]["groups"]
+            .as_array()?
+            .iter()
+            .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        (rules.len() == 6 && rules.iter().all(|rule| rule["lastEvaluation"] != "0001-01-01T00:00:00Z")).then_some(rules)
+    })
+    .await;
+    for rule in rules {
+        assert_eq!(rule["health"], "ok", "{rule}");
+    }
+    app.stop().await;
+}
