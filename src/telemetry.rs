@@ -107,11 +107,27 @@ fn describe() {
     metrics::counter!(WS_SLOW_CONSUMER_RESYNCS_TOTAL).absolute(0);
 }
 
-/// `pretty` for people, `json` for machines. `RUST_LOG` filters (default `info`).
+/// `pretty` for people, `json` for machines. `RUST_LOG` filters (default
+/// `info`); `RUST_LOG=info,gavel=debug,gavel_actors=debug` adds a span per bid
+/// (`bid`: auction, bidder, seq, outcome) followed through the auction's actor,
+/// the `commit` span that links to it, and the fan-out, each logged with its
+/// timing when it closes. Requests are never logged with their headers or
+/// bodies, so tokens and passwords never reach the log.
 pub fn init_tracing(json: bool) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".to_owned());
+    init_tracing_with(json, &filter, std::io::stdout);
+}
+
+/// As `init_tracing`, with the filter and the output given (tests capture it).
+pub fn init_tracing_with<W>(json: bool, filter: &str, writer: W)
+where
+    W: for<'writer> tracing_subscriber::fmt::MakeWriter<'writer> + Send + Sync + 'static,
+{
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    use tracing_subscriber::fmt::format::FmtSpan;
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_span_events(FmtSpan::CLOSE).with_writer(writer);
     let result = if json { builder.json().try_init() } else { builder.try_init() };
     // A second init (tests) keeps the first subscriber.
     let _ = result;

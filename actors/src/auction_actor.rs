@@ -56,6 +56,8 @@ pub enum AuctionMsg {
         command: BidCommand,
         key: Option<KeyedRequest>,
         reply: RpcReplyPort<WriteOutcome>,
+        /// The bid's trace span (request → actor → commit → fan-out).
+        span: tracing::Span,
     },
     Cancel {
         by: UserId,
@@ -116,6 +118,8 @@ struct PendingWrite {
     state: AuctionState,
     reply: Option<RpcReplyPort<WriteOutcome>>,
     key: Option<IdempotencyKey>,
+    /// The span of the request that caused it (none for lifecycle writes).
+    span: tracing::Span,
 }
 
 pub struct AuctionActorState {
@@ -201,9 +205,10 @@ impl Actor for AuctionActor {
     ) -> Result<(), ActorProcessingErr> {
         let now = self.node.clock.now_ms();
         match message {
-            AuctionMsg::Bid { command, key, reply } => {
+            AuctionMsg::Bid { command, key, reply, span } => {
                 state.mailbox.fetch_sub(1, Ordering::AcqRel);
                 state.last_activity_ms = now;
+                let _entered = span.enter();
                 self.handle_write(&myself, state, Command::PlaceBid(command), key, reply, now);
             }
             AuctionMsg::Cancel { by, key, reply } => {
@@ -347,9 +352,15 @@ impl AuctionActor {
             Event::BidPlaced(placed) => Some(placed.clone()),
             _ => None,
         };
+        if let Some(placed) = &bid {
+            tracing::Span::current().record("seq", placed.seq);
+            debug!(seq = placed.seq, "bid applied, waiting for commit");
+        }
+        let span = tracing::Span::current();
         let write = Write { lease: state.lease, at_ms: now, auction: state.auction.clone(), bid, key: key_record };
-        let message = PersistenceMsg::Write { write: Box::new(write), from: myself.clone(), write_no };
-        state.pending.push_back(PendingWrite { write_no, event, state: state.auction.clone(), reply, key });
+        let message =
+            PersistenceMsg::Write { write: Box::new(write), from: myself.clone(), write_no, span: span.clone() };
+        state.pending.push_back(PendingWrite { write_no, event, state: state.auction.clone(), reply, key, span });
         if self.node.persistence.cast(message).is_err() {
             // Without a persistence actor nothing can become durable: stop, so the
             // next request reloads from the store.
@@ -364,6 +375,8 @@ impl AuctionActor {
     fn release_durable(&self, state: &mut AuctionActorState, through_write_no: u64) {
         while state.pending.front().is_some_and(|pending| pending.write_no <= through_write_no) {
             let pending = state.pending.pop_front().expect("checked non-empty");
+            let _entered = pending.span.enter();
+            debug!(seq = pending.state.seq, "durable; answering and publishing");
             state.committed = pending.state.clone();
             self.node.events.publish(&pending.event, &pending.state);
             let outcome = WriteOutcome::Accepted { event: pending.event };

@@ -149,7 +149,14 @@ impl Node {
         command: BidCommand,
         key: Option<KeyedRequest>,
     ) -> Result<WriteOutcome, NodeError> {
-        self.call_write(auction_id, |reply| AuctionMsg::Bid { command: command.clone(), key: key.clone(), reply }).await
+        let span = tracing::Span::current();
+        self.call_write(auction_id, |reply| AuctionMsg::Bid {
+            command: command.clone(),
+            key: key.clone(),
+            reply,
+            span: span.clone(),
+        })
+        .await
     }
 
     pub async fn cancel(

@@ -26,6 +26,7 @@ use crate::admission::Admission;
 use crate::auction_actor::AuctionMsg;
 use crate::metrics_names as names;
 use crate::ports::{Store, StoreError, Write};
+use tracing::Instrument;
 
 #[derive(Clone, Debug)]
 pub struct PersistenceSettings {
@@ -58,6 +59,8 @@ pub enum PersistenceMsg {
         write: Box<Write>,
         from: ActorRef<AuctionMsg>,
         write_no: u64,
+        /// The trace span of the request behind the write; the commit links to it.
+        span: tracing::Span,
     },
     Flush,
     /// Commits everything sent before it, then answers (graceful shutdown).
@@ -74,6 +77,7 @@ pub struct PersistenceActor {
 pub struct PersistenceState {
     writes: Vec<Write>,
     origins: Vec<(ActorRef<AuctionMsg>, u64)>,
+    spans: Vec<tracing::Span>,
     flush_scheduled: bool,
 }
 
@@ -83,7 +87,7 @@ impl Actor for PersistenceActor {
     type Arguments = ();
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, _args: ()) -> Result<Self::State, ActorProcessingErr> {
-        Ok(PersistenceState { writes: Vec::new(), origins: Vec::new(), flush_scheduled: false })
+        Ok(PersistenceState { writes: Vec::new(), origins: Vec::new(), spans: Vec::new(), flush_scheduled: false })
     }
 
     async fn handle(
@@ -93,9 +97,12 @@ impl Actor for PersistenceActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            PersistenceMsg::Write { write, from, write_no } => {
+            PersistenceMsg::Write { write, from, write_no, span } => {
                 state.writes.push(*write);
                 state.origins.push((from, write_no));
+                if !span.is_none() {
+                    state.spans.push(span);
+                }
                 if state.writes.len() >= self.settings.max_batch_writes {
                     self.commit_batch(state).await;
                 } else if !state.flush_scheduled {
@@ -127,6 +134,14 @@ impl PersistenceActor {
         if state.writes.is_empty() {
             return;
         }
+        let commit_span = tracing::debug_span!("commit", writes = state.writes.len());
+        for span in state.spans.drain(..) {
+            commit_span.follows_from(&span);
+        }
+        self.commit_writes(state).instrument(commit_span).await;
+    }
+
+    async fn commit_writes(&self, state: &mut PersistenceState) {
         let mut writes = std::mem::take(&mut state.writes);
         let mut origins = std::mem::take(&mut state.origins);
         metrics::histogram!(names::COMMIT_BATCH_SIZE).record(writes.len() as f64);

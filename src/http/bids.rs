@@ -9,6 +9,7 @@ use gavel_actors::auction_actor::{KeyedRequest, WriteOutcome};
 use gavel_actors::{BidCommand, Event, UserRef};
 use serde::Deserialize;
 use serde_json::Number;
+use tracing::Instrument;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -30,8 +31,37 @@ pub struct PlaceBidRequest {
     pub max_amount: Option<Number>,
 }
 
-/// Places a bid for `user`; shared by REST and the WebSocket.
+/// Places a bid for `user`; shared by REST and the WebSocket. Runs in a
+/// `bid` span (auction, bidder, then seq and outcome) that the auction's actor
+/// and the commit carry on: request → actor → commit → fan-out.
 pub async fn place(
+    context: &ApiContext,
+    user: &AuthUser,
+    auction_id: Uuid,
+    request: &PlaceBidRequest,
+    key: Option<String>,
+) -> ApiResult<BidResultView> {
+    let span = tracing::debug_span!(
+        "bid",
+        %auction_id,
+        bidder = %user.id,
+        seq = tracing::field::Empty,
+        outcome = tracing::field::Empty
+    );
+    let result = place_in_span(context, user, auction_id, request, key).instrument(span.clone()).await;
+    match &result {
+        Ok(accepted) => {
+            span.record("seq", accepted.seq);
+            span.record("outcome", "accepted");
+        }
+        Err(error) => {
+            span.record("outcome", error.code());
+        }
+    }
+    result
+}
+
+async fn place_in_span(
     context: &ApiContext,
     user: &AuthUser,
     auction_id: Uuid,

@@ -356,6 +356,7 @@ impl Hub {
 impl EventSink for Hub {
     /// Appends to the topic; the ticker sends. Never blocks on a reader.
     fn publish(&self, event: &Event, state: &AuctionState) {
+        tracing::debug!(auction_id = %state.id, seq = state.seq, "queued for fan-out");
         let frame = Arc::new(Frame::event(event, state));
         let topic = self.topic(state.id);
         let was_waiting = {

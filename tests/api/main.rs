@@ -11,6 +11,7 @@ mod process;
 #[path = "../../actors/tests/reference/mod.rs"]
 mod reference;
 mod resilience;
+mod tracing_spans;
 mod ws;
 mod ws_client;
 
