@@ -160,6 +160,21 @@ fn handshake_key(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(key.to_owned())
 }
 
+/// What one write sends: wire bytes, and how many messages they hold (for
+/// `gavel_ws_messages_sent_total`; pings are not messages).
+#[derive(Default)]
+struct Out {
+    chunks: Vec<Bytes>,
+    messages: u64,
+}
+
+impl Out {
+    fn push(&mut self, chunk: Bytes, messages: u64) {
+        self.chunks.push(chunk);
+        self.messages += messages;
+    }
+}
+
 enum Stop {
     /// Close with this code and reason.
     Close(u16, &'static str),
@@ -256,9 +271,9 @@ impl Connection {
                     // while) for their tasks to hand back their permits.
                     let in_flight = self.hub.settings.max_bids_in_flight.max(1) as u32;
                     let _ = tokio::time::timeout(SHUTDOWN_BIDS_WAIT, self.bids_in_flight.acquire_many(in_flight)).await;
-                    let mut last = Vec::new();
+                    let mut last = Out::default();
                     while let Ok(message) = direct_queue.try_recv() {
-                        last.push(message.encode(self.encoding));
+                        last.push(message.encode(self.encoding), 1);
                     }
                     if let Err(stop) = self.write(last).await {
                         return stop;
@@ -282,7 +297,7 @@ impl Connection {
                     } else {
                         let mut ping = Vec::with_capacity(2);
                         protocol::frame_into(OPCODE_PING, &[], &mut ping);
-                        self.write(vec![Bytes::from(ping)]).await
+                        self.write(Out { chunks: vec![Bytes::from(ping)], messages: 0 }).await
                     }
                 }
                 // Events before the private messages they caused.
@@ -290,9 +305,10 @@ impl Connection {
                     self.on_frames(auction_id, item).await
                 }
                 Some(message) = direct_queue.recv() => {
-                    let mut batch = vec![message.encode(self.encoding)];
-                    while batch.len() < WRITE_BATCH && let Ok(message) = direct_queue.try_recv() {
-                        batch.push(message.encode(self.encoding));
+                    let mut batch = Out::default();
+                    batch.push(message.encode(self.encoding), 1);
+                    while batch.chunks.len() < WRITE_BATCH && let Ok(message) = direct_queue.try_recv() {
+                        batch.push(message.encode(self.encoding), 1);
                     }
                     self.write(batch).await
                 }
@@ -338,11 +354,11 @@ impl Connection {
     /// system calls as it takes, within the write timeout. The protocol
     /// layer's own pending frames (answers to pings) go first, so frames never
     /// interleave.
-    async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), Stop> {
+    async fn write(&mut self, out: Out) -> Result<(), Stop> {
+        let Out { chunks, messages } = out;
         if chunks.is_empty() {
             return Ok(());
         }
-        let count = chunks.len() as u64;
         let socket = &mut self.socket;
         let written = tokio::time::timeout(self.hub.settings.write_timeout, async move {
             socket.flush().await.map_err(std::io::Error::other)?;
@@ -351,7 +367,7 @@ impl Connection {
         .await;
         match written {
             Ok(Ok(())) => {
-                metrics::counter!(telemetry::WS_MESSAGES_SENT_TOTAL).increment(count);
+                metrics::counter!(telemetry::WS_MESSAGES_SENT_TOTAL).increment(messages);
                 Ok(())
             }
             // Too slow to take even this, or gone.
@@ -360,8 +376,9 @@ impl Connection {
     }
 
     async fn reply(&mut self, message: ServerMessage) -> Result<(), Stop> {
-        let encoded = message.encode(self.encoding);
-        self.write(vec![encoded]).await
+        let mut out = Out::default();
+        out.push(message.encode(self.encoding), 1);
+        self.write(out).await
     }
 
     /// Handles one subscription item and whatever else is ready right now, so a
@@ -371,7 +388,7 @@ impl Connection {
         auction_id: AuctionId,
         first: Result<Arc<Batch>, BroadcastStreamRecvError>,
     ) -> Result<(), Stop> {
-        let mut out = Vec::new();
+        let mut out = Out::default();
         let mut lagged = HashSet::new();
         let mut item = Some((auction_id, first));
         let mut handled = 0;
@@ -399,7 +416,7 @@ impl Connection {
 
     /// The part of a batch this subscription has not been shown yet: its
     /// frames are in order, so that is everything from the first new one on.
-    fn accept_batch(&mut self, batch: &Batch, out: &mut Vec<Bytes>) {
+    fn accept_batch(&mut self, batch: &Batch, out: &mut Out) {
         let Some(shown) = self.versions.get_mut(&batch.auction_id) else {
             return;
         };
@@ -411,10 +428,11 @@ impl Connection {
             *shown = (*shown).max(version);
         }
         let (wire, starts) = batch.wire(self.encoding);
-        out.push(wire.slice(starts[first_new]..));
+        let messages = batch.frames[first_new..].iter().map(|frame| frame.message_count()).sum();
+        out.push(wire.slice(starts[first_new]..), messages);
     }
 
-    fn accept(&mut self, frame: &Frame, out: &mut Vec<Bytes>) {
+    fn accept(&mut self, frame: &Frame, out: &mut Out) {
         let Some(shown) = self.versions.get_mut(&frame.auction_id) else {
             return;
         };
@@ -424,7 +442,7 @@ impl Connection {
             }
             *shown = version;
         }
-        out.push(frame.wire(self.encoding).clone());
+        out.push(frame.wire(self.encoding).clone(), frame.message_count());
     }
 
     async fn resync(&mut self, auction_id: AuctionId) -> Result<(), Stop> {
@@ -548,7 +566,7 @@ impl Connection {
             Some((version, frames)) => {
                 self.versions.insert(auction_id, version);
                 self.subscriptions.insert(auction_id, BroadcastStream::new(joined.receiver));
-                let mut out = Vec::new();
+                let mut out = Out::default();
                 for frame in &frames {
                     self.accept(frame, &mut out);
                 }

@@ -236,6 +236,14 @@ impl Frame {
         }
     }
 
+    /// How many messages the frame carries (a bid that moved the end: two).
+    pub fn message_count(&self) -> u64 {
+        match &self.body {
+            Body::Event(Event::BidPlaced(placed)) if placed.extended => 2,
+            _ => 1,
+        }
+    }
+
     /// True for lifecycle events (start, end, cancel).
     pub fn is_lifecycle(&self) -> bool {
         self.version.is_some() && self.bid_seq.is_none()

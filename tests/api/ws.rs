@@ -577,3 +577,47 @@ async fn viewer_counts_follow_subscriptions() {
     }
     app.stop().await;
 }
+
+/// `gavel_ws_messages_sent_total` counts messages, also when many leave in one
+/// batch (a slow batch window puts three bids in one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sent_messages_are_counted_one_by_one() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| config.ws_batch_ms = 500, NodeSettings::default()).await;
+    let api = app.api();
+    let (_seller, bidders, auction_id) =
+        api.scene(&["ann", "bob"], json!({"starting_price": 1_000, "min_increment": 10})).await;
+    let sent = || async {
+        let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("gavel_ws_messages_sent_total "))
+            .map_or(0, |value| value.trim().parse::<u64>().unwrap())
+    };
+    let before = sent().await;
+    let mut watcher = WsClient::connect(&app.address, None).await;
+    watcher.send(json!({"type": "subscribe", "auction_id": auction_id})).await;
+    // Everything this only connection receives is counted: the snapshot, the
+    // three bids, viewer counts, and the pong at the end.
+    let mut received = 0;
+    loop {
+        received += 1;
+        if watcher.next().await["type"] == "snapshot" {
+            break;
+        }
+    }
+    bid_up(&api, &bidders, &auction_id, 3).await;
+    loop {
+        received += 1;
+        if watcher.next().await["seq"] == 3 {
+            break;
+        }
+    }
+    watcher.send(json!({"type": "ping"})).await;
+    loop {
+        received += 1;
+        if watcher.next().await["type"] == "pong" {
+            break;
+        }
+    }
+    assert_eq!(sent().await - before, received);
+    app.stop().await;
+}
