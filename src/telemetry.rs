@@ -114,7 +114,7 @@ fn describe() {
 /// timing when it closes. Requests are never logged with their headers or
 /// bodies, so tokens and passwords never reach the log.
 pub fn init_tracing(json: bool) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".to_owned());
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn,ractor=warn".to_owned());
     init_tracing_with(json, &filter, std::io::stdout);
 }
 

@@ -112,14 +112,21 @@ impl KeyState {
     }
 }
 
+/// Who a write answers: the reply port, and the bid's trace span when traced.
+struct Origin<Reply> {
+    reply: Reply,
+    span: Option<tracing::Span>,
+}
+
 struct PendingWrite {
     write_no: u64,
     event: Event,
     state: AuctionState,
     reply: Option<RpcReplyPort<WriteOutcome>>,
     key: Option<IdempotencyKey>,
-    /// The span of the request that caused it (none for lifecycle writes).
-    span: tracing::Span,
+    /// The span of the bid that caused it, when traced (none for cancels and
+    /// lifecycle writes).
+    span: Option<tracing::Span>,
 }
 
 pub struct AuctionActorState {
@@ -208,13 +215,13 @@ impl Actor for AuctionActor {
             AuctionMsg::Bid { command, key, reply, span } => {
                 state.mailbox.fetch_sub(1, Ordering::AcqRel);
                 state.last_activity_ms = now;
-                let _entered = span.enter();
-                self.handle_write(&myself, state, Command::PlaceBid(command), key, reply, now);
+                let span = (!span.is_disabled()).then_some(span);
+                self.handle_write(&myself, state, Command::PlaceBid(command), key, Origin { reply, span }, now);
             }
             AuctionMsg::Cancel { by, key, reply } => {
                 state.mailbox.fetch_sub(1, Ordering::AcqRel);
                 state.last_activity_ms = now;
-                self.handle_write(&myself, state, Command::Cancel { by }, key, reply, now);
+                self.handle_write(&myself, state, Command::Cancel { by }, key, Origin { reply, span: None }, now);
             }
             AuctionMsg::Durable { through_write_no } => self.release_durable(state, through_write_no),
             AuctionMsg::WriteRefused { from_write_no } => {
@@ -257,9 +264,10 @@ impl AuctionActor {
         state: &mut AuctionActorState,
         command: Command,
         key: Option<KeyedRequest>,
-        reply: RpcReplyPort<WriteOutcome>,
+        origin: Origin<RpcReplyPort<WriteOutcome>>,
         now: TimestampMs,
     ) {
+        let Origin { reply, span } = origin;
         if let Some(keyed) = &key {
             match state.recent_keys.lookup(&keyed.key, keyed.fingerprint) {
                 Lookup::Miss => {}
@@ -313,7 +321,7 @@ impl AuctionActor {
                     );
                     (keyed.key, record)
                 });
-                self.send_write(myself, state, event, Some(reply), key_record, now);
+                self.send_write(myself, state, event, Origin { reply: Some(reply), span }, key_record, now);
                 self.schedule_timer(myself, state, now);
             }
         }
@@ -332,7 +340,7 @@ impl AuctionActor {
             };
             info!(auction_id = %state.auction.id, status = state.auction.status.as_str(), "auction lifecycle");
             self.node.persistence_queue.acquire_unconditionally();
-            self.send_write(myself, state, event, None, None, now);
+            self.send_write(myself, state, event, Origin { reply: None, span: None }, None, now);
         }
     }
 
@@ -341,10 +349,11 @@ impl AuctionActor {
         myself: &ActorRef<AuctionMsg>,
         state: &mut AuctionActorState,
         event: Event,
-        reply: Option<RpcReplyPort<WriteOutcome>>,
+        origin: Origin<Option<RpcReplyPort<WriteOutcome>>>,
         key: Option<(IdempotencyKey, KeyRecord)>,
         now: TimestampMs,
     ) {
+        let Origin { reply, span } = origin;
         let (key, key_record) = key.unzip();
         let write_no = state.next_write_no;
         state.next_write_no += 1;
@@ -352,11 +361,10 @@ impl AuctionActor {
             Event::BidPlaced(placed) => Some(placed.clone()),
             _ => None,
         };
-        if let Some(placed) = &bid {
-            tracing::Span::current().record("seq", placed.seq);
-            debug!(seq = placed.seq, "bid applied, waiting for commit");
+        if let (Some(placed), Some(span)) = (&bid, &span) {
+            span.record("seq", placed.seq);
+            span.in_scope(|| debug!(seq = placed.seq, "bid applied, waiting for commit"));
         }
-        let span = tracing::Span::current();
         let write = Write { lease: state.lease, at_ms: now, auction: state.auction.clone(), bid, key: key_record };
         let message =
             PersistenceMsg::Write { write: Box::new(write), from: myself.clone(), write_no, span: span.clone() };
@@ -375,8 +383,10 @@ impl AuctionActor {
     fn release_durable(&self, state: &mut AuctionActorState, through_write_no: u64) {
         while state.pending.front().is_some_and(|pending| pending.write_no <= through_write_no) {
             let pending = state.pending.pop_front().expect("checked non-empty");
-            let _entered = pending.span.enter();
-            debug!(seq = pending.state.seq, "durable; answering and publishing");
+            let _entered = pending.span.as_ref().map(tracing::Span::enter);
+            if pending.span.is_some() {
+                debug!(seq = pending.state.seq, "durable; answering and publishing");
+            }
             state.committed = pending.state.clone();
             self.node.events.publish(&pending.event, &pending.state);
             let outcome = WriteOutcome::Accepted { event: pending.event };

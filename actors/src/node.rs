@@ -60,6 +60,22 @@ impl Default for NodeSettings {
     }
 }
 
+/// `gavel_actor_mailbox_depth` while it lives.
+struct AdmissionGauge;
+
+impl AdmissionGauge {
+    fn new() -> AdmissionGauge {
+        metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH).increment(1.0);
+        AdmissionGauge
+    }
+}
+
+impl Drop for AdmissionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH).decrement(1.0);
+    }
+}
+
 /// Why a call could not be made (as opposed to a rule's rejection).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NodeError {
@@ -191,9 +207,11 @@ impl Node {
                 handle.mailbox.fetch_sub(1, Ordering::AcqRel);
                 return Err(NodeError::Unavailable("auction is saturated"));
             }
-            metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH).increment(1.0);
-            let answered = self.call(&handle, &message).await;
-            metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH).decrement(1.0);
+            let answered = {
+                // Counted until answered, or until the caller gives up and drops this.
+                let _in_use = AdmissionGauge::new();
+                self.call(&handle, &message).await
+            };
             match answered {
                 Ok(outcome) => return Ok(outcome),
                 Err(CallFailure::Gone) => {

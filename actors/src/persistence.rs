@@ -59,8 +59,8 @@ pub enum PersistenceMsg {
         write: Box<Write>,
         from: ActorRef<AuctionMsg>,
         write_no: u64,
-        /// The trace span of the request behind the write; the commit links to it.
-        span: tracing::Span,
+        /// The trace span of the bid behind the write, when traced; the commit links to it.
+        span: Option<tracing::Span>,
     },
     Flush,
     /// Commits everything sent before it, then answers (graceful shutdown).
@@ -100,7 +100,7 @@ impl Actor for PersistenceActor {
             PersistenceMsg::Write { write, from, write_no, span } => {
                 state.writes.push(*write);
                 state.origins.push((from, write_no));
-                if !span.is_none() {
+                if let Some(span) = span {
                     state.spans.push(span);
                 }
                 if state.writes.len() >= self.settings.max_batch_writes {

@@ -240,10 +240,11 @@ impl Hub {
         drop(topics);
         let mut topics = self.topics.lock().expect("topics lock");
         topics.retain(|_, topic| {
-            // Held elsewhere (a join or publish in progress), watched, or recent.
+            // Held elsewhere (a join or publish in progress), watched, recent,
+            // or busy right now (publish holds it: keep, and never wait for it).
             Arc::strong_count(topic) > 1
                 || topic.sender.receiver_count() > 0
-                || topic.state.lock().expect("topic lock").touched.elapsed() < TOPIC_KEEP
+                || topic.state.try_lock().map_or(true, |state| state.touched.elapsed() < TOPIC_KEEP)
         });
     }
 
@@ -276,12 +277,12 @@ impl Hub {
     /// snapshot. Either way nothing published after this call is missed.
     pub fn join(&self, auction_id: AuctionId, since_seq: Option<u64>) -> Joined {
         let topic = self.topic(auction_id);
-        let state = topic.state.lock().expect("topic lock");
-        // Subscribed under the state lock: every frame not in `recent` yet
-        // will be in a batch this receiver gets (frames already taken for a
-        // batch not sent yet are in `recent`, and come twice: the version
-        // filter drops the second).
+        // Subscribed first, then `recent` read: a frame is either sent in a
+        // batch after this (and received), or in `recent` by the time it is
+        // read, or both (the version filter drops the second copy). The
+        // subscription never waits under the state lock that publish needs.
         let receiver = topic.sender.subscribe();
+        let state = topic.state.lock().expect("topic lock");
         let replay = since_seq.and_then(|since| {
             let position = state.recent.iter().position(|frame| frame.bid_seq == Some(since))?;
             let after: Vec<Arc<Frame>> = state.recent.iter().skip(position + 1).cloned().collect();

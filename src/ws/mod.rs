@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use gavel_actors::AuctionId;
@@ -84,7 +84,19 @@ pub async fn upgrade(
     ApiQuery(params): ApiQuery<WsParams>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
-    let key = handshake_key(request.headers())?;
+    let key = match handshake_key(request.headers()) {
+        Ok(key) => key,
+        Err(Refusal::NotAnUpgrade) => {
+            return Err(ApiError::InvalidRequest("not a WebSocket upgrade (RFC 6455, version 13)".to_owned()));
+        }
+        Err(Refusal::OtherVersion) => {
+            let mut refusal =
+                ApiError::InvalidRequest("this server speaks WebSocket version 13".to_owned()).into_response();
+            *refusal.status_mut() = StatusCode::UPGRADE_REQUIRED;
+            refusal.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            return Ok(refusal);
+        }
+    };
     let user = match params.token {
         Some(token) => Some(context.auth.verify(&token).ok_or(ApiError::Unauthenticated)?),
         None => None,
@@ -136,9 +148,17 @@ pub async fn upgrade(
     Ok(response)
 }
 
+/// Why a request is not a WebSocket upgrade this server accepts.
+enum Refusal {
+    /// `400`.
+    NotAnUpgrade,
+    /// `426`, naming the version this server speaks (RFC 6455, 4.4).
+    OtherVersion,
+}
+
 /// The client's `Sec-WebSocket-Key`, once the request is checked to be a
 /// version-13 WebSocket upgrade.
-fn handshake_key(headers: &HeaderMap) -> Result<String, ApiError> {
+fn handshake_key(headers: &HeaderMap) -> Result<String, Refusal> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers
             .get_all(name)
@@ -146,16 +166,15 @@ fn handshake_key(headers: &HeaderMap) -> Result<String, ApiError> {
             .filter_map(|value| value.to_str().ok())
             .any(|value| value.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
     };
-    let not_upgrade = || ApiError::InvalidRequest("not a WebSocket upgrade (RFC 6455, version 13)".to_owned());
     if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
-        return Err(not_upgrade());
+        return Err(Refusal::NotAnUpgrade);
     }
     if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|version| version != "13") {
-        return Err(not_upgrade());
+        return Err(Refusal::OtherVersion);
     }
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).and_then(|key| key.to_str().ok()).ok_or_else(not_upgrade)?;
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).and_then(|key| key.to_str().ok()).ok_or(Refusal::NotAnUpgrade)?;
     if key.is_empty() || key.len() > 64 {
-        return Err(not_upgrade());
+        return Err(Refusal::NotAnUpgrade);
     }
     Ok(key.to_owned())
 }
@@ -271,7 +290,12 @@ impl Connection {
                     // while) for their tasks to hand back their permits.
                     let in_flight = self.hub.settings.max_bids_in_flight.max(1) as u32;
                     let _ = tokio::time::timeout(SHUTDOWN_BIDS_WAIT, self.bids_in_flight.acquire_many(in_flight)).await;
+                    // The last batches (sent just before the signal) first,
+                    // then the private messages they caused.
                     let mut last = Out::default();
+                    while let Some(Some((_, Ok(batch)))) = self.subscriptions.next().now_or_never() {
+                        self.accept_batch(&batch, &mut last);
+                    }
                     while let Ok(message) = direct_queue.try_recv() {
                         last.push(message.encode(self.encoding), 1);
                     }

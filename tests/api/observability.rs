@@ -231,3 +231,40 @@ async fn prometheus_scrapes_a_node_and_every_panel_and_alert_evaluates() {
     }
     app.stop().await;
 }
+
+/// A caller that gives up while its bid waits for the commit leaves the
+/// admission gauge as it found it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mailbox_gauge_returns_to_zero_when_callers_give_up() {
+    // Each commit waits 2 s for company: long enough to give up on.
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |config| config.commit_delay_us = 2_000_000, Default::default()).await;
+    let api = app.api();
+    let (_seller, bidders, auction_id) = api.scene(&["ann"], json!({})).await;
+    let command = gavel_actors::BidCommand {
+        bidder: gavel_actors::UserRef { id: bidders[0].id.parse().unwrap(), username: "ann".into() },
+        amount: gavel_actors::Money::parse(20_000).unwrap(),
+        max_amount: None,
+    };
+    let node = app.node.clone();
+    let auction: uuid::Uuid = auction_id.parse().unwrap();
+    let caller = tokio::spawn(async move { node.place_bid(auction, command, None).await });
+    let depth = |app: &TestApp| {
+        let client = app.client.clone();
+        let url = app.url("/metrics");
+        async move {
+            let text = client.get(url).send().await.ok()?.text().await.ok()?;
+            text.lines().find_map(|line| line.strip_prefix("gavel_actor_mailbox_depth ")?.trim().parse::<f64>().ok())
+        }
+    };
+    eventually(Duration::from_secs(10), "the bid waiting in the actor", || async {
+        (depth(&app).await? == 1.0).then_some(())
+    })
+    .await;
+    caller.abort();
+    eventually(Duration::from_secs(10), "the gauge back at zero", || async {
+        (depth(&app).await? == 0.0).then_some(())
+    })
+    .await;
+    app.stop().await;
+}

@@ -37,7 +37,9 @@ impl Captured {
 async fn every_bid_has_a_span_from_request_to_fan_out_and_no_secret_is_logged() {
     let captured = Captured::default();
     let writer = captured.clone();
-    gavel::telemetry::init_tracing_with(true, "info,gavel=debug,gavel_actors=debug", move || writer.clone());
+    gavel::telemetry::init_tracing_with(true, "info,ractor=warn,gavel=debug,gavel_actors=debug", move || {
+        writer.clone()
+    });
     let app = TestApp::spawn(Backend::Sqlite).await;
     let api = app.api();
     let (_seller, users, auction_id) = api.scene(&["ann", "bob"], json!({})).await;

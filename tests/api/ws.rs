@@ -351,6 +351,19 @@ async fn bad_frames_get_errors_and_the_connection_stays_usable() {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
         other => panic!("a bad token is refused with 401: {other:?}"),
     }
+    // Another protocol version: 426, naming the one spoken (RFC 6455, 4.4).
+    let response = app
+        .client
+        .get(app.url("/ws"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "8")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(response.headers()["sec-websocket-version"], "13");
     // A plain GET is not an upgrade: a JSON 400.
     let (status, body) = api.get("/ws", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -620,4 +633,23 @@ async fn sent_messages_are_counted_one_by_one() {
     }
     assert_eq!(sent().await - before, received);
     app.stop().await;
+}
+
+/// Stopping the node sends the events still waiting for their batch before
+/// it closes the connections (a slow batch window keeps the bid waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delivers_the_last_events_before_closing() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| config.ws_batch_ms = 1_000, NodeSettings::default()).await;
+    let api = app.api();
+    let (_seller, bidders, auction_id) = api.scene(&["ann", "bob"], json!({"starting_price": 1_000})).await;
+    let mut watcher = WsClient::connect(&app.address, None).await;
+    watcher.subscribe(&auction_id).await;
+    let (status, body) = api.bid(&bidders[0], &auction_id, 1_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    app.stop().await;
+    let bid = watcher.next_event().await;
+    assert_eq!(bid["type"], "bid", "the last event before the close: {bid}");
+    assert_eq!(bid["seq"], 1);
+    let close = watcher.close_frame().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1001);
 }
