@@ -60,19 +60,19 @@ impl Default for NodeSettings {
     }
 }
 
-/// `gavel_actor_mailbox_depth` while it lives.
-struct AdmissionGauge;
+/// Counts one call in `gavel_actor_mailbox_depth` while it lives.
+struct AdmissionGauge<'a>(&'a metrics::Gauge);
 
-impl AdmissionGauge {
-    fn new() -> AdmissionGauge {
-        metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH).increment(1.0);
-        AdmissionGauge
+impl AdmissionGauge<'_> {
+    fn new(gauge: &metrics::Gauge) -> AdmissionGauge<'_> {
+        gauge.increment(1.0);
+        AdmissionGauge(gauge)
     }
 }
 
-impl Drop for AdmissionGauge {
+impl Drop for AdmissionGauge<'_> {
     fn drop(&mut self) {
-        metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH).decrement(1.0);
+        self.0.decrement(1.0);
     }
 }
 
@@ -123,6 +123,8 @@ pub struct Node {
     pub persistence_queue: Arc<Admission>,
     live: Mutex<HashMap<AuctionId, Arc<OnceCell<AuctionHandle>>>>,
     accepting: AtomicBool,
+    /// `gavel_actor_mailbox_depth`, registered once: the bid path only adds to it.
+    mailbox_depth: metrics::Gauge,
 }
 
 enum CallFailure {
@@ -156,6 +158,7 @@ impl Node {
             persistence_queue,
             live: Mutex::new(HashMap::new()),
             accepting: AtomicBool::new(true),
+            mailbox_depth: metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH),
         }))
     }
 
@@ -209,7 +212,7 @@ impl Node {
             }
             let answered = {
                 // Counted until answered, or until the caller gives up and drops this.
-                let _in_use = AdmissionGauge::new();
+                let _in_use = AdmissionGauge::new(&self.mailbox_depth);
                 self.call(&handle, &message).await
             };
             match answered {

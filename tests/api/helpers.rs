@@ -254,6 +254,15 @@ pub fn auction_body(overrides: Value) -> Value {
     body
 }
 
+/// The value of an unlabelled series on the node's `/metrics` (0 before it appears).
+pub async fn metric(app: &TestApp, name: &str) -> f64 {
+    let text = app.client.get(app.url("/metrics")).send().await.expect("GET /metrics").text().await.expect("body");
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .map_or(0.0, |value| value.trim().parse().expect("a number"))
+}
+
 /// Polls `check` until it returns `Some`, failing the test after `deadline`.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where

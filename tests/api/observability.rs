@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
-use crate::helpers::{Backend, HasApi, TestApp, eventually, free_port};
+use crate::helpers::{Backend, HasApi, TestApp, eventually, free_port, metric};
 use crate::ws_client::WsClient;
 
 fn repo(path: &str) -> PathBuf {
@@ -249,22 +249,13 @@ async fn the_mailbox_gauge_returns_to_zero_when_callers_give_up() {
     let node = app.node.clone();
     let auction: uuid::Uuid = auction_id.parse().unwrap();
     let caller = tokio::spawn(async move { node.place_bid(auction, command, None).await });
-    let depth = |app: &TestApp| {
-        let client = app.client.clone();
-        let url = app.url("/metrics");
-        async move {
-            let text = client.get(url).send().await.ok()?.text().await.ok()?;
-            text.lines().find_map(|line| line.strip_prefix("gavel_actor_mailbox_depth ")?.trim().parse::<f64>().ok())
-        }
-    };
+    let depth = || metric(&app, "gavel_actor_mailbox_depth");
     eventually(Duration::from_secs(10), "the bid waiting in the actor", || async {
-        (depth(&app).await? == 1.0).then_some(())
+        (depth().await == 1.0).then_some(())
     })
     .await;
     caller.abort();
-    eventually(Duration::from_secs(10), "the gauge back at zero", || async {
-        (depth(&app).await? == 0.0).then_some(())
-    })
-    .await;
+    eventually(Duration::from_secs(10), "the gauge back at zero", || async { (depth().await == 0.0).then_some(()) })
+        .await;
     app.stop().await;
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{Acknowledged, Backend, HasApi, TestApp, User, eventually, start_storm};
+use crate::helpers::{Acknowledged, Backend, HasApi, TestApp, User, eventually, metric, start_storm};
 use crate::on_both_backends;
 use crate::ws_client::{WsClient, ws_url};
 use gavel_actors::node::NodeSettings;
@@ -199,11 +199,8 @@ async fn resume_replays_missed_events_or_sends_a_snapshot() {
 }
 
 /// The Prometheus counter of snapshot resyncs, read from /metrics.
-async fn resyncs(app: &TestApp) -> u64 {
-    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix("gavel_ws_slow_consumer_resyncs_total "))
-        .map_or(0, |value| value.trim().parse().unwrap())
+async fn resyncs(app: &TestApp) -> f64 {
+    metric(app, "gavel_ws_slow_consumer_resyncs_total").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +279,7 @@ async fn a_stalled_reader_blocks_nobody_and_catches_up_by_snapshot() {
     for (index, bid) in rest.iter().enumerate() {
         assert_eq!(bid["seq"], snapshot_seq + index as u64 + 1, "live events after the snapshot, in order");
     }
-    assert_eq!(resyncs(&app).await, resyncs_before + 1, "counted as one slow-consumer resync");
+    assert_eq!(resyncs(&app).await, resyncs_before + 1.0, "counted as one slow-consumer resync");
     // And it keeps up from here.
     let (status, body) = api.bid(&bidders[1], &auction_id, 1_000 + total as i64 + 1, None).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -599,12 +596,7 @@ async fn sent_messages_are_counted_one_by_one() {
     let api = app.api();
     let (_seller, bidders, auction_id) =
         api.scene(&["ann", "bob"], json!({"starting_price": 1_000, "min_increment": 10})).await;
-    let sent = || async {
-        let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix("gavel_ws_messages_sent_total "))
-            .map_or(0, |value| value.trim().parse::<u64>().unwrap())
-    };
+    let sent = || metric(&app, "gavel_ws_messages_sent_total");
     let before = sent().await;
     let mut watcher = WsClient::connect(&app.address, None).await;
     watcher.send(json!({"type": "subscribe", "auction_id": auction_id})).await;
@@ -631,7 +623,7 @@ async fn sent_messages_are_counted_one_by_one() {
             break;
         }
     }
-    assert_eq!(sent().await - before, received);
+    assert_eq!(sent().await - before, received as f64);
     app.stop().await;
 }
 
