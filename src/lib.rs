@@ -11,6 +11,7 @@ pub mod listener;
 pub mod ratelimit;
 pub mod storage;
 pub mod telemetry;
+pub mod web;
 pub mod ws;
 
 pub use app::Application;

@@ -117,6 +117,7 @@ pub fn router(context: ApiContext) -> Router {
     let (api_routes, openapi) = api();
     api_routes
         .route("/ws", axum::routing::get(crate::ws::upgrade))
+        .merge(crate::web::routes())
         .merge(SwaggerUi::new("/api/docs").url("/api/openapi.json", openapi))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -7,6 +7,7 @@ mod concurrency;
 mod helpers;
 mod observability;
 mod openapi;
+mod page;
 mod process;
 #[path = "../../actors/tests/reference/mod.rs"]
 mod reference;
