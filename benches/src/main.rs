@@ -1,17 +1,30 @@
 //! gavel's load generator. Closed loop: each of N connections (one user each)
-//! sends its next request as soon as the previous one is answered.
+//! sends its next request as soon as the previous one is answered. Open model
+//! (`--rate`): requests at a fixed arrival rate, latency counted from each
+//! request's intended send time (no coordinated omission).
 //!
 //! ```text
-//! gavel-bench hot_auction  --target 127.0.0.1:8080 --connections 64 --seconds 10
-//! gavel-bench http_ceiling --target 127.0.0.1:8080 --connections 64 --seconds 10
+//! gavel-bench hot_auction   --target 127.0.0.1:8080 --connections 64 --seconds 10
+//! gavel-bench many_auctions --target 127.0.0.1:8080 --auctions 10000 --zipf 1.0
+//! gavel-bench reads | http_ceiling | ws_fanout | ws_idle  [...]
+//! gavel-bench table RESULTS.jsonl [--json PATH]
 //! ```
 //!
 //! `hot_auction` registers the users, creates one auction (increment 1) and
 //! has every connection bid the next value of a shared counter, so nearly all
-//! bids are valid and the few that lose a race are rejected as too low. At the
-//! end it checks the history: seq 1..n without gaps and every 201 in it.
+//! bids are valid and the few that lose a race are rejected as too low.
+//! `many_auctions` does the same over N auctions, each request choosing its
+//! auction by a Zipf law. At the end both check every auction that took bids:
+//! seq 1..n without gaps, `bid_count` = the 201s, and every 201 durable (the
+//! newest bid in the store's history); for designs that answer before they
+//! write, how many acknowledged bids were not yet durable when the load
+//! stopped, and how long they took to get there.
+//!
+//! `--results PATH` appends one JSON row per scenario (labelled `--design`,
+//! `--backend`); `table` prints them side by side.
 
 mod http;
+mod table;
 mod ws;
 
 use std::collections::BTreeMap;
@@ -37,6 +50,13 @@ struct Options {
     probes: usize,
     /// ws_idle: the server process, to read its resident memory.
     server_pid: Option<u32>,
+    /// many_auctions: how many auctions, and the Zipf exponent of their popularity.
+    auctions: usize,
+    zipf: f64,
+    /// Labels of the JSON rows, and where to append them.
+    design: String,
+    backend: String,
+    results: Option<String>,
 }
 
 fn parse_options() -> Options {
@@ -51,6 +71,11 @@ fn parse_options() -> Options {
         watchers: 10_000,
         probes: 100,
         server_pid: None,
+        auctions: 10_000,
+        zipf: 1.0,
+        design: "gavel".to_owned(),
+        backend: "sqlite".to_owned(),
+        results: None,
     };
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -62,25 +87,40 @@ fn parse_options() -> Options {
             "--watchers" => options.watchers = value.parse().unwrap_or_else(|_| usage()),
             "--probes" => options.probes = value.parse().unwrap_or_else(|_| usage()),
             "--server-pid" => options.server_pid = Some(value.parse().unwrap_or_else(|_| usage())),
+            "--auctions" => options.auctions = value.parse().unwrap_or_else(|_| usage()),
+            "--zipf" => options.zipf = value.parse().unwrap_or_else(|_| usage()),
+            "--design" => options.design = value,
+            "--backend" => options.backend = value,
+            "--results" => options.results = Some(value),
             _ => usage(),
         }
+    }
+    if options.connections == 0 || options.auctions == 0 || options.zipf.is_nan() || options.zipf < 0.0 {
+        usage();
     }
     options
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gavel-bench hot_auction|http_ceiling|ws_fanout|ws_idle [--target HOST:PORT] [--connections N] \
-         [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--server-pid PID]"
+        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_idle [--target HOST:PORT] \
+         [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--server-pid PID] \
+         [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--results PATH]\n       \
+         gavel-bench table RESULTS.jsonl [--json PATH]"
     );
     std::process::exit(2)
 }
 
+/// Rejections the load provokes on purpose: not errors.
+const EXPECTED_REJECTIONS: [&str; 2] = ["BID_TOO_LOW", "ALREADY_LEADING"];
+
 struct Report {
     latency: Histogram<u64>,
     statuses: BTreeMap<u16, u64>,
+    /// Transport failures (no answer).
     errors: u64,
-    accepted_seqs: Vec<i64>,
+    /// (auction index, seq) of every 201.
+    accepted: Vec<(u32, i64)>,
     /// Error codes of the non-2xx answers.
     codes: BTreeMap<String, u64>,
 }
@@ -91,7 +131,7 @@ impl Report {
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
             statuses: BTreeMap::new(),
             errors: 0,
-            accepted_seqs: Vec::new(),
+            accepted: Vec::new(),
             codes: BTreeMap::new(),
         }
     }
@@ -102,10 +142,25 @@ impl Report {
             *self.statuses.entry(status).or_default() += count;
         }
         self.errors += other.errors;
-        self.accepted_seqs.extend(other.accepted_seqs);
+        self.accepted.extend(other.accepted);
         for (code, count) in other.codes {
             *self.codes.entry(code).or_default() += count;
         }
+    }
+
+    /// No answer, a 5xx, or a rejection the load did not ask for.
+    fn error_count(&self) -> u64 {
+        let unexpected: u64 = self
+            .codes
+            .iter()
+            .filter(|(code, _)| !EXPECTED_REJECTIONS.contains(&code.as_str()))
+            .map(|(_, count)| count)
+            .sum();
+        self.errors + unexpected
+    }
+
+    fn count(&self, status: u16) -> u64 {
+        self.statuses.get(&status).copied().unwrap_or(0)
     }
 }
 
@@ -144,9 +199,20 @@ async fn register(target: &str, count: usize) -> Vec<String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("table") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        match args.as_slice() {
+            [results] => table::print(results, None),
+            [results, flag, json] if flag == "--json" => table::print(results, Some(json)),
+            _ => usage(),
+        }
+        return;
+    }
     let options = parse_options();
     match options.scenario.as_str() {
         "hot_auction" => hot_auction(&options).await,
+        "many_auctions" => many_auctions(&options).await,
+        "reads" => reads(&options).await,
         "http_ceiling" => http_ceiling(&options).await,
         "ws_fanout" => ws_fanout(&options).await,
         "ws_idle" => {
@@ -157,22 +223,33 @@ async fn main() {
     }
 }
 
-async fn http_ceiling(options: &Options) {
+/// Closed loop of GETs on `path` over every connection: the report and its duration.
+async fn get_load(options: &Options, path: String) -> (Report, Duration) {
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
     let mut tasks = Vec::new();
     for _ in 0..options.connections {
         let target = options.target.clone();
+        let path = path.clone();
         tasks.push(tokio::spawn(async move {
             let mut report = Report::new();
             let mut connection = Connection::open(&target).await.expect("connect");
             while Instant::now() < deadline {
                 let started = Instant::now();
-                match connection.request("GET", "/health", None, None).await {
+                match connection.request("GET", &path, None, None).await {
                     Ok(response) => {
                         report.latency.record(started.elapsed().as_micros() as u64).ok();
                         *report.statuses.entry(response.status).or_default() += 1;
+                        if response.status >= 400 {
+                            *report.codes.entry(error_code(&response.body)).or_default() += 1;
+                        }
                     }
-                    Err(_) => report.errors += 1,
+                    Err(_) => {
+                        report.errors += 1;
+                        connection = match Connection::open(&target).await {
+                            Ok(connection) => connection,
+                            Err(_) => break,
+                        };
+                    }
                 }
             }
             report
@@ -180,55 +257,157 @@ async fn http_ceiling(options: &Options) {
     }
     let started = Instant::now();
     let report = collect(tasks).await;
-    print_report("http_ceiling", &report, started.elapsed(), None);
+    (report, started.elapsed())
+}
+
+/// The same server's cheapest endpoint: the transport's ceiling.
+async fn http_ceiling(options: &Options) {
+    let (report, elapsed) = get_load(options, "/health".to_owned()).await;
+    let throughput = report.count(200) as f64 / elapsed.as_secs_f64();
+    finish(options, "http_ceiling", &report, elapsed, throughput, None);
+}
+
+/// Closed-loop GETs of one auction's state (with a few bids on it).
+async fn reads(options: &Options) {
+    let (mut connection, tokens, auction_id) = auction_with_bidders(options, 2).await;
+    let path = format!("/api/v1/auctions/{auction_id}/bids");
+    for (round, token) in tokens.iter().cycle().take(10).enumerate() {
+        let body = json!({"amount": 1 + 2 * round as i64});
+        let (status, reply) = json_call(&mut connection, "POST", &path, Some(token), body).await;
+        assert_eq!(status, 201, "setup bid: {reply}");
+    }
+    let (report, elapsed) = get_load(options, format!("/api/v1/auctions/{auction_id}")).await;
+    let throughput = report.count(200) as f64 / elapsed.as_secs_f64();
+    finish(options, "reads", &report, elapsed, throughput, None);
 }
 
 async fn hot_auction(options: &Options) {
-    let (mut connection, tokens, auction_id) = auction_with_bidders(options).await;
+    let (connection, tokens, auction_id) = auction_with_bidders(options, options.connections).await;
+    let auctions = vec![auction_id];
     let started = Instant::now();
-    let mut report = bid_load(options, tokens, &auction_id).await;
+    let report = bid_load(options, tokens, &auctions, None).await;
     let elapsed = started.elapsed();
-    let verdict = verify(&mut connection, &auction_id, &mut report).await;
-    print_report("hot_auction", &report, elapsed, Some(verdict));
+    let verdict = verify(options, connection, &auctions, &report).await;
+    let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
+    finish(options, "hot_auction", &report, elapsed, throughput, Some(verdict));
 }
 
-/// Registers a seller and `connections` bidders and creates one auction
-/// (increment 1); the bidders' tokens and the auction's id.
-async fn auction_with_bidders(options: &Options) -> (Connection, Vec<String>, String) {
+async fn many_auctions(options: &Options) {
     let tokens = register(&options.target, options.connections + 1).await;
+    let opening = Instant::now();
+    let auctions = create_auctions(options, &tokens[0], options.auctions).await;
+    println!("  {} auctions created in {:.1} s", auctions.len(), opening.elapsed().as_secs_f64());
+    let zipf = Arc::new(Zipf::new(auctions.len(), options.zipf));
+    let connection = Connection::open(&options.target).await.expect("connect");
+    let started = Instant::now();
+    let report = bid_load(options, tokens.into_iter().skip(1).collect(), &auctions, Some(zipf)).await;
+    let elapsed = started.elapsed();
+    let verdict = verify(options, connection, &auctions, &report).await;
+    let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
+    finish(options, "many_auctions", &report, elapsed, throughput, Some(verdict));
+}
+
+fn auction_body() -> Value {
+    json!({"title": "bench", "currency": "EUR", "starting_price": 1, "min_increment": 1, "duration_secs": 3600})
+}
+
+/// Registers a seller and `bidders` bidders and creates one auction
+/// (increment 1); the bidders' tokens and the auction's id.
+async fn auction_with_bidders(options: &Options, bidders: usize) -> (Connection, Vec<String>, String) {
+    let tokens = register(&options.target, bidders + 1).await;
     let mut connection = Connection::open(&options.target).await.expect("connect");
-    let (status, auction) = json_call(
-        &mut connection,
-        "POST",
-        "/api/v1/auctions",
-        Some(&tokens[0]),
-        json!({"title": "bench", "currency": "EUR", "starting_price": 1, "min_increment": 1, "duration_secs": 3600}),
-    )
-    .await;
+    let (status, auction) =
+        json_call(&mut connection, "POST", "/api/v1/auctions", Some(&tokens[0]), auction_body()).await;
     assert_eq!(status, 201, "create auction: {auction}");
     let auction_id = auction["id"].as_str().expect("id").to_owned();
     (connection, tokens.into_iter().skip(1).collect(), auction_id)
 }
 
-/// Every bidder on its own connection, closed loop or paced (`--rate`).
-async fn bid_load(options: &Options, tokens: Vec<String>, auction_id: &str) -> Report {
-    let path = format!("/api/v1/auctions/{auction_id}/bids");
-    let counter = Arc::new(AtomicI64::new(1));
+/// `count` auctions of one seller, created over all the connections at once.
+async fn create_auctions(options: &Options, seller: &str, count: usize) -> Vec<String> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..options.connections.min(count) {
+        let (target, seller, next) = (options.target.clone(), seller.to_owned(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(&target).await.expect("connect");
+            let mut made = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let (status, auction) =
+                    json_call(&mut connection, "POST", "/api/v1/auctions", Some(&seller), auction_body()).await;
+                assert_eq!(status, 201, "create auction: {auction}");
+                made.push(auction["id"].as_str().expect("id").to_owned());
+            }
+            made
+        }));
+    }
+    let mut auctions = Vec::with_capacity(count);
+    for task in tasks {
+        auctions.extend(task.await.expect("create task"));
+    }
+    auctions
+}
+
+/// Zipf-distributed auction indexes: index k (0-based) with weight 1/(k+1)^s.
+struct Zipf {
+    cumulative: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(count: usize, exponent: f64) -> Zipf {
+        let mut total = 0.0;
+        let cumulative = (1..=count)
+            .map(|rank| {
+                total += 1.0 / (rank as f64).powf(exponent);
+                total
+            })
+            .collect();
+        Zipf { cumulative }
+    }
+
+    fn sample(&self, random: &mut Random) -> usize {
+        let total = *self.cumulative.last().expect("at least one auction");
+        let point = random.unit() * total;
+        self.cumulative.partition_point(|&edge| edge <= point).min(self.cumulative.len() - 1)
+    }
+}
+
+/// xorshift64*: a small, fast generator for choosing auctions.
+struct Random(u64);
+
+impl Random {
+    fn seeded(seed: u64) -> Random {
+        Random(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Every bidder on its own connection, closed loop or paced (`--rate`); each
+/// request bids on one of `auctions` (the first, or one chosen by `zipf`).
+async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], zipf: Option<Arc<Zipf>>) -> Report {
+    let paths: Arc<Vec<String>> = Arc::new(auctions.iter().map(|id| format!("/api/v1/auctions/{id}/bids")).collect());
+    let counters: Arc<Vec<AtomicI64>> = Arc::new(auctions.iter().map(|_| AtomicI64::new(1)).collect());
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
     let mut tasks = Vec::new();
     let mut ticket_senders = Vec::new();
-    for token in tokens {
+    for (index, token) in tokens.into_iter().enumerate() {
         let target = options.target.clone();
-        let path = path.clone();
-        let counter = counter.clone();
+        let (paths, counters, zipf) = (paths.clone(), counters.clone(), zipf.clone());
         let (ticket_sender, mut tickets) = tokio::sync::mpsc::unbounded_channel::<Instant>();
         ticket_senders.push(ticket_sender);
         let open_model = options.rate > 0;
         tasks.push(tokio::spawn(async move {
             let mut report = Report::new();
+            let mut random = Random::seeded(index as u64 + 1);
             let mut connection = Connection::open(&target).await.expect("connect");
             loop {
-                // Open model: the pacer names each request's send time and amount;
+                // Open model: the pacer names each request's send time;
                 // latency counts from that time, so a late send is not forgiven
                 // (coordinated omission). Closed loop: next request at once.
                 let started = if open_model {
@@ -242,22 +421,22 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auction_id: &str) -> R
                     }
                     Instant::now()
                 };
+                let auction = zipf.as_ref().map_or(0, |zipf| zipf.sample(&mut random));
                 // The amount is fixed at the moment of sending, so amounts rise in
                 // send order. Steps of two increments: a challenger who stays behind
                 // a proxy maximum moves the price to its amount plus one increment.
-                let amount = counter.fetch_add(2, Ordering::Relaxed);
+                let amount = counters[auction].fetch_add(2, Ordering::Relaxed);
                 let body = format!("{{\"amount\":{amount}}}");
-                match connection.request("POST", &path, Some(&token), Some(body.as_bytes())).await {
+                match connection.request("POST", &paths[auction], Some(&token), Some(body.as_bytes())).await {
                     Ok(response) => {
                         report.latency.record(started.elapsed().as_micros() as u64).ok();
                         *report.statuses.entry(response.status).or_default() += 1;
                         if response.status >= 400 {
-                            let code = error_code(&response.body);
-                            *report.codes.entry(code).or_default() += 1;
+                            *report.codes.entry(error_code(&response.body)).or_default() += 1;
                         }
                         if response.status == 201 {
                             let reply: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
-                            report.accepted_seqs.push(reply["seq"].as_i64().unwrap_or(-1));
+                            report.accepted.push((auction as u32, reply["seq"].as_i64().unwrap_or(-1)));
                         }
                     }
                     Err(_) => {
@@ -285,7 +464,7 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auction_id: &str) -> R
 async fn ws_fanout(options: &Options) {
     let target: std::net::SocketAddr = options.target.parse().unwrap_or_else(|_| usage());
     ws::raise_open_files(options.watchers as u64 + options.connections as u64 + 1_024);
-    let (mut connection, tokens, auction_id) = auction_with_bidders(options).await;
+    let (connection, tokens, auction_id) = auction_with_bidders(options, options.connections).await;
     let totals = Arc::new(ws::FanoutTotals::default());
     let last_seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut probes = Vec::new();
@@ -320,11 +499,12 @@ async fn ws_fanout(options: &Options) {
     // Let the snapshots go out before the bids start.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let bytes_before = totals.bytes.load(Ordering::Relaxed);
+    let auctions = vec![auction_id];
     let started = Instant::now();
-    let mut report = bid_load(options, tokens, &auction_id).await;
+    let report = bid_load(options, tokens, &auctions, None).await;
     let elapsed = started.elapsed();
-    let verdict = verify(&mut connection, &auction_id, &mut report).await;
-    let accepted = report.statuses.get(&201).copied().unwrap_or(0);
+    let verdict = verify(options, connection, &auctions, &report).await;
+    let accepted = report.count(201);
     last_seq.store(accepted.max(1), Ordering::Relaxed);
     // The probes stop once they have seen the last bid (or at the deadline).
     let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
@@ -338,14 +518,14 @@ async fn ws_fanout(options: &Options) {
         complete += u64::from(probe.last_seq == accepted);
     }
     let discarded = totals.bytes.load(Ordering::Relaxed) - bytes_before;
-    print_report("ws_fanout (bids)", &report, elapsed, Some(verdict));
+    print_report("ws_fanout (bids)", &report, elapsed, Some(&verdict));
     let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
+    let deliveries = (accepted * options.watchers as u64) as f64 / elapsed.as_secs_f64();
     println!(
-        "scenario ws_fanout: {} watchers, {accepted} events in {:.1} s = {:.0} events/s = {:.0} deliveries/s",
+        "scenario ws_fanout: {} watchers, {accepted} events in {:.1} s = {:.0} events/s = {deliveries:.0} deliveries/s",
         options.watchers,
         elapsed.as_secs_f64(),
         accepted as f64 / elapsed.as_secs_f64(),
-        (accepted * options.watchers as u64) as f64 / elapsed.as_secs_f64()
     );
     println!(
         "  placed -> delivered ms (probes): p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
@@ -355,14 +535,24 @@ async fn ws_fanout(options: &Options) {
         ms(0.999),
         latency.max() as f64 / 1000.0
     );
+    let closed = totals.closed.load(Ordering::Relaxed);
     println!(
         "  probes: {events} events timed, {} resync snapshots, {gaps} gaps, {complete}/{} saw the last bid; \
-         others read {:.0} MiB; {} connections closed",
+         others read {:.0} MiB; {closed} connections closed",
         snapshots.saturating_sub(options.probes as u64),
         options.probes,
         discarded as f64 / 1_048_576.0,
-        totals.closed.load(Ordering::Relaxed)
     );
+    // The row: deliveries per second, delivery latency, and as errors every
+    // gap, every probe that missed the end, every dropped watcher.
+    let delivery_errors = gaps + (options.probes as u64 - complete) + closed + report.error_count();
+    let row = json!({
+        "design": options.design, "backend": options.backend, "scenario": "ws_fanout",
+        "throughput_per_s": deliveries.round(), "p50_ms": ms(0.5), "p99_ms": ms(0.99),
+        "errors": delivery_errors, "watchers": options.watchers, "bids_per_s": accepted as f64 / elapsed.as_secs_f64(),
+        "correct": verdict.ok && gaps == 0, "verdict": verdict.text,
+    });
+    append_row(options, &row);
 }
 
 /// The open model's clock: a thread that hands out send times at exactly
@@ -390,17 +580,105 @@ fn spawn_pacer(rate: u64, deadline: Instant, connections: Vec<tokio::sync::mpsc:
     });
 }
 
-/// Checks the history after the run: seq 1..n, bid_count = n = number of 201s.
-async fn verify(connection: &mut Connection, auction_id: &str, report: &mut Report) -> String {
-    let (_, auction) = json_call(connection, "GET", &format!("/api/v1/auctions/{auction_id}"), None, Value::Null).await;
-    let bid_count = auction["bid_count"].as_i64().unwrap_or(-1);
-    report.accepted_seqs.sort_unstable();
-    let gap_free = report.accepted_seqs.iter().enumerate().all(|(index, seq)| *seq == index as i64 + 1);
-    let accepted = report.accepted_seqs.len() as i64;
-    if gap_free && accepted == bid_count {
-        format!("ok: seq 1..{bid_count} without gaps, bid_count = 201s = {accepted}")
+struct Verdict {
+    ok: bool,
+    text: String,
+    /// Acknowledged bids that were not yet in the store's history when the
+    /// load stopped, and how long the last of them took to get there.
+    not_durable_at_stop: u64,
+    durable_after: Duration,
+}
+
+/// The newest bid in the store's history (0 if none).
+async fn durable_seq(connection: &mut Connection, auction_id: &str) -> i64 {
+    let (_, page) =
+        json_call(connection, "GET", &format!("/api/v1/auctions/{auction_id}/bids?limit=1"), None, Value::Null).await;
+    page["items"][0]["seq"].as_i64().unwrap_or(0)
+}
+
+/// After the run, for every auction that took bids: seq 1..n without gaps,
+/// bid_count = n = its 201s, and all of them durable (waiting up to a minute
+/// for a write-behind queue to drain).
+async fn verify(options: &Options, mut connection: Connection, auctions: &[String], report: &Report) -> Verdict {
+    let mut seqs: BTreeMap<u32, Vec<i64>> = BTreeMap::new();
+    for &(auction, seq) in &report.accepted {
+        seqs.entry(auction).or_default().push(seq);
+    }
+    // Right at the stop: acknowledged but not yet in the history.
+    let mut not_durable_at_stop = 0;
+    let hottest = seqs.iter().max_by_key(|(_, list)| list.len()).map(|(&auction, list)| (auction, list.len()));
+    if let Some((auction, acknowledged)) = hottest {
+        let durable = durable_seq(&mut connection, &auctions[auction as usize]).await;
+        not_durable_at_stop = (acknowledged as i64 - durable).max(0) as u64;
+    }
+    let drain_started = Instant::now();
+    if let Some((auction, acknowledged)) = hottest {
+        while durable_seq(&mut connection, &auctions[auction as usize]).await < acknowledged as i64
+            && drain_started.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let durable_after = if not_durable_at_stop > 0 { drain_started.elapsed() } else { Duration::ZERO };
+
+    // Every auction with bids, checked over several connections at once.
+    let work: Arc<Vec<(String, Vec<i64>)>> = Arc::new(
+        seqs.into_iter()
+            .map(|(auction, mut list)| {
+                list.sort_unstable();
+                (auctions[auction as usize].clone(), list)
+            })
+            .collect(),
+    );
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut checkers = Vec::new();
+    for _ in 0..options.connections.clamp(1, 16) {
+        let (work, next, target) = (work.clone(), next.clone(), options.target.clone());
+        checkers.push(tokio::spawn(async move {
+            let mut connection = Connection::open(&target).await.expect("connect");
+            let mut failures = Vec::new();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some((auction_id, list)) = work.get(index) else { break };
+                let (_, auction) =
+                    json_call(&mut connection, "GET", &format!("/api/v1/auctions/{auction_id}"), None, Value::Null)
+                        .await;
+                let bid_count = auction["bid_count"].as_i64().unwrap_or(-1);
+                let gap_free = list.iter().enumerate().all(|(index, seq)| *seq == index as i64 + 1);
+                let durable = durable_seq(&mut connection, auction_id).await;
+                let accepted = list.len() as i64;
+                if !gap_free || bid_count != accepted || durable != accepted {
+                    failures.push(format!(
+                        "{auction_id}: bid_count {bid_count}, 201s {accepted}, gap-free {gap_free}, newest durable {durable}"
+                    ));
+                }
+            }
+            failures
+        }));
+    }
+    let mut failures = Vec::new();
+    for checker in checkers {
+        failures.extend(checker.await.expect("checker"));
+    }
+    let accepted = report.accepted.len();
+    let checked = work.len();
+    if failures.is_empty() {
+        Verdict {
+            ok: true,
+            text: format!(
+                "ok: {checked} auction(s), {accepted} 201s, each auction's seq 1..n without gaps, bid_count = its \
+                 201s, all durable"
+            ),
+            not_durable_at_stop,
+            durable_after,
+        }
     } else {
-        format!("FAILED: bid_count {bid_count}, 201s {accepted}, gap-free {gap_free}")
+        Verdict {
+            ok: false,
+            text: format!("FAILED in {} of {checked} auction(s), e.g. {}", failures.len(), failures[0]),
+            not_durable_at_stop,
+            durable_after,
+        }
     }
 }
 
@@ -412,7 +690,7 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Report>>) -> Report {
     total
 }
 
-fn print_report(scenario: &str, report: &Report, elapsed: Duration, verdict: Option<String>) {
+fn print_report(scenario: &str, report: &Report, elapsed: Duration, verdict: Option<&Verdict>) {
     let seconds = elapsed.as_secs_f64();
     let requests: u64 = report.statuses.values().sum();
     let ms = |quantile: f64| report.latency.value_at_quantile(quantile) as f64 / 1000.0;
@@ -420,7 +698,7 @@ fn print_report(scenario: &str, report: &Report, elapsed: Duration, verdict: Opt
     if let Some(accepted) = report.statuses.get(&201) {
         println!("  accepted (201): {accepted} = {:.0}/s", *accepted as f64 / seconds);
     }
-    println!("  statuses: {:?}, errors: {}", report.statuses, report.errors);
+    println!("  statuses: {:?}, transport errors: {}", report.statuses, report.errors);
     if !report.codes.is_empty() {
         println!("  error codes: {:?}", report.codes);
     }
@@ -433,8 +711,58 @@ fn print_report(scenario: &str, report: &Report, elapsed: Duration, verdict: Opt
         report.latency.max() as f64 / 1000.0
     );
     if let Some(verdict) = verdict {
-        println!("  correctness: {verdict}");
+        println!("  correctness: {}", verdict.text);
+        if verdict.not_durable_at_stop > 0 {
+            println!(
+                "  durability: {} acknowledged bids were not yet durable when the load stopped; durable {:.0} ms later",
+                verdict.not_durable_at_stop,
+                verdict.durable_after.as_secs_f64() * 1000.0
+            );
+        }
     }
+}
+
+/// Prints the report and appends its JSON row to `--results`.
+fn finish(
+    options: &Options,
+    scenario: &str,
+    report: &Report,
+    elapsed: Duration,
+    throughput: f64,
+    verdict: Option<Verdict>,
+) {
+    print_report(scenario, report, elapsed, verdict.as_ref());
+    let ms = |quantile: f64| report.latency.value_at_quantile(quantile) as f64 / 1000.0;
+    let requests: u64 = report.statuses.values().sum();
+    let mut row = json!({
+        "design": options.design, "backend": options.backend, "scenario": scenario,
+        "throughput_per_s": throughput.round(), "p50_ms": ms(0.5), "p99_ms": ms(0.99),
+        "errors": report.error_count(),
+        "requests_per_s": (requests as f64 / elapsed.as_secs_f64()).round(),
+        "p90_ms": ms(0.9), "p999_ms": ms(0.999), "max_ms": report.latency.max() as f64 / 1000.0,
+        "connections": options.connections, "seconds": elapsed.as_secs_f64(),
+        "rejections": report.codes.iter()
+            .filter(|(code, _)| EXPECTED_REJECTIONS.contains(&code.as_str()))
+            .map(|(_, count)| count).sum::<u64>(),
+    });
+    if scenario == "many_auctions" {
+        row["auctions"] = json!(options.auctions);
+        row["zipf"] = json!(options.zipf);
+    }
+    if let Some(verdict) = verdict {
+        row["correct"] = json!(verdict.ok);
+        row["verdict"] = json!(verdict.text);
+        row["not_durable_at_stop"] = json!(verdict.not_durable_at_stop);
+        row["durable_after_ms"] = json!((verdict.durable_after.as_secs_f64() * 1000.0).round());
+    }
+    append_row(options, &row);
+}
+
+fn append_row(options: &Options, row: &Value) {
+    let Some(path) = &options.results else { return };
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open the --results file");
+    writeln!(file, "{row}").expect("write a result row");
 }
 
 fn error_code(body: &[u8]) -> String {

@@ -1,0 +1,157 @@
+//! The benchmark harness end to end, small: gavel (in-process, SQLite) and
+//! each baseline (its real binary, a fresh Postgres database, Redis) run every
+//! scenario for a second through the real load generator, and every row must
+//! be correct, error-free and complete; then `table` prints them and writes
+//! the JSON list that `scripts/bench --json` promises.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::Connection;
+
+const SCENARIOS: [&str; 4] = ["http_ceiling", "hot_auction", "many_auctions", "reads"];
+
+fn postgres_base_url() -> String {
+    std::env::var("GAVEL_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+fn redis_url() -> String {
+    std::env::var("GAVEL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+async fn fresh_postgres_database() -> String {
+    let name = format!("gavel_test_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_base_url())).await.expect("Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.expect("create db");
+    format!("{}/{name}", postgres_base_url())
+}
+
+async fn bench(address: &str, design: &str, scenario: &str, results: &Path, extra: &[&str]) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_gavel-bench"));
+    command
+        .arg(scenario)
+        .args(["--target", address, "--seconds", "1", "--connections", "8", "--auctions", "200"])
+        .args(["--design", design, "--backend", if design == "gavel" { "sqlite" } else { "postgres" }])
+        .arg("--results")
+        .arg(results)
+        .args(extra)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{design} {scenario} finishes within 2 minutes"))
+        .expect("run gavel-bench");
+    assert!(
+        output.status.success(),
+        "{design} {scenario}: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+async fn wait_for_health(address: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(address).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let request = format!("GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+            let mut answer = String::new();
+            if stream.write_all(request.as_bytes()).await.is_ok()
+                && stream.read_to_string(&mut answer).await.is_ok()
+                && answer.starts_with("HTTP/1.1 200")
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{address} serves /health within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_design_runs_every_scenario_correctly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let results = dir.path().join("results.jsonl");
+
+    let mut config = gavel::Config::for_data_dir(dir.path().join("gavel"));
+    config.bid_rate_per_user = 0;
+    let application = gavel::Application::build(config).await.expect("build gavel");
+    let address = application.local_addr().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(application.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    for scenario in SCENARIOS {
+        bench(&address, "gavel", scenario, &results, &[]).await;
+    }
+    bench(&address, "gavel", "ws_fanout", &results, &["--watchers", "20", "--probes", "5", "--rate", "200"]).await;
+    let _ = stop.send(());
+    server.await.expect("server task").expect("gavel stops cleanly");
+
+    for design in ["pg_row_lock", "redis_lock", "redis_lua"] {
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut baseline = tokio::process::Command::new(env!("CARGO_BIN_EXE_gavel-baseline"))
+            .args(["--design", design, "--listen", &address, "--redis-url", &redis_url()])
+            .arg("--database-url")
+            .arg(fresh_postgres_database().await)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the baseline");
+        wait_for_health(&address).await;
+        for scenario in SCENARIOS {
+            bench(&address, design, scenario, &results, &[]).await;
+        }
+        // SIGTERM: it stops serving and removes its keys from Redis.
+        let pid = baseline.id().expect("running") as i32;
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status =
+            tokio::time::timeout(Duration::from_secs(30), baseline.wait()).await.expect("stops").expect("exit");
+        assert!(status.success(), "{design} stopped cleanly: {status}");
+    }
+
+    let rows: Vec<Value> = std::fs::read_to_string(&results)
+        .expect("results")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON row"))
+        .collect();
+    assert_eq!(rows.len(), 5 + 3 * SCENARIOS.len(), "{rows:#?}");
+    for row in &rows {
+        assert!(row["throughput_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+        // The bid scenarios check every auction's history; the others have no verdict.
+        let scenario = row["scenario"].as_str().unwrap();
+        if matches!(scenario, "hot_auction" | "many_auctions" | "ws_fanout") {
+            assert_eq!(row["correct"], true, "{row}");
+        }
+    }
+
+    let list = dir.path().join("rows.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gavel-bench"))
+        .arg("table")
+        .arg(&results)
+        .arg("--json")
+        .arg(&list)
+        .output()
+        .expect("run the table");
+    assert!(output.status.success());
+    let table = String::from_utf8(output.stdout).expect("UTF-8");
+    for design in ["gavel", "pg_row_lock", "redis_lock", "redis_lua"] {
+        assert!(table.lines().any(|line| line.starts_with(design)), "{design} in\n{table}");
+    }
+    let list: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&list).expect("the JSON list")).expect("JSON");
+    assert_eq!(list.len(), rows.len());
+    for row in &list {
+        for key in ["design", "backend", "scenario"] {
+            assert!(row[key].is_string(), "{key} in {row}");
+        }
+        for key in ["throughput_per_s", "p50_ms", "p99_ms", "errors"] {
+            assert!(row[key].is_number(), "{key} in {row}");
+        }
+    }
+}
