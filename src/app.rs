@@ -18,9 +18,13 @@ use crate::config::Config;
 use crate::http::{self, ApiContext, ContextInner};
 use crate::listener::LimitedListener;
 use crate::ratelimit::RateLimiter;
+use crate::read_cache::{InvalidatingSink, ReadCache};
 use crate::storage::{Db, DbStore};
 use crate::telemetry;
 use crate::ws::Hub;
+
+/// Auction rows kept for reads (a few hundred bytes each).
+const READ_CACHE_ENTRIES: usize = 16_384;
 
 pub struct Application {
     listener: LimitedListener,
@@ -59,7 +63,8 @@ impl Application {
         }
         let store: Arc<dyn Store> = Arc::new(DbStore { db: db.clone(), node_id: node_id.clone() });
         let hub = Hub::new(config.ws_settings()).context("starting the WebSocket runtime")?;
-        let events: Arc<dyn EventSink> = hub.clone();
+        let read_cache = Arc::new(ReadCache::new(READ_CACHE_ENTRIES));
+        let events: Arc<dyn EventSink> = Arc::new(InvalidatingSink { cache: read_cache.clone(), next: hub.clone() });
         let node = Node::start(settings, clock.clone(), store, events, leases).await.context("starting the actors")?;
         // Auctions that should have opened or closed while the node was down do so now.
         node.sweep_once().await;
@@ -77,6 +82,7 @@ impl Application {
             metrics,
             node_id,
             hub: hub.clone(),
+            read_cache,
         });
         let ticker = hub.spawn_ticker();
         Ok(Application { listener, context, sweeper, ticker })

@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod listener;
 pub mod ratelimit;
+pub mod read_cache;
 pub mod storage;
 pub mod telemetry;
 pub mod web;

@@ -225,7 +225,10 @@ pub async fn get_auction(
     ApiPath(id): ApiPath,
 ) -> ApiResult<Json<AuctionView>> {
     let id = parse_id(&id, "auction id")?;
-    let row = load_row(&context, id).await?;
+    let row = match context.read_cache.get(id) {
+        Ok(row) => row,
+        Err(ticket) => context.read_cache.fill(id, ticket, load_row(&context, id).await?),
+    };
     Ok(Json(AuctionView::from_row(&row, viewer.map(|viewer| viewer.id), context.now_ms())))
 }
 

@@ -48,6 +48,8 @@ pub struct ContextInner {
     pub metrics: PrometheusHandle,
     pub node_id: String,
     pub hub: Arc<crate::ws::Hub>,
+    /// Auction rows between changes, for `GET /api/v1/auctions/{id}`.
+    pub read_cache: Arc<crate::read_cache::ReadCache>,
 }
 
 impl std::ops::Deref for ApiContext {

@@ -9,6 +9,7 @@ mod observability;
 mod openapi;
 mod page;
 mod process;
+mod reads;
 #[path = "../../actors/tests/reference/mod.rs"]
 mod reference;
 mod resilience;
