@@ -77,8 +77,15 @@ const browser = await chromium.launch({
 const proxy = await startProxy(base);
 const problems = [];
 
-async function person(name, options, origin) {
+async function person(name, options, origin, clockSkewMs = 0) {
   const context = await browser.newContext({ baseURL: origin, ...options });
+  if (clockSkewMs) {
+    // This device's clock is wrong: the page must count down by the server's.
+    await context.addInitScript((skew) => {
+      const realNow = Date.now.bind(Date);
+      Date.now = () => realNow() + skew;
+    }, clockSkewMs);
+  }
   context.setDefaultTimeout(STEP_MS);
   const page = await context.newPage();
   page.consoleErrors = [];
@@ -93,7 +100,7 @@ async function person(name, options, origin) {
 const desktop = { viewport: { width: 1280, height: 860 }, locale: 'en-US' };
 const sally = await person('sally', desktop, base);
 const alice = await person('alice', desktop, base);
-const bob = await person('bob', { viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2, locale: 'de-DE' }, proxy.url);
+const bob = await person('bob', { viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2, locale: 'de-DE' }, proxy.url, 3600 * 1000);
 
 const euro = (locale, minor) => new Intl.NumberFormat(locale, { style: 'currency', currency: 'EUR' }).format(minor / 100);
 const enEur = (minor) => euro('en-US', minor);
@@ -188,9 +195,11 @@ try {
   await item.getByRole('link').click();
   await alice.waitForURL(`**${auctionPath}`);
 
-  // Bob opens the shared link on his phone.
+  // Bob opens the shared link on his phone, whose clock is an hour fast: his
+  // countdown still shows the seconds left, not an auction long over.
   await bob.goto(auctionPath);
   await expectText(bob, '#price', deEur(10000));
+  await bob.locator('#countdown').filter({ hasText: /^([1-9]|[12]\d|30)s$/ }).waitFor();
   await expectText(alice, '#viewers', '3');
   await expectText(bob, '#leader', 'no bids yet');
 
