@@ -9,10 +9,12 @@
 //! - `redis_lua`: one atomic Lua script checks and writes the auction in Redis
 //!   and queues the bid; answer; the same write-behind to Postgres.
 //!
-//! The rules are the subset the load uses: the auction must not have ended,
-//! the first bid needs the starting price, later ones the price plus the
-//! increment, the leader may not bid again; every accepted bid takes the next
-//! `seq`. Tokens are HS256 JWTs checked on every bid, as gavel does.
+//! The rules are those of docs/API.md for bids without `max_amount` (the load
+//! sends none) and without reserve or soft close: the auction must not have
+//! ended; the first bid needs the starting price, a challenger the price plus
+//! the increment and takes the lead only above the leader's maximum (else the
+//! price rises to min(M, amount + inc)); the leader bidding higher raises their
+//! maximum; every accepted bid takes the next `seq`. Tokens are HS256 JWTs checked on every bid, as gavel does.
 //! Registration stores no password: it is setup, not measured.
 //!
 //! ```text
@@ -43,7 +45,9 @@ use uuid::Uuid;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a bid waits for the `redis_lock` lock before giving up.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
-const LOCK_TTL_MS: i64 = 2_000;
+/// Longer than the locked section's worst case (two calls of at most
+/// `CALL_TIMEOUT`); the write also checks the lock is still held.
+const LOCK_TTL_MS: i64 = 25_000;
 /// Write-behind batches, as such workers usually take them.
 const DRAIN_BATCH: usize = 1_000;
 
@@ -182,27 +186,53 @@ CREATE TABLE IF NOT EXISTS users (id uuid PRIMARY KEY, username text UNIQUE NOT 
 CREATE TABLE IF NOT EXISTS auctions (
     id uuid PRIMARY KEY, seller uuid NOT NULL, starting_price bigint NOT NULL,
     min_increment bigint NOT NULL, end_at_ms bigint NOT NULL, current_price bigint NOT NULL,
-    leader uuid, seq bigint NOT NULL DEFAULT 0);
+    leader uuid, leader_max bigint NOT NULL DEFAULT 0, seq bigint NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS bids (
     auction_id uuid NOT NULL, seq bigint NOT NULL, bidder uuid NOT NULL, amount bigint NOT NULL,
     placed_ms bigint NOT NULL, PRIMARY KEY (auction_id, seq));
 ";
 
+/// The write-behind record of an accepted bid, and of the auction after it.
+fn queue_entry(id: Uuid, bidder: &str, amount: i64, now: i64, after: &Outcome) -> String {
+    format!("{id}|{}|{bidder}|{amount}|{now}|{}|{}|{}", after.seq, after.price, after.leader, after.leader_max)
+}
+
+/// KEYS: lock, auction hash, queue. ARGV: owner, price, leader, leader_max,
+/// seq, queue entry. Writes only while the lock is still ours.
+const LOCKED_WRITE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'current_price', ARGV[2], 'leader', ARGV[3], 'leader_max', ARGV[4], 'seq', ARGV[5])
+redis.call('LPUSH', KEYS[3], ARGV[6])
+return 1
+";
+
 /// KEYS: the auction's hash, the write-behind queue. ARGV: auction id,
-/// bidder, amount, now (ms). Checks and writes in one atomic step.
+/// bidder, amount, now (ms). The same rules as `decide`, in one atomic step.
 const BID_SCRIPT: &str = r"
-local a = redis.call('HMGET', KEYS[1], 'starting_price', 'min_increment', 'end_at_ms', 'current_price', 'leader', 'seq')
+local a = redis.call('HMGET', KEYS[1], 'starting_price', 'min_increment', 'end_at_ms', 'current_price', 'leader', 'leader_max', 'seq')
 if not a[1] then return {'AUCTION_NOT_FOUND'} end
 local amount = tonumber(ARGV[3])
 if tonumber(ARGV[4]) >= tonumber(a[3]) then return {'AUCTION_NOT_ACTIVE'} end
-if a[5] == ARGV[2] then return {'ALREADY_LEADING'} end
-local min = tonumber(a[1])
-if a[5] ~= '' then min = tonumber(a[4]) + tonumber(a[2]) end
-if amount < min then return {'BID_TOO_LOW', tostring(min)} end
-local seq = tonumber(a[6]) + 1
-redis.call('HSET', KEYS[1], 'current_price', ARGV[3], 'leader', ARGV[2], 'seq', seq)
-redis.call('LPUSH', KEYS[2], ARGV[1] .. '|' .. seq .. '|' .. ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
-return {'OK', tostring(seq)}
+local price, leader, max = tonumber(a[4]), a[5], tonumber(a[6])
+local leading = 1
+if leader == '' then
+  if amount < tonumber(a[1]) then return {'BID_TOO_LOW'} end
+  price, leader, max = amount, ARGV[2], amount
+elseif leader == ARGV[2] then
+  if amount <= max then return {'ALREADY_LEADING'} end
+  max = amount
+elseif amount < price + tonumber(a[2]) then
+  return {'BID_TOO_LOW'}
+elseif amount > max then
+  price, leader, max = amount, ARGV[2], amount
+else
+  price = math.min(max, amount + tonumber(a[2]))
+  leading = 0
+end
+local seq = tonumber(a[7]) + 1
+redis.call('HSET', KEYS[1], 'current_price', price, 'leader', leader, 'leader_max', max, 'seq', seq)
+redis.call('LPUSH', KEYS[2], ARGV[1] .. '|' .. seq .. '|' .. ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4] .. '|' .. price .. '|' .. leader .. '|' .. max)
+return {'OK', tostring(seq), tostring(price), leader, tostring(leading)}
 ";
 
 /// A refusal: the status and the error code of the usual error body.
@@ -303,6 +333,7 @@ async fn create_auction(State(ctx): State<Ctx>, headers: HeaderMap, Json(request
             ("end_at_ms", end_at_ms.to_string()),
             ("current_price", request.starting_price.to_string()),
             ("leader", String::new()),
+            ("leader_max", "0".to_owned()),
             ("seq", "0".to_owned()),
         ];
         if let Err(refusal) = within(redis.next().hset::<i64, _, _>(ctx.auction_key(id), fields)).await {
@@ -388,8 +419,17 @@ struct BidRequest {
 }
 
 enum Verdict {
-    Accepted { seq: i64 },
+    Accepted(Outcome),
     Rejected(StatusCode, &'static str),
+}
+
+/// The auction after an accepted bid.
+struct Outcome {
+    price: i64,
+    leader: String,
+    leader_max: i64,
+    seq: i64,
+    leading: bool,
 }
 
 async fn place_bid(State(ctx): State<Ctx>, Path(id): Path<Uuid>, headers: HeaderMap, body: String) -> Response {
@@ -400,73 +440,92 @@ async fn place_bid(State(ctx): State<Ctx>, Path(id): Path<Uuid>, headers: Header
     let Ok(BidRequest { amount }) = serde_json::from_str(&body) else {
         return error(StatusCode::BAD_REQUEST, "INVALID_REQUEST");
     };
-    let now = now_ms();
     let verdict = match ctx.design {
-        Design::PgRowLock => bid_row_lock(&ctx, id, bidder, amount, now).await,
-        Design::RedisLock => bid_redis_lock(&ctx, id, bidder, amount, now).await,
-        Design::RedisLua => bid_redis_lua(&ctx, id, bidder, amount, now).await,
+        Design::PgRowLock => bid_row_lock(&ctx, id, bidder, amount).await,
+        Design::RedisLock => bid_redis_lock(&ctx, id, bidder, amount).await,
+        Design::RedisLua => bid_redis_lua(&ctx, id, bidder, amount).await,
     };
     match verdict {
         Err(refusal) => refusal.into_response(),
         Ok(Verdict::Rejected(status, code)) => error(status, code),
-        Ok(Verdict::Accepted { seq }) => (
+        Ok(Verdict::Accepted(after)) => (
             StatusCode::CREATED,
             Json(json!({
-                "auction_id": id, "accepted": true, "leading": true, "current_price": amount,
-                "leader": {"id": bidder}, "seq": seq, "bid_count": seq,
+                "auction_id": id, "accepted": true, "leading": after.leading, "current_price": after.price,
+                "leader": {"id": after.leader}, "your_max": amount, "seq": after.seq, "bid_count": after.seq,
             })),
         )
             .into_response(),
     }
 }
 
-/// The rules of the subset, on the state read under whatever serialises.
-fn judge(
-    (starting, increment, end_at_ms, price, leader): (i64, i64, i64, i64, Option<&str>),
-    bidder: &str,
-    amount: i64,
-    now: i64,
-) -> Result<(), (StatusCode, &'static str)> {
-    if now >= end_at_ms {
-        return Err((StatusCode::CONFLICT, "AUCTION_NOT_ACTIVE"));
-    }
-    if leader == Some(bidder) {
-        return Err((StatusCode::CONFLICT, "ALREADY_LEADING"));
-    }
-    let minimum = if leader.is_some() { price + increment } else { starting };
-    if amount < minimum {
-        return Err((StatusCode::CONFLICT, "BID_TOO_LOW"));
-    }
-    Ok(())
+/// The auction as read under whatever serialises its bids.
+struct Live {
+    starting: i64,
+    increment: i64,
+    end_at_ms: i64,
+    price: i64,
+    leader: Option<String>,
+    leader_max: i64,
+    seq: i64,
 }
 
-async fn bid_row_lock(ctx: &Shared, id: Uuid, bidder: Uuid, amount: i64, now: i64) -> Result<Verdict, Refusal> {
+/// The rules (see the module comment) on `live`: the auction after the bid,
+/// or the rejection.
+fn decide(live: &Live, bidder: &str, amount: i64, now: i64) -> Result<Outcome, (StatusCode, &'static str)> {
+    let too_low = (StatusCode::CONFLICT, "BID_TOO_LOW");
+    if now >= live.end_at_ms {
+        return Err((StatusCode::CONFLICT, "AUCTION_NOT_ACTIVE"));
+    }
+    let seq = live.seq + 1;
+    let take_lead = Outcome { price: amount, leader: bidder.to_owned(), leader_max: amount, seq, leading: true };
+    match live.leader.as_deref() {
+        None if amount < live.starting => Err(too_low),
+        None => Ok(take_lead),
+        Some(leader) if leader == bidder => {
+            if amount <= live.leader_max {
+                return Err((StatusCode::CONFLICT, "ALREADY_LEADING"));
+            }
+            Ok(Outcome { price: live.price, leader: leader.to_owned(), leader_max: amount, seq, leading: true })
+        }
+        Some(_) if amount < live.price + live.increment => Err(too_low),
+        Some(_) if amount > live.leader_max => Ok(take_lead),
+        Some(leader) => Ok(Outcome {
+            price: live.leader_max.min(amount + live.increment),
+            leader: leader.to_owned(),
+            leader_max: live.leader_max,
+            seq,
+            leading: false,
+        }),
+    }
+}
+
+async fn bid_row_lock(ctx: &Shared, id: Uuid, bidder: Uuid, amount: i64) -> Result<Verdict, Refusal> {
     let mut tx = within(ctx.pg.begin()).await?;
     let row = within(
-        sqlx::query_as::<_, (i64, i64, i64, i64, Option<Uuid>, i64)>(
-            "SELECT starting_price, min_increment, end_at_ms, current_price, leader, seq \
+        sqlx::query_as::<_, (i64, i64, i64, i64, Option<Uuid>, i64, i64)>(
+            "SELECT starting_price, min_increment, end_at_ms, current_price, leader, leader_max, seq \
              FROM auctions WHERE id = $1 FOR UPDATE",
         )
         .bind(id)
         .fetch_optional(&mut *tx),
     )
     .await?;
-    let Some((starting, increment, end_at_ms, price, leader, seq)) = row else {
+    let Some((starting, increment, end_at_ms, price, leader, leader_max, seq)) = row else {
         return Ok(Verdict::Rejected(StatusCode::NOT_FOUND, "AUCTION_NOT_FOUND"));
     };
-    let leader = leader.map(|leader| leader.to_string());
-    let bidder_text = bidder.to_string();
-    if let Err((status, code)) =
-        judge((starting, increment, end_at_ms, price, leader.as_deref()), &bidder_text, amount, now)
-    {
+    let live = Live { starting, increment, end_at_ms, price, leader: leader.map(|id| id.to_string()), leader_max, seq };
+    // The clock is read once the row is ours: waiting for the lock takes time.
+    let now = now_ms();
+    let after = match decide(&live, &bidder.to_string(), amount, now) {
+        Ok(after) => after,
         // Dropping the transaction rolls it back.
-        return Ok(Verdict::Rejected(status, code));
-    }
-    let seq = seq + 1;
+        Err((status, code)) => return Ok(Verdict::Rejected(status, code)),
+    };
     within(
         sqlx::query("INSERT INTO bids (auction_id, seq, bidder, amount, placed_ms) VALUES ($1, $2, $3, $4, $5)")
             .bind(id)
-            .bind(seq)
+            .bind(after.seq)
             .bind(bidder)
             .bind(amount)
             .bind(now)
@@ -474,24 +533,25 @@ async fn bid_row_lock(ctx: &Shared, id: Uuid, bidder: Uuid, amount: i64, now: i6
     )
     .await?;
     within(
-        sqlx::query("UPDATE auctions SET current_price = $2, leader = $3, seq = $4 WHERE id = $1")
+        sqlx::query("UPDATE auctions SET current_price = $2, leader = $3, leader_max = $4, seq = $5 WHERE id = $1")
             .bind(id)
-            .bind(amount)
-            .bind(bidder)
-            .bind(seq)
+            .bind(after.price)
+            .bind(Uuid::parse_str(&after.leader).unwrap_or_default())
+            .bind(after.leader_max)
+            .bind(after.seq)
             .execute(&mut *tx),
     )
     .await?;
     within(tx.commit()).await?;
-    Ok(Verdict::Accepted { seq })
+    Ok(Verdict::Accepted(after))
 }
 
-async fn bid_redis_lock(ctx: &Shared, id: Uuid, bidder: Uuid, amount: i64, now: i64) -> Result<Verdict, Refusal> {
+async fn bid_redis_lock(ctx: &Shared, id: Uuid, bidder: Uuid, amount: i64) -> Result<Verdict, Refusal> {
     let redis = ctx.redis.as_ref().expect("redis designs have Redis");
     let lock = ctx.lock_key(id);
     let owner = Uuid::now_v7().to_string();
     let give_up = tokio::time::Instant::now() + LOCK_WAIT;
-    let mut attempt: u64 = 0;
+    let mut attempt: u32 = 0;
     loop {
         let taken: Option<String> = within(redis.next().set(
             &lock,
@@ -507,12 +567,14 @@ async fn bid_redis_lock(ctx: &Shared, id: Uuid, bidder: Uuid, amount: i64, now: 
         if tokio::time::Instant::now() >= give_up {
             return Err(unavailable());
         }
-        // Short, jittered retries: generous to this design (libraries often wait far longer).
+        // Jittered exponential backoff from 0.5 ms up to 8 ms: short, which
+        // is generous to this design (lock libraries often wait far longer).
         attempt += 1;
-        let jitter = (attempt.wrapping_mul(2_654_435_761) ^ u64::from(owner.as_bytes()[35])) % 1_000;
-        tokio::time::sleep(Duration::from_micros(500 + jitter)).await;
+        let ceiling_us = (500u64 << attempt.min(4)).min(8_000);
+        let jitter = (u64::from(attempt).wrapping_mul(2_654_435_761) ^ u64::from(owner.as_bytes()[35])) % ceiling_us;
+        tokio::time::sleep(Duration::from_micros(ceiling_us / 2 + jitter / 2)).await;
     }
-    let result = locked_read_check_write(ctx, redis, id, bidder, amount, now).await;
+    let result = locked_read_check_write(ctx, redis, id, &lock, &owner, bidder, amount).await;
     // Release only our own lock (it may have expired and been taken).
     let _: Result<i64, _> = within(redis.next().eval(
         "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
@@ -527,48 +589,68 @@ async fn locked_read_check_write(
     ctx: &Shared,
     redis: &Pool,
     id: Uuid,
+    lock: &str,
+    owner: &str,
     bidder: Uuid,
     amount: i64,
-    now: i64,
 ) -> Result<Verdict, Refusal> {
     let key = ctx.auction_key(id);
-    let fields: Vec<Option<String>> = within(
-        redis
-            .next()
-            .hmget(&key, vec!["starting_price", "min_increment", "end_at_ms", "current_price", "leader", "seq"]),
-    )
+    let fields: Vec<Option<String>> = within(redis.next().hmget(
+        &key,
+        vec!["starting_price", "min_increment", "end_at_ms", "current_price", "leader", "leader_max", "seq"],
+    ))
     .await?;
     let number = |index: usize| fields.get(index).cloned().flatten().and_then(|text| text.parse::<i64>().ok());
-    let (Some(starting), Some(increment), Some(end_at_ms), Some(price), Some(seq)) =
-        (number(0), number(1), number(2), number(3), number(5))
+    let (Some(starting), Some(increment), Some(end_at_ms), Some(price), Some(leader_max), Some(seq)) =
+        (number(0), number(1), number(2), number(3), number(5), number(6))
     else {
         return Ok(Verdict::Rejected(StatusCode::NOT_FOUND, "AUCTION_NOT_FOUND"));
     };
     let leader = fields.get(4).cloned().flatten().filter(|leader| !leader.is_empty());
-    let bidder_text = bidder.to_string();
-    if let Err((status, code)) =
-        judge((starting, increment, end_at_ms, price, leader.as_deref()), &bidder_text, amount, now)
-    {
-        return Ok(Verdict::Rejected(status, code));
+    let live = Live { starting, increment, end_at_ms, price, leader, leader_max, seq };
+    let bidder = bidder.to_string();
+    let now = now_ms();
+    let after = match decide(&live, &bidder, amount, now) {
+        Ok(after) => after,
+        Err((status, code)) => return Ok(Verdict::Rejected(status, code)),
+    };
+    // The write and its queue entry in one step, and only while the lock is
+    // still ours: an expired lock must not let two bids take one seq.
+    let written: i64 = within(redis.next().eval(
+        LOCKED_WRITE_SCRIPT,
+        vec![lock.to_owned(), key, ctx.queue_key()],
+        vec![
+            owner.to_owned(),
+            after.price.to_string(),
+            after.leader.clone(),
+            after.leader_max.to_string(),
+            after.seq.to_string(),
+            queue_entry(id, &bidder, amount, now, &after),
+        ],
+    ))
+    .await?;
+    if written != 1 {
+        return Err(unavailable());
     }
-    let seq = seq + 1;
-    let update = vec![("current_price", amount.to_string()), ("leader", bidder_text.clone()), ("seq", seq.to_string())];
-    within(redis.next().hset::<i64, _, _>(&key, update)).await?;
-    within(redis.next().lpush::<i64, _, _>(ctx.queue_key(), format!("{id}|{seq}|{bidder_text}|{amount}|{now}")))
-        .await?;
-    Ok(Verdict::Accepted { seq })
+    Ok(Verdict::Accepted(after))
 }
 
-async fn bid_redis_lua(ctx: &Shared, id: Uuid, bidder: Uuid, amount: i64, now: i64) -> Result<Verdict, Refusal> {
+async fn bid_redis_lua(ctx: &Shared, id: Uuid, bidder: Uuid, amount: i64) -> Result<Verdict, Refusal> {
     let redis = ctx.redis.as_ref().expect("redis designs have Redis");
     let reply: Vec<String> = within(redis.next().evalsha(
         &ctx.lua_sha,
         vec![ctx.auction_key(id), ctx.queue_key()],
-        vec![id.to_string(), bidder.to_string(), amount.to_string(), now.to_string()],
+        vec![id.to_string(), bidder.to_string(), amount.to_string(), now_ms().to_string()],
     ))
     .await?;
+    let field = |index: usize| reply.get(index).and_then(|value| value.parse::<i64>().ok());
     Ok(match reply.first().map(String::as_str) {
-        Some("OK") => Verdict::Accepted { seq: reply.get(1).and_then(|seq| seq.parse().ok()).unwrap_or(-1) },
+        Some("OK") => match (field(1), field(2), reply.get(3), field(4)) {
+            (Some(seq), Some(price), Some(leader), Some(leading)) => {
+                Verdict::Accepted(Outcome { price, leader: leader.clone(), leader_max: 0, seq, leading: leading == 1 })
+            }
+            _ => return Err(unavailable()),
+        },
         Some("AUCTION_NOT_FOUND") => Verdict::Rejected(StatusCode::NOT_FOUND, "AUCTION_NOT_FOUND"),
         Some("AUCTION_NOT_ACTIVE") => Verdict::Rejected(StatusCode::CONFLICT, "AUCTION_NOT_ACTIVE"),
         Some("ALREADY_LEADING") => Verdict::Rejected(StatusCode::CONFLICT, "ALREADY_LEADING"),
@@ -576,6 +658,10 @@ async fn bid_redis_lua(ctx: &Shared, id: Uuid, bidder: Uuid, amount: i64, now: i
         _ => return Err(unavailable()),
     })
 }
+
+/// A batch of queue entries, column by column, for `UNNEST`.
+#[derive(Default)]
+struct Columns(Vec<Uuid>, Vec<i64>, Vec<Uuid>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<Uuid>, Vec<i64>);
 
 /// Drains the queue to Postgres in batches, oldest first: bids acknowledged
 /// from Redis become durable here, some time later.
@@ -595,15 +681,18 @@ async fn write_behind(ctx: Ctx) {
                 continue;
             }
         };
-        let (mut auctions, mut seqs, mut bidders, mut amounts, mut placed) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut columns = Columns::default();
         for entry in &entries {
             let parts: Vec<&str> = entry.split('|').collect();
-            if let [auction, seq, bidder, amount, at] = parts.as_slice() {
-                auctions.push(Uuid::parse_str(auction).unwrap_or_default());
-                seqs.push(seq.parse::<i64>().unwrap_or(0));
-                bidders.push(Uuid::parse_str(bidder).unwrap_or_default());
-                amounts.push(amount.parse::<i64>().unwrap_or(0));
-                placed.push(at.parse::<i64>().unwrap_or(0));
+            if let [auction, seq, bidder, amount, at, price, leader, leader_max] = parts.as_slice() {
+                columns.0.push(Uuid::parse_str(auction).unwrap_or_default());
+                columns.1.push(seq.parse().unwrap_or(0));
+                columns.2.push(Uuid::parse_str(bidder).unwrap_or_default());
+                columns.3.push(amount.parse().unwrap_or(0));
+                columns.4.push(at.parse().unwrap_or(0));
+                columns.5.push(price.parse().unwrap_or(0));
+                columns.6.push(Uuid::parse_str(leader).unwrap_or_default());
+                columns.7.push(leader_max.parse().unwrap_or(0));
             }
         }
         // A worker that loses its batch to a failed insert loses acknowledged
@@ -611,18 +700,24 @@ async fn write_behind(ctx: Ctx) {
         loop {
             let written = within(
                 sqlx::query(
-                    "WITH new AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::bigint[], $5::bigint[]) \
-                         AS b(auction_id, seq, bidder, amount, placed_ms)), \
-                     ins AS (INSERT INTO bids SELECT * FROM new ON CONFLICT DO NOTHING) \
-                     UPDATE auctions a SET current_price = l.amount, leader = l.bidder, seq = l.seq \
+                    "WITH new AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::bigint[], \
+                         $5::bigint[], $6::bigint[], $7::uuid[], $8::bigint[]) \
+                         AS b(auction_id, seq, bidder, amount, placed_ms, price, leader, leader_max)), \
+                     ins AS (INSERT INTO bids SELECT auction_id, seq, bidder, amount, placed_ms FROM new \
+                         ON CONFLICT DO NOTHING) \
+                     UPDATE auctions a SET current_price = l.price, leader = l.leader, \
+                         leader_max = l.leader_max, seq = l.seq \
                      FROM (SELECT DISTINCT ON (auction_id) * FROM new ORDER BY auction_id, seq DESC) l \
                      WHERE a.id = l.auction_id AND a.seq < l.seq",
                 )
-                .bind(&auctions)
-                .bind(&seqs)
-                .bind(&bidders)
-                .bind(&amounts)
-                .bind(&placed)
+                .bind(&columns.0)
+                .bind(&columns.1)
+                .bind(&columns.2)
+                .bind(&columns.3)
+                .bind(&columns.4)
+                .bind(&columns.5)
+                .bind(&columns.6)
+                .bind(&columns.7)
                 .execute(&ctx.pg),
             )
             .await;
@@ -631,5 +726,45 @@ async fn write_behind(ctx: Ctx) {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(leader: Option<&str>, price: i64, leader_max: i64) -> Live {
+        Live {
+            starting: 100,
+            increment: 10,
+            end_at_ms: 1_000,
+            price,
+            leader: leader.map(str::to_owned),
+            leader_max,
+            seq: 3,
+        }
+    }
+
+    #[test]
+    fn the_rules_of_docs_api_for_bids_without_a_maximum() {
+        let rejected = |result: Result<Outcome, (StatusCode, &'static str)>| result.err().map(|(_, code)| code);
+        // Rule 1: the first bid needs the starting price.
+        assert_eq!(rejected(decide(&live(None, 100, 0), "a", 99, 0)), Some("BID_TOO_LOW"));
+        let first = decide(&live(None, 100, 0), "a", 100, 0).unwrap();
+        assert_eq!((first.price, first.leader.as_str(), first.leader_max, first.seq), (100, "a", 100, 4));
+        // Rule 2: a challenger needs P + inc, and leads only above M.
+        assert_eq!(rejected(decide(&live(Some("a"), 100, 150), "b", 109, 0)), Some("BID_TOO_LOW"));
+        let behind = decide(&live(Some("a"), 100, 150), "b", 120, 0).unwrap();
+        assert_eq!((behind.price, behind.leader.as_str(), behind.leading), (130, "a", false));
+        let capped = decide(&live(Some("a"), 100, 150), "b", 150, 0).unwrap();
+        assert_eq!((capped.price, capped.leader.as_str(), capped.leading), (150, "a", false), "ties go to the leader");
+        let ahead = decide(&live(Some("a"), 100, 150), "b", 151, 0).unwrap();
+        assert_eq!((ahead.price, ahead.leader.as_str(), ahead.leader_max, ahead.leading), (151, "b", 151, true));
+        // Rule 3: the leader raises their maximum, the price stays.
+        assert_eq!(rejected(decide(&live(Some("a"), 100, 150), "a", 150, 0)), Some("ALREADY_LEADING"));
+        let raised = decide(&live(Some("a"), 100, 150), "a", 200, 0).unwrap();
+        assert_eq!((raised.price, raised.leader_max, raised.seq), (100, 200, 4));
+        // The end.
+        assert_eq!(rejected(decide(&live(None, 100, 0), "a", 500, 1_000)), Some("AUCTION_NOT_ACTIVE"));
     }
 }

@@ -631,6 +631,9 @@ async fn verify(options: &Options, mut connection: Connection, auctions: &[Strin
             .collect(),
     );
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // A write-behind queue may still hold some auctions' bids: each gets until
+    // a minute after the stop to be durable.
+    let drained_by = drain_started + Duration::from_secs(60);
     let mut checkers = Vec::new();
     for _ in 0..options.connections.clamp(1, 16) {
         let (work, next, target) = (work.clone(), next.clone(), options.target.clone());
@@ -645,8 +648,12 @@ async fn verify(options: &Options, mut connection: Connection, auctions: &[Strin
                         .await;
                 let bid_count = auction["bid_count"].as_i64().unwrap_or(-1);
                 let gap_free = list.iter().enumerate().all(|(index, seq)| *seq == index as i64 + 1);
-                let durable = durable_seq(&mut connection, auction_id).await;
                 let accepted = list.len() as i64;
+                let mut durable = durable_seq(&mut connection, auction_id).await;
+                while durable < accepted && Instant::now() < drained_by {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    durable = durable_seq(&mut connection, auction_id).await;
+                }
                 if !gap_free || bid_count != accepted || durable != accepted {
                     failures.push(format!(
                         "{auction_id}: bid_count {bid_count}, 201s {accepted}, gap-free {gap_free}, newest durable {durable}"

@@ -31,7 +31,11 @@ function loadSession() {
 function signIn(result) {
   session.token = result.token;
   session.user = result.user;
-  localStorage.setItem(TOKEN_KEY, JSON.stringify(session));
+  try {
+    localStorage.setItem(TOKEN_KEY, JSON.stringify(session));
+  } catch {
+    // Private mode or a full store: signed in for this page only.
+  }
   live.restart();
   renderAccount();
   render();
@@ -40,7 +44,11 @@ function signIn(result) {
 function signOut(reason) {
   session.token = null;
   session.user = null;
-  localStorage.removeItem(TOKEN_KEY);
+  try {
+    localStorage.removeItem(TOKEN_KEY);
+  } catch {
+    // Nothing was stored.
+  }
   live.restart();
   renderAccount();
   render();
@@ -116,31 +124,62 @@ function formatMoney(minor, currency) {
   }
 }
 
-/** A minor-units amount as the text a person would type (`125.50`). */
+/** The reader's decimal and grouping characters ("." and "," in English). */
+const SEPARATORS = (() => {
+  const parts = new Intl.NumberFormat().formatToParts(12345.6);
+  return {
+    decimal: parts.find((part) => part.type === 'decimal')?.value || '.',
+    group: parts.find((part) => part.type === 'group')?.value || ',',
+  };
+})();
+
+/** A minor-units amount as the reader would type it (`125.50`, `125,50`). */
 function moneyInput(minor, currency) {
   const digits = minorDigits(currency);
   const text = BigInt(minor).toString().padStart(digits + 1, '0');
-  return digits > 0 ? `${text.slice(0, -digits)}.${text.slice(-digits)}` : text;
+  return digits > 0 ? `${text.slice(0, -digits)}${SEPARATORS.decimal}${text.slice(-digits)}` : text;
 }
 
 /**
- * Text typed by a person ("1,250.50", "1250,5", "1 250") to integer minor
- * units: `{ value }` or `{ error }`. Exact: strings and BigInt, no floats.
+ * Text typed by a person ("1,250.50", "1.250,50", "110,5", "1 250") to
+ * integer minor units: `{ value }` or `{ error }`. Exact: strings and BigInt,
+ * no floats. With both "." and "," the last one is the decimal point; a lone
+ * one is the reader's decimal character, or a group separator when it is
+ * their grouping character followed by three digits (or repeated).
  */
 function parseMoney(input, currency) {
   const digits = minorDigits(currency);
-  let text = String(input).trim().replace(/[\s\u00a0\u202f'_]/g, '');
+  const text = String(input).trim().replace(/[\s\u00a0\u202f'_]/g, '');
+  const example = digits > 0 ? `125${SEPARATORS.decimal}${'5'.padEnd(digits, '0')}` : '125';
   if (text === '') return { error: 'Enter an amount.' };
-  if (/^\d{1,3}(,\d{3})+(\.\d*)?$/.test(text)) text = text.replace(/,/g, '');
-  else if (/^\d{1,3}(\.\d{3})+(,\d*)?$/.test(text)) text = text.replace(/\./g, '').replace(',', '.');
-  else text = text.replace(',', '.');
-  const match = /^(\d+)(?:\.(\d*))?$/.exec(text);
-  if (!match) return { error: `Enter an amount in ${currency}, like ${digits > 0 ? `125.${'5'.padEnd(digits, '0')}` : '125'}.` };
-  const fraction = match[2] || '';
+  if (!/^[\d.,]+$/.test(text)) return { error: `Enter an amount in ${currency}, like ${example}.` };
+  const lastDot = text.lastIndexOf('.');
+  const lastComma = text.lastIndexOf(',');
+  let decimalAt = -1;
+  if (lastDot >= 0 && lastComma >= 0) {
+    decimalAt = Math.max(lastDot, lastComma);
+  } else if (lastDot >= 0 || lastComma >= 0) {
+    const separator = lastDot >= 0 ? '.' : ',';
+    const at = Math.max(lastDot, lastComma);
+    const repeated = text.indexOf(separator) !== at;
+    const grouping = repeated || (separator !== SEPARATORS.decimal && text.length - at - 1 === 3);
+    if (!grouping) decimalAt = at;
+  }
+  const wholeText = decimalAt >= 0 ? text.slice(0, decimalAt) : text;
+  if (/[.,]/.test(wholeText) && !/^\d{1,3}([.,]\d{3})+$/.test(wholeText)) {
+    return { error: `Enter an amount in ${currency}, like ${example}.` };
+  }
+  const whole = wholeText.replace(/[.,]/g, '');
+  let fraction = decimalAt >= 0 ? text.slice(decimalAt + 1) : '';
+  if (/[.,]/.test(fraction) || !/^\d*$/.test(whole) || (whole === '' && fraction === '')) {
+    return { error: `Enter an amount in ${currency}, like ${example}.` };
+  }
+  // Zeros past the currency's decimals change nothing ("1.00" yen is 1 yen).
+  if (fraction.length > digits && /^0*$/.test(fraction.slice(digits))) fraction = fraction.slice(0, digits);
   if (fraction.length > digits) {
     return { error: digits === 0 ? `${currency} has no decimals.` : `${currency} has at most ${digits} decimals.` };
   }
-  const minor = BigInt(match[1]) * 10n ** BigInt(digits) + BigInt(fraction.padEnd(digits, '0') || '0');
+  const minor = BigInt(whole || '0') * 10n ** BigInt(digits) + BigInt(fraction.padEnd(digits, '0') || '0');
   if (minor < 1n) return { error: 'The amount must be more than zero.' };
   if (minor > MAX_AMOUNT) return { error: 'That amount is too large.' };
   return { value: Number(minor) };
@@ -267,7 +306,15 @@ function render() {
   const main = document.getElementById('main');
   main.replaceChildren();
   const match = /^\/auctions\/([^/]+)\/?$/.exec(location.pathname);
-  view = match ? new AuctionView(main, decodeURIComponent(match[1])) : new HomeView(main);
+  let id = null;
+  if (match) {
+    try {
+      id = decodeURIComponent(match[1]);
+    } catch {
+      id = ''; // Not even a well-formed path: the view says "not found".
+    }
+  }
+  view = id !== null ? new AuctionView(main, id) : new HomeView(main);
   view.enter();
 }
 
@@ -495,7 +542,10 @@ class HomeView {
   constructor(root) {
     this.root = root;
     this.auctions = new Map();
-    this.list = h('ul', { class: 'auction-list', id: 'auction-list', 'aria-live': 'polite', 'aria-busy': 'true' });
+    // Auctions seen to end or be cancelled: a list fetched before that
+    // must not bring them back.
+    this.gone = new Set();
+    this.list = h('ul', { class: 'auction-list', id: 'auction-list', 'aria-busy': 'true' });
     this.status = h('p', { class: 'message' });
     this.refreshTimer = null;
     this.left = false;
@@ -537,6 +587,7 @@ class HomeView {
       }
     }
     for (const auction of page.items) {
+      if (this.gone.has(auction.id) || auction.status !== 'active') continue;
       const known = this.auctions.get(auction.id);
       if (known && known.seq > auction.seq) continue;
       this.auctions.set(auction.id, auction);
@@ -548,17 +599,20 @@ class HomeView {
   onMessage(id, message) {
     const auction = this.auctions.get(id);
     if (!auction) return;
-    if (message.type === 'snapshot') Object.assign(auction, message.auction);
+    const over = message.type === 'ended' || message.type === 'cancelled'
+      || (message.type === 'snapshot' && message.auction.status !== 'active');
+    if (over) {
+      live.unsubscribe(id);
+      this.auctions.delete(id);
+      this.gone.add(id);
+    } else if (message.type === 'snapshot') Object.assign(auction, message.auction);
     else if (message.type === 'bid' && message.seq > auction.seq) {
       Object.assign(auction, {
         seq: message.seq, current_price: message.current_price, leader: message.leader,
         bid_count: message.bid_count, end_at: message.end_at, reserve_met: message.reserve_met,
       });
     } else if (message.type === 'extended') auction.end_at = message.end_at;
-    else if (message.type === 'ended' || message.type === 'cancelled') {
-      live.unsubscribe(id);
-      this.auctions.delete(id);
-    } else return;
+    else return;
     this.draw();
   }
 
@@ -711,13 +765,24 @@ class AuctionView {
   async loadYourMax() {
     try {
       const mine = await api('GET', '/api/v1/users/me/bids');
-      const entry = mine.items.find((item) => item.auction.id === this.id);
+      const entry = mine.items.find((item) => item.id === this.id);
       if (entry && !this.left) {
         this.yourMax = entry.your_max;
         this.update();
       }
     } catch {
       // Only a hint; the page works without it.
+    }
+  }
+
+  async reloadHistory() {
+    try {
+      const page = await api('GET', `/api/v1/auctions/${this.id}/bids?limit=${HISTORY_ROWS}`);
+      if (this.left) return;
+      this.history = mergeHistory(this.history, page.items.map(historyRow));
+      this.update();
+    } catch {
+      // The rows shown stay; the next snapshot or reload brings the rest.
     }
   }
 
@@ -732,12 +797,20 @@ class AuctionView {
   onMessage(message) {
     const auction = this.auction;
     switch (message.type) {
-      case 'snapshot':
+      case 'snapshot': {
+        // The snapshot brings the last 10 bids; keep the older rows already
+        // shown, unless bids are missing in between (then reload them).
+        const fresh = message.recent_bids.map(historyRow);
+        const newestKnown = this.history.length > 0 ? this.history[0].seq : 0;
+        const oldestFresh = fresh.length > 0 ? fresh[fresh.length - 1].seq : message.auction.seq + 1;
+        const gap = newestKnown > 0 && oldestFresh > newestKnown + 1;
+        this.history = gap ? fresh : mergeHistory(this.history, fresh);
+        if (gap) this.reloadHistory();
         this.auction = message.auction;
-        this.history = message.recent_bids.map(historyRow);
         this.viewers = message.viewers;
         if (!auction) this.build();
         break;
+      }
       case 'bid':
         if (!auction) return;
         if (message.seq === auction.seq) auction.reserve_met = message.reserve_met;
@@ -753,7 +826,8 @@ class AuctionView {
       case 'extended':
         if (!auction) return;
         auction.end_at = message.end_at;
-        this.announce(`Extended: a late bid moved the end to ${formatTime(message.end_at)}.`);
+        this.notice.textContent = `Extended: a late bid moved the end to ${formatTime(message.end_at)}.`;
+        this.announce(this.notice.textContent);
         break;
       case 'started':
         if (auction) auction.status = 'active';
@@ -789,8 +863,9 @@ class AuctionView {
     this.update();
   }
 
+  /** Says `text` to screen readers (once per change). */
   announce(text) {
-    if (this.notice) this.notice.textContent = text;
+    if (this.announcer && this.announcer.textContent !== text) this.announcer.textContent = text;
   }
 
   build() {
@@ -801,8 +876,11 @@ class AuctionView {
     this.bidCount = h('span', { id: 'bid-count' });
     this.viewerCount = h('span', { id: 'viewers' });
     this.reserve = h('span', { id: 'reserve' });
-    this.statusLine = h('p', { class: 'status', id: 'status', role: 'status', 'aria-live': 'polite' });
-    this.notice = h('p', { class: 'notice', 'aria-live': 'polite' });
+    // Not a live region: it holds a countdown that changes every second.
+    // Changes worth saying are announced through `announcer`.
+    this.statusLine = h('p', { class: 'status', id: 'status' });
+    this.notice = h('p', { class: 'notice' });
+    this.announcer = h('p', { class: 'sr-only', role: 'status', 'aria-live': 'polite' });
     this.priceLabel = h('span', { class: 'label' }, 'Current price');
     this.leaderLabel = h('span', { class: 'label' }, 'Leader');
     this.historyList = h('tbody', { id: 'history' });
@@ -821,7 +899,8 @@ class AuctionView {
             h('div', {}, h('span', { class: 'label' }, 'Watching'), this.viewerCount)),
           this.reserve,
           this.statusLine,
-          this.notice),
+          this.notice,
+          this.announcer),
         h('div', { class: 'card bidding' }, this.bidArea),
         h('section', { class: 'card', 'aria-labelledby': 'history-title' },
           h('h2', { id: 'history-title' }, 'Bid history'),
@@ -855,7 +934,10 @@ class AuctionView {
     this.priceLabel.textContent = ended && auction.winner ? 'Final price' : 'Current price';
     this.leaderLabel.textContent = ended ? 'Winner' : 'Leader';
     if (ended && !auction.winner) this.leader.textContent = 'none';
-    if (auction.status !== 'active') this.announce('');
+    if (auction.status !== 'active') {
+      this.notice.textContent = '';
+      this.announce(this.statusLine.textContent);
+    }
     this.historyList.replaceChildren(...(this.history.length === 0
       ? [h('tr', {}, h('td', { class: 'empty', colspan: '4' }, 'No bids yet.'))]
       : this.history.map((row) => h('tr', { dataset: { seq: row.seq } },
@@ -1004,6 +1086,13 @@ class AuctionView {
       submit.disabled = false;
     }
   }
+}
+
+/** Rows of both lists, one per seq, newest first, at most HISTORY_ROWS. */
+function mergeHistory(shown, more) {
+  const bySeq = new Map();
+  for (const row of [...shown, ...more]) bySeq.set(row.seq, row);
+  return [...bySeq.values()].sort((a, b) => b.seq - a.seq).slice(0, HISTORY_ROWS);
 }
 
 function historyRow(item) {

@@ -214,7 +214,7 @@ try {
   log('alice bid 100.00');
 
   // Bob types too little, German style, and is told the minimum.
-  assert.equal(await bob.locator('#bid-amount').inputValue(), '105.00');
+  assert.equal(await bob.locator('#bid-amount').inputValue(), '105,00', 'pre-filled the German way');
   await bid(bob, '101,50');
   await bob.locator('#bid-message.error', { hasText: `Your bid is too low. The minimum bid is ${deEur(10500)}.` }).waitFor();
   const endBefore = await alice.locator('#countdown').getAttribute('datetime');
@@ -255,6 +255,10 @@ try {
   await expectText(bob, '#leader', 'alice');
   log('bob reconnected and caught up');
 
+  // A reload keeps what alice needs: she leads, with her maximum.
+  await alice.reload();
+  await alice.getByText(`You are the highest bidder, with a maximum of ${enEur(25000)}.`).waitFor();
+
   // Bob tries again; alice's maximum keeps her ahead.
   await bid(bob, '130,00');
   await bob.locator('#bid-message.warning', { hasText: `another bidder’s maximum is higher. The price is now ${deEur(13500)}` }).waitFor();
@@ -281,14 +285,20 @@ try {
   await bob.goto('/');
   await bob.locator('#auction-list .empty').waitFor();
   await noSidewaysScroll(bob, 'home, signed in');
+
+  // Links to no auction say so.
+  for (const link of ['/auctions/01a2022e-d52b-7635-8d26-ce5e879f8e42', '/auctions/%zz', '/auctions/not-an-id']) {
+    await bob.goto(link);
+    await bob.getByRole('heading', { name: 'Auction not found' }).waitFor();
+  }
   log('the auction ended with alice as the winner');
 
   // Console: nothing but the expected refusals (a 409 for the low bid, the
-  // cut WebSocket on bob's side).
+  // 404s of the links to no auction, the cut WebSocket on bob's side).
   const allowed = {
     sally: [],
     alice: [],
-    bob: [/status of 409/, /WebSocket connection to .* failed/, /net::ERR_(CONNECTION_RESET|CONNECTION_CLOSED|CONNECTION_REFUSED|EMPTY_RESPONSE)/],
+    bob: [/status of 409/, /status of 404/, /WebSocket connection to .* failed/, /net::ERR_(CONNECTION_RESET|CONNECTION_CLOSED|CONNECTION_REFUSED|EMPTY_RESPONSE)/],
   };
   for (const page of [sally, alice, bob]) {
     for (const text of page.consoleErrors) {
