@@ -60,7 +60,8 @@ async fn auction_page(Path(id): Path<String>) -> Response {
 }
 
 fn page(status: StatusCode) -> Response {
-    let mut response = (status, assets().index.clone()).into_response();
+    let index: &'static str = &assets().index;
+    let mut response = (status, index).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
