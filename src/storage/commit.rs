@@ -1,9 +1,11 @@
 //! The group commit: one transaction per batch of writes from any number of
 //! auctions. Inside it, first the fencing check (every lease epoch the batch
-//! names is still this node's), then the bids, the auctions' new state and the
-//! idempotency keys. Re-running a batch whose first commit's outcome was lost
-//! leaves the same rows (bids and keys skip existing keys, auction rows get
-//! absolute values), so the persistence actor may retry blindly.
+//! names is still this node's), then the bids, the auctions' new state, the
+//! idempotency keys and each bidder's participation. Re-running a batch whose
+//! first commit's outcome was lost leaves the same rows (bids and keys skip
+//! existing keys, auction rows get absolute values, participations count a
+//! batch's bids only past the `last_seq` they hold), so the persistence actor
+//! may retry blindly.
 
 use std::collections::HashMap;
 
@@ -141,6 +143,35 @@ fn bids(batch: &[Write]) -> impl Iterator<Item = (Uuid, &BidPlaced)> {
     batch.iter().filter_map(|write| write.bid.as_ref().map(|bid| (write.auction.id, bid)))
 }
 
+/// One bidder's bids on one auction within a batch, for `participations`.
+#[derive(Debug, PartialEq, Eq)]
+struct Participation {
+    user_id: Uuid,
+    auction_id: Uuid,
+    max_amount: i64,
+    bid_count: i64,
+    last_seq: i64,
+}
+
+/// The batch's bids summed per (bidder, auction), in key order (each key once,
+/// as an upsert statement needs).
+fn participations(batch: &[Write]) -> Vec<Participation> {
+    let mut summed: std::collections::BTreeMap<(Uuid, Uuid), Participation> = std::collections::BTreeMap::new();
+    for (auction_id, bid) in bids(batch) {
+        let entry = summed.entry((bid.bidder.id, auction_id)).or_insert(Participation {
+            user_id: bid.bidder.id,
+            auction_id,
+            max_amount: i64::MIN,
+            bid_count: 0,
+            last_seq: 0,
+        });
+        entry.max_amount = entry.max_amount.max(bid.bidder_max.minor_units());
+        entry.bid_count += 1;
+        entry.last_seq = entry.last_seq.max(bid.seq as i64);
+    }
+    summed.into_values().collect()
+}
+
 const UPDATE_AUCTION: &str = "UPDATE auctions SET status = $2, current_price = $3, leader_id = $4, leader_max = $5, \
      bid_count = $6, seq = $7, end_at_ms = $8, winner_id = $9, final_price = $10 WHERE id = $1";
 
@@ -149,6 +180,11 @@ const UPDATE_AUCTION: &str = "UPDATE auctions SET status = $2, current_price = $
 /// every batch size. 256 rows of 9 columns stay far below SQLite's limit of
 /// 32,766 parameters.
 const SQLITE_ROWS_PER_STATEMENT: [usize; 5] = [256, 64, 16, 4, 1];
+
+/// The size of the largest chunk of `rows` that `SQLITE_ROWS_PER_STATEMENT` allows.
+fn sqlite_chunk(rows: usize) -> usize {
+    SQLITE_ROWS_PER_STATEMENT.into_iter().find(|size| *size <= rows).unwrap_or(1)
+}
 
 /// `INSERT INTO bids … VALUES (?, …), …` for `rows` rows. Anonymous `?`
 /// parameters: SQLite looks named ones up by a linear scan for each bind.
@@ -161,11 +197,25 @@ fn sqlite_insert_bids_sql(rows: usize) -> String {
     )
 }
 
+/// Adds a batch's bids to `participations`, `rows` (bidder, auction) pairs at a
+/// time. A batch whose bids were already counted (its first commit's outcome
+/// was lost, and it is run again) has a `last_seq` the row already holds, and
+/// adds nothing.
+fn sqlite_upsert_participations_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?)"; rows].join(", ");
+    format!(
+        "INSERT INTO participations (user_id, auction_id, max_amount, bid_count, last_seq) VALUES {values} \
+         ON CONFLICT (user_id, auction_id) DO UPDATE SET max_amount = max(max_amount, excluded.max_amount), \
+         bid_count = CASE WHEN excluded.last_seq > last_seq THEN bid_count + excluded.bid_count ELSE bid_count END, \
+         last_seq = max(last_seq, excluded.last_seq)"
+    )
+}
+
 async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) -> Result<(), sqlx::Error> {
     let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
     let mut remaining: &[(Uuid, &BidPlaced)] = &all_bids;
     while !remaining.is_empty() {
-        let rows = SQLITE_ROWS_PER_STATEMENT.into_iter().find(|size| *size <= remaining.len()).unwrap_or(1);
+        let rows = sqlite_chunk(remaining.len());
         let (chunk, rest) = remaining.split_at(rows);
         remaining = rest;
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sqlite_insert_bids_sql(rows)));
@@ -180,6 +230,23 @@ async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) ->
                 .bind(bid.current_price.minor_units())
                 .bind(bid.leader.id)
                 .bind(bid.end_at_ms);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    let all_participations = participations(batch);
+    let mut remaining: &[Participation] = &all_participations;
+    while !remaining.is_empty() {
+        let rows = sqlite_chunk(remaining.len());
+        let (chunk, rest) = remaining.split_at(rows);
+        remaining = rest;
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sqlite_upsert_participations_sql(rows)));
+        for participation in chunk {
+            query = query
+                .bind(participation.user_id)
+                .bind(participation.auction_id)
+                .bind(participation.max_amount)
+                .bind(participation.bid_count)
+                .bind(participation.last_seq);
         }
         query.execute(&mut **tx).await?;
     }
@@ -247,7 +314,16 @@ new_keys AS ( \
     SELECT k.* FROM UNNEST($23::uuid[], $24::text[], $25::int8[], $26::text[], $27::uuid[], $28::int8[], \
                            $29::int8[]) AS k \
     WHERE (SELECT ok FROM verdict) \
-    ON CONFLICT (user_id, key) DO NOTHING) \
+    ON CONFLICT (user_id, key) DO NOTHING), \
+new_participations AS ( \
+    INSERT INTO participations (user_id, auction_id, max_amount, bid_count, last_seq) \
+    SELECT p.* FROM UNNEST($30::uuid[], $31::uuid[], $32::int8[], $33::int8[], $34::int8[]) AS p \
+    WHERE (SELECT ok FROM verdict) \
+    ON CONFLICT (user_id, auction_id) DO UPDATE SET \
+        max_amount = GREATEST(participations.max_amount, EXCLUDED.max_amount), \
+        bid_count = CASE WHEN EXCLUDED.last_seq > participations.last_seq \
+                         THEN participations.bid_count + EXCLUDED.bid_count ELSE participations.bid_count END, \
+        last_seq = GREATEST(participations.last_seq, EXCLUDED.last_seq)) \
 SELECT ok FROM verdict";
 
 async fn write_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) -> Result<bool, sqlx::Error> {
@@ -255,6 +331,7 @@ async fn write_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) -> 
     let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
     let states = final_states(batch);
     let keys = keys(batch);
+    let participations = participations(batch);
     sqlx::query_scalar(POSTGRES_COMMIT)
         .bind(named.iter().map(|(shard, _)| *shard as i32).collect::<Vec<_>>())
         .bind(named.iter().map(|(_, epoch)| *epoch).collect::<Vec<_>>())
@@ -290,6 +367,11 @@ async fn write_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) -> 
         .bind(keys.iter().map(|key| key.auction_id).collect::<Vec<_>>())
         .bind(keys.iter().map(|key| key.seq).collect::<Vec<_>>())
         .bind(keys.iter().map(|key| key.created_at_ms).collect::<Vec<_>>())
+        .bind(participations.iter().map(|p| p.user_id).collect::<Vec<_>>())
+        .bind(participations.iter().map(|p| p.auction_id).collect::<Vec<_>>())
+        .bind(participations.iter().map(|p| p.max_amount).collect::<Vec<_>>())
+        .bind(participations.iter().map(|p| p.bid_count).collect::<Vec<_>>())
+        .bind(participations.iter().map(|p| p.last_seq).collect::<Vec<_>>())
         .fetch_one(pool)
         .await
 }

@@ -34,6 +34,8 @@ pub enum Db {
     Sqlite {
         writer: SqlitePool,
         readers: SqlitePool,
+        /// Checkpoints the WAL in the background (the writer does not).
+        checkpointer: SqlitePool,
     },
     Postgres(PgPool),
 }
@@ -94,18 +96,28 @@ impl Db {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        // The writer never checkpoints: copying the WAL back into the database
+        // (and syncing it) would stall the commit that happened to cross the
+        // threshold, and every bid waiting behind it. A connection of its own
+        // does it in the background (`checkpoint_in_background`).
         let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&writer).await?;
+        let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("migrations/sqlite").run(&writer).await?;
+        tokio::spawn(checkpoint_in_background(checkpointer.clone()));
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Db::Sqlite { writer, readers })
+        Ok(Db::Sqlite { writer, readers, checkpointer })
     }
 
     /// Connects to Postgres with `synchronous_commit` on (batching, not weaker
@@ -128,8 +140,9 @@ impl Db {
 
     pub async fn close(&self) {
         match self {
-            Db::Sqlite { writer, readers } => {
+            Db::Sqlite { writer, readers, checkpointer } => {
                 readers.close().await;
+                checkpointer.close().await;
                 writer.close().await;
             }
             Db::Postgres(pool) => pool.close().await,
@@ -317,9 +330,8 @@ impl Db {
     /// user's highest maximum on each.
     pub async fn bids_of_user(&self, user_id: UserId, limit: u32) -> Result<Vec<MyBidRow>, sqlx::Error> {
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT x.*, mine.your_max, mine.your_bid_count FROM ({AUCTION_SELECT}) x \
-             JOIN (SELECT auction_id, MAX(max_amount) AS your_max, COUNT(*) AS your_bid_count \
-                   FROM bids WHERE bidder_id = $1 GROUP BY auction_id) mine ON mine.auction_id = x.id \
+            "SELECT x.*, p.max_amount AS your_max, p.bid_count AS your_bid_count FROM ({AUCTION_SELECT}) x \
+             JOIN participations p ON p.auction_id = x.id WHERE p.user_id = $1 \
              ORDER BY x.end_at_ms DESC, x.id DESC LIMIT $2"
         ));
         reading!(self, pool => sqlx::query_as(sql).bind(user_id).bind(i64::from(limit)).fetch_all(pool).await)
@@ -334,11 +346,15 @@ impl Db {
         let Some(row) = self.auction(id).await? else {
             return Ok(None);
         };
+        let state = row.to_state().map_err(|reason| sqlx::Error::Decode(reason.into()))?;
+        // Bid keys are committed with their bids: an auction without bids has none.
+        if state.seq == 0 {
+            return Ok(Some(LoadedAuction { state, recent_keys: Vec::new() }));
+        }
         let sql = "SELECT user_id, key, fingerprint, seq FROM idempotency_keys \
                    WHERE auction_id = $1 AND kind = 'bid' ORDER BY created_at_ms DESC, seq DESC LIMIT 1000";
         let keys: Vec<(Uuid, String, i64, Option<i64>)> =
             reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_all(pool).await)?;
-        let state = row.to_state().map_err(|reason| sqlx::Error::Decode(reason.into()))?;
         let recent_keys = keys
             .into_iter()
             .rev()
@@ -354,6 +370,33 @@ impl Db {
         let sql = "SELECT id FROM auctions WHERE status = 'scheduled' AND start_at_ms <= $1 \
                    UNION SELECT id FROM auctions WHERE status = 'active' AND end_at_ms <= $1 LIMIT $2";
         reading!(self, pool => sqlx::query_scalar(sql).bind(horizon_ms).bind(i64::from(limit)).fetch_all(pool).await)
+    }
+}
+
+/// How often the background checkpoint copies committed WAL frames into the
+/// database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Moves the WAL's committed frames into the database file, a `PASSIVE`
+/// checkpoint at a time (it never blocks the writer or readers), until the
+/// database is closed. Then the last connection to close checkpoints what is left.
+async fn checkpoint_in_background(checkpointer: SqlitePool) {
+    let mut interval = tokio::time::interval(CHECKPOINT_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        if checkpointer.is_closed() {
+            return;
+        }
+        let done =
+            tokio::time::timeout(ACQUIRE_TIMEOUT, sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&checkpointer))
+                .await;
+        match done {
+            Ok(Ok(_)) => {}
+            Ok(Err(sqlx::Error::PoolClosed)) => return,
+            Ok(Err(error)) => tracing::warn!(%error, "WAL checkpoint failed"),
+            Err(_) => tracing::warn!("WAL checkpoint timed out"),
+        }
     }
 }
 

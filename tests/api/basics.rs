@@ -107,8 +107,16 @@ async fn auction_lifecycle_and_reads(backend: Backend) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(mine["items"][0]["id"], json!(id));
     assert_eq!(mine["items"][0]["leading"], false);
+    assert_eq!(
+        (mine["items"][0]["your_max"].as_i64(), mine["items"][0]["your_bid_count"].as_i64()),
+        (Some(15_000), Some(1))
+    );
     let (_, mine) = api.get("/api/v1/users/me/bids", Some(&carol.token)).await;
     assert_eq!(mine["items"][0]["leading"], true);
+    assert_eq!(
+        (mine["items"][0]["your_max"].as_i64(), mine["items"][0]["your_bid_count"].as_i64()),
+        (Some(25_000), Some(2))
+    );
 
     // The auction ends on its own timer with Carol as the winner at the reserve.
     let ended = crate::helpers::eventually(std::time::Duration::from_secs(10), "the auction to end", || async {

@@ -11,7 +11,11 @@ use sqlx::Connection;
 use crate::helpers::{Backend, HasApi, TestApp, eventually, postgres_base_url};
 use crate::on_both_backends;
 
-on_both_backends!(a_stale_lease_epoch_is_refused_inside_the_commit, idle_auctions_passivate_and_come_back);
+on_both_backends!(
+    a_stale_lease_epoch_is_refused_inside_the_commit,
+    idle_auctions_passivate_and_come_back,
+    a_batch_committed_twice_counts_its_bids_once
+);
 
 async fn admin(sql: String) {
     let mut connection = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_base_url())).await.unwrap();
@@ -118,6 +122,53 @@ async fn a_stale_lease_epoch_is_refused_inside_the_commit(backend: Backend) {
     assert_eq!(history.len(), 1, "the refused bid was not written");
     let after = api.auction(&id).await;
     assert_eq!((after["bid_count"].as_i64(), after["current_price"].as_i64()), (Some(1), Some(10_000)));
+    app.stop().await;
+}
+
+/// The persistence actor re-runs a batch whose commit's outcome it could not
+/// learn (a timeout after the commit went through). The second run must leave
+/// the rows the first one left: no bid twice, and each bidder's participation
+/// (what /users/me/bids shows) counts the batch's bids once.
+async fn a_batch_committed_twice_counts_its_bids_once(backend: Backend) {
+    use gavel_actors::ports::{Write, shard_of};
+    use gavel_actors::{BidCommand, Command, Event, Money, UserRef};
+
+    let app = TestApp::spawn(backend).await;
+    let api = app.api();
+    let (_seller, bidders, id) = api.scene(&["bob", "carol"], json!({})).await;
+    let (bob, carol) = (&bidders[0], &bidders[1]);
+    assert_eq!(api.bid(bob, &id, 10_000, None).await.0, StatusCode::CREATED);
+
+    let auction_id: uuid::Uuid = id.parse().unwrap();
+    let mut state = app.node.store.load_auction(auction_id).await.unwrap().unwrap().state;
+    let lease = app.node.leases.lease_for(shard_of(auction_id)).unwrap();
+    let user =
+        |user: &crate::helpers::User| UserRef { id: user.id.parse().unwrap(), username: user.username.as_str().into() };
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut batch = Vec::new();
+    for (bidder, amount) in [(carol, 11_000), (bob, 12_000), (carol, 13_000)] {
+        let command = BidCommand { bidder: user(bidder), amount: Money::parse(amount).unwrap(), max_amount: None };
+        let Ok(Event::BidPlaced(placed)) = state.apply(Command::PlaceBid(command), now) else {
+            panic!("the bid of {amount} is valid");
+        };
+        batch.push(Write { lease, at_ms: now, auction: state.clone(), bid: Some(placed), key: None });
+    }
+    app.node.store.commit(&batch).await.unwrap();
+    app.node.store.commit(&batch).await.unwrap();
+
+    let seqs: Vec<i64> = api.history(&id).await.iter().map(|bid| bid["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    for (bidder, max, count) in [(bob, 12_000, 2), (carol, 13_000, 2)] {
+        let (status, mine) = api.get("/api/v1/users/me/bids", Some(&bidder.token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let item = &mine["items"][0];
+        assert_eq!(
+            (item["your_max"].as_i64(), item["your_bid_count"].as_i64(), item["bid_count"].as_i64()),
+            (Some(max), Some(count), Some(4)),
+            "{}: {mine}",
+            bidder.username
+        );
+    }
     app.stop().await;
 }
 
