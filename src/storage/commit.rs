@@ -175,11 +175,12 @@ fn participations(batch: &[Write]) -> Vec<Participation> {
 const UPDATE_AUCTION: &str = "UPDATE auctions SET status = $2, current_price = $3, leader_id = $4, leader_max = $5, \
      bid_count = $6, seq = $7, end_at_ms = $8, winner_id = $9, final_price = $10 WHERE id = $1";
 
-/// Multi-row inserts come in a few fixed sizes (largest first), so SQLite's
+/// Multi-row inserts come in fixed sizes, powers of two (largest first): SQLite's
 /// prepared statements are reused from the cache instead of being compiled for
-/// every batch size. 256 rows of 9 columns stay far below SQLite's limit of
-/// 32,766 parameters.
-const SQLITE_ROWS_PER_STATEMENT: [usize; 5] = [256, 64, 16, 4, 1];
+/// every batch size, and n rows take as many statements as n has bits set
+/// (each statement is a round trip to the connection's thread). 256 rows of 9
+/// columns stay far below SQLite's limit of 32,766 parameters.
+const SQLITE_ROWS_PER_STATEMENT: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
 
 /// The size of the largest chunk of `rows` that `SQLITE_ROWS_PER_STATEMENT` allows.
 fn sqlite_chunk(rows: usize) -> usize {
