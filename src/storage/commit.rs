@@ -172,19 +172,31 @@ fn participations(batch: &[Write]) -> Vec<Participation> {
     summed.into_values().collect()
 }
 
-const UPDATE_AUCTION: &str = "UPDATE auctions SET status = $2, current_price = $3, leader_id = $4, leader_max = $5, \
-     bid_count = $6, seq = $7, end_at_ms = $8, winner_id = $9, final_price = $10 WHERE id = $1";
+/// `UPDATE auctions … FROM (VALUES …)` setting `rows` auctions' state at once.
+fn sqlite_update_auctions_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
+    format!(
+        "UPDATE auctions SET status = u.column2, current_price = u.column3, leader_id = u.column4, \
+         leader_max = u.column5, bid_count = u.column6, seq = u.column7, end_at_ms = u.column8, \
+         winner_id = u.column9, final_price = u.column10 FROM (VALUES {values}) AS u WHERE auctions.id = u.column1"
+    )
+}
 
-/// Multi-row inserts come in fixed sizes, powers of two (largest first): SQLite's
-/// prepared statements are reused from the cache instead of being compiled for
-/// every batch size, and n rows take as many statements as n has bits set
-/// (each statement is a round trip to the connection's thread). 256 rows of 9
-/// columns stay far below SQLite's limit of 32,766 parameters.
-const SQLITE_ROWS_PER_STATEMENT: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
+/// A batch's rows of one table go in one multi-row statement (two or more
+/// past this size): each statement is a round trip to the connection's thread,
+/// and each round trip wakes a thread, which is what a commit's time went to.
+/// Every size up to this has its own prepared statement, kept in the writer's
+/// cache (`SQLITE_WRITER_STATEMENTS`); 64 rows of 9 columns stay far below
+/// SQLite's limit of 32,766 parameters.
+const SQLITE_MAX_ROWS_PER_STATEMENT: usize = 64;
 
-/// The size of the largest chunk of `rows` that `SQLITE_ROWS_PER_STATEMENT` allows.
+/// Prepared statements the writer keeps: a statement of each size for bids,
+/// participations and auction updates, and a few more.
+pub(super) const SQLITE_WRITER_STATEMENTS: usize = 3 * SQLITE_MAX_ROWS_PER_STATEMENT + 64;
+
+/// How many of `rows` the next statement takes.
 fn sqlite_chunk(rows: usize) -> usize {
-    SQLITE_ROWS_PER_STATEMENT.into_iter().find(|size| *size <= rows).unwrap_or(1)
+    rows.clamp(1, SQLITE_MAX_ROWS_PER_STATEMENT)
 }
 
 /// `INSERT INTO bids … VALUES (?, …), …` for `rows` rows. Anonymous `?`
@@ -251,21 +263,28 @@ async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) ->
         }
         query.execute(&mut **tx).await?;
     }
-    for state in final_states(batch) {
-        let leader = state.leader.as_ref();
-        sqlx::query(UPDATE_AUCTION)
-            .bind(state.id)
-            .bind(state.status.as_str())
-            .bind(state.current_price.minor_units())
-            .bind(leader.map(|leader| leader.user.id))
-            .bind(leader.map(|leader| leader.max_amount.minor_units()))
-            .bind(state.bid_count as i64)
-            .bind(state.seq as i64)
-            .bind(state.end_at_ms)
-            .bind(state.winner.as_ref().map(|winner| winner.id))
-            .bind(state.final_price.map(|price| price.minor_units()))
-            .execute(&mut **tx)
-            .await?;
+    let states = final_states(batch);
+    let mut remaining: &[&AuctionState] = &states;
+    while !remaining.is_empty() {
+        let rows = sqlite_chunk(remaining.len());
+        let (chunk, rest) = remaining.split_at(rows);
+        remaining = rest;
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sqlite_update_auctions_sql(rows)));
+        for state in chunk {
+            let leader = state.leader.as_ref();
+            query = query
+                .bind(state.id)
+                .bind(state.status.as_str())
+                .bind(state.current_price.minor_units())
+                .bind(leader.map(|leader| leader.user.id))
+                .bind(leader.map(|leader| leader.max_amount.minor_units()))
+                .bind(state.bid_count as i64)
+                .bind(state.seq as i64)
+                .bind(state.end_at_ms)
+                .bind(state.winner.as_ref().map(|winner| winner.id))
+                .bind(state.final_price.map(|price| price.minor_units()));
+        }
+        query.execute(&mut **tx).await?;
     }
     for key in keys(batch) {
         sqlx::query(

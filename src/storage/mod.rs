@@ -103,7 +103,12 @@ impl Db {
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
+            .connect_with(
+                options
+                    .clone()
+                    .pragma("wal_autocheckpoint", "0")
+                    .statement_cache_capacity(commit::SQLITE_WRITER_STATEMENTS),
+            )
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
         let checkpointer = SqlitePoolOptions::new()
