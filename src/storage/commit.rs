@@ -224,68 +224,64 @@ fn sqlite_upsert_participations_sql(rows: usize) -> String {
     )
 }
 
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// Runs `sql(n)` for the rows in chunks (`sqlite_chunk`), binding each row with `bind`.
+async fn execute_chunked<T>(
+    tx: &mut Transaction<'static, Sqlite>,
+    rows: &[T],
+    sql: fn(usize) -> String,
+    bind: impl for<'q> Fn(SqliteQuery<'q>, &T) -> SqliteQuery<'q>,
+) -> Result<(), sqlx::Error> {
+    let mut remaining = rows;
+    while !remaining.is_empty() {
+        let (chunk, rest) = remaining.split_at(sqlite_chunk(remaining.len()));
+        remaining = rest;
+        let query = chunk.iter().fold(sqlx::query(sqlx::AssertSqlSafe(sql(chunk.len()))), &bind);
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) -> Result<(), sqlx::Error> {
     let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
-    let mut remaining: &[(Uuid, &BidPlaced)] = &all_bids;
-    while !remaining.is_empty() {
-        let rows = sqlite_chunk(remaining.len());
-        let (chunk, rest) = remaining.split_at(rows);
-        remaining = rest;
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sqlite_insert_bids_sql(rows)));
-        for (auction_id, bid) in chunk {
-            query = query
-                .bind(*auction_id)
-                .bind(bid.seq as i64)
-                .bind(bid.bidder.id)
-                .bind(bid.amount.minor_units())
-                .bind(bid.bidder_max.minor_units())
-                .bind(bid.placed_at_ms)
-                .bind(bid.current_price.minor_units())
-                .bind(bid.leader.id)
-                .bind(bid.end_at_ms);
-        }
-        query.execute(&mut **tx).await?;
-    }
-    let all_participations = participations(batch);
-    let mut remaining: &[Participation] = &all_participations;
-    while !remaining.is_empty() {
-        let rows = sqlite_chunk(remaining.len());
-        let (chunk, rest) = remaining.split_at(rows);
-        remaining = rest;
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sqlite_upsert_participations_sql(rows)));
-        for participation in chunk {
-            query = query
-                .bind(participation.user_id)
-                .bind(participation.auction_id)
-                .bind(participation.max_amount)
-                .bind(participation.bid_count)
-                .bind(participation.last_seq);
-        }
-        query.execute(&mut **tx).await?;
-    }
-    let states = final_states(batch);
-    let mut remaining: &[&AuctionState] = &states;
-    while !remaining.is_empty() {
-        let rows = sqlite_chunk(remaining.len());
-        let (chunk, rest) = remaining.split_at(rows);
-        remaining = rest;
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sqlite_update_auctions_sql(rows)));
-        for state in chunk {
-            let leader = state.leader.as_ref();
-            query = query
-                .bind(state.id)
-                .bind(state.status.as_str())
-                .bind(state.current_price.minor_units())
-                .bind(leader.map(|leader| leader.user.id))
-                .bind(leader.map(|leader| leader.max_amount.minor_units()))
-                .bind(state.bid_count as i64)
-                .bind(state.seq as i64)
-                .bind(state.end_at_ms)
-                .bind(state.winner.as_ref().map(|winner| winner.id))
-                .bind(state.final_price.map(|price| price.minor_units()));
-        }
-        query.execute(&mut **tx).await?;
-    }
+    execute_chunked(tx, &all_bids, sqlite_insert_bids_sql, |query, (auction_id, bid)| {
+        query
+            .bind(*auction_id)
+            .bind(bid.seq as i64)
+            .bind(bid.bidder.id)
+            .bind(bid.amount.minor_units())
+            .bind(bid.bidder_max.minor_units())
+            .bind(bid.placed_at_ms)
+            .bind(bid.current_price.minor_units())
+            .bind(bid.leader.id)
+            .bind(bid.end_at_ms)
+    })
+    .await?;
+    execute_chunked(tx, &participations(batch), sqlite_upsert_participations_sql, |query, participation| {
+        query
+            .bind(participation.user_id)
+            .bind(participation.auction_id)
+            .bind(participation.max_amount)
+            .bind(participation.bid_count)
+            .bind(participation.last_seq)
+    })
+    .await?;
+    execute_chunked(tx, &final_states(batch), sqlite_update_auctions_sql, |query, state| {
+        let leader = state.leader.as_ref();
+        query
+            .bind(state.id)
+            .bind(state.status.as_str())
+            .bind(state.current_price.minor_units())
+            .bind(leader.map(|leader| leader.user.id))
+            .bind(leader.map(|leader| leader.max_amount.minor_units()))
+            .bind(state.bid_count as i64)
+            .bind(state.seq as i64)
+            .bind(state.end_at_ms)
+            .bind(state.winner.as_ref().map(|winner| winner.id))
+            .bind(state.final_price.map(|price| price.minor_units()))
+    })
+    .await?;
     for key in keys(batch) {
         sqlx::query(
             "INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
