@@ -25,7 +25,7 @@ pub(super) async fn commit(db: &Db, node_id: &str, batch: &[Write]) -> Result<()
             write_sqlite(&mut tx, batch).await.map_err(unavailable)?;
             tx.commit().await.map_err(unavailable)
         }
-        Db::Postgres(pool) => {
+        Db::Postgres { committer: pool, .. } => {
             let leases_held = write_postgres(pool, node_id, batch).await.map_err(unavailable)?;
             if leases_held { Ok(()) } else { Err(fenced_postgres(pool, node_id, batch).await) }
         }

@@ -37,7 +37,13 @@ pub enum Db {
         /// Checkpoints the WAL in the background (the writer does not).
         checkpointer: SqlitePool,
     },
-    Postgres(PgPool),
+    Postgres {
+        pool: PgPool,
+        /// The group commit's own connections. They skip the liveness ping
+        /// before each use (a round trip per commit): a connection that died
+        /// fails its commit, which the persistence actor retries on a new one.
+        committer: PgPool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +66,7 @@ macro_rules! reading {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
             Db::Sqlite { readers: $pool, .. } => $body,
-            Db::Postgres($pool) => $body,
+            Db::Postgres { pool: $pool, .. } => $body,
         }
     };
 }
@@ -70,7 +76,7 @@ macro_rules! writing {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
             Db::Sqlite { writer: $pool, .. } => $body,
-            Db::Postgres($pool) => $body,
+            Db::Postgres { pool: $pool, .. } => $body,
         }
     };
 }
@@ -100,9 +106,12 @@ impl Db {
         // (and syncing it) would stall the commit that happened to cross the
         // threshold, and every bid waiting behind it. A connection of its own
         // does it in the background (`checkpoint_in_background`).
+        // SQLite connections cannot die on their own: no liveness ping (a round
+        // trip to the connection's thread) before each use.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
             .connect_with(
                 options
                     .clone()
@@ -114,12 +123,14 @@ impl Db {
         let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         tokio::spawn(checkpoint_in_background(checkpointer.clone()));
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
         Ok(Db::Sqlite { writer, readers, checkpointer })
@@ -133,13 +144,18 @@ impl Db {
         let pool =
             PgPoolOptions::new().max_connections(16).acquire_timeout(ACQUIRE_TIMEOUT).connect_with(options).await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Db::Postgres(pool))
+        let committer = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        Ok(Db::Postgres { pool, committer })
     }
 
     pub fn backend_name(&self) -> &'static str {
         match self {
             Db::Sqlite { .. } => "sqlite",
-            Db::Postgres(_) => "postgres",
+            Db::Postgres { .. } => "postgres",
         }
     }
 
@@ -150,7 +166,10 @@ impl Db {
                 checkpointer.close().await;
                 writer.close().await;
             }
-            Db::Postgres(pool) => pool.close().await,
+            Db::Postgres { pool, committer } => {
+                committer.close().await;
+                pool.close().await;
+            }
         }
     }
 
