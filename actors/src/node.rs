@@ -17,10 +17,10 @@ use tokio::sync::OnceCell;
 use tracing::{debug, info, warn};
 
 use crate::admission::Admission;
-use crate::auction::state::{AuctionId, BidCommand, UserId};
+use crate::auction::state::{AuctionId, AuctionState, BidCommand, UserId};
 use crate::auction_actor::{AuctionActor, AuctionArgs, AuctionHandle, AuctionMsg, KeyedRequest, WriteOutcome};
 use crate::persistence::{PersistenceActor, PersistenceMsg, PersistenceSettings};
-use crate::ports::{Clock, EventSink, SHARD_COUNT, ShardLease, Store, shard_of};
+use crate::ports::{Clock, EventSink, LoadedAuction, SHARD_COUNT, ShardLease, Store, shard_of};
 
 #[derive(Clone, Debug)]
 pub struct NodeSettings {
@@ -258,12 +258,35 @@ impl Node {
 
     /// Finds the auction's actor or starts one from the store.
     pub async fn activate(self: &Arc<Self>, auction_id: AuctionId) -> Result<AuctionHandle, NodeError> {
+        self.activate_with(auction_id, None).await
+    }
+
+    /// Starts the actor of an auction this node has just created, from the
+    /// state it wrote (no read), unless one runs already: an auction that is
+    /// open from its creation is likely to be bid on soon.
+    pub async fn start_created(self: &Arc<Self>, state: AuctionState) {
+        if !self.is_accepting() {
+            return;
+        }
+        let auction_id = state.id;
+        let loaded = LoadedAuction { state, recent_keys: Vec::new() };
+        if let Err(error) = self.activate_with(auction_id, Some(loaded)).await {
+            debug!(%auction_id, %error, "not started at creation; the first bid activates it");
+        }
+    }
+
+    /// `activate`, starting a new actor from `preloaded` instead of the store when given.
+    async fn activate_with(
+        self: &Arc<Self>,
+        auction_id: AuctionId,
+        mut preloaded: Option<LoadedAuction>,
+    ) -> Result<AuctionHandle, NodeError> {
         loop {
             let cell = {
                 let mut live = self.live.lock().expect("registry lock");
                 live.entry(auction_id).or_default().clone()
             };
-            let handle = cell.get_or_try_init(|| self.spawn_actor(auction_id)).await;
+            let handle = cell.get_or_try_init(|| self.spawn_actor(auction_id, preloaded.take())).await;
             match handle {
                 Ok(handle) if handle.actor.get_status() == ActorStatus::Stopped => {
                     self.forget(auction_id, &handle.actor);
@@ -283,19 +306,18 @@ impl Node {
         }
     }
 
-    async fn spawn_actor(self: &Arc<Self>, auction_id: AuctionId) -> Result<AuctionHandle, NodeError> {
+    async fn spawn_actor(
+        self: &Arc<Self>,
+        auction_id: AuctionId,
+        preloaded: Option<LoadedAuction>,
+    ) -> Result<AuctionHandle, NodeError> {
         let shard = shard_of(auction_id);
         let Some(lease) = self.leases.lease_for(shard) else {
             return Err(NodeError::Unavailable("shard not owned by this node"));
         };
-        let loaded = match tokio::time::timeout(self.settings.load_timeout, self.store.load_auction(auction_id)).await {
-            Ok(Ok(Some(loaded))) => loaded,
-            Ok(Ok(None)) => return Err(NodeError::NotFound),
-            Ok(Err(error)) => {
-                warn!(%auction_id, %error, "loading auction failed");
-                return Err(NodeError::Unavailable("store unavailable"));
-            }
-            Err(_) => return Err(NodeError::Unavailable("store timed out")),
+        let loaded = match preloaded {
+            Some(loaded) => loaded,
+            None => self.load(auction_id).await?,
         };
         let mailbox = Arc::new(AtomicUsize::new(0));
         let args = AuctionArgs { loaded, lease, mailbox: mailbox.clone() };
@@ -306,6 +328,18 @@ impl Node {
                 warn!(%auction_id, %error, "spawning auction actor failed");
                 Err(NodeError::Unavailable("auction actor failed to start"))
             }
+        }
+    }
+
+    async fn load(&self, auction_id: AuctionId) -> Result<LoadedAuction, NodeError> {
+        match tokio::time::timeout(self.settings.load_timeout, self.store.load_auction(auction_id)).await {
+            Ok(Ok(Some(loaded))) => Ok(loaded),
+            Ok(Ok(None)) => Err(NodeError::NotFound),
+            Ok(Err(error)) => {
+                warn!(%auction_id, %error, "loading auction failed");
+                Err(NodeError::Unavailable("store unavailable"))
+            }
+            Err(_) => Err(NodeError::Unavailable("store timed out")),
         }
     }
 

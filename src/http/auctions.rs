@@ -195,6 +195,11 @@ pub async fn create_auction(
         Err(error) => return Err(ApiError::internal("insert auction", error)),
     }
     let row = load_row(&context, auction.id).await?;
+    if auction.status == Status::Active
+        && let Ok(state) = row.to_state()
+    {
+        context.node.start_created(state).await;
+    }
     Ok((StatusCode::CREATED, Json(AuctionView::from_row(&row, Some(user.id), context.now_ms()))))
 }
 

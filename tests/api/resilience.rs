@@ -14,7 +14,8 @@ use crate::on_both_backends;
 on_both_backends!(
     a_stale_lease_epoch_is_refused_inside_the_commit,
     idle_auctions_passivate_and_come_back,
-    a_batch_committed_twice_counts_its_bids_once
+    a_batch_committed_twice_counts_its_bids_once,
+    an_auction_open_from_creation_has_its_actor_started
 );
 
 async fn admin(sql: String) {
@@ -169,6 +170,27 @@ async fn a_batch_committed_twice_counts_its_bids_once(backend: Backend) {
             bidder.username
         );
     }
+    app.stop().await;
+}
+
+/// The node that creates an auction open from the start starts its actor from
+/// the state it wrote (its first bid then needs no read); a scheduled one waits
+/// for the sweeper or its first request.
+async fn an_auction_open_from_creation_has_its_actor_started(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let api = app.api();
+    assert_eq!(app.node.live_auctions(), 0);
+    let (seller, bidders, id) = api.scene(&["bob"], json!({})).await;
+    assert_eq!(app.node.live_auctions(), 1, "started at creation");
+    let (status, placed) = api.bid(&bidders[0], &id, 10_000, None).await;
+    assert_eq!((status, placed["seq"].as_i64()), (StatusCode::CREATED, Some(1)), "{placed}");
+    assert_eq!(app.node.live_auctions(), 1, "the same actor took the bid");
+
+    let start_at = chrono::Utc::now() + chrono::Duration::hours(1);
+    let end_at = start_at + chrono::Duration::hours(1);
+    let later = json!({"start_at": start_at.to_rfc3339(), "duration_secs": null, "end_at": end_at.to_rfc3339()});
+    api.create_auction(&seller, crate::helpers::auction_body(later)).await;
+    assert_eq!(app.node.live_auctions(), 1, "a scheduled auction is not started at creation");
     app.stop().await;
 }
 
