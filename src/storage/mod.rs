@@ -31,12 +31,7 @@ pub use rows::{AuctionRow, BidRow, KeyRow, MyBidRow, UserRow};
 pub enum Db {
     /// One writer connection (SQLite has one writer anyway) and a few readers,
     /// which WAL mode lets read while the writer commits.
-    Sqlite {
-        writer: SqlitePool,
-        readers: SqlitePool,
-        /// Checkpoints the WAL in the background (the writer does not).
-        checkpointer: SqlitePool,
-    },
+    Sqlite { writer: SqlitePool, readers: SqlitePool },
     Postgres {
         pool: PgPool,
         /// The group commit's own connections. They skip the liveness ping
@@ -102,38 +97,22 @@ impl Db {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        // The writer never checkpoints: copying the WAL back into the database
-        // (and syncing it) would stall the commit that happened to cross the
-        // threshold, and every bid waiting behind it. A connection of its own
-        // does it in the background (`checkpoint_in_background`).
         // SQLite connections cannot die on their own: no liveness ping (a round
         // trip to the connection's thread) before each use.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
-            .connect_with(
-                options
-                    .clone()
-                    .pragma("wal_autocheckpoint", "0")
-                    .statement_cache_capacity(commit::SQLITE_WRITER_STATEMENTS),
-            )
+            .connect_with(options.clone().statement_cache_capacity(commit::SQLITE_WRITER_STATEMENTS))
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
-        let checkpointer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .test_before_acquire(false)
-            .connect_with(options.clone())
-            .await?;
-        tokio::spawn(checkpoint_in_background(checkpointer.clone()));
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Db::Sqlite { writer, readers, checkpointer })
+        Ok(Db::Sqlite { writer, readers })
     }
 
     /// Connects to Postgres with `synchronous_commit` on (batching, not weaker
@@ -161,9 +140,8 @@ impl Db {
 
     pub async fn close(&self) {
         match self {
-            Db::Sqlite { writer, readers, checkpointer } => {
+            Db::Sqlite { writer, readers } => {
                 readers.close().await;
-                checkpointer.close().await;
                 writer.close().await;
             }
             Db::Postgres { pool, committer } => {
@@ -394,33 +372,6 @@ impl Db {
         let sql = "SELECT id FROM auctions WHERE status = 'scheduled' AND start_at_ms <= $1 \
                    UNION SELECT id FROM auctions WHERE status = 'active' AND end_at_ms <= $1 LIMIT $2";
         reading!(self, pool => sqlx::query_scalar(sql).bind(horizon_ms).bind(i64::from(limit)).fetch_all(pool).await)
-    }
-}
-
-/// How often the background checkpoint copies committed WAL frames into the
-/// database file.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-
-/// Moves the WAL's committed frames into the database file, a `PASSIVE`
-/// checkpoint at a time (it never blocks the writer or readers), until the
-/// database is closed. Then the last connection to close checkpoints what is left.
-async fn checkpoint_in_background(checkpointer: SqlitePool) {
-    let mut interval = tokio::time::interval(CHECKPOINT_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        if checkpointer.is_closed() {
-            return;
-        }
-        let done =
-            tokio::time::timeout(ACQUIRE_TIMEOUT, sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&checkpointer))
-                .await;
-        match done {
-            Ok(Ok(_)) => {}
-            Ok(Err(sqlx::Error::PoolClosed)) => return,
-            Ok(Err(error)) => tracing::warn!(%error, "WAL checkpoint failed"),
-            Err(_) => tracing::warn!("WAL checkpoint timed out"),
-        }
     }
 }
 
