@@ -144,7 +144,6 @@ fn bids(batch: &[Write]) -> impl Iterator<Item = (Uuid, &BidPlaced)> {
 }
 
 /// One bidder's bids on one auction within a batch, for `participations`.
-#[derive(Debug, PartialEq, Eq)]
 struct Participation {
     user_id: Uuid,
     auction_id: Uuid,
@@ -191,8 +190,8 @@ fn sqlite_update_auctions_sql(rows: usize) -> String {
 const SQLITE_MAX_ROWS_PER_STATEMENT: usize = 64;
 
 /// Prepared statements the writer keeps: a statement of each size for bids,
-/// participations and auction updates, and a few more.
-pub(super) const SQLITE_WRITER_STATEMENTS: usize = 3 * SQLITE_MAX_ROWS_PER_STATEMENT + 64;
+/// participations, auction updates and keys, and a few more.
+pub(super) const SQLITE_WRITER_STATEMENTS: usize = 4 * SQLITE_MAX_ROWS_PER_STATEMENT + 64;
 
 /// How many of `rows` the next statement takes.
 fn sqlite_chunk(rows: usize) -> usize {
@@ -221,6 +220,16 @@ fn sqlite_upsert_participations_sql(rows: usize) -> String {
          ON CONFLICT (user_id, auction_id) DO UPDATE SET max_amount = max(max_amount, excluded.max_amount), \
          bid_count = CASE WHEN excluded.last_seq > last_seq THEN bid_count + excluded.bid_count ELSE bid_count END, \
          last_seq = max(last_seq, excluded.last_seq)"
+    )
+}
+
+/// `INSERT INTO idempotency_keys … VALUES …` for `rows` keys; a key already
+/// stored (the batch is run again) is skipped.
+fn sqlite_insert_keys_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; rows].join(", ");
+    format!(
+        "INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
+         VALUES {values} ON CONFLICT (user_id, key) DO NOTHING"
     )
 }
 
@@ -282,22 +291,17 @@ async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) ->
             .bind(state.final_price.map(|price| price.minor_units()))
     })
     .await?;
-    for key in keys(batch) {
-        sqlx::query(
-            "INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (user_id, key) DO NOTHING",
-        )
-        .bind(key.user_id)
-        .bind(key.key)
-        .bind(key.fingerprint)
-        .bind(key.kind)
-        .bind(key.auction_id)
-        .bind(key.seq)
-        .bind(key.created_at_ms)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
+    execute_chunked(tx, &keys(batch), sqlite_insert_keys_sql, |query, key| {
+        query
+            .bind(key.user_id)
+            .bind(key.key)
+            .bind(key.fingerprint)
+            .bind(key.kind)
+            .bind(key.auction_id)
+            .bind(key.seq)
+            .bind(key.created_at_ms)
+    })
+    .await
 }
 
 /// On Postgres the whole batch is one statement, hence one round trip and one
