@@ -69,6 +69,10 @@ pub struct Config {
     /// together (one write per watcher); 0 sends every event at once.
     #[arg(long, env = "GAVEL_WS_BATCH_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1_000))]
     pub ws_batch_ms: u64,
+    /// Accept `permessage-deflate` (RFC 7692) from WebSocket clients that offer
+    /// it: each batch of events is compressed once, its bytes shared by the watchers.
+    #[arg(long, env = "GAVEL_WS_COMPRESSION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ws_compression: bool,
     /// Kernel send buffer per connection, in bytes; unset: the kernel's automatic sizing.
     #[arg(long, env = "GAVEL_SOCKET_SEND_BUFFER_BYTES", value_parser = clap::value_parser!(u64).range(4_096..=16_777_216))]
     pub socket_send_buffer_bytes: Option<u64>,
@@ -95,6 +99,7 @@ impl Config {
             ping_interval: std::time::Duration::from_secs(self.ws_ping_secs),
             write_timeout: std::time::Duration::from_secs(self.ws_write_timeout_secs),
             batch_interval: std::time::Duration::from_millis(self.ws_batch_ms),
+            compression: self.ws_compression,
             ..crate::ws::WsSettings::default()
         }
     }

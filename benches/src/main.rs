@@ -48,6 +48,8 @@ struct Options {
     /// ws_fanout: watchers of the auction, and how many of them time every event.
     watchers: usize,
     probes: usize,
+    /// ws_fanout, ws_idle: offer `permessage-deflate`, as browsers do.
+    deflate: bool,
     /// ws_idle: the server process, to read its resident memory.
     server_pid: Option<u32>,
     /// many_auctions: how many auctions, and the Zipf exponent of their popularity.
@@ -70,6 +72,7 @@ fn parse_options() -> Options {
         rate: 0,
         watchers: 10_000,
         probes: 100,
+        deflate: false,
         server_pid: None,
         auctions: 10_000,
         zipf: 1.0,
@@ -86,6 +89,13 @@ fn parse_options() -> Options {
             "--rate" => options.rate = value.parse().unwrap_or_else(|_| usage()),
             "--watchers" => options.watchers = value.parse().unwrap_or_else(|_| usage()),
             "--probes" => options.probes = value.parse().unwrap_or_else(|_| usage()),
+            "--compression" => {
+                options.deflate = match value.as_str() {
+                    "deflate" => true,
+                    "none" => false,
+                    _ => usage(),
+                }
+            }
             "--server-pid" => options.server_pid = Some(value.parse().unwrap_or_else(|_| usage())),
             "--auctions" => options.auctions = value.parse().unwrap_or_else(|_| usage()),
             "--zipf" => options.zipf = value.parse().unwrap_or_else(|_| usage()),
@@ -104,7 +114,7 @@ fn parse_options() -> Options {
 fn usage() -> ! {
     eprintln!(
         "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_idle [--target HOST:PORT] \
-         [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--server-pid PID] \
+         [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] \
          [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--results PATH]\n       \
          gavel-bench table RESULTS.jsonl [--json PATH]"
     );
@@ -217,7 +227,14 @@ async fn main() {
         "ws_fanout" => ws_fanout(&options).await,
         "ws_idle" => {
             let target = options.target.parse().unwrap_or_else(|_| usage());
-            ws::idle(target, options.connections, options.server_pid, Duration::from_secs(options.seconds)).await
+            ws::idle(
+                target,
+                options.connections,
+                options.server_pid,
+                Duration::from_secs(options.seconds),
+                options.deflate,
+            )
+            .await
         }
         _ => usage(),
     }
@@ -487,7 +504,8 @@ async fn ws_fanout(options: &Options) {
         });
     });
     for index in 0..options.watchers {
-        let stream = ws::watcher(target, ws::source_for(index), &auction_id).await.expect("open a watcher");
+        let stream =
+            ws::watcher(target, ws::source_for(index), &auction_id, options.deflate).await.expect("open a watcher");
         if index < options.probes {
             probes.push(tokio::spawn(ws::probe(stream, last_seq.clone())));
         } else {
@@ -522,8 +540,9 @@ async fn ws_fanout(options: &Options) {
     let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
     let deliveries = (accepted * options.watchers as u64) as f64 / elapsed.as_secs_f64();
     println!(
-        "scenario ws_fanout: {} watchers, {accepted} events in {:.1} s = {:.0} events/s = {deliveries:.0} deliveries/s",
+        "scenario ws_fanout: {} watchers{}, {accepted} events in {:.1} s = {:.0} events/s = {deliveries:.0} deliveries/s",
         options.watchers,
+        if options.deflate { " (permessage-deflate)" } else { "" },
         elapsed.as_secs_f64(),
         accepted as f64 / elapsed.as_secs_f64(),
     );
@@ -549,7 +568,7 @@ async fn ws_fanout(options: &Options) {
     let row = json!({
         "design": options.design, "backend": options.backend, "scenario": "ws_fanout",
         "throughput_per_s": deliveries.round(), "p50_ms": ms(0.5), "p99_ms": ms(0.99),
-        "errors": delivery_errors, "watchers": options.watchers, "bids_per_s": accepted as f64 / elapsed.as_secs_f64(),
+        "errors": delivery_errors, "watchers": options.watchers, "compression": if options.deflate { "deflate" } else { "none" }, "bids_per_s": accepted as f64 / elapsed.as_secs_f64(),
         "correct": verdict.ok && gaps == 0, "verdict": verdict.text,
     });
     append_row(options, &row);

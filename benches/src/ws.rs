@@ -18,21 +18,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Opens a WebSocket on `/ws` by hand: the upgrade request, then the 101.
-pub async fn open(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+/// With `deflate`, it offers `permessage-deflate` as browsers do and insists
+/// that the server takes it.
+pub async fn open(target: SocketAddr, source: Option<IpAddr>, deflate: bool) -> io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     if let Some(source) = source {
         socket.bind(SocketAddr::new(source, 0))?;
     }
     let mut stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
+    let offer = if deflate { "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" } else { "" };
     let request = format!(
         "GET /ws HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut head = Vec::with_capacity(256);
@@ -43,8 +45,12 @@ pub async fn open(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpS
         }
         head.push(byte[0]);
     }
-    if !head.starts_with(b"HTTP/1.1 101") {
-        return Err(io::Error::other(String::from_utf8_lossy(&head).into_owned()));
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 101") {
+        return Err(io::Error::other(head));
+    }
+    if deflate && !head.contains("sec-websocket-extensions: permessage-deflate") {
+        return Err(io::Error::other(format!("the server did not take permessage-deflate: {head}")));
     }
     Ok(stream)
 }
@@ -64,12 +70,13 @@ pub fn text_frame(text: &str) -> Vec<u8> {
     frame
 }
 
-/// Splits complete server frames (unmasked) off the front of `buffer`.
+/// Splits complete server frames (unmasked) off the front of `buffer`: the
+/// first byte (FIN, RSV1 for a compressed message, opcode) and the payload.
 fn next_frame(buffer: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
     if buffer.len() < 2 {
         return None;
     }
-    let opcode = buffer[0] & 0x0f;
+    let first = buffer[0];
     let (length, header) = match buffer[1] & 0x7f {
         126 if buffer.len() >= 4 => (u16::from_be_bytes([buffer[2], buffer[3]]) as usize, 4),
         127 if buffer.len() >= 10 => (u64::from_be_bytes(buffer[2..10].try_into().ok()?) as usize, 10),
@@ -81,7 +88,7 @@ fn next_frame(buffer: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
     }
     let payload = buffer[header..header + length].to_vec();
     buffer.drain(..header + length);
-    Some((opcode, payload))
+    Some((first, payload))
 }
 
 fn now_ms() -> i64 {
@@ -141,9 +148,29 @@ pub struct ProbeReport {
     pub last_seq: u64,
 }
 
+/// What a probe reads of a message: borrowed, every other field skipped, so
+/// that the probes cost the load generator little.
+#[derive(serde::Deserialize)]
+struct ProbedMessage<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    seq: Option<u64>,
+    placed_at: Option<&'a str>,
+    auction: Option<ProbedAuction>,
+}
+
+#[derive(serde::Deserialize)]
+struct ProbedAuction {
+    seq: u64,
+}
+
 /// Decodes every frame, timing each bid from `placed_at` to now, until it has
 /// seen bid `last` (0 while unknown), or 10 s after `last` became known.
+/// Compressed messages are inflated as a browser does: one window, kept from
+/// each compressed message to the next.
 pub async fn probe(mut stream: TcpStream, last: Arc<AtomicU64>) -> ProbeReport {
+    let mut inflater = flate2::Decompress::new(false);
+    let mut inflated = Vec::with_capacity(64 * 1024);
     let mut report = ProbeReport {
         latency: Histogram::new_with_bounds(1, 600_000, 3).expect("histogram bounds"),
         events: 0,
@@ -169,24 +196,34 @@ pub async fn probe(mut stream: TcpStream, last: Arc<AtomicU64>) -> ProbeReport {
         };
         let arrived = now_ms();
         buffer.extend_from_slice(&chunk[..read]);
-        while let Some((opcode, payload)) = next_frame(&mut buffer) {
-            if opcode != 0x1 {
+        while let Some((first, mut payload)) = next_frame(&mut buffer) {
+            if first & 0x0f != 0x1 {
                 continue;
             }
-            let Ok(message) = serde_json::from_slice::<Value>(&payload) else { continue };
-            match message["type"].as_str() {
-                Some("snapshot") => {
-                    report.snapshots += 1;
-                    report.last_seq = message["auction"]["seq"].as_u64().unwrap_or(0);
+            if first & 0x40 != 0 {
+                payload.extend_from_slice(&[0x00, 0x00, 0xff, 0xff]);
+                inflated.clear();
+                inflated.reserve(64 * 1024);
+                if inflater.decompress_vec(&payload, &mut inflated, flate2::FlushDecompress::Sync).is_err() {
+                    report.gaps += 1;
+                    continue;
                 }
-                Some("bid") => {
-                    let seq = message["seq"].as_u64().unwrap_or(0);
+                std::mem::swap(&mut payload, &mut inflated);
+            }
+            let Ok(message) = serde_json::from_slice::<ProbedMessage<'_>>(&payload) else { continue };
+            match message.kind {
+                "snapshot" => {
+                    report.snapshots += 1;
+                    report.last_seq = message.auction.map_or(0, |auction| auction.seq);
+                }
+                "bid" => {
+                    let seq = message.seq.unwrap_or(0);
                     if seq != report.last_seq + 1 {
                         report.gaps += 1;
                     }
                     report.last_seq = seq;
                     report.events += 1;
-                    if let Some(placed) = message["placed_at"].as_str().and_then(parse_timestamp) {
+                    if let Some(placed) = message.placed_at.and_then(parse_timestamp) {
                         report.latency.record((arrived - placed).max(0) as u64 * 1000).ok();
                     }
                 }
@@ -198,8 +235,13 @@ pub async fn probe(mut stream: TcpStream, last: Arc<AtomicU64>) -> ProbeReport {
 }
 
 /// Subscribes a fresh connection to `auction_id`.
-pub async fn watcher(target: SocketAddr, source: Option<IpAddr>, auction_id: &str) -> io::Result<TcpStream> {
-    let mut stream = open(target, source).await?;
+pub async fn watcher(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    auction_id: &str,
+    deflate: bool,
+) -> io::Result<TcpStream> {
+    let mut stream = open(target, source, deflate).await?;
     let subscribe = format!("{{\"type\":\"subscribe\",\"auction_id\":\"{auction_id}\"}}");
     stream.write_all(&text_frame(&subscribe)).await?;
     Ok(stream)
@@ -237,14 +279,15 @@ pub fn resident_kib(pid: u32) -> Option<u64> {
 }
 
 /// Opens `count` idle connections, holds them, and reports memory.
-pub async fn idle(target: SocketAddr, count: usize, server_pid: Option<u32>, hold: Duration) {
+pub async fn idle(target: SocketAddr, count: usize, server_pid: Option<u32>, hold: Duration, deflate: bool) {
     raise_open_files(count as u64 + 1_024);
     let before = server_pid.and_then(resident_kib);
     let started = Instant::now();
     let mut streams = Vec::with_capacity(count);
     let mut failures = 0u64;
     for batch in (0..count).collect::<Vec<_>>().chunks(500) {
-        let attempts: Vec<_> = batch.iter().map(|index| tokio::spawn(open(target, source_for(*index)))).collect();
+        let attempts: Vec<_> =
+            batch.iter().map(|index| tokio::spawn(open(target, source_for(*index), deflate))).collect();
         for attempt in attempts {
             match attempt.await {
                 Ok(Ok(stream)) => {

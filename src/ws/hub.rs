@@ -51,6 +51,8 @@ pub struct WsSettings {
     pub direct_queue: usize,
     /// Events of one auction within this interval go out together; zero: each at once.
     pub batch_interval: Duration,
+    /// Accept `permessage-deflate` from clients that offer it.
+    pub compression: bool,
 }
 
 impl Default for WsSettings {
@@ -65,6 +67,7 @@ impl Default for WsSettings {
             max_bids_in_flight: 16,
             direct_queue: 256,
             batch_interval: Duration::from_millis(20),
+            compression: true,
         }
     }
 }

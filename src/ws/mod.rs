@@ -9,6 +9,7 @@
 //! far a subscription may fall behind (then it is resynchronised by snapshot),
 //! and how long one write may take (then the connection is closed).
 
+pub mod deflate;
 pub mod hub;
 pub mod protocol;
 
@@ -48,7 +49,7 @@ use crate::http::extract::{ApiQuery, AuthUser, parse_id};
 use crate::http::views::{AuctionView, BidView, UserView, timestamp};
 use crate::telemetry;
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type Socket = WebSocketStream<deflate::ClientStream<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// The largest message a client may send.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
@@ -113,6 +114,13 @@ pub async fn upgrade(
         .flat_map(|value| value.split(','))
         .any(|protocol| protocol.trim() == MSGPACK_PROTOCOL);
     let encoding = if msgpack { Encoding::MsgPack } else { Encoding::Json };
+    let offers: Vec<&str> = request
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let deflate = context.hub.settings.compression && deflate::accepts(&offers);
     let hub = context.hub.clone();
     let node_runtime = tokio::runtime::Handle::current();
     // Counted from here, so shutdown also waits for connections still upgrading.
@@ -125,8 +133,9 @@ pub async fn upgrade(
             .max_write_buffer_size(64 * 1024)
             .max_message_size(Some(MAX_MESSAGE_BYTES))
             .max_frame_size(Some(MAX_MESSAGE_BYTES));
-        let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-        serve(context, socket, user, encoding, node_runtime).await;
+        let stream = deflate::ClientStream::new(TokioIo::new(upgraded), deflate, MAX_MESSAGE_BYTES);
+        let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
+        serve(context, socket, user, encoding, deflate, node_runtime).await;
         drop(counted);
     });
     let accept = {
@@ -144,6 +153,9 @@ pub async fn upgrade(
         .map_err(|error| ApiError::internal("building the upgrade response", error))?;
     if msgpack {
         response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(MSGPACK_PROTOCOL));
+    }
+    if deflate {
+        response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(deflate::ACCEPTED));
     }
     Ok(response)
 }
@@ -225,6 +237,8 @@ struct Connection {
     hub: Arc<Hub>,
     id: u64,
     encoding: Encoding,
+    /// `permessage-deflate` negotiated: whole batches go out compressed.
+    deflate: bool,
     socket: Socket,
     /// Where bids run: the node's runtime, at the node's priority.
     node_runtime: tokio::runtime::Handle,
@@ -246,6 +260,7 @@ async fn serve(
     socket: Socket,
     user: Option<AuthUser>,
     encoding: Encoding,
+    deflate: bool,
     node_runtime: tokio::runtime::Handle,
 ) {
     let hub = context.hub.clone();
@@ -256,6 +271,7 @@ async fn serve(
         hub,
         context,
         encoding,
+        deflate,
         socket,
         node_runtime,
         user: None,
@@ -282,10 +298,17 @@ impl Connection {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let overflow = self.overflow.clone();
+        // Both end the connection: made once, not again on every turn of the
+        // loop (a watcher of a hot auction turns it dozens of times a second).
+        let stopping = async {
+            let _ = shutdown.wait_for(|stopping| *stopping).await;
+        };
+        let overflowed = overflow.notified();
+        tokio::pin!(stopping, overflowed);
         loop {
             let step = tokio::select! {
                 biased;
-                () = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => {
+                () = &mut stopping => {
                     // Bids in flight are answered before closing: wait (a
                     // while) for their tasks to hand back their permits.
                     let in_flight = self.hub.settings.max_bids_in_flight.max(1) as u32;
@@ -304,7 +327,7 @@ impl Connection {
                     }
                     return Stop::Close(CLOSE_GOING_AWAY, "server shutting down");
                 }
-                () = overflow.notified() => Err(Stop::Close(CLOSE_POLICY, "too slow to keep up")),
+                () = &mut overflowed => Err(Stop::Close(CLOSE_POLICY, "too slow to keep up")),
                 // The client first: a busy subscription must not leave its
                 // messages (or its answers to pings) unread.
                 incoming = self.socket.next() => match incoming {
@@ -451,8 +474,14 @@ impl Connection {
         if let Some(version) = batch.frames.iter().rev().find_map(|frame| frame.version) {
             *shown = (*shown).max(version);
         }
-        let (wire, starts) = batch.wire(self.encoding);
         let messages = batch.frames[first_new..].iter().map(|frame| frame.message_count()).sum();
+        if self.deflate && first_new == 0 {
+            out.push(batch.deflated_wire(self.encoding).clone(), messages);
+            return;
+        }
+        // Part of a batch goes uncompressed: its compressed messages would
+        // refer to the ones before them.
+        let (wire, starts) = batch.wire(self.encoding);
         out.push(wire.slice(starts[first_new]..), messages);
     }
 

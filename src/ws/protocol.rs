@@ -311,11 +311,32 @@ pub struct Batch {
     pub frames: Vec<Arc<Frame>>,
     json: OnceLock<(Bytes, Vec<usize>)>,
     msgpack: OnceLock<(Bytes, Vec<usize>)>,
+    /// The whole batch compressed (`permessage-deflate`), per encoding.
+    json_deflated: OnceLock<Bytes>,
+    msgpack_deflated: OnceLock<Bytes>,
 }
 
 impl Batch {
     pub fn new(auction_id: AuctionId, frames: Vec<Arc<Frame>>) -> Batch {
-        Batch { auction_id, frames, json: OnceLock::new(), msgpack: OnceLock::new() }
+        Batch {
+            auction_id,
+            frames,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+            json_deflated: OnceLock::new(),
+            msgpack_deflated: OnceLock::new(),
+        }
+    }
+
+    /// Every message of the batch, compressed as one stream that starts with
+    /// the batch (see `deflate`): right for a connection that negotiated
+    /// `permessage-deflate` and is shown the whole batch. Built once.
+    pub fn deflated_wire(&self, encoding: Encoding) -> &Bytes {
+        let cell = match encoding {
+            Encoding::Json => &self.json_deflated,
+            Encoding::MsgPack => &self.msgpack_deflated,
+        };
+        cell.get_or_init(|| Bytes::from(super::deflate::compress_frames(&self.wire(encoding).0)))
     }
 
     /// The wire bytes of every frame, and where each frame starts in them.

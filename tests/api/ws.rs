@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{Acknowledged, Backend, HasApi, TestApp, User, eventually, metric, start_storm};
 use crate::on_both_backends;
-use crate::ws_client::{WsClient, ws_url};
+use crate::ws_client::{DeflateClient, Watcher, WsClient, client_frame, deflate, ws_url};
 use gavel_actors::node::NodeSettings;
 
 on_both_backends!(watchers_see_every_bid_once_in_order);
@@ -42,17 +42,6 @@ async fn ws_bidder(address: String, bidder: User, auction_id: String, attempts: 
     accepted
 }
 
-/// Reads a watcher's messages after its snapshot until it has seen bid `last_seq`.
-async fn bids_until(watcher: &mut WsClient, last_seq: u64) -> Vec<Value> {
-    let mut bids = Vec::new();
-    while bids.last().is_none_or(|bid: &Value| bid["seq"].as_u64() != Some(last_seq)) {
-        let message = watcher.next_event().await;
-        assert_eq!(message["type"], "bid", "only bids follow here: {message}");
-        bids.push(message);
-    }
-    bids
-}
-
 async fn watchers_see_every_bid_once_in_order(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let api = app.api();
@@ -72,6 +61,11 @@ async fn watchers_see_every_bid_once_in_order(backend: Backend) {
         assert_eq!(snapshot["recent_bids"], json!([]));
         snapshots.push(snapshot);
     }
+    // Compressed (permessage-deflate), as browsers connect.
+    let mut deflate_watcher = DeflateClient::connect(&app.address, None, DEFLATE_OFFER).await;
+    deflate_watcher.send_compressed(&json!({"type": "subscribe", "auction_id": auction_id}), 2).await;
+    let snapshot = deflate_watcher.next_event().await;
+    assert_eq!((&snapshot["type"], &snapshot["auction"]["seq"]), (&json!("snapshot"), &json!(0)), "{snapshot}");
 
     let mut bidders = bidders.into_iter();
     let rest_bidders: Vec<User> = bidders.by_ref().take(3).collect();
@@ -91,6 +85,9 @@ async fn watchers_see_every_bid_once_in_order(backend: Backend) {
     .await;
     let mut late_watcher = WsClient::connect(&app.address, None).await;
     late_watcher.send(json!({"type": "subscribe", "auction_id": auction_id})).await;
+    // Likely to join in the middle of a batch: that part comes uncompressed.
+    let mut late_deflate_watcher = DeflateClient::connect(&app.address, None, DEFLATE_OFFER).await;
+    late_deflate_watcher.send_plain(&json!({"type": "subscribe", "auction_id": auction_id})).await;
     for bidder in storm {
         bidder.await.expect("REST bidder");
     }
@@ -113,7 +110,7 @@ async fn watchers_see_every_bid_once_in_order(backend: Backend) {
 
     let mut streams = Vec::new();
     for watcher in [&mut json_watcher, &mut msgpack_watcher, &mut seller_watcher] {
-        let bids = bids_until(watcher, n).await;
+        let bids = watcher.bids_until(n).await;
         assert_eq!(bids.len() as u64, n, "every bid exactly once");
         for (position, (bid, row)) in bids.iter().zip(&history).enumerate() {
             assert_eq!(bid["seq"].as_u64(), Some(position as u64 + 1), "in seq order without gaps");
@@ -128,17 +125,110 @@ async fn watchers_see_every_bid_once_in_order(backend: Backend) {
     }
     assert_eq!(streams[0], streams[1], "MessagePack carries what JSON carries");
     assert_eq!(streams[0], streams[2]);
+    assert_eq!(deflate_watcher.bids_until(n).await, streams[0], "compressed messages carry what plain ones carry");
+    assert!(deflate_watcher.compressed_messages >= n, "every event came compressed");
+    assert!(
+        deflate_watcher.wire_bytes * 2 < deflate_watcher.message_bytes,
+        "a batch's messages share one stream: {} bytes on the wire for {}",
+        deflate_watcher.wire_bytes,
+        deflate_watcher.message_bytes
+    );
     let snapshot = late_watcher.next_event().await;
     assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
     let from = snapshot["auction"]["seq"].as_u64().unwrap();
     if from < n {
-        let later = bids_until(&mut late_watcher, n).await;
+        let later = late_watcher.bids_until(n).await;
         assert_eq!(later, streams[0][from as usize..].to_vec(), "after the snapshot: every later bid, once, in order");
+    }
+    let snapshot = late_deflate_watcher.next_event().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    let from = snapshot["auction"]["seq"].as_u64().unwrap();
+    if from < n {
+        let later = late_deflate_watcher.bids_until(n).await;
+        assert_eq!(later, streams[0][from as usize..].to_vec(), "compressed, after the snapshot: every later bid");
     }
 
     app.stop().await;
     let close = json_watcher.close_frame().await.expect("a close frame on shutdown");
     assert_eq!(u16::from(close.code), 1001, "going away: {close:?}");
+}
+
+/// What Chromium offers.
+const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_connections_inflate_both_ways_within_the_limits() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let api = app.api();
+    let (_seller, bidders, auction_id) =
+        api.scene(&["ann", "bob"], json!({"starting_price": 1_000, "min_increment": 10})).await;
+
+    let mut ann = DeflateClient::connect(&app.address, Some(&bidders[0].token), DEFLATE_OFFER).await;
+    assert_eq!(ann.extensions.as_deref(), Some("permessage-deflate; client_no_context_takeover"));
+    // A compressed message in three frames, a ping between two of them.
+    let subscribe = deflate(json!({"type": "subscribe", "auction_id": auction_id}).to_string().as_bytes());
+    let third = subscribe.len() / 3;
+    let mut wire = client_frame(0x40 | 0x1, &subscribe[..third]);
+    wire.extend(client_frame(0x0, &subscribe[third..2 * third]));
+    wire.extend(client_frame(0x89, b"between"));
+    wire.extend(client_frame(0x80, &subscribe[2 * third..]));
+    ann.send_bytes(&wire).await;
+    let snapshot = ann.next_event().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    // A compressed bid, then a plain message on the same connection.
+    ann.send_compressed(&json!({"type": "bid", "request_id": "ann-1", "auction_id": auction_id, "amount": 1_000}), 1)
+        .await;
+    ann.send_plain(&json!({"type": "ping"})).await;
+    let mut seen: HashMap<String, Value> = HashMap::new();
+    while seen.len() < 3 {
+        let message = ann.next_event().await;
+        let kind = message["type"].as_str().unwrap().to_owned();
+        assert!(seen.insert(kind, message.clone()).is_none(), "once each: {message}");
+    }
+    assert_eq!(seen["bid_result"]["request_id"], "ann-1");
+    assert_eq!(seen["bid_result"]["result"]["seq"], 1, "{}", seen["bid_result"]);
+    assert_eq!((&seen["bid"]["seq"], &seen["bid"]["current_price"]), (&json!(1), &json!(1_000)));
+    assert!(seen.contains_key("pong"));
+    assert_eq!(ann.compressed_messages, 1, "the event came compressed");
+    assert_eq!(api.history(&auction_id).await.len(), 1);
+
+    // Inflating past 16 KiB closes with 1009, however small the frame.
+    let bomb = json!({"type": "ping", "padding": "a".repeat(20_000)}).to_string();
+    let mut bomber = DeflateClient::connect(&app.address, None, DEFLATE_OFFER).await;
+    bomber.send_compressed(&serde_json::from_str(&bomb).unwrap(), 1).await;
+    assert_eq!(bomber.closed_with().await, Some(1009), "too big once inflated");
+    // Compressed bytes that are not deflate close with 1002.
+    let mut garbler = DeflateClient::connect(&app.address, None, DEFLATE_OFFER).await;
+    garbler.send_bytes(&client_frame(0x80 | 0x40 | 0x1, &[0xff; 40])).await;
+    assert_eq!(garbler.closed_with().await, Some(1002), "not deflate");
+    // RSV1 on a connection that did not negotiate the extension is refused too.
+    let mut plain = DeflateClient::connect(&app.address, None, "x-unknown-extension").await;
+    assert_eq!(plain.extensions, None);
+    plain.send_compressed(&json!({"type": "ping"}), 1).await;
+    assert_eq!(plain.closed_with().await, Some(1002), "RSV1 without the extension");
+
+    // Offers this server cannot serve are declined: the events come plain.
+    let mut declined =
+        DeflateClient::connect(&app.address, None, "permessage-deflate; server_no_context_takeover").await;
+    assert_eq!(declined.extensions, None, "declined");
+    declined.send_plain(&json!({"type": "subscribe", "auction_id": auction_id})).await;
+    assert_eq!(declined.next_event().await["type"], "snapshot");
+    bid_up(&api, &bidders, &auction_id, 3).await;
+    let bids = declined.bids_until(4).await;
+    assert_eq!(bids.len(), 3);
+    assert_eq!(declined.compressed_messages, 0, "nothing compressed without the extension");
+
+    // The server keeps serving the others.
+    ann.send_plain(&json!({"type": "ping"})).await;
+    assert_eq!(ann.next_event().await["type"], "bid", "ann still gets the bids");
+    app.stop().await;
+
+    // And compression can be turned off.
+    let off =
+        TestApp::spawn_with(Backend::Sqlite, |config| config.ws_compression = false, NodeSettings::default()).await;
+    let client = DeflateClient::connect(&off.address, None, DEFLATE_OFFER).await;
+    assert_eq!(client.extensions, None, "--ws-compression false");
+    off.stop().await;
 }
 
 /// `count` more accepted bids, each 10 above the last, the two bidders taking turns.
@@ -160,14 +250,14 @@ async fn resume_replays_missed_events_or_sends_a_snapshot() {
     let mut watcher = WsClient::connect(&app.address, None).await;
     watcher.subscribe(&auction_id).await;
     bid_up(&api, &bidders, &auction_id, 3).await;
-    let seen = bids_until(&mut watcher, 3).await;
+    let seen = watcher.bids_until(3).await;
     assert_eq!(seen.len(), 3);
     drop(watcher);
 
     bid_up(&api, &bidders, &auction_id, 3).await;
     let mut watcher = WsClient::connect(&app.address, None).await;
     watcher.send(json!({"type": "subscribe", "auction_id": auction_id, "since_seq": 3})).await;
-    let replayed = bids_until(&mut watcher, 6).await;
+    let replayed = watcher.bids_until(6).await;
     let seqs: Vec<u64> = replayed.iter().map(|bid| bid["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, vec![4, 5, 6], "exactly the missed events, no snapshot");
     assert_eq!(watcher.drain().await, Vec::<Value>::new());
@@ -185,7 +275,7 @@ async fn resume_replays_missed_events_or_sends_a_snapshot() {
         snapshot["recent_bids"].as_array().unwrap().iter().map(|bid| bid["seq"].as_u64().unwrap()).collect();
     assert_eq!(recent, (9..=18).rev().collect::<Vec<u64>>(), "the last ten bids, newest first");
     bid_up(&api, &bidders, &auction_id, 1).await;
-    let next = bids_until(&mut watcher, 19).await;
+    let next = watcher.bids_until(19).await;
     assert_eq!(next.len(), 1, "and the events after it: {next:?}");
     drop(watcher);
 
@@ -193,7 +283,7 @@ async fn resume_replays_missed_events_or_sends_a_snapshot() {
     let mut watcher = WsClient::connect(&app.address, None).await;
     watcher.send(json!({"type": "subscribe", "auction_id": auction_id, "since_seq": 17})).await;
     bid_up(&api, &bidders, &auction_id, 1).await;
-    let seqs: Vec<u64> = bids_until(&mut watcher, 20).await.iter().map(|bid| bid["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = watcher.bids_until(20).await.iter().map(|bid| bid["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, vec![18, 19, 20], "replay, then the live event");
     app.stop().await;
 }
@@ -236,7 +326,7 @@ async fn a_stalled_reader_blocks_nobody_and_catches_up_by_snapshot() {
     // is answered, and the healthy reader sees every one.
     let total: u64 = 800;
     let healthy_reader = tokio::spawn(async move {
-        let bids = bids_until(&mut healthy, total).await;
+        let bids = healthy.bids_until(total).await;
         (healthy, bids)
     });
     let mut bidder_clients = Vec::new();
@@ -275,7 +365,7 @@ async fn a_stalled_reader_blocks_nobody_and_catches_up_by_snapshot() {
     assert!(last_seq < total, "the stalled reader fell behind (it read {last_seq} of {total} before the snapshot)");
     let snapshot_seq = snapshot["auction"]["seq"].as_u64().unwrap();
     assert!(snapshot_seq > last_seq, "the snapshot supersedes the gap: {snapshot_seq} after {last_seq}");
-    let rest = if snapshot_seq < total { bids_until(&mut stalled, total).await } else { Vec::new() };
+    let rest = if snapshot_seq < total { stalled.bids_until(total).await } else { Vec::new() };
     for (index, bid) in rest.iter().enumerate() {
         assert_eq!(bid["seq"], snapshot_seq + index as u64 + 1, "live events after the snapshot, in order");
     }
@@ -283,7 +373,7 @@ async fn a_stalled_reader_blocks_nobody_and_catches_up_by_snapshot() {
     // And it keeps up from here.
     let (status, body) = api.bid(&bidders[1], &auction_id, 1_000 + total as i64 + 1, None).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let next = bids_until(&mut stalled, total + 1).await;
+    let next = stalled.bids_until(total + 1).await;
     assert_eq!(next.len(), 1);
     app.stop().await;
 }

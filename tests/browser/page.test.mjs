@@ -152,6 +152,14 @@ try {
   // Signed out, the home page asks to sign in; the sign-in form is keyboard-usable.
   await sally.goto('/');
   await sally.locator('#connection[data-state="live"]').waitFor();
+  // Chromium negotiates permessage-deflate: every live update below reaches
+  // the pages compressed, and what they send may be compressed too.
+  const extensions = await sally.evaluate(() => new Promise((resolve, reject) => {
+    const socket = new WebSocket(`${location.origin.replace(/^http/, 'ws')}/ws`);
+    socket.onopen = () => { resolve(socket.extensions); socket.close(); };
+    socket.onerror = () => reject(new Error('the WebSocket did not open'));
+  }));
+  assert.equal(extensions, 'permessage-deflate; client_no_context_takeover', 'the extension Chromium agreed to');
   await everyControlLabelled(sally, 'signed out');
   await sally.getByLabel('Username').fill('no');
   await sally.getByLabel('Password').fill('short');

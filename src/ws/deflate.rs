@@ -1,0 +1,542 @@
+//! `permessage-deflate` (RFC 7692), shaped for fan-out.
+//!
+//! A hot auction's watchers all receive the same batches, so compression is
+//! done once per batch, not once per connection: the batch's messages are
+//! compressed as one deflate stream that starts afresh with the batch, each
+//! message ending at a sync flush. The second and later messages of a batch
+//! refer back to the first (a bid event repeats most of the one before it),
+//! and nothing refers to what came before the batch, so the same bytes are
+//! right for every connection that receives the whole batch: a client keeps
+//! its window from one compressed message to the next (the server does not ask
+//! for `server_no_context_takeover`) and that window ends with the batch's
+//! earlier messages. A connection that gets only part of a batch (it joined
+//! in the middle of one) gets that part uncompressed, which leaves its window
+//! alone. So do replies, snapshots and private messages: only batches are
+//! compressed, and no connection keeps a compressor.
+//!
+//! Clients may compress what they send. They are asked not to carry context
+//! between messages (`client_no_context_takeover`), so each of their messages
+//! inflates on its own and no connection keeps an inflater either. The
+//! protocol layer (tungstenite) does not know the extension: [`ClientStream`]
+//! sits under it and turns each compressed client message back into a plain
+//! frame before tungstenite reads it, within the same size limit.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The extension's name in `Sec-WebSocket-Extensions`.
+pub const EXTENSION: &str = "permessage-deflate";
+/// What the server answers when it accepts an offer.
+pub const ACCEPTED: &str = "permessage-deflate; client_no_context_takeover";
+/// What a sync flush ends with; left off the wire (RFC 7692, 7.2.1).
+const FLUSH_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+/// Frame header bits.
+const FIN: u8 = 0x80;
+const RSV1: u8 = 0x40;
+const RSV_ALL: u8 = 0x70;
+const MASKED: u8 = 0x80;
+
+/// True when one of the client's offers (RFC 7692, 5) is one this server can
+/// accept as it works: a window of 32 KiB, context kept across the server's
+/// messages. Offers naming `server_no_context_takeover`, a smaller
+/// `server_max_window_bits`, or a parameter this server does not know are
+/// declined, and the connection goes uncompressed.
+pub fn accepts(offers: &[&str]) -> bool {
+    offers.iter().flat_map(|header| header.split(',')).any(|offer| acceptable(offer.trim()))
+}
+
+fn acceptable(offer: &str) -> bool {
+    let mut parts = offer.split(';').map(str::trim);
+    if !parts.next().is_some_and(|name| name.eq_ignore_ascii_case(EXTENSION)) {
+        return false;
+    }
+    let mut seen: Vec<String> = Vec::new();
+    for parameter in parts {
+        let (name, value) = match parameter.split_once('=') {
+            Some((name, value)) => (name.trim().to_ascii_lowercase(), Some(value.trim().trim_matches('"'))),
+            None => (parameter.to_ascii_lowercase(), None),
+        };
+        if seen.contains(&name) {
+            return false;
+        }
+        let fine = match (name.as_str(), value) {
+            // Both are about what the client sends: the answer asks it not
+            // to keep context, whatever window it uses.
+            ("client_no_context_takeover", None) => true,
+            ("client_max_window_bits", None) => true,
+            ("client_max_window_bits", Some(bits)) => bits.parse::<u8>().is_ok_and(|bits| (8..=15).contains(&bits)),
+            ("server_max_window_bits", Some(bits)) => bits == "15",
+            _ => false,
+        };
+        if !fine {
+            return false;
+        }
+        seen.push(name);
+    }
+    true
+}
+
+/// The messages of `wire` (complete, unmasked, unfragmented frames, as the
+/// server builds them) compressed as one stream, each message a frame with
+/// RSV1 set. The first message refers to nothing before it, the others to the
+/// messages before them in `wire`.
+pub fn compress_frames(wire: &[u8]) -> Vec<u8> {
+    let mut compressor = Compress::new(Compression::default(), false);
+    let mut out = Vec::with_capacity(wire.len() / 2 + 64);
+    let mut payload = Vec::with_capacity(256);
+    let mut rest = wire;
+    while let Some((header, length)) = server_frame_header(rest) {
+        let opcode = rest[0] & 0x0f;
+        let message = &rest[header..header + length];
+        rest = &rest[header + length..];
+        payload.clear();
+        deflate_message(&mut compressor, message, &mut payload);
+        push_header(FIN | RSV1 | opcode, None, payload.len(), &mut out);
+        out.extend_from_slice(&payload);
+    }
+    debug_assert!(rest.is_empty(), "only whole frames are compressed");
+    out
+}
+
+/// Where the payload of the server frame at the start of `wire` begins and
+/// how long it is.
+fn server_frame_header(wire: &[u8]) -> Option<(usize, usize)> {
+    let (header, length) = match *wire.get(1)? & 0x7f {
+        126 => (4, u16::from_be_bytes([*wire.get(2)?, *wire.get(3)?]) as usize),
+        127 => (10, u64::from_be_bytes(wire.get(2..10)?.try_into().ok()?) as usize),
+        short => (2, short as usize),
+    };
+    (wire.len() >= header + length).then_some((header, length))
+}
+
+/// Compresses one message into `out` and ends it with a sync flush, whose
+/// empty stored block's four bytes are then dropped.
+fn deflate_message(compressor: &mut Compress, message: &[u8], out: &mut Vec<u8>) {
+    let start = compressor.total_in();
+    loop {
+        out.reserve(message.len() / 2 + 64);
+        let consumed = (compressor.total_in() - start) as usize;
+        compressor.compress_vec(&message[consumed..], out, FlushCompress::Sync).expect("deflate accepts any input");
+        // Done when all input is in and the flush did not run out of room.
+        if (compressor.total_in() - start) as usize == message.len() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    debug_assert!(out.ends_with(&FLUSH_TAIL), "a sync flush ends with an empty stored block");
+    out.truncate(out.len() - FLUSH_TAIL.len());
+}
+
+/// Appends a frame header: a 7-bit, 16-bit or 64-bit length, and the masking
+/// key if there is one.
+fn push_header(first: u8, mask: Option<[u8; 4]>, length: usize, out: &mut Vec<u8>) {
+    out.push(first);
+    let masked = if mask.is_some() { MASKED } else { 0 };
+    match length {
+        0..=125 => out.push(masked | length as u8),
+        126..=0xffff => {
+            out.push(masked | 126);
+            out.extend_from_slice(&(length as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(masked | 127);
+            out.extend_from_slice(&(length as u64).to_be_bytes());
+        }
+    }
+    if let Some(mask) = mask {
+        out.extend_from_slice(&mask);
+    }
+}
+
+/// The client's side of a connection, as the protocol layer reads it. Without
+/// the extension it is the socket itself. With it, every compressed message
+/// of the client is inflated and handed on as one plain frame (masked with a
+/// zero key, which changes nothing); everything else is handed on as it came.
+/// Writes go straight to the socket.
+pub struct ClientStream<S> {
+    inner: S,
+    inflating: Option<Box<Inflating>>,
+}
+
+impl<S> ClientStream<S> {
+    pub fn new(inner: S, deflate: bool, max_message_bytes: usize) -> ClientStream<S> {
+        let inflating = deflate.then(|| {
+            Box::new(Inflating {
+                max_message_bytes,
+                raw: Vec::new(),
+                ready: Vec::new(),
+                handed: 0,
+                message: None,
+                as_it_comes: false,
+            })
+        });
+        ClientStream { inner, inflating }
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+/// The state of a compressed connection's reading side. Bounded: `raw`
+/// holds less than a frame plus one read, `message` at most one message's
+/// compressed bytes, `ready` about one message.
+struct Inflating {
+    max_message_bytes: usize,
+    /// Read from the socket, not yet looked at (at most one partial frame).
+    raw: Vec<u8>,
+    /// For the protocol layer, from `handed` on.
+    ready: Vec<u8>,
+    handed: usize,
+    /// A compressed message whose last frame has not come yet: its opcode
+    /// and its (unmasked) compressed bytes so far.
+    message: Option<(u8, Vec<u8>)>,
+    /// After something the protocol layer must refuse: everything is handed
+    /// on as it comes, for it to refuse.
+    as_it_comes: bool,
+}
+
+/// A client frame's header, parsed.
+struct ClientFrame {
+    first: u8,
+    mask: Option<[u8; 4]>,
+    header_length: usize,
+    payload_length: usize,
+}
+
+impl ClientFrame {
+    fn parse(raw: &[u8]) -> Option<ClientFrame> {
+        let second = *raw.get(1)?;
+        let (mut header_length, payload_length) = match second & 0x7f {
+            126 => (4, u16::from_be_bytes([*raw.get(2)?, *raw.get(3)?]) as usize),
+            127 => (10, usize::try_from(u64::from_be_bytes(raw.get(2..10)?.try_into().ok()?)).unwrap_or(usize::MAX)),
+            short => (2, short as usize),
+        };
+        let mask = if second & MASKED != 0 {
+            let key: [u8; 4] = raw.get(header_length..header_length + 4)?.try_into().ok()?;
+            header_length += 4;
+            Some(key)
+        } else {
+            None
+        };
+        Some(ClientFrame { first: raw[0], mask, header_length, payload_length })
+    }
+
+    fn opcode(&self) -> u8 {
+        self.first & 0x0f
+    }
+
+    fn is_final(&self) -> bool {
+        self.first & FIN != 0
+    }
+}
+
+impl Inflating {
+    /// Turns the complete frames in `raw` into what the protocol layer reads,
+    /// until about one message's worth is waiting for it.
+    fn process(&mut self) {
+        loop {
+            if self.ready.len() - self.handed >= self.max_message_bytes {
+                return;
+            }
+            if self.as_it_comes {
+                self.ready.append(&mut self.raw);
+                return;
+            }
+            let Some(frame) = ClientFrame::parse(&self.raw) else { return };
+            if frame.payload_length > self.max_message_bytes {
+                // The protocol layer refuses the frame by its header (1009).
+                self.as_it_comes = true;
+                continue;
+            }
+            let length = frame.header_length + frame.payload_length;
+            if self.raw.len() < length {
+                return;
+            }
+            let is_control = frame.opcode() & 0x08 != 0;
+            let rsv = frame.first & RSV_ALL;
+            match (&mut self.message, frame.mask) {
+                // Control frames may come between the frames of a message.
+                _ if is_control => self.ready.extend_from_slice(&self.raw[..length]),
+                (None, Some(mask)) if rsv == RSV1 && matches!(frame.opcode(), 0x1 | 0x2) => {
+                    let payload = unmasked(&self.raw[frame.header_length..length], mask);
+                    self.message = Some((frame.opcode(), payload));
+                }
+                (Some((_, compressed)), Some(mask)) if rsv == 0 && frame.opcode() == 0x0 => {
+                    compressed.extend_from_slice(&unmasked(&self.raw[frame.header_length..length], mask));
+                }
+                // Anything else while a compressed message is open breaks the
+                // protocol: the protocol layer is shown a frame it refuses (1002).
+                (Some(_), _) => {
+                    self.refuse();
+                    continue;
+                }
+                // Plain frames, and compressed ones the protocol layer should
+                // refuse (unmasked, other reserved bits), as they came.
+                (None, _) => self.ready.extend_from_slice(&self.raw[..length]),
+            }
+            self.raw.drain(..length);
+            let open_length = self.message.as_ref().map(|(_, compressed)| compressed.len());
+            match open_length {
+                Some(compressed) if compressed > self.max_message_bytes => self.too_big(),
+                Some(_) if frame.is_final() && !is_control => self.finish_message(),
+                _ => {}
+            }
+        }
+    }
+
+    /// Inflates the complete compressed message into one plain frame.
+    fn finish_message(&mut self) {
+        let Some((opcode, mut compressed)) = self.message.take() else { return };
+        compressed.extend_from_slice(&FLUSH_TAIL);
+        let mut inflater = Decompress::new(false);
+        let limit = self.max_message_bytes;
+        let mut payload = Vec::new();
+        loop {
+            if payload.len() > limit {
+                return self.too_big();
+            }
+            payload.reserve((limit + 1 - payload.len()).min(16 * 1024));
+            let (in_before, out_before) = (inflater.total_in(), payload.len());
+            let status =
+                inflater.decompress_vec(&compressed[in_before as usize..], &mut payload, FlushDecompress::Sync);
+            let progressed = inflater.total_in() != in_before || payload.len() != out_before;
+            let all_in = inflater.total_in() as usize == compressed.len();
+            match status {
+                Err(_) => return self.refuse(),
+                // The client ended its stream with a final block: all there is.
+                Ok(Status::StreamEnd) => break,
+                // Everything is in, and out: the output had room to spare.
+                Ok(_) if all_in && (payload.len() < payload.capacity() || !progressed) => break,
+                Ok(_) if !progressed => return self.refuse(),
+                Ok(_) => {}
+            }
+        }
+        if payload.len() > limit {
+            return self.too_big();
+        }
+        push_header(FIN | opcode, Some([0; 4]), payload.len(), &mut self.ready);
+        self.ready.extend_from_slice(&payload);
+    }
+
+    /// Shows the protocol layer a frame header larger than it takes (1009).
+    fn too_big(&mut self) {
+        self.message = None;
+        push_header(FIN | 0x1, Some([0; 4]), self.max_message_bytes + 1, &mut self.ready);
+        self.as_it_comes = true;
+    }
+
+    /// Shows the protocol layer a frame with a reserved bit it refuses (1002).
+    fn refuse(&mut self) {
+        self.message = None;
+        push_header(FIN | RSV1 | 0x1, Some([0; 4]), 0, &mut self.ready);
+        self.as_it_comes = true;
+    }
+}
+
+fn unmasked(payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    payload.iter().zip(mask.iter().cycle()).map(|(byte, key)| byte ^ key).collect()
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let Some(state) = this.inflating.as_mut() else {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        };
+        loop {
+            if state.handed < state.ready.len() {
+                let count = buf.remaining().min(state.ready.len() - state.handed);
+                buf.put_slice(&state.ready[state.handed..state.handed + count]);
+                state.handed += count;
+                if state.handed == state.ready.len() {
+                    state.ready.clear();
+                    state.handed = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            state.process();
+            if !state.ready.is_empty() {
+                continue;
+            }
+            // `raw` now holds less than a frame: read more.
+            let mut chunk = [0u8; 4096];
+            let mut read = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                // The end: what is left of a frame goes on as it is (the
+                // protocol layer sees it cut short), then the end itself.
+                if state.raw.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                state.message = None;
+                state.ready.append(&mut state.raw);
+                continue;
+            }
+            state.raw.extend_from_slice(read.filled());
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::protocol::{OPCODE_TEXT, frame_into};
+
+    fn plain_frames(messages: &[&str]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        for message in messages {
+            frame_into(OPCODE_TEXT, message.as_bytes(), &mut wire);
+        }
+        wire
+    }
+
+    /// Reads compressed server frames as a client does: one inflater, its
+    /// window kept from message to message.
+    fn client_reads(inflater: &mut Decompress, mut wire: &[u8]) -> Vec<String> {
+        let mut messages = Vec::new();
+        while let Some((header, length)) = server_frame_header(wire) {
+            assert_eq!(wire[0] & RSV1, RSV1, "every message of a batch is compressed");
+            let mut compressed = wire[header..header + length].to_vec();
+            compressed.extend_from_slice(&FLUSH_TAIL);
+            let mut out = Vec::with_capacity(64 * 1024);
+            inflater.decompress_vec(&compressed, &mut out, FlushDecompress::Sync).expect("inflates");
+            messages.push(String::from_utf8(out).expect("text"));
+            wire = &wire[header + length..];
+        }
+        messages
+    }
+
+    #[test]
+    fn a_batch_inflates_after_any_history_and_the_later_messages_cost_little() {
+        let events: Vec<String> = (1..=20)
+            .map(|seq| {
+                format!(
+                    r#"{{"type":"bid","auction_id":"019ad3f0-6a4c-7b42-9d1e-3c5a7f00e1aa","seq":{seq},"current_price":{},"leader":{{"id":"019ad3f0-6a4c-7b42-9d1e-3c5a7f00{seq:04}","username":"bidder_{seq}"}},"bid_count":{seq},"end_at":"2026-12-01T10:00:00.000Z","reserve_met":true,"placed_at":"2026-12-01T09:00:00.{seq:03}Z"}}"#,
+                    1_000 + seq * 10
+                )
+            })
+            .collect();
+        let texts: Vec<&str> = events.iter().map(String::as_str).collect();
+        let plain = plain_frames(&texts);
+        let compressed = compress_frames(&plain);
+        assert!(compressed.len() * 3 < plain.len(), "{} bytes compressed from {}", compressed.len(), plain.len());
+
+        // Two clients with different histories read the same bytes.
+        let mut fresh = Decompress::new(false);
+        assert_eq!(client_reads(&mut fresh, &compressed), events);
+        let mut seasoned = Decompress::new(false);
+        let earlier = compress_frames(&plain_frames(&["{\"type\":\"viewers\",\"count\":3}", &events[5]]));
+        client_reads(&mut seasoned, &earlier);
+        assert_eq!(client_reads(&mut seasoned, &compressed), events);
+        assert_eq!(client_reads(&mut seasoned, &compressed), events, "and the same batch again");
+    }
+
+    #[test]
+    fn offers_are_accepted_only_as_the_server_works() {
+        assert!(accepts(&["permessage-deflate"]));
+        assert!(accepts(&["permessage-deflate; client_max_window_bits"]));
+        assert!(accepts(&["Permessage-Deflate; client_max_window_bits=12; client_no_context_takeover"]));
+        assert!(accepts(&["permessage-deflate; server_max_window_bits=\"15\""]));
+        assert!(accepts(&[
+            "x-webkit-deflate-frame",
+            "permessage-deflate; server_no_context_takeover, permessage-deflate"
+        ]));
+        assert!(!accepts(&[]));
+        assert!(!accepts(&["x-webkit-deflate-frame"]));
+        assert!(!accepts(&["permessage-deflate; server_no_context_takeover"]));
+        assert!(!accepts(&["permessage-deflate; server_max_window_bits=10"]));
+        assert!(!accepts(&["permessage-deflate; client_max_window_bits=16"]));
+        assert!(!accepts(&["permessage-deflate; client_max_window_bits; client_max_window_bits"]));
+        assert!(!accepts(&["permessage-deflate; mystery"]));
+    }
+
+    /// A client frame: masked with `mask`, `first` holding FIN, RSV and opcode.
+    fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        push_header(first, Some(mask), payload.len(), &mut frame);
+        frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(byte, key)| byte ^ key));
+        frame
+    }
+
+    fn deflated(text: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        deflate_message(&mut Compress::new(Compression::default(), false), text, &mut out);
+        out
+    }
+
+    fn inflate_all(bytes: &[u8], max: usize) -> Vec<u8> {
+        let mut state = ClientStream::new((), true, max).inflating.expect("deflate on");
+        // Byte by byte: frames cut anywhere come out the same.
+        for byte in bytes {
+            state.raw.push(*byte);
+            state.process();
+        }
+        state.ready
+    }
+
+    #[test]
+    fn compressed_client_messages_become_plain_frames_and_the_rest_passes_as_it_came() {
+        let text = br#"{"type":"subscribe","auction_id":"019ad3f0-6a4c-7b42-9d1e-3c5a7f00e1aa"}"#;
+        let compressed = deflated(text);
+        let (head, tail) = compressed.split_at(compressed.len() / 2);
+        let ping = client_frame(FIN | 0x9, b"hi", [9, 8, 7, 6]);
+        let plain = client_frame(FIN | 0x1, b"{\"type\":\"ping\"}", [1, 2, 3, 4]);
+        let mut input = client_frame(RSV1 | 0x1, head, [4, 3, 2, 1]);
+        input.extend(&ping);
+        input.extend(client_frame(FIN, tail, [5, 6, 7, 8]));
+        input.extend(&plain);
+
+        let mut expected = ping.clone();
+        push_header(FIN | 0x1, Some([0; 4]), text.len(), &mut expected);
+        expected.extend_from_slice(text);
+        expected.extend(&plain);
+        assert_eq!(inflate_all(&input, 16 * 1024), expected);
+    }
+
+    #[test]
+    fn a_message_that_inflates_past_the_limit_or_does_not_inflate_is_refused() {
+        let bomb = deflated(&vec![b'a'; 64 * 1024]);
+        assert!(bomb.len() < 1024, "a small frame");
+        let refused = inflate_all(&client_frame(FIN | RSV1 | 0x1, &bomb, [1, 1, 1, 1]), 16 * 1024);
+        let parsed = ClientFrame::parse(&refused).expect("a frame header");
+        assert_eq!(parsed.payload_length, 16 * 1024 + 1, "a header the protocol layer refuses as too big");
+
+        let garbage = inflate_all(&client_frame(FIN | RSV1 | 0x1, &[0xff; 40], [1, 2, 3, 4]), 16 * 1024);
+        assert_eq!(garbage[0], FIN | RSV1 | 0x1, "a frame the protocol layer refuses for its reserved bit");
+
+        let mut interleaved = client_frame(RSV1 | 0x1, b"\x01\x02", [0; 4]);
+        interleaved.extend(client_frame(FIN | 0x1, b"new message", [0; 4]));
+        let refused = inflate_all(&interleaved, 16 * 1024);
+        assert_eq!(refused[0], FIN | RSV1 | 0x1, "a new message inside a compressed one is refused");
+    }
+}
