@@ -353,7 +353,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
                 buf.put_slice(&state.ready[state.handed..state.handed + count]);
                 state.handed += count;
                 if state.handed == state.ready.len() {
-                    state.ready.clear();
+                    // Nothing kept between messages: a watcher that sent its
+                    // subscriptions and now only listens costs no buffers.
+                    state.ready = Vec::new();
                     state.handed = 0;
                 }
                 return Poll::Ready(Ok(()));
@@ -377,6 +379,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
                 continue;
             }
             state.raw.extend_from_slice(read.filled());
+            state.process();
+            if state.raw.is_empty() {
+                state.raw = Vec::new();
+            }
         }
     }
 }
@@ -410,7 +416,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::protocol::{OPCODE_TEXT, frame_into};
+    use crate::ws::protocol::{OPCODE_BINARY, OPCODE_TEXT, frame_into};
 
     fn plain_frames(messages: &[&str]) -> Vec<u8> {
         let mut wire = Vec::new();
@@ -459,6 +465,28 @@ mod tests {
         client_reads(&mut seasoned, &earlier);
         assert_eq!(client_reads(&mut seasoned, &compressed), events);
         assert_eq!(client_reads(&mut seasoned, &compressed), events, "and the same batch again");
+    }
+
+    #[test]
+    fn binary_frames_stay_binary() {
+        let mut plain = Vec::new();
+        frame_into(OPCODE_BINARY, &[0x82, 0xa4, b't', b'y', b'p', b'e'], &mut plain);
+        frame_into(OPCODE_BINARY, &[0x82, 0xa4, b't', b'y', b'p', b'e', 0x01], &mut plain);
+        let compressed = compress_frames(&plain);
+        let (header, length) = server_frame_header(&compressed).expect("a frame");
+        assert_eq!(compressed[0], FIN | RSV1 | OPCODE_BINARY);
+        let second = &compressed[header + length..];
+        assert_eq!(second[0], FIN | RSV1 | OPCODE_BINARY);
+        let mut inflater = Decompress::new(false);
+        let mut out = Vec::new();
+        for frame in [&compressed[header..header + length], &second[2..]] {
+            let mut bytes = frame.to_vec();
+            bytes.extend_from_slice(&FLUSH_TAIL);
+            let mut message = Vec::with_capacity(1024);
+            inflater.decompress_vec(&bytes, &mut message, FlushDecompress::Sync).expect("inflates");
+            out.push(message);
+        }
+        assert_eq!(out, [vec![0x82, 0xa4, b't', b'y', b'p', b'e'], vec![0x82, 0xa4, b't', b'y', b'p', b'e', 0x01]]);
     }
 
     #[test]

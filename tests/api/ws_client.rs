@@ -190,6 +190,8 @@ pub struct DeflateClient {
     /// Messages that came compressed, and their bytes on the wire against
     /// their inflated size.
     pub compressed_messages: u64,
+    /// Of those, `bid` events.
+    pub compressed_bids: u64,
     pub wire_bytes: u64,
     pub message_bytes: u64,
     /// The close code the server sent, once it closed.
@@ -263,6 +265,7 @@ impl DeflateClient {
             inflater: flate2::Decompress::new(false),
             extensions,
             compressed_messages: 0,
+            compressed_bids: 0,
             wire_bytes: 0,
             message_bytes: 0,
             close_code: None,
@@ -352,7 +355,8 @@ impl Watcher for DeflateClient {
                 0xa => continue,
                 opcode => panic!("unexpected opcode {opcode:#x}"),
             }
-            let text = if first & 0x40 != 0 {
+            let compressed = first & 0x40 != 0;
+            let text = if compressed {
                 self.compressed_messages += 1;
                 self.wire_bytes += payload.len() as u64;
                 let mut compressed = payload;
@@ -368,7 +372,11 @@ impl Watcher for DeflateClient {
             } else {
                 payload
             };
-            return Some(serde_json::from_slice(&text).expect("server sends JSON"));
+            let message: Value = serde_json::from_slice(&text).expect("server sends JSON");
+            if compressed && message["type"] == "bid" {
+                self.compressed_bids += 1;
+            }
+            return Some(message);
         }
     }
 }
