@@ -30,30 +30,42 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The extension's name in `Sec-WebSocket-Extensions`.
 pub const EXTENSION: &str = "permessage-deflate";
-/// What the server answers when it accepts an offer.
-pub const ACCEPTED: &str = "permessage-deflate; client_no_context_takeover";
+/// What the server answers when it accepts an offer; an offer that named
+/// `server_max_window_bits` (15) is answered with it (RFC 7692, 7.1.2.1).
+const ANSWER: &str = "permessage-deflate; client_no_context_takeover";
+const ANSWER_WITH_WINDOW: &str = "permessage-deflate; client_no_context_takeover; server_max_window_bits=15";
 /// What a sync flush ends with; left off the wire (RFC 7692, 7.2.1).
 const FLUSH_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+/// Compressed bytes a client message may take: a little over the limit on
+/// its inflated size, since deflate can grow what does not compress.
+const COMPRESSED_SLACK: usize = 1024;
 /// Frame header bits.
 const FIN: u8 = 0x80;
 const RSV1: u8 = 0x40;
 const RSV_ALL: u8 = 0x70;
 const MASKED: u8 = 0x80;
 
-/// True when one of the client's offers (RFC 7692, 5) is one this server can
-/// accept as it works: a window of 32 KiB, context kept across the server's
-/// messages. Offers naming `server_no_context_takeover`, a smaller
-/// `server_max_window_bits`, or a parameter this server does not know are
-/// declined, and the connection goes uncompressed.
-pub fn accepts(offers: &[&str]) -> bool {
-    offers.iter().flat_map(|header| header.split(',')).any(|offer| acceptable(offer.trim()))
+/// The `Sec-WebSocket-Extensions` answer to the first of the client's offers
+/// (RFC 7692, 5) that this server can accept as it works: a window of 32 KiB,
+/// context kept across the server's messages. Offers naming
+/// `server_no_context_takeover`, a smaller `server_max_window_bits`, or a
+/// parameter this server does not know are declined; with none left, the
+/// connection goes uncompressed (`None`).
+pub fn negotiate(offers: &[&str]) -> Option<&'static str> {
+    offers.iter().flat_map(|header| header.split(',')).find_map(|offer| answer(offer.trim()))
 }
 
-fn acceptable(offer: &str) -> bool {
+fn answer(offer: &str) -> Option<&'static str> {
     let mut parts = offer.split(';').map(str::trim);
     if !parts.next().is_some_and(|name| name.eq_ignore_ascii_case(EXTENSION)) {
-        return false;
+        return None;
     }
+    let window_bits = |bits: &str| {
+        // 8 to 15, without leading zeros (RFC 7692, 7.1.2).
+        !bits.starts_with('0')
+            && bits.bytes().all(|byte| byte.is_ascii_digit())
+            && bits.parse::<u8>().is_ok_and(|bits| (8..=15).contains(&bits))
+    };
     let mut seen: Vec<String> = Vec::new();
     for parameter in parts {
         let (name, value) = match parameter.split_once('=') {
@@ -61,23 +73,23 @@ fn acceptable(offer: &str) -> bool {
             None => (parameter.to_ascii_lowercase(), None),
         };
         if seen.contains(&name) {
-            return false;
+            return None;
         }
         let fine = match (name.as_str(), value) {
             // Both are about what the client sends: the answer asks it not
             // to keep context, whatever window it uses.
             ("client_no_context_takeover", None) => true,
             ("client_max_window_bits", None) => true,
-            ("client_max_window_bits", Some(bits)) => bits.parse::<u8>().is_ok_and(|bits| (8..=15).contains(&bits)),
+            ("client_max_window_bits", Some(bits)) => window_bits(bits),
             ("server_max_window_bits", Some(bits)) => bits == "15",
             _ => false,
         };
         if !fine {
-            return false;
+            return None;
         }
         seen.push(name);
     }
-    true
+    Some(if seen.iter().any(|name| name == "server_max_window_bits") { ANSWER_WITH_WINDOW } else { ANSWER })
 }
 
 /// The messages of `wire` (complete, unmasked, unfragmented frames, as the
@@ -85,7 +97,20 @@ fn acceptable(offer: &str) -> bool {
 /// RSV1 set. The first message refers to nothing before it, the others to the
 /// messages before them in `wire`.
 pub fn compress_frames(wire: &[u8]) -> Vec<u8> {
-    let mut compressor = Compress::new(Compression::default(), false);
+    thread_local! {
+        /// A compressor's state is a few hundred KiB: one per thread, reset
+        /// for each batch, rather than one allocated and zeroed per batch.
+        static COMPRESSOR: std::cell::RefCell<Compress> =
+            std::cell::RefCell::new(Compress::new(Compression::default(), false));
+    }
+    COMPRESSOR.with(|compressor| {
+        let mut compressor = compressor.borrow_mut();
+        compressor.reset();
+        compress_frames_with(&mut compressor, wire)
+    })
+}
+
+fn compress_frames_with(compressor: &mut Compress, wire: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(wire.len() / 2 + 64);
     let mut payload = Vec::with_capacity(256);
     let mut rest = wire;
@@ -94,7 +119,7 @@ pub fn compress_frames(wire: &[u8]) -> Vec<u8> {
         let message = &rest[header..header + length];
         rest = &rest[header + length..];
         payload.clear();
-        deflate_message(&mut compressor, message, &mut payload);
+        deflate_message(compressor, message, &mut payload);
         push_header(FIN | RSV1 | opcode, None, payload.len(), &mut out);
         out.extend_from_slice(&payload);
     }
@@ -126,7 +151,8 @@ fn deflate_message(compressor: &mut Compress, message: &[u8], out: &mut Vec<u8>)
             break;
         }
     }
-    debug_assert!(out.ends_with(&FLUSH_TAIL), "a sync flush ends with an empty stored block");
+    // Shared bytes that ended otherwise would be wrong for every watcher.
+    assert!(out.ends_with(&FLUSH_TAIL), "a sync flush ends with an empty stored block");
     out.truncate(out.len() - FLUSH_TAIL.len());
 }
 
@@ -170,7 +196,7 @@ impl<S> ClientStream<S> {
                 ready: Vec::new(),
                 handed: 0,
                 message: None,
-                as_it_comes: false,
+                ended: false,
             })
         });
         ClientStream { inner, inflating }
@@ -194,9 +220,11 @@ struct Inflating {
     /// A compressed message whose last frame has not come yet: its opcode
     /// and its (unmasked) compressed bytes so far.
     message: Option<(u8, Vec<u8>)>,
-    /// After something the protocol layer must refuse: everything is handed
-    /// on as it comes, for it to refuse.
-    as_it_comes: bool,
+    /// After something the protocol layer must refuse: it is handed what it
+    /// refuses (already in `ready`), then the end of the stream, so that it
+    /// stops reading (it would take the client's next bytes as the rest of a
+    /// frame it refused) and the connection closes at once.
+    ended: bool,
 }
 
 /// A client frame's header, parsed.
@@ -242,14 +270,15 @@ impl Inflating {
             if self.ready.len() - self.handed >= self.max_message_bytes {
                 return;
             }
-            if self.as_it_comes {
-                self.ready.append(&mut self.raw);
+            if self.ended {
+                self.raw.clear();
                 return;
             }
             let Some(frame) = ClientFrame::parse(&self.raw) else { return };
-            if frame.payload_length > self.max_message_bytes {
+            if frame.payload_length > self.max_message_bytes + COMPRESSED_SLACK {
                 // The protocol layer refuses the frame by its header (1009).
-                self.as_it_comes = true;
+                self.ready.extend_from_slice(&self.raw[..frame.header_length]);
+                self.ended = true;
                 continue;
             }
             let length = frame.header_length + frame.payload_length;
@@ -281,7 +310,7 @@ impl Inflating {
             self.raw.drain(..length);
             let open_length = self.message.as_ref().map(|(_, compressed)| compressed.len());
             match open_length {
-                Some(compressed) if compressed > self.max_message_bytes => self.too_big(),
+                Some(compressed) if compressed > self.max_message_bytes + COMPRESSED_SLACK => self.too_big(),
                 Some(_) if frame.is_final() && !is_control => self.finish_message(),
                 _ => {}
             }
@@ -309,10 +338,11 @@ impl Inflating {
                 Err(_) => return self.refuse(),
                 // The client ended its stream with a final block: all there is.
                 Ok(Status::StreamEnd) => break,
-                // Everything is in, and out: the output had room to spare.
-                Ok(_) if all_in && (payload.len() < payload.capacity() || !progressed) => break,
-                Ok(_) if !progressed => return self.refuse(),
-                Ok(_) => {}
+                Ok(_) if progressed => {}
+                // Everything is in, and nothing more comes out.
+                Ok(_) if all_in => break,
+                // Input left that does not decode any further.
+                Ok(_) => return self.refuse(),
             }
         }
         if payload.len() > limit {
@@ -326,14 +356,14 @@ impl Inflating {
     fn too_big(&mut self) {
         self.message = None;
         push_header(FIN | 0x1, Some([0; 4]), self.max_message_bytes + 1, &mut self.ready);
-        self.as_it_comes = true;
+        self.ended = true;
     }
 
     /// Shows the protocol layer a frame with a reserved bit it refuses (1002).
     fn refuse(&mut self) {
         self.message = None;
         push_header(FIN | RSV1 | 0x1, Some([0; 4]), 0, &mut self.ready);
-        self.as_it_comes = true;
+        self.ended = true;
     }
 }
 
@@ -363,6 +393,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
             state.process();
             if !state.ready.is_empty() {
                 continue;
+            }
+            if state.ended {
+                return Poll::Ready(Ok(()));
             }
             // `raw` now holds less than a frame: read more.
             let mut chunk = [0u8; 4096];
@@ -491,21 +524,38 @@ mod tests {
 
     #[test]
     fn offers_are_accepted_only_as_the_server_works() {
-        assert!(accepts(&["permessage-deflate"]));
-        assert!(accepts(&["permessage-deflate; client_max_window_bits"]));
-        assert!(accepts(&["Permessage-Deflate; client_max_window_bits=12; client_no_context_takeover"]));
-        assert!(accepts(&["permessage-deflate; server_max_window_bits=\"15\""]));
-        assert!(accepts(&[
+        let plain = Some("permessage-deflate; client_no_context_takeover");
+        assert_eq!(negotiate(&["permessage-deflate"]), plain);
+        assert_eq!(negotiate(&["permessage-deflate; client_max_window_bits"]), plain);
+        assert_eq!(negotiate(&["Permessage-Deflate; client_max_window_bits=12; client_no_context_takeover"]), plain);
+        // A window the client asked for is named in the answer.
+        assert_eq!(
+            negotiate(&["permessage-deflate; server_max_window_bits=\"15\""]),
+            Some("permessage-deflate; client_no_context_takeover; server_max_window_bits=15")
+        );
+        // The first acceptable offer, over several header lines.
+        assert_eq!(
+            negotiate(&[
+                "x-webkit-deflate-frame",
+                "permessage-deflate; server_no_context_takeover, permessage-deflate"
+            ]),
+            plain
+        );
+        for declined in [
+            "",
             "x-webkit-deflate-frame",
-            "permessage-deflate; server_no_context_takeover, permessage-deflate"
-        ]));
-        assert!(!accepts(&[]));
-        assert!(!accepts(&["x-webkit-deflate-frame"]));
-        assert!(!accepts(&["permessage-deflate; server_no_context_takeover"]));
-        assert!(!accepts(&["permessage-deflate; server_max_window_bits=10"]));
-        assert!(!accepts(&["permessage-deflate; client_max_window_bits=16"]));
-        assert!(!accepts(&["permessage-deflate; client_max_window_bits; client_max_window_bits"]));
-        assert!(!accepts(&["permessage-deflate; mystery"]));
+            "permessage-deflate; server_no_context_takeover",
+            "permessage-deflate; server_max_window_bits=10",
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; client_max_window_bits=16",
+            "permessage-deflate; client_max_window_bits=09",
+            "permessage-deflate; client_max_window_bits=+9",
+            "permessage-deflate; client_max_window_bits; client_max_window_bits",
+            "permessage-deflate; mystery",
+        ] {
+            assert_eq!(negotiate(&[declined]), None, "{declined}");
+        }
+        assert_eq!(negotiate(&[]), None);
     }
 
     /// A client frame: masked with `mask`, `first` holding FIN, RSV and opcode.
@@ -549,6 +599,39 @@ mod tests {
         expected.extend_from_slice(text);
         expected.extend(&plain);
         assert_eq!(inflate_all(&input, 16 * 1024), expected);
+    }
+
+    #[tokio::test]
+    async fn after_a_refusal_the_protocol_layer_reads_the_end_of_the_stream() {
+        use tokio::io::AsyncReadExt;
+        let bomb = deflated(&vec![b'a'; 64 * 1024]);
+        let mut input = client_frame(FIN | RSV1 | 0x1, &bomb, [1, 1, 1, 1]);
+        input.extend(client_frame(FIN | 0x8, &1000u16.to_be_bytes(), [2, 2, 2, 2]));
+        let input: &'static [u8] = Box::leak(input.into_boxed_slice());
+        let mut stream = ClientStream::new(input, true, 16 * 1024);
+        let mut read = Vec::new();
+        stream.read_to_end(&mut read).await.expect("reads");
+        let mut expected = Vec::new();
+        push_header(FIN | 0x1, Some([0; 4]), 16 * 1024 + 1, &mut expected);
+        assert_eq!(read, expected, "the refused header, then the end: the client's close is not taken as its payload");
+
+        // Incompressible bytes grow a little when deflated: still within the limit.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..16 * 1024)
+            .map(|_| {
+                // xorshift64: bytes deflate cannot shrink.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 56) as u8
+            })
+            .collect();
+        let compressed = deflated(&noise);
+        assert!(compressed.len() > noise.len(), "it grew");
+        let plain = inflate_all(&client_frame(FIN | RSV1 | 0x2, &compressed, [3, 3, 3, 3]), 16 * 1024);
+        let parsed = ClientFrame::parse(&plain).expect("a frame");
+        assert_eq!((parsed.opcode(), parsed.payload_length), (0x2, noise.len()));
+        assert_eq!(&plain[parsed.header_length..], &noise[..]);
     }
 
     #[test]

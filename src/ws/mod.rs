@@ -120,7 +120,8 @@ pub async fn upgrade(
         .iter()
         .filter_map(|value| value.to_str().ok())
         .collect();
-    let deflate = context.hub.settings.compression && deflate::accepts(&offers);
+    let compression = if context.hub.settings.compression { deflate::negotiate(&offers) } else { None };
+    let deflate = compression.is_some();
     let hub = context.hub.clone();
     let node_runtime = tokio::runtime::Handle::current();
     // Counted from here, so shutdown also waits for connections still upgrading.
@@ -154,8 +155,8 @@ pub async fn upgrade(
     if msgpack {
         response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(MSGPACK_PROTOCOL));
     }
-    if deflate {
-        response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(deflate::ACCEPTED));
+    if let Some(answer) = compression {
+        response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(answer));
     }
     Ok(response)
 }

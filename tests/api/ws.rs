@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::{Acknowledged, Backend, HasApi, TestApp, User, eventually, metric, start_storm};
 use crate::on_both_backends;
-use crate::ws_client::{DeflateClient, Watcher, WsClient, client_frame, deflate, ws_url};
+use crate::ws_client::{DeflateClient, Received, Watcher, WsClient, client_frame, deflate, ws_url};
 use gavel_actors::node::NodeSettings;
 
 on_both_backends!(watchers_see_every_bid_once_in_order);
@@ -66,6 +66,10 @@ async fn watchers_see_every_bid_once_in_order(backend: Backend) {
     deflate_watcher.send_compressed(&json!({"type": "subscribe", "auction_id": auction_id}), 2).await;
     let snapshot = deflate_watcher.next_event().await;
     assert_eq!((&snapshot["type"], &snapshot["auction"]["seq"]), (&json!("snapshot"), &json!(0)), "{snapshot}");
+    let mut msgpack_deflate_watcher = DeflateClient::connect_with(&app.address, None, DEFLATE_OFFER, true).await;
+    assert!(msgpack_deflate_watcher.extensions.is_some(), "both negotiated");
+    msgpack_deflate_watcher.send_plain(&json!({"type": "subscribe", "auction_id": auction_id})).await;
+    assert_eq!(msgpack_deflate_watcher.next_event().await["type"], "snapshot");
 
     let mut bidders = bidders.into_iter();
     let rest_bidders: Vec<User> = bidders.by_ref().take(3).collect();
@@ -127,12 +131,8 @@ async fn watchers_see_every_bid_once_in_order(backend: Backend) {
     assert_eq!(streams[0], streams[2]);
     assert_eq!(deflate_watcher.bids_until(n).await, streams[0], "compressed messages carry what plain ones carry");
     assert_eq!(deflate_watcher.compressed_bids, n, "every event came compressed");
-    assert!(
-        deflate_watcher.wire_bytes * 2 < deflate_watcher.message_bytes,
-        "a batch's messages share one stream: {} bytes on the wire for {}",
-        deflate_watcher.wire_bytes,
-        deflate_watcher.message_bytes
-    );
+    assert_eq!(msgpack_deflate_watcher.bids_until(n).await, streams[0], "compressed MessagePack too");
+    assert_eq!(msgpack_deflate_watcher.compressed_bids, n);
     let snapshot = late_watcher.next_event().await;
     assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
     let from = snapshot["auction"]["seq"].as_u64().unwrap();
@@ -239,6 +239,49 @@ async fn compressed_connections_inflate_both_ways_within_the_limits() {
     let client = DeflateClient::connect(&off.address, None, DEFLATE_OFFER).await;
     assert_eq!(client.extensions, None, "--ws-compression false");
     off.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_batch_goes_compressed_and_part_of_one_goes_plain() {
+    // Batches three seconds apart: what falls within one is in the test's hands.
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| config.ws_batch_ms = 3_000, NodeSettings::default()).await;
+    let api = app.api();
+    let (_seller, bidders, auction_id) =
+        api.scene(&["ann", "bob"], json!({"starting_price": 1_000, "min_increment": 10})).await;
+    let subscribe = json!({"type": "subscribe", "auction_id": auction_id});
+    let mut early = DeflateClient::connect(&app.address, None, DEFLATE_OFFER).await;
+    early.send_plain(&subscribe).await;
+    assert_eq!(early.next_event().await["auction"]["seq"], 0);
+    bid_up(&api, &bidders, &auction_id, 1).await;
+    // Bid 1 just came in a batch: the next one is three seconds away.
+    early.bids_until(1).await;
+    bid_up(&api, &bidders, &auction_id, 2).await;
+    let mut late = DeflateClient::connect(&app.address, None, DEFLATE_OFFER).await;
+    late.send_plain(&subscribe).await;
+    assert_eq!(late.next_event().await["auction"]["seq"], 3, "the snapshot holds bids 2 and 3");
+    bid_up(&api, &bidders, &auction_id, 1).await;
+
+    // One batch holds bids 2, 3 and 4. The early watcher gets all of it, compressed as one stream...
+    assert_eq!(early.bids_until(4).await.len(), 3);
+    let batch: Vec<&Received> = early.received.iter().filter(|message| message.kind == "bid").skip(1).collect();
+    assert!(batch.iter().all(|message| message.compressed), "{batch:?}");
+    let wire: usize = batch.iter().map(|message| message.wire_bytes).sum();
+    let plain: usize = batch.iter().map(|message| message.bytes).sum();
+    assert!(wire * 2 < plain, "later messages refer back to earlier ones: {wire} bytes on the wire for {plain}");
+    assert!(batch[2].wire_bytes * 3 < batch[2].bytes, "{batch:?}");
+    // ...the late one only bid 4 of it, uncompressed: its window knows nothing of bids 2 and 3.
+    assert_eq!(late.bids_until(4).await.len(), 1);
+    let partial = late.received.iter().find(|message| message.seq == Some(4)).unwrap();
+    assert!(!partial.compressed, "{partial:?}");
+
+    // The next batch reaches both whole and compressed, and both inflate it.
+    bid_up(&api, &bidders, &auction_id, 1).await;
+    for watcher in [&mut early, &mut late] {
+        let bids = watcher.bids_until(5).await;
+        assert_eq!(bids.len(), 1);
+        assert!(watcher.received.last().unwrap().compressed);
+    }
+    app.stop().await;
 }
 
 /// `count` more accepted bids, each 10 above the last, the two bidders taking turns.

@@ -187,15 +187,27 @@ pub struct DeflateClient {
     inflater: flate2::Decompress,
     /// The `Sec-WebSocket-Extensions` of the 101, if any.
     pub extensions: Option<String>,
-    /// Messages that came compressed, and their bytes on the wire against
-    /// their inflated size.
+    /// Messages that came compressed.
     pub compressed_messages: u64,
     /// Of those, `bid` events.
     pub compressed_bids: u64,
-    pub wire_bytes: u64,
-    pub message_bytes: u64,
     /// The close code the server sent, once it closed.
     pub close_code: Option<u16>,
+    /// Every data message, in order: how it came.
+    pub received: Vec<Received>,
+    /// `gavel.msgpack` negotiated: binary MessagePack frames.
+    pub msgpack: bool,
+}
+
+/// How one message came.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub kind: String,
+    pub seq: Option<u64>,
+    pub compressed: bool,
+    /// Its payload on the wire, and inflated.
+    pub wire_bytes: usize,
+    pub bytes: usize,
 }
 
 const FLUSH_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
@@ -233,6 +245,11 @@ pub fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
 impl DeflateClient {
     /// Connects to `/ws` offering `offer` in `Sec-WebSocket-Extensions`.
     pub async fn connect(address: &str, token: Option<&str>, offer: &str) -> DeflateClient {
+        Self::connect_with(address, token, offer, false).await
+    }
+
+    /// The same, asking for `gavel.msgpack` too when `msgpack`.
+    pub async fn connect_with(address: &str, token: Option<&str>, offer: &str, msgpack: bool) -> DeflateClient {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let host = address.trim_start_matches("http://");
         let mut stream = tokio::time::timeout(READ_DEADLINE, TcpStream::connect(host))
@@ -243,7 +260,8 @@ impl DeflateClient {
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Extensions: {offer}\r\n\r\n"
+             Sec-WebSocket-Extensions: {offer}\r\n{protocol}\r\n",
+            protocol = if msgpack { "Sec-WebSocket-Protocol: gavel.msgpack\r\n" } else { "" }
         );
         stream.write_all(request.as_bytes()).await.expect("send the upgrade");
         let mut head = Vec::new();
@@ -266,9 +284,9 @@ impl DeflateClient {
             extensions,
             compressed_messages: 0,
             compressed_bids: 0,
-            wire_bytes: 0,
-            message_bytes: 0,
             close_code: None,
+            received: Vec::new(),
+            msgpack,
         }
     }
 
@@ -343,7 +361,8 @@ impl Watcher for DeflateClient {
             assert_eq!(first & 0x80, 0x80, "the server sends whole messages in one frame");
             assert_eq!(first & 0x30, 0, "RSV2 and RSV3 stay clear");
             match first & 0x0f {
-                0x1 => {}
+                0x1 => assert!(!self.msgpack, "a text frame on a MessagePack connection"),
+                0x2 => assert!(self.msgpack, "a binary frame on a JSON connection"),
                 0x8 => {
                     self.close_code = payload.get(..2).map(|code| u16::from_be_bytes([code[0], code[1]]));
                     return None;
@@ -356,9 +375,9 @@ impl Watcher for DeflateClient {
                 opcode => panic!("unexpected opcode {opcode:#x}"),
             }
             let compressed = first & 0x40 != 0;
+            let wire_length = payload.len();
             let text = if compressed {
                 self.compressed_messages += 1;
-                self.wire_bytes += payload.len() as u64;
                 let mut compressed = payload;
                 compressed.extend_from_slice(&FLUSH_TAIL);
                 let mut out = Vec::with_capacity(64 * 1024);
@@ -367,15 +386,25 @@ impl Watcher for DeflateClient {
                     .decompress_vec(&compressed, &mut out, flate2::FlushDecompress::Sync)
                     .expect("the server's message inflates with the window of the ones before it");
                 assert_eq!(self.inflater.total_in() - before, compressed.len() as u64, "all of it read");
-                self.message_bytes += out.len() as u64;
                 out
             } else {
                 payload
             };
-            let message: Value = serde_json::from_slice(&text).expect("server sends JSON");
+            let message: Value = if self.msgpack {
+                rmp_serde::from_slice(&text).expect("server sends MessagePack")
+            } else {
+                serde_json::from_slice(&text).expect("server sends JSON")
+            };
             if compressed && message["type"] == "bid" {
                 self.compressed_bids += 1;
             }
+            self.received.push(Received {
+                kind: message["type"].as_str().unwrap_or_default().to_owned(),
+                seq: message["seq"].as_u64(),
+                compressed,
+                wire_bytes: wire_length,
+                bytes: text.len(),
+            });
             return Some(message);
         }
     }
