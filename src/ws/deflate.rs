@@ -28,6 +28,8 @@ use std::task::{Context, Poll, ready};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::protocol::frame_header_into;
+
 /// The extension's name in `Sec-WebSocket-Extensions`.
 pub const EXTENSION: &str = "permessage-deflate";
 /// What the server answers when it accepts an offer; an offer that named
@@ -120,22 +122,18 @@ fn compress_frames_with(compressor: &mut Compress, wire: &[u8]) -> Vec<u8> {
         rest = &rest[header + length..];
         payload.clear();
         deflate_message(compressor, message, &mut payload);
-        push_header(FIN | RSV1 | opcode, None, payload.len(), &mut out);
+        frame_header_into(FIN | RSV1 | opcode, None, payload.len(), &mut out);
         out.extend_from_slice(&payload);
     }
     debug_assert!(rest.is_empty(), "only whole frames are compressed");
     out
 }
 
-/// Where the payload of the server frame at the start of `wire` begins and
-/// how long it is.
+/// Where the payload of the whole server frame at the start of `wire` begins
+/// and how long it is.
 fn server_frame_header(wire: &[u8]) -> Option<(usize, usize)> {
-    let (header, length) = match *wire.get(1)? & 0x7f {
-        126 => (4, u16::from_be_bytes([*wire.get(2)?, *wire.get(3)?]) as usize),
-        127 => (10, u64::from_be_bytes(wire.get(2..10)?.try_into().ok()?) as usize),
-        short => (2, short as usize),
-    };
-    (wire.len() >= header + length).then_some((header, length))
+    let frame = FrameHeader::parse(wire)?;
+    (wire.len() >= frame.header_length + frame.payload_length).then_some((frame.header_length, frame.payload_length))
 }
 
 /// Compresses one message into `out` and ends it with a sync flush, whose
@@ -154,27 +152,6 @@ fn deflate_message(compressor: &mut Compress, message: &[u8], out: &mut Vec<u8>)
     // Shared bytes that ended otherwise would be wrong for every watcher.
     assert!(out.ends_with(&FLUSH_TAIL), "a sync flush ends with an empty stored block");
     out.truncate(out.len() - FLUSH_TAIL.len());
-}
-
-/// Appends a frame header: a 7-bit, 16-bit or 64-bit length, and the masking
-/// key if there is one.
-fn push_header(first: u8, mask: Option<[u8; 4]>, length: usize, out: &mut Vec<u8>) {
-    out.push(first);
-    let masked = if mask.is_some() { MASKED } else { 0 };
-    match length {
-        0..=125 => out.push(masked | length as u8),
-        126..=0xffff => {
-            out.push(masked | 126);
-            out.extend_from_slice(&(length as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(masked | 127);
-            out.extend_from_slice(&(length as u64).to_be_bytes());
-        }
-    }
-    if let Some(mask) = mask {
-        out.extend_from_slice(&mask);
-    }
 }
 
 /// The client's side of a connection, as the protocol layer reads it. Without
@@ -227,16 +204,16 @@ struct Inflating {
     ended: bool,
 }
 
-/// A client frame's header, parsed.
-struct ClientFrame {
+/// A frame's header, parsed (a client's is masked, the server's is not).
+struct FrameHeader {
     first: u8,
     mask: Option<[u8; 4]>,
     header_length: usize,
     payload_length: usize,
 }
 
-impl ClientFrame {
-    fn parse(raw: &[u8]) -> Option<ClientFrame> {
+impl FrameHeader {
+    fn parse(raw: &[u8]) -> Option<FrameHeader> {
         let second = *raw.get(1)?;
         let (mut header_length, payload_length) = match second & 0x7f {
             126 => (4, u16::from_be_bytes([*raw.get(2)?, *raw.get(3)?]) as usize),
@@ -250,7 +227,7 @@ impl ClientFrame {
         } else {
             None
         };
-        Some(ClientFrame { first: raw[0], mask, header_length, payload_length })
+        Some(FrameHeader { first: raw[0], mask, header_length, payload_length })
     }
 
     fn opcode(&self) -> u8 {
@@ -274,7 +251,7 @@ impl Inflating {
                 self.raw.clear();
                 return;
             }
-            let Some(frame) = ClientFrame::parse(&self.raw) else { return };
+            let Some(frame) = FrameHeader::parse(&self.raw) else { return };
             if frame.payload_length > self.max_message_bytes + COMPRESSED_SLACK {
                 // The protocol layer refuses the frame by its header (1009).
                 self.ready.extend_from_slice(&self.raw[..frame.header_length]);
@@ -348,21 +325,21 @@ impl Inflating {
         if payload.len() > limit {
             return self.too_big();
         }
-        push_header(FIN | opcode, Some([0; 4]), payload.len(), &mut self.ready);
+        frame_header_into(FIN | opcode, Some([0; 4]), payload.len(), &mut self.ready);
         self.ready.extend_from_slice(&payload);
     }
 
     /// Shows the protocol layer a frame header larger than it takes (1009).
     fn too_big(&mut self) {
         self.message = None;
-        push_header(FIN | 0x1, Some([0; 4]), self.max_message_bytes + 1, &mut self.ready);
+        frame_header_into(FIN | 0x1, Some([0; 4]), self.max_message_bytes + 1, &mut self.ready);
         self.ended = true;
     }
 
     /// Shows the protocol layer a frame with a reserved bit it refuses (1002).
     fn refuse(&mut self) {
         self.message = None;
-        push_header(FIN | RSV1 | 0x1, Some([0; 4]), 0, &mut self.ready);
+        frame_header_into(FIN | RSV1 | 0x1, Some([0; 4]), 0, &mut self.ready);
         self.ended = true;
     }
 }
@@ -391,6 +368,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
                 return Poll::Ready(Ok(()));
             }
             state.process();
+            if state.raw.is_empty() {
+                state.raw = Vec::new();
+            }
             if !state.ready.is_empty() {
                 continue;
             }
@@ -412,10 +392,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
                 continue;
             }
             state.raw.extend_from_slice(read.filled());
-            state.process();
-            if state.raw.is_empty() {
-                state.raw = Vec::new();
-            }
         }
     }
 }
@@ -561,7 +537,7 @@ mod tests {
     /// A client frame: masked with `mask`, `first` holding FIN, RSV and opcode.
     fn client_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut frame = Vec::new();
-        push_header(first, Some(mask), payload.len(), &mut frame);
+        frame_header_into(first, Some(mask), payload.len(), &mut frame);
         frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(byte, key)| byte ^ key));
         frame
     }
@@ -595,7 +571,7 @@ mod tests {
         input.extend(&plain);
 
         let mut expected = ping.clone();
-        push_header(FIN | 0x1, Some([0; 4]), text.len(), &mut expected);
+        frame_header_into(FIN | 0x1, Some([0; 4]), text.len(), &mut expected);
         expected.extend_from_slice(text);
         expected.extend(&plain);
         assert_eq!(inflate_all(&input, 16 * 1024), expected);
@@ -612,7 +588,7 @@ mod tests {
         let mut read = Vec::new();
         stream.read_to_end(&mut read).await.expect("reads");
         let mut expected = Vec::new();
-        push_header(FIN | 0x1, Some([0; 4]), 16 * 1024 + 1, &mut expected);
+        frame_header_into(FIN | 0x1, Some([0; 4]), 16 * 1024 + 1, &mut expected);
         assert_eq!(read, expected, "the refused header, then the end: the client's close is not taken as its payload");
 
         // Incompressible bytes grow a little when deflated: still within the limit.
@@ -629,7 +605,7 @@ mod tests {
         let compressed = deflated(&noise);
         assert!(compressed.len() > noise.len(), "it grew");
         let plain = inflate_all(&client_frame(FIN | RSV1 | 0x2, &compressed, [3, 3, 3, 3]), 16 * 1024);
-        let parsed = ClientFrame::parse(&plain).expect("a frame");
+        let parsed = FrameHeader::parse(&plain).expect("a frame");
         assert_eq!((parsed.opcode(), parsed.payload_length), (0x2, noise.len()));
         assert_eq!(&plain[parsed.header_length..], &noise[..]);
     }
@@ -639,7 +615,7 @@ mod tests {
         let bomb = deflated(&vec![b'a'; 64 * 1024]);
         assert!(bomb.len() < 1024, "a small frame");
         let refused = inflate_all(&client_frame(FIN | RSV1 | 0x1, &bomb, [1, 1, 1, 1]), 16 * 1024);
-        let parsed = ClientFrame::parse(&refused).expect("a frame header");
+        let parsed = FrameHeader::parse(&refused).expect("a frame header");
         assert_eq!(parsed.payload_length, 16 * 1024 + 1, "a header the protocol layer refuses as too big");
 
         let garbage = inflate_all(&client_frame(FIN | RSV1 | 0x1, &[0xff; 40], [1, 2, 3, 4]), 16 * 1024);

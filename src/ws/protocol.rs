@@ -144,19 +144,29 @@ pub const OPCODE_PING: u8 = 0x9;
 
 /// Appends one final, unmasked frame (RFC 6455, 5.2) carrying `payload`.
 pub fn frame_into(opcode: u8, payload: &[u8], wire: &mut Vec<u8>) {
-    wire.push(0x80 | opcode);
-    match payload.len() {
-        length @ 0..=125 => wire.push(length as u8),
-        length @ 126..=0xffff => {
-            wire.push(126);
+    frame_header_into(0x80 | opcode, None, payload.len(), wire);
+    wire.extend_from_slice(payload);
+}
+
+/// Appends a frame header (RFC 6455, 5.2): the first byte (FIN, RSV bits,
+/// opcode), a 7-bit, 16-bit or 64-bit length, and the masking key if any.
+pub fn frame_header_into(first: u8, mask: Option<[u8; 4]>, length: usize, wire: &mut Vec<u8>) {
+    wire.push(first);
+    let masked = if mask.is_some() { 0x80 } else { 0 };
+    match length {
+        0..=125 => wire.push(masked | length as u8),
+        126..=0xffff => {
+            wire.push(masked | 126);
             wire.extend_from_slice(&(length as u16).to_be_bytes());
         }
-        length => {
-            wire.push(127);
+        _ => {
+            wire.push(masked | 127);
             wire.extend_from_slice(&(length as u64).to_be_bytes());
         }
     }
-    wire.extend_from_slice(payload);
+    if let Some(mask) = mask {
+        wire.extend_from_slice(&mask);
+    }
 }
 
 /// MessagePack with named fields and the same textual forms as JSON (UUIDs
