@@ -7,13 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use gavel_actors::node::{Leases, Node, NodeSettings};
+use gavel_actors::node::{Node, NodeSettings};
 use gavel_actors::ports::{Clock, EventSink, Store};
+use gavel_actors::shards::Leases;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::auth::{self, Auth};
+use crate::bidding::Bidding;
 use crate::clock::SystemClock;
+use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
 use crate::http::{self, ApiContext, ContextInner};
 use crate::listener::LimitedListener;
@@ -25,12 +28,19 @@ use crate::ws::Hub;
 
 /// Auction rows kept for reads (a few hundred bytes each).
 const READ_CACHE_ENTRIES: usize = 16_384;
+/// How long a write forwarded to its owner may take before its outcome is
+/// called unknown (503, retry with the same key). An owner answers in
+/// milliseconds, or 503 within its persistence queue's bounds; a node that
+/// stopped answering is skipped within a few ticks anyway.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Application {
     listener: LimitedListener,
     context: ApiContext,
     sweeper: tokio::task::JoinHandle<()>,
     ticker: tokio::task::JoinHandle<()>,
+    /// The lease manager (a cluster node on Postgres).
+    manager: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -50,7 +60,7 @@ impl Application {
                 .with_context(|| format!("opening SQLite in {}", config.data_dir.display()))?,
         };
         if config.redis_url.is_some() {
-            warn!("--redis-url is set, but this build runs a single node; Redis is not used");
+            warn!("--redis-url is set, but this build does not use Redis yet (cross-node events come with it)");
         }
         let secret = match &config.jwt_secret {
             Some(secret) => secret.clone(),
@@ -58,34 +68,66 @@ impl Application {
         };
         let database_id = db.database_id().await.context("reading the database id")?;
         let leases = Arc::new(Leases::none());
-        for (shard, epoch) in db.acquire_all_shards(&node_id).await.context("taking the shard leases")? {
-            leases.grant(shard, epoch);
+        if db.cluster_leases().is_none() {
+            // The embedded node is a cluster of one: every shard, no expiry.
+            for lease in db.acquire_all_shards(&node_id).await.context("taking the shard leases")? {
+                leases.grant(lease.shard, lease.epoch);
+            }
+            metrics::gauge!(telemetry::SHARDS_OWNED).set(leases.held_count() as f64);
         }
         let store: Arc<dyn Store> = Arc::new(DbStore { db: db.clone(), node_id: node_id.clone() });
         let hub = Hub::new(config.ws_settings()).context("starting the WebSocket runtime")?;
         let read_cache = Arc::new(ReadCache::new(READ_CACHE_ENTRIES));
         let events: Arc<dyn EventSink> = Arc::new(InvalidatingSink { cache: read_cache.clone(), next: hub.clone() });
         let node = Node::start(settings, clock.clone(), store, events, leases).await.context("starting the actors")?;
-        // Auctions that should have opened or closed while the node was down do so now.
-        node.sweep_once().await;
-        let sweeper = node.spawn_sweeper();
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let listener = LimitedListener::new(listener, config.max_connections.max(1))
             .with_send_buffer(config.socket_send_buffer_bytes.map(|bytes| bytes as usize));
-        info!(listen = %listener.local_addr()?, store = db.backend_name(), node_id, "gavel node ready");
+        let lease = std::time::Duration::from_secs(config.lease_secs);
+        let cluster_settings = ClusterSettings {
+            node_id: node_id.clone(),
+            advertise_url: config.advertise_url(listener.local_addr()?),
+            lease,
+            tick: ClusterSettings::tick_for(lease),
+            forward_timeout: FORWARD_TIMEOUT,
+            secret: config.cluster_secret.clone().unwrap_or_else(|| auth::derive_cluster_secret(&secret)),
+        };
+        let cluster = Cluster::new(cluster_settings, db.cluster_leases(), node.clone(), read_cache.clone())
+            .context("starting the cluster client")?;
+        let manager = cluster.join().await.context("joining the cluster")?;
+        // Auctions that should have opened or closed while the node was down do so now.
+        node.sweep_once().await;
+        let sweeper = node.spawn_sweeper();
+        info!(
+            listen = %listener.local_addr()?,
+            store = db.backend_name(),
+            node_id,
+            shards = node.leases.held_count(),
+            "gavel node ready"
+        );
+        let bidding = Arc::new(Bidding {
+            node: node.clone(),
+            db: db.clone(),
+            cluster: cluster.clone(),
+            rate_limiter: RateLimiter::new(config.bid_rate_per_user),
+            clock: clock.clone(),
+        });
+        let node_header = axum::http::HeaderValue::from_str(&node_id).context("the node id as a header")?;
         let context = ApiContext::new(ContextInner {
             db,
             node,
             auth: Auth::new(&secret, &database_id),
-            rate_limiter: RateLimiter::new(config.bid_rate_per_user),
+            bidding,
+            cluster,
             clock,
             metrics,
             node_id,
             hub: hub.clone(),
             read_cache,
+            node_header,
         });
         let ticker = hub.spawn_ticker();
-        Ok(Application { listener, context, sweeper, ticker })
+        Ok(Application { listener, context, sweeper, ticker, manager })
     }
 
     /// The actor side of this node, for tests and embedding.
@@ -105,12 +147,17 @@ impl Application {
     /// connections, in-flight requests answered (their bids committed), the
     /// persistence queue drained, the actors stopped, the store closed.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Application { listener, context, sweeper, ticker } = self;
+        let Application { listener, context, sweeper, ticker, manager } = self;
         let router = http::router(context.clone());
         axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
         info!("stopped taking requests; draining");
         sweeper.abort();
         context.node.shutdown().await;
+        // Every write taken is answered: hand the shards over to the other nodes.
+        context.cluster.leave().await;
+        if let Some(manager) = manager {
+            manager.abort();
+        }
         // Bid results of the last commits are written, then every socket closes.
         context.hub.shut_down(std::time::Duration::from_secs(5)).await;
         ticker.abort();

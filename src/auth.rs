@@ -36,6 +36,18 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The cluster secret when none is given: SHA-256 of the JWT secret under a
+/// label of its own, so every node with the same JWT secret agrees on it and
+/// the JWT secret itself never travels between nodes.
+pub fn derive_cluster_secret(jwt_secret: &Secret) -> Secret {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"gavel cluster secret\0");
+    hasher.update(jwt_secret.expose().as_bytes());
+    let digest = hasher.finalize();
+    Secret::new(digest.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
 /// Reads the secret kept in `data_dir/jwt-secret`, creating it on first use.
 pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<Secret> {
     let path = data_dir.join("jwt-secret");

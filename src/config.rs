@@ -31,8 +31,19 @@ pub struct Config {
     #[arg(long, env = "GAVEL_REDIS_URL")]
     pub redis_url: Option<String>,
     /// This node's name in a cluster; defaults to the host name.
-    #[arg(long, env = "GAVEL_NODE_ID")]
+    #[arg(long, env = "GAVEL_NODE_ID", value_parser = parse_node_id)]
     pub node_id: Option<String>,
+    /// Where the other nodes of a cluster reach this one (forwarded writes);
+    /// default `http://<listen>`.
+    #[arg(long, env = "GAVEL_ADVERTISE_URL", value_parser = parse_advertise_url)]
+    pub advertise_url: Option<String>,
+    /// A shard lease's length in seconds (cluster); a dead node's shards move within it.
+    #[arg(long, env = "GAVEL_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=300))]
+    pub lease_secs: u64,
+    /// Authenticates node-to-node requests; the same on every node. Default:
+    /// derived from the JWT secret.
+    #[arg(long, env = "GAVEL_CLUSTER_SECRET", hide_env_values = true, value_parser = parse_cluster_secret)]
+    pub cluster_secret: Option<Secret>,
     /// Shared by all nodes of a cluster; generated once and kept in the data dir if not given.
     #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true, value_parser = parse_secret)]
     pub jwt_secret: Option<Secret>,
@@ -78,6 +89,28 @@ pub struct Config {
     pub socket_send_buffer_bytes: Option<u64>,
 }
 
+fn parse_cluster_secret(text: &str) -> Result<Secret, String> {
+    if text.len() < 32 || !text.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err("the cluster secret must be at least 32 printable characters".to_owned());
+    }
+    Ok(Secret::new(text.to_owned()))
+}
+
+fn parse_node_id(text: &str) -> Result<String, String> {
+    let valid = (1..=64).contains(&text.len())
+        && text.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'));
+    if valid { Ok(text.to_owned()) } else { Err("a node id is 1 to 64 of [A-Za-z0-9._-]".to_owned()) }
+}
+
+fn parse_advertise_url(text: &str) -> Result<String, String> {
+    let trimmed = text.trim_end_matches('/');
+    let rest = trimmed.strip_prefix("http://").ok_or("the advertise URL must start with http://")?;
+    if rest.is_empty() || rest.contains('/') {
+        return Err("the advertise URL is http://host:port, without a path".to_owned());
+    }
+    Ok(trimmed.to_owned())
+}
+
 fn parse_secret(text: &str) -> Result<Secret, String> {
     if text.len() < 32 {
         return Err("the JWT secret must be at least 32 characters".to_owned());
@@ -102,6 +135,11 @@ impl Config {
             compression: self.ws_compression,
             ..crate::ws::WsSettings::default()
         }
+    }
+
+    /// `--advertise-url`, or `http://` and the address the listener got.
+    pub fn advertise_url(&self, bound: SocketAddr) -> String {
+        self.advertise_url.clone().unwrap_or_else(|| format!("http://{bound}"))
     }
 
     pub fn node_id(&self) -> String {

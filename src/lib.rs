@@ -4,7 +4,9 @@
 
 pub mod app;
 pub mod auth;
+pub mod bidding;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod listener;

@@ -78,6 +78,15 @@ impl ReadCache {
         row
     }
 
+    /// Forgets every row (this node gained or lost shards: rows of auctions
+    /// another node changed meanwhile may be stale). A read in flight finds
+    /// its entry gone and keeps nothing.
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        }
+    }
+
     pub fn invalidate(&self, id: Uuid) {
         let mut shard = self.shard(id);
         if let Some(slot) = shard.get_mut(&id) {
@@ -146,6 +155,16 @@ mod tests {
         assert_eq!(cache.get(id).ok().map(|row| row.current_price), Some(2));
         cache.invalidate(id);
         assert!(cache.get(id).is_err(), "a change empties the entry");
+    }
+
+    #[test]
+    fn a_read_in_flight_across_a_clear_is_not_kept() {
+        let cache = ReadCache::new(64);
+        let id = Uuid::now_v7();
+        let Err(ticket) = cache.get(id) else { panic!("empty cache") };
+        cache.clear();
+        cache.fill(id, ticket, row(id, 1));
+        assert!(cache.get(id).is_err(), "the row read before the clear was dropped");
     }
 
     #[test]

@@ -18,6 +18,20 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "gavel_http_request_duration_sec
 pub const WS_CONNECTIONS: &str = "gavel_ws_connections";
 pub const WS_MESSAGES_SENT_TOTAL: &str = "gavel_ws_messages_sent_total";
 pub const WS_SLOW_CONSUMER_RESYNCS_TOTAL: &str = "gavel_ws_slow_consumer_resyncs_total";
+pub const SHARDS_OWNED: &str = "gavel_shards_owned";
+pub const LEASE_RENEWALS_TOTAL: &str = "gavel_lease_renewals_total";
+pub const SHARD_MOVES_TOTAL: &str = "gavel_shard_moves_total";
+pub const FORWARDED_BIDS_TOTAL: &str = "gavel_forwarded_bids_total";
+pub const FORWARD_LATENCY_SECONDS: &str = "gavel_forward_latency_seconds";
+
+/// `outcome` of a lease renewal: each lease renewed, each lease found taken
+/// over, each tick that failed.
+pub const LEASE_RENEWAL_OUTCOMES: &[&str] = &["renewed", "lost", "failed"];
+/// `kind` of a shard move as this node saw it.
+pub const SHARD_MOVE_KINDS: &[&str] = &["acquired", "released", "lost"];
+/// `outcome` of a write forwarded to its owner: its answer relayed, the owner
+/// said it no longer owns the shard, unreachable, or no answer in time.
+pub const FORWARD_OUTCOMES: &[&str] = &["relayed", "not_owner", "unreachable", "outcome_unknown"];
 
 /// Every outcome a bid can have, as the `outcome` label.
 pub const BID_OUTCOMES: &[&str] = &[
@@ -95,6 +109,23 @@ fn describe() {
         Unit::Count,
         "Subscriptions that fell behind and were resynchronised by snapshot."
     );
+    describe_gauge!(SHARDS_OWNED, Unit::Count, "Shards whose lease this node holds.");
+    describe_counter!(LEASE_RENEWALS_TOTAL, Unit::Count, "Lease renewals, by outcome (renewed, lost, failed).");
+    describe_counter!(SHARD_MOVES_TOTAL, Unit::Count, "Shards this node acquired, released or lost.");
+    describe_counter!(FORWARDED_BIDS_TOTAL, Unit::Count, "Writes forwarded to their shard's owner, by outcome.");
+    describe_histogram!(FORWARD_LATENCY_SECONDS, Unit::Seconds, "Time from forwarding a write to the owner's answer.");
+    metrics::gauge!(SHARDS_OWNED).set(0.0);
+    // Registered now so that the series (empty buckets) is there before the first forward.
+    let _ = metrics::histogram!(FORWARD_LATENCY_SECONDS);
+    for outcome in LEASE_RENEWAL_OUTCOMES {
+        metrics::counter!(LEASE_RENEWALS_TOTAL, "outcome" => *outcome).absolute(0);
+    }
+    for kind in SHARD_MOVE_KINDS {
+        metrics::counter!(SHARD_MOVES_TOTAL, "kind" => *kind).absolute(0);
+    }
+    for outcome in FORWARD_OUTCOMES {
+        metrics::counter!(FORWARDED_BIDS_TOTAL, "outcome" => *outcome).absolute(0);
+    }
     for outcome in BID_OUTCOMES {
         metrics::counter!(BIDS_TOTAL, "outcome" => *outcome).absolute(0);
     }

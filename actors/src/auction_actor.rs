@@ -7,6 +7,17 @@
 //! The actor also runs the auction's clock: a timer for the next start or end
 //! (soft close moves it), and an idle check that passivates the actor when
 //! nothing has happened for a while (the store holds everything it knew).
+//!
+//! It writes under the lease its shard had when it started. Before taking a
+//! write it checks that the node still holds that lease (one atomic read): a
+//! node that handed the shard over, or lost it, answers `NotOwner` and the
+//! actor retires: it finishes what it has in flight, then stops. The store's
+//! epoch check inside every commit is what makes this safe; this check only
+//! makes it prompt.
+//!
+//! The actor knows nothing of the node that hosts it: it gets an
+//! `AuctionEnv` (settings, clock, sinks, the persistence actor, the leases and a
+//! `Directory` told when it stops).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,38 +28,39 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{debug, info, warn};
 
+use crate::admission::Admission;
 use crate::auction::idempotency::{IdempotencyKey, Lookup, RecentKeys};
-use crate::auction::state::{AuctionState, BidCommand, Command, Event, Rejection, TimestampMs, UserId};
-use crate::node::Node;
-use crate::persistence::PersistenceMsg;
-use crate::ports::{KeyRecord, LoadedAuction, ShardLease, Write};
+use crate::auction::state::{AuctionId, AuctionState, BidCommand, Command, Event, TimestampMs, UserId};
+pub use crate::outcome::{KeyedRequest, Unavailable, WriteOutcome};
+use crate::persistence::{PersistenceMsg, WriteOrigin};
+use crate::ports::{Clock, EventSink, KeyRecord, LoadedAuction, Write};
+use crate::shards::{Leases, ShardLease};
 
-/// The answer to a bid or a cancel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WriteOutcome {
-    /// Durable: the event the command caused.
-    Accepted {
-        event: Event,
-    },
-    /// An earlier request with this idempotency key was accepted as `seq`; its
-    /// reply is read back from the store.
-    Replay {
-        seq: u64,
-    },
-    Rejected(Rejection),
-    /// The idempotency key was used before for a different request.
-    KeyReused,
-    /// Not accepted: the node cannot make it durable now.
-    Unavailable {
-        reason: &'static str,
-    },
+/// What an auction actor needs of its settings.
+#[derive(Clone, Debug)]
+pub struct AuctionSettings {
+    pub recent_keys_per_auction: usize,
+    pub idle_after: Duration,
+    pub idle_after_final: Duration,
+    pub idle_check_interval: Duration,
 }
 
-/// An idempotency key with the fingerprint of the request that carries it.
-#[derive(Clone, Debug)]
-pub struct KeyedRequest {
-    pub key: IdempotencyKey,
-    pub fingerprint: u64,
+/// Told when an auction actor has stopped, so whoever finds actors by auction
+/// forgets this one (and only this one).
+pub trait Directory: Send + Sync + 'static {
+    fn stopped(&self, auction_id: AuctionId, actor: ractor::ActorId);
+}
+
+/// Everything an auction actor uses besides its own state; shared by all of them.
+pub struct AuctionEnv {
+    pub settings: AuctionSettings,
+    pub clock: Arc<dyn Clock>,
+    pub events: Arc<dyn EventSink>,
+    pub persistence: ActorRef<PersistenceMsg>,
+    /// Slots of the persistence queue, reserved before a write is sent.
+    pub persistence_queue: Arc<Admission>,
+    pub leases: Arc<Leases>,
+    pub directory: Arc<dyn Directory>,
 }
 
 pub enum AuctionMsg {
@@ -74,6 +86,9 @@ pub enum AuctionMsg {
     },
     /// The committed state, as readers and new watchers should see it.
     Committed(RpcReplyPort<AuctionState>),
+    /// Take no more writes; answer once every write in flight is durable or
+    /// refused, then stop (the shard is being handed over or was lost).
+    Retire(RpcReplyPort<()>),
     Tick {
         generation: u64,
     },
@@ -89,7 +104,7 @@ pub struct AuctionHandle {
 }
 
 pub struct AuctionActor {
-    pub node: Arc<Node>,
+    pub env: Arc<AuctionEnv>,
 }
 
 pub struct AuctionArgs {
@@ -139,6 +154,10 @@ pub struct AuctionActorState {
     next_write_no: u64,
     recent_keys: RecentKeys<KeyState>,
     mailbox: Arc<AtomicUsize>,
+    /// How the persistence actor tells this actor about its writes.
+    origin: Arc<dyn WriteOrigin>,
+    /// Set once the actor takes no more writes: who waits for it to finish.
+    retiring: Option<Vec<RpcReplyPort<()>>>,
     timer: Option<(u64, TimestampMs, JoinHandle<()>)>,
     timer_generation: u64,
     idle_check: Option<JoinHandle<()>>,
@@ -155,7 +174,7 @@ impl Actor for AuctionActor {
         myself: ActorRef<Self::Msg>,
         args: AuctionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let settings = &self.node.settings;
+        let settings = &self.env.settings;
         let mut recent_keys = RecentKeys::new(settings.recent_keys_per_auction);
         for stored in args.loaded.recent_keys {
             let key = IdempotencyKey { user_id: stored.record.user_id, key: stored.record.key };
@@ -167,7 +186,7 @@ impl Actor for AuctionActor {
             );
         }
         let idle_check = myself.send_interval(settings.idle_check_interval, || AuctionMsg::IdleCheck);
-        let now = self.node.clock.now_ms();
+        let now = self.env.clock.now_ms();
         let mut state = AuctionActorState {
             committed: args.loaded.state.clone(),
             auction: args.loaded.state,
@@ -176,6 +195,8 @@ impl Actor for AuctionActor {
             next_write_no: 1,
             recent_keys,
             mailbox: args.mailbox,
+            origin: Arc::new(myself.clone()),
+            retiring: None,
             timer: None,
             timer_generation: 0,
             idle_check: Some(idle_check),
@@ -194,11 +215,14 @@ impl Actor for AuctionActor {
         if let Some(idle_check) = state.idle_check.take() {
             idle_check.abort();
         }
-        self.node.forget(state.auction.id, &myself);
+        self.env.directory.stopped(state.auction.id, myself.get_id());
         for pending in state.pending.drain(..) {
             if let Some(reply) = pending.reply {
-                let _ = reply.send(WriteOutcome::Unavailable { reason: "auction stopped before commit" });
+                let _ = reply.send(WriteOutcome::Unavailable(Unavailable::StoppedBeforeCommit));
             }
+        }
+        for waiter in state.retiring.take().unwrap_or_default() {
+            let _ = waiter.send(());
         }
         metrics::gauge!(crate::metrics_names::LIVE_AUCTIONS).decrement(1.0);
         Ok(())
@@ -210,7 +234,7 @@ impl Actor for AuctionActor {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let now = self.node.clock.now_ms();
+        let now = self.env.clock.now_ms();
         match message {
             AuctionMsg::Bid { command, key, reply, span } => {
                 state.mailbox.fetch_sub(1, Ordering::AcqRel);
@@ -223,17 +247,31 @@ impl Actor for AuctionActor {
                 state.last_activity_ms = now;
                 self.handle_write(&myself, state, Command::Cancel { by }, key, Origin { reply, span: None }, now);
             }
-            AuctionMsg::Durable { through_write_no } => self.release_durable(state, through_write_no),
+            AuctionMsg::Durable { through_write_no } => {
+                self.release_durable(state, through_write_no);
+                finish_retiring(&myself, state);
+            }
             AuctionMsg::WriteRefused { from_write_no } => {
                 warn!(auction_id = %state.auction.id, from_write_no, "writes refused, stopping the auction actor");
                 self.fail_pending(state, from_write_no);
-                myself.stop(Some("lease lost".to_owned()));
+                // Its state is ahead of the store now: it must not take another write.
+                state.retiring.get_or_insert_with(Vec::new);
+                finish_retiring(&myself, state);
             }
             AuctionMsg::Committed(reply) => {
                 let _ = reply.send(state.committed.clone());
             }
+            AuctionMsg::Retire(reply) => {
+                debug!(auction_id = %state.auction.id, pending = state.pending.len(), "retiring");
+                state.retiring.get_or_insert_with(Vec::new).push(reply);
+                finish_retiring(&myself, state);
+            }
             AuctionMsg::Tick { generation } => {
-                if state.timer.as_ref().is_some_and(|(current, _, _)| *current == generation) {
+                if state.retiring.is_some() || self.env.leases.epoch_of(state.lease.shard) != Some(state.lease.epoch) {
+                    // The shard's next owner runs the auction's clock.
+                    state.retiring.get_or_insert_with(Vec::new);
+                    finish_retiring(&myself, state);
+                } else if state.timer.as_ref().is_some_and(|(current, _, _)| *current == generation) {
                     state.timer = None;
                     self.apply_due(&myself, state, now);
                     self.schedule_timer(&myself, state, now);
@@ -241,9 +279,9 @@ impl Actor for AuctionActor {
             }
             AuctionMsg::IdleCheck => {
                 let idle_after = if state.auction.status.is_final() {
-                    self.node.settings.idle_after_final
+                    self.env.settings.idle_after_final
                 } else {
-                    self.node.settings.idle_after
+                    self.env.settings.idle_after
                 };
                 let idle_ms = now - state.last_activity_ms;
                 let nothing_waiting = state.pending.is_empty() && state.mailbox.load(Ordering::Acquire) == 0;
@@ -268,6 +306,14 @@ impl AuctionActor {
         now: TimestampMs,
     ) {
         let Origin { reply, span } = origin;
+        if state.retiring.is_some() || !self.env.leases.still_holds(state.lease) {
+            let _ = reply.send(WriteOutcome::Unavailable(Unavailable::NotOwner { shard: state.lease.shard }));
+            if self.env.leases.epoch_of(state.lease.shard) != Some(state.lease.epoch) {
+                state.retiring.get_or_insert_with(Vec::new);
+                finish_retiring(myself, state);
+            }
+            return;
+        }
         if let Some(keyed) = &key {
             match state.recent_keys.lookup(&keyed.key, keyed.fingerprint) {
                 Lookup::Miss => {}
@@ -287,14 +333,14 @@ impl AuctionActor {
         }
         // Lifecycle first: a bid never lands after the end, even if a timer is late.
         self.apply_due(myself, state, now);
-        if !self.node.persistence_queue.try_acquire() {
+        if !self.env.persistence_queue.try_acquire() {
             // Not applied, so nothing to undo; not remembered under the key either.
-            let _ = reply.send(WriteOutcome::Unavailable { reason: "persistence queue full" });
+            let _ = reply.send(WriteOutcome::Unavailable(Unavailable::QueueFull));
             return;
         }
         match state.auction.apply(command, now) {
             Err(rejection) => {
-                self.node.persistence_queue.release(1);
+                self.env.persistence_queue.release(1);
                 let outcome = WriteOutcome::Rejected(rejection);
                 if let Some(keyed) = key {
                     state.recent_keys.insert(
@@ -339,7 +385,7 @@ impl AuctionActor {
                 }
             };
             info!(auction_id = %state.auction.id, status = state.auction.status.as_str(), "auction lifecycle");
-            self.node.persistence_queue.acquire_unconditionally();
+            self.env.persistence_queue.acquire_unconditionally();
             self.send_write(myself, state, event, Origin { reply: None, span: None }, None, now);
         }
     }
@@ -367,14 +413,14 @@ impl AuctionActor {
         }
         let write = Write { lease: state.lease, at_ms: now, auction: state.auction.clone(), bid, key: key_record };
         let message =
-            PersistenceMsg::Write { write: Box::new(write), from: myself.clone(), write_no, span: span.clone() };
+            PersistenceMsg::Write { write: Box::new(write), from: state.origin.clone(), write_no, span: span.clone() };
         state.pending.push_back(PendingWrite { write_no, event, state: state.auction.clone(), reply, key, span });
-        if self.node.persistence.cast(message).is_err() {
+        if self.env.persistence.cast(message).is_err() {
             // Without a persistence actor nothing can become durable: stop, so the
             // next request reloads from the store.
             warn!(auction_id = %state.auction.id, "persistence actor gone, stopping");
-            self.node.persistence_queue.release(1);
-            self.fail_pending(state, write_no);
+            self.env.persistence_queue.release(1);
+            self.fail_pending_with(state, write_no, Unavailable::PersistenceGone);
             myself.stop(Some("persistence gone".to_owned()));
         }
     }
@@ -388,7 +434,7 @@ impl AuctionActor {
                 debug!(seq = pending.state.seq, "durable; answering and publishing");
             }
             state.committed = pending.state.clone();
-            self.node.events.publish(&pending.event, &pending.state);
+            self.env.events.publish(&pending.event, &pending.state);
             let outcome = WriteOutcome::Accepted { event: pending.event };
             if let Some(key) = pending.key
                 && let Some(key_state) = state.recent_keys.get_mut(&key)
@@ -410,12 +456,25 @@ impl AuctionActor {
     /// Answers 503 to every pending write from `from_write_no` on; the actor
     /// stops afterwards, since its state is ahead of the store.
     fn fail_pending(&self, state: &mut AuctionActorState, from_write_no: u64) {
+        self.fail_pending_with(state, from_write_no, Unavailable::WriteRefused);
+    }
+
+    fn fail_pending_with(&self, state: &mut AuctionActorState, from_write_no: u64, reason: Unavailable) {
         state.pending.retain_mut(|pending| {
             if pending.write_no < from_write_no {
                 return true;
             }
             if let Some(reply) = pending.reply.take() {
-                let _ = reply.send(WriteOutcome::Unavailable { reason: "write refused" });
+                let _ = reply.send(WriteOutcome::Unavailable(reason));
+            }
+            // Not written: a retry with this key must be decided anew (by the
+            // next owner), and duplicates waiting on it get the same answer.
+            if let Some(key) = &pending.key
+                && let Some(KeyState::Waiting(waiters)) = state.recent_keys.remove(key)
+            {
+                for waiter in waiters {
+                    let _ = waiter.send(WriteOutcome::Unavailable(reason));
+                }
             }
             false
         });
@@ -443,5 +502,33 @@ impl AuctionActor {
             let _ = actor.cast(AuctionMsg::Tick { generation });
         });
         state.timer = Some((generation, deadline, timer));
+    }
+}
+
+/// Stops a retiring actor once nothing it took is still in flight, and tells
+/// whoever waits for it.
+fn finish_retiring(myself: &ActorRef<AuctionMsg>, state: &mut AuctionActorState) {
+    if state.retiring.is_none() || !state.pending.is_empty() {
+        return;
+    }
+    for waiter in state.retiring.take().unwrap_or_default() {
+        let _ = waiter.send(());
+    }
+    state.retiring = Some(Vec::new());
+    myself.stop(Some("retired".to_owned()));
+}
+
+impl WriteOrigin for ActorRef<AuctionMsg> {
+    fn actor_id(&self) -> ractor::ActorId {
+        self.get_id()
+    }
+
+    fn durable(&self, through_write_no: u64) {
+        // An actor that is gone has nobody left to answer; its writes are durable anyway.
+        let _ = self.cast(AuctionMsg::Durable { through_write_no });
+    }
+
+    fn refused(&self, from_write_no: u64) {
+        let _ = self.cast(AuctionMsg::WriteRefused { from_write_no });
     }
 }

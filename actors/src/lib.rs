@@ -15,5 +15,8 @@ pub mod admission;
 pub mod auction_actor;
 pub mod metrics_names;
 pub mod node;
+pub mod outcome;
 pub mod persistence;
 pub mod ports;
+pub mod registry;
+pub mod shards;

@@ -11,7 +11,8 @@ pub const MAX_AMOUNT_MINOR: i64 = 10_000_000_000_000;
 /// [`Money::parse`]. Arithmetic is checked: prices stay far below `i64::MAX`
 /// (at most twice the largest amount), and overflow would be a bug, not a
 /// rounding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Money(i64);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -5,22 +5,27 @@
 //! is in flight, stop the actors).
 //!
 //! Callers (the HTTP and WebSocket edges) use `place_bid`, `cancel` and
-//! `live_auctions`; every call to an actor has a time limit.
+//! `live_auctions`; every call to an actor has a time limit. Whoever manages
+//! the shard leases (the cluster, or a single node's start-up) grants them in
+//! `leases` and calls `retire_shard` when one is handed over or lost.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{Actor, ActorRef, ActorStatus, MessagingErr, rpc::CallResult};
-use tokio::sync::OnceCell;
 use tracing::{debug, info, warn};
 
 use crate::admission::Admission;
 use crate::auction::state::{AuctionId, AuctionState, BidCommand, UserId};
-use crate::auction_actor::{AuctionActor, AuctionArgs, AuctionHandle, AuctionMsg, KeyedRequest, WriteOutcome};
+use crate::auction_actor::{
+    AuctionActor, AuctionArgs, AuctionEnv, AuctionHandle, AuctionMsg, AuctionSettings, KeyedRequest, Unavailable,
+    WriteOutcome,
+};
 use crate::persistence::{PersistenceActor, PersistenceMsg, PersistenceSettings};
-use crate::ports::{Clock, EventSink, LoadedAuction, SHARD_COUNT, ShardLease, Store, shard_of};
+use crate::ports::{Clock, EventSink, LoadedAuction, Store};
+use crate::registry::Registry;
+use crate::shards::{Leases, shard_of};
 
 #[derive(Clone, Debug)]
 pub struct NodeSettings {
@@ -40,6 +45,17 @@ pub struct NodeSettings {
     /// The sweeper activates auctions whose start or end falls within this horizon.
     pub sweep_interval: Duration,
     pub sweep_horizon: Duration,
+}
+
+impl NodeSettings {
+    pub fn auction(&self) -> AuctionSettings {
+        AuctionSettings {
+            recent_keys_per_auction: self.recent_keys_per_auction,
+            idle_after: self.idle_after,
+            idle_after_final: self.idle_after_final,
+            idle_check_interval: self.idle_check_interval,
+        }
+    }
 }
 
 impl Default for NodeSettings {
@@ -82,46 +98,21 @@ pub enum NodeError {
     #[error("auction not found")]
     NotFound,
     #[error("unavailable: {0}")]
-    Unavailable(&'static str),
+    Unavailable(Unavailable),
     /// The write was handed over but its outcome did not come in time.
     #[error("outcome unknown")]
     OutcomeUnknown,
-}
-
-/// The shard leases this node holds, by shard: the epoch, or 0 when not held.
-pub struct Leases {
-    epochs: Vec<std::sync::atomic::AtomicI64>,
-}
-
-impl Leases {
-    pub fn none() -> Self {
-        Leases { epochs: (0..SHARD_COUNT).map(|_| std::sync::atomic::AtomicI64::new(0)).collect() }
-    }
-
-    pub fn grant(&self, shard: u32, epoch: i64) {
-        assert!(epoch > 0, "epochs start at 1");
-        self.epochs[shard as usize].store(epoch, Ordering::Release);
-    }
-
-    pub fn lease_for(&self, shard: u32) -> Option<ShardLease> {
-        let epoch = self.epochs[shard as usize].load(Ordering::Acquire);
-        (epoch > 0).then_some(ShardLease { shard, epoch })
-    }
-
-    pub fn all_held(&self) -> bool {
-        self.epochs.iter().all(|epoch| epoch.load(Ordering::Acquire) > 0)
-    }
 }
 
 pub struct Node {
     pub settings: NodeSettings,
     pub clock: Arc<dyn Clock>,
     pub store: Arc<dyn Store>,
-    pub events: Arc<dyn EventSink>,
     pub leases: Arc<Leases>,
     pub persistence: ActorRef<PersistenceMsg>,
     pub persistence_queue: Arc<Admission>,
-    live: Mutex<HashMap<AuctionId, Arc<OnceCell<AuctionHandle>>>>,
+    registry: Arc<Registry>,
+    env: Arc<AuctionEnv>,
     accepting: AtomicBool,
     /// `gavel_actor_mailbox_depth`, registered once: the bid path only adds to it.
     mailbox_depth: metrics::Gauge,
@@ -148,15 +139,25 @@ impl Node {
             settings: settings.persistence.clone(),
         };
         let (persistence, _) = Actor::spawn(None, persistence_actor, ()).await?;
+        let registry = Arc::new(Registry::default());
+        let env = Arc::new(AuctionEnv {
+            settings: settings.auction(),
+            clock: clock.clone(),
+            events,
+            persistence: persistence.clone(),
+            persistence_queue: persistence_queue.clone(),
+            leases: leases.clone(),
+            directory: registry.clone(),
+        });
         Ok(Arc::new(Node {
             settings,
             clock,
             store,
-            events,
             leases,
             persistence,
             persistence_queue,
-            live: Mutex::new(HashMap::new()),
+            registry,
+            env,
             accepting: AtomicBool::new(true),
             mailbox_depth: metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH),
         }))
@@ -188,7 +189,7 @@ impl Node {
     }
 
     pub fn live_auctions(&self) -> usize {
-        self.live.lock().expect("registry lock").len()
+        self.registry.len()
     }
 
     pub fn is_accepting(&self) -> bool {
@@ -200,7 +201,11 @@ impl Node {
         F: Fn(ractor::RpcReplyPort<WriteOutcome>) -> AuctionMsg,
     {
         if !self.is_accepting() {
-            return Err(NodeError::Unavailable("node is shutting down"));
+            return Err(NodeError::Unavailable(Unavailable::ShuttingDown));
+        }
+        let shard = shard_of(auction_id);
+        if self.leases.lease_for(shard).is_none() {
+            return Err(NodeError::Unavailable(Unavailable::NotOwner { shard }));
         }
         // A passivating actor may stop with our message unread; the message had
         // no effect then, so one retry on a fresh actor is safe.
@@ -208,7 +213,7 @@ impl Node {
             let handle = self.activate(auction_id).await?;
             if handle.mailbox.fetch_add(1, Ordering::AcqRel) >= self.settings.auction_mailbox_capacity {
                 handle.mailbox.fetch_sub(1, Ordering::AcqRel);
-                return Err(NodeError::Unavailable("auction is saturated"));
+                return Err(NodeError::Unavailable(Unavailable::Saturated));
             }
             let answered = {
                 // Counted until answered, or until the caller gives up and drops this.
@@ -218,13 +223,13 @@ impl Node {
             match answered {
                 Ok(outcome) => return Ok(outcome),
                 Err(CallFailure::Gone) => {
-                    self.forget(auction_id, &handle.actor);
+                    self.registry.forget(auction_id, handle.actor.get_id());
                     continue;
                 }
                 Err(CallFailure::Timeout) => return Err(NodeError::OutcomeUnknown),
             }
         }
-        Err(NodeError::Unavailable("auction actor keeps stopping"))
+        Err(NodeError::Unavailable(Unavailable::ActorKeepsStopping))
     }
 
     async fn call<F>(&self, handle: &AuctionHandle, message: &F) -> Result<WriteOutcome, CallFailure>
@@ -249,11 +254,6 @@ impl Node {
                 Err(CallFailure::Gone)
             }
         }
-    }
-
-    fn live_handle(&self, auction_id: AuctionId) -> Option<AuctionHandle> {
-        let live = self.live.lock().expect("registry lock");
-        live.get(&auction_id).and_then(|cell| cell.get().cloned())
     }
 
     /// Finds the auction's actor or starts one from the store.
@@ -282,24 +282,15 @@ impl Node {
         mut preloaded: Option<LoadedAuction>,
     ) -> Result<AuctionHandle, NodeError> {
         loop {
-            let cell = {
-                let mut live = self.live.lock().expect("registry lock");
-                live.entry(auction_id).or_default().clone()
-            };
-            let handle = cell.get_or_try_init(|| self.spawn_actor(auction_id, preloaded.take())).await;
+            let slot = self.registry.slot(auction_id);
+            let handle = slot.get_or_try_init(|| self.spawn_actor(auction_id, preloaded.take())).await;
             match handle {
                 Ok(handle) if handle.actor.get_status() == ActorStatus::Stopped => {
-                    self.forget(auction_id, &handle.actor);
+                    self.registry.forget(auction_id, handle.actor.get_id());
                 }
                 Ok(handle) => return Ok(handle.clone()),
                 Err(error) => {
-                    let mut live = self.live.lock().expect("registry lock");
-                    if live
-                        .get(&auction_id)
-                        .is_some_and(|existing| Arc::ptr_eq(existing, &cell) && existing.get().is_none())
-                    {
-                        live.remove(&auction_id);
-                    }
+                    self.registry.remove_unfilled(auction_id, &slot);
                     return Err(error);
                 }
             }
@@ -313,7 +304,7 @@ impl Node {
     ) -> Result<AuctionHandle, NodeError> {
         let shard = shard_of(auction_id);
         let Some(lease) = self.leases.lease_for(shard) else {
-            return Err(NodeError::Unavailable("shard not owned by this node"));
+            return Err(NodeError::Unavailable(Unavailable::NotOwner { shard }));
         };
         let loaded = match preloaded {
             Some(loaded) => loaded,
@@ -321,12 +312,12 @@ impl Node {
         };
         let mailbox = Arc::new(AtomicUsize::new(0));
         let args = AuctionArgs { loaded, lease, mailbox: mailbox.clone() };
-        let actor = AuctionActor { node: self.clone() };
+        let actor = AuctionActor { env: self.env.clone() };
         match Actor::spawn(None, actor, args).await {
             Ok((actor, _)) => Ok(AuctionHandle { actor, mailbox }),
             Err(error) => {
                 warn!(%auction_id, %error, "spawning auction actor failed");
-                Err(NodeError::Unavailable("auction actor failed to start"))
+                Err(NodeError::Unavailable(Unavailable::ActorFailedToStart))
             }
         }
     }
@@ -337,22 +328,38 @@ impl Node {
             Ok(Ok(None)) => Err(NodeError::NotFound),
             Ok(Err(error)) => {
                 warn!(%auction_id, %error, "loading auction failed");
-                Err(NodeError::Unavailable("store unavailable"))
+                Err(NodeError::Unavailable(Unavailable::StoreUnavailable))
             }
-            Err(_) => Err(NodeError::Unavailable("store timed out")),
+            Err(_) => Err(NodeError::Unavailable(Unavailable::StoreTimedOut)),
         }
     }
 
-    /// Removes the registry entry of `actor` (and only of that actor).
-    pub(crate) fn forget(&self, auction_id: AuctionId, actor: &ActorRef<AuctionMsg>) {
-        let mut live = self.live.lock().expect("registry lock");
-        let is_this_actor = live
-            .get(&auction_id)
-            .and_then(|cell| cell.get())
-            .is_some_and(|handle| handle.actor.get_id() == actor.get_id());
-        if is_this_actor {
-            live.remove(&auction_id);
+    /// Tells every actor of `shard` to take no more writes, and waits (at most
+    /// `call_timeout`) until each has answered or refused what it had in flight
+    /// and stopped. Call after the shard's lease was revoked in `leases`.
+    pub async fn retire_shard(&self, shard: u32) {
+        let handles = self.registry.handles_of_shard(shard);
+        if handles.is_empty() {
+            return;
         }
+        let timeout = self.settings.call_timeout;
+        let calls: Vec<_> = handles
+            .iter()
+            .map(|handle| {
+                let actor = handle.actor.clone();
+                tokio::spawn(async move { actor.call(AuctionMsg::Retire, Some(timeout)).await })
+            })
+            .collect();
+        let mut unfinished = 0;
+        for call in calls {
+            if !matches!(call.await, Ok(Ok(CallResult::Success(())))) {
+                unfinished += 1;
+            }
+        }
+        if unfinished > 0 {
+            warn!(shard, unfinished, "some auctions did not retire in time; the store's epoch check fences them");
+        }
+        debug!(shard, auctions = handles.len(), "shard retired");
     }
 
     /// Activates every auction whose start or end is due within the horizon, so
@@ -385,7 +392,9 @@ impl Node {
             }
         };
         for auction_id in ids {
-            if self.live_handle(auction_id).is_some() {
+            // Each due auction is its shard owner's to run; the others skip it.
+            if self.leases.lease_for(shard_of(auction_id)).is_none() || self.registry.live_handle(auction_id).is_some()
+            {
                 continue;
             }
             match self.activate(auction_id).await {
@@ -399,10 +408,7 @@ impl Node {
     /// Call after the edges have stopped taking requests and answered theirs.
     pub async fn shutdown(&self) {
         self.accepting.store(false, Ordering::Release);
-        let handles: Vec<AuctionHandle> = {
-            let live = self.live.lock().expect("registry lock");
-            live.values().filter_map(|cell| cell.get().cloned()).collect()
-        };
+        let handles = self.registry.handles();
         // Let each auction finish the messages it already has, then drain persistence.
         for handle in &handles {
             let _ = handle.actor.call(AuctionMsg::Committed, Some(self.settings.call_timeout)).await;

@@ -20,10 +20,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+/// Who sent a write, and how to tell them how it went: the auction actor
+/// behind it (implemented in `auction_actor.rs`; this actor needs no more).
+pub trait WriteOrigin: Send + Sync + 'static {
+    fn actor_id(&self) -> ActorId;
+    /// Writes up to and including `through_write_no` are durable.
+    fn durable(&self, through_write_no: u64);
+    /// Writes from `from_write_no` on were refused (the shard's lease moved) and will not be made.
+    fn refused(&self, from_write_no: u64);
+}
+
+type Origin = (Arc<dyn WriteOrigin>, u64);
 use tracing::{debug, warn};
 
 use crate::admission::Admission;
-use crate::auction_actor::AuctionMsg;
 use crate::metrics_names as names;
 use crate::ports::{Store, StoreError, Write};
 use tracing::Instrument;
@@ -57,7 +68,7 @@ pub enum PersistenceMsg {
     /// `write_no` numbers the writes of one auction actor, from 1 without gaps.
     Write {
         write: Box<Write>,
-        from: ActorRef<AuctionMsg>,
+        from: Arc<dyn WriteOrigin>,
         write_no: u64,
         /// The trace span of the bid behind the write, when traced; the commit links to it.
         span: Option<tracing::Span>,
@@ -76,7 +87,7 @@ pub struct PersistenceActor {
 
 pub struct PersistenceState {
     writes: Vec<Write>,
-    origins: Vec<(ActorRef<AuctionMsg>, u64)>,
+    origins: Vec<Origin>,
     spans: Vec<tracing::Span>,
     flush_scheduled: bool,
 }
@@ -184,17 +195,17 @@ impl PersistenceActor {
     fn refuse_fenced(
         &self,
         writes: Vec<Write>,
-        origins: Vec<(ActorRef<AuctionMsg>, u64)>,
+        origins: Vec<Origin>,
         fenced_shards: &[u32],
-    ) -> (Vec<Write>, Vec<(ActorRef<AuctionMsg>, u64)>) {
+    ) -> (Vec<Write>, Vec<Origin>) {
         let mut kept_writes = Vec::with_capacity(writes.len());
         let mut kept_origins = Vec::with_capacity(origins.len());
-        let mut first_refused: HashMap<ActorId, (ActorRef<AuctionMsg>, u64)> = HashMap::new();
+        let mut first_refused: HashMap<ActorId, Origin> = HashMap::new();
         let mut refused = 0;
         for (write, (actor, write_no)) in writes.into_iter().zip(origins) {
             if fenced_shards.contains(&write.lease.shard) {
                 refused += 1;
-                first_refused.entry(actor.get_id()).or_insert((actor, write_no));
+                first_refused.entry(actor.actor_id()).or_insert((actor, write_no));
             } else {
                 kept_writes.push(write);
                 kept_origins.push((actor, write_no));
@@ -202,27 +213,26 @@ impl PersistenceActor {
         }
         self.queue.release(refused);
         for (actor, from_write_no) in first_refused.into_values() {
-            let _ = actor.cast(AuctionMsg::WriteRefused { from_write_no });
+            actor.refused(from_write_no);
         }
         (kept_writes, kept_origins)
     }
 }
 
 /// Tells each auction actor, once, the last of its writes in this batch.
-fn notify_durable(origins: &[(ActorRef<AuctionMsg>, u64)]) {
-    let mut last_by_actor: Vec<(ActorRef<AuctionMsg>, u64)> = Vec::new();
+fn notify_durable(origins: &[Origin]) {
+    let mut last_by_actor: Vec<(&dyn WriteOrigin, u64)> = Vec::new();
     let mut index_by_actor: HashMap<ActorId, usize> = HashMap::new();
     for (actor, write_no) in origins {
-        match index_by_actor.get(&actor.get_id()) {
+        match index_by_actor.get(&actor.actor_id()) {
             Some(&index) => last_by_actor[index].1 = *write_no,
             None => {
-                index_by_actor.insert(actor.get_id(), last_by_actor.len());
-                last_by_actor.push((actor.clone(), *write_no));
+                index_by_actor.insert(actor.actor_id(), last_by_actor.len());
+                last_by_actor.push((actor.as_ref(), *write_no));
             }
         }
     }
     for (actor, through_write_no) in last_by_actor {
-        // An actor that is gone has nobody left to answer; its writes are durable anyway.
-        let _ = actor.cast(AuctionMsg::Durable { through_write_no });
+        actor.durable(through_write_no);
     }
 }

@@ -7,21 +7,13 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::auction::state::{AuctionId, AuctionState, BidPlaced, Event, TimestampMs, UserId};
+pub use crate::shards::{SHARD_COUNT, ShardLease, shard_of};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Wall-clock time in milliseconds since the Unix epoch. Tests may drive their own.
 pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> TimestampMs;
-}
-
-/// Which shard an auction lives in, and the lease epoch (fencing token) under
-/// which this node writes for that shard. Every write carries it; the store
-/// refuses a write whose epoch is no longer the shard's current one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ShardLease {
-    pub shard: u32,
-    pub epoch: i64,
 }
 
 /// An idempotency key recorded with the write it produced.
@@ -96,36 +88,4 @@ pub struct NoEvents;
 
 impl EventSink for NoEvents {
     fn publish(&self, _event: &Event, _state: &AuctionState) {}
-}
-
-/// The fixed number of shards auctions map to.
-pub const SHARD_COUNT: u32 = 256;
-
-/// A stable hash of the auction id (FNV-1a over its bytes) onto `0..SHARD_COUNT`.
-/// Stable across builds and nodes: it decides ownership in a cluster.
-pub fn shard_of(id: AuctionId) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in id.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (hash % u64::from(SHARD_COUNT)) as u32
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use uuid::Uuid;
-
-    #[test]
-    fn shards_are_stable_and_spread() {
-        assert_eq!(shard_of(Uuid::from_u128(1)), shard_of(Uuid::from_u128(1)));
-        let mut seen = std::collections::HashSet::new();
-        for n in 0..10_000u128 {
-            let shard = shard_of(Uuid::from_u128(n * 7_919));
-            assert!(shard < SHARD_COUNT);
-            seen.insert(shard);
-        }
-        assert_eq!(seen.len(), SHARD_COUNT as usize);
-    }
 }

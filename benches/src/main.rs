@@ -40,6 +40,9 @@ use http::Connection;
 struct Options {
     scenario: String,
     target: String,
+    /// `--targets A,B,C`: the load's connections go to these in turn (a
+    /// cluster's nodes); setup and checks use the first. Default: `target`.
+    targets: Vec<String>,
     connections: usize,
     seconds: u64,
     /// Open model: total requests per second, spread over the connections;
@@ -67,6 +70,7 @@ fn parse_options() -> Options {
     let mut options = Options {
         scenario,
         target: "127.0.0.1:8080".to_owned(),
+        targets: Vec::new(),
         connections: 64,
         seconds: 10,
         rate: 0,
@@ -84,6 +88,10 @@ fn parse_options() -> Options {
         let value = args.next().unwrap_or_else(|| usage());
         match flag.as_str() {
             "--target" => options.target = value,
+            "--targets" => {
+                options.targets = value.split(',').filter(|target| !target.is_empty()).map(str::to_owned).collect();
+                options.target = options.targets.first().cloned().unwrap_or_else(|| usage());
+            }
             "--connections" => options.connections = value.parse().unwrap_or_else(|_| usage()),
             "--seconds" => options.seconds = value.parse().unwrap_or_else(|_| usage()),
             "--rate" => options.rate = value.parse().unwrap_or_else(|_| usage()),
@@ -108,12 +116,22 @@ fn parse_options() -> Options {
     if options.connections == 0 || options.auctions == 0 || options.zipf.is_nan() || options.zipf < 0.0 {
         usage();
     }
+    if options.targets.is_empty() {
+        options.targets.push(options.target.clone());
+    }
     options
+}
+
+impl Options {
+    /// The node the load's `index`-th connection talks to.
+    fn target_for(&self, index: usize) -> String {
+        self.targets[index % self.targets.len()].clone()
+    }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_idle [--target HOST:PORT] \
+        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_idle [--target HOST:PORT] [--targets HOST:PORT,...] \
          [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] \
          [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--results PATH]\n       \
          gavel-bench table RESULTS.jsonl [--json PATH]"
@@ -244,8 +262,8 @@ async fn main() {
 async fn get_load(options: &Options, path: String) -> (Report, Duration) {
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
     let mut tasks = Vec::new();
-    for _ in 0..options.connections {
-        let target = options.target.clone();
+    for index in 0..options.connections {
+        let target = options.target_for(index);
         let path = path.clone();
         tasks.push(tokio::spawn(async move {
             let mut report = Report::new();
@@ -414,7 +432,7 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
     let mut tasks = Vec::new();
     let mut ticket_senders = Vec::new();
     for (index, token) in tokens.into_iter().enumerate() {
-        let target = options.target.clone();
+        let target = options.target_for(index);
         let (paths, counters, zipf) = (paths.clone(), counters.clone(), zipf.clone());
         let (ticket_sender, mut tickets) = tokio::sync::mpsc::unbounded_channel::<Instant>();
         ticket_senders.push(ticket_sender);

@@ -7,10 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use gavel_actors::auction::idempotency::IdempotencyKey;
-use gavel_actors::auction_actor::{KeyedRequest, WriteOutcome};
-use gavel_actors::node::NodeError;
-use gavel_actors::ports::KeyRecord;
+use gavel_actors::ports::{KeyRecord, shard_of};
 use gavel_actors::{Money, Status};
 use serde::Deserialize;
 use serde_json::Number;
@@ -23,6 +20,7 @@ use super::extract::{
     ApiJson, ApiPath, ApiQuery, AuthUser, IdempotencyKeyHeader, MaybeAuthUser, earlier_write, fingerprint, parse_id,
 };
 use super::views::{AuctionPage, AuctionView, MyBidView, MyBidsPage};
+use crate::bidding::CancelRequest;
 use crate::storage::{AuctionRow, DbError, NewAuction};
 
 /// The furthest an auction may end, from now.
@@ -230,9 +228,15 @@ pub async fn get_auction(
     ApiPath(id): ApiPath,
 ) -> ApiResult<Json<AuctionView>> {
     let id = parse_id(&id, "auction id")?;
-    let row = match context.read_cache.get(id) {
-        Ok(row) => row,
-        Err(ticket) => context.read_cache.fill(id, ticket, load_row(&context, id).await?),
+    // Only this node's own auctions are cached: it sees every change of those
+    // (after commit, before any answer), and none of the others'.
+    let row = if context.node.leases.lease_for(shard_of(id)).is_none() {
+        std::sync::Arc::new(load_row(&context, id).await?)
+    } else {
+        match context.read_cache.get(id) {
+            Ok(row) => row,
+            Err(ticket) => context.read_cache.fill(id, ticket, load_row(&context, id).await?),
+        }
     };
     Ok(Json(AuctionView::from_row(&row, viewer.map(|viewer| viewer.id), context.now_ms())))
 }
@@ -320,33 +324,9 @@ pub async fn cancel_auction(
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
 ) -> ApiResult<Json<AuctionView>> {
     let id = parse_id(&id, "auction id")?;
-    let request_fingerprint = fingerprint(&[b"cancel", id.as_bytes()]);
-    if earlier_write(&context, user.id, key.as_deref(), request_fingerprint, "cancel").await?.is_some() {
-        let row = load_row(&context, id).await?;
-        return Ok(Json(AuctionView::from_row(&row, Some(user.id), context.now_ms())));
-    }
-    let keyed =
-        key.map(|key| KeyedRequest { key: IdempotencyKey { user_id: user.id, key }, fingerprint: request_fingerprint });
-    let outcome = context.node.cancel(id, user.id, keyed).await.map_err(node_error)?;
-    match outcome {
-        WriteOutcome::Accepted { .. } | WriteOutcome::Replay { .. } => {
-            let row = load_row(&context, id).await?;
-            Ok(Json(AuctionView::from_row(&row, Some(user.id), context.now_ms())))
-        }
-        WriteOutcome::Rejected(rejection) => Err(rejection.into()),
-        WriteOutcome::KeyReused => Err(ApiError::IdempotencyKeyReused),
-        WriteOutcome::Unavailable { reason } => Err(ApiError::unavailable(reason)),
-    }
-}
-
-pub fn node_error(error: NodeError) -> ApiError {
-    match error {
-        NodeError::NotFound => ApiError::AuctionNotFound,
-        NodeError::Unavailable(reason) => ApiError::unavailable(reason),
-        NodeError::OutcomeUnknown => {
-            ApiError::Unavailable { reason: "the write was not confirmed in time".to_owned(), outcome_unknown: true }
-        }
-    }
+    context.bidding.cancel(CancelRequest { auction_id: id, by: user.id, key }).await.result?;
+    let row = load_row(&context, id).await?;
+    Ok(Json(AuctionView::from_row(&row, Some(user.id), context.now_ms())))
 }
 
 #[utoipa::path(get, path = "/api/v1/users/me/bids", tag = "bids", security(("bearer" = [])),

@@ -1,25 +1,22 @@
-//! Bids: place one (through the auction's actor: the one place a bid is
-//! decided, for REST and WebSocket alike), read the history, read the lead.
+//! Bids: place one (a thin adapter over the bid service, `bidding/`, which
+//! sends it to the auction's owner: the one place a bid is decided, for REST
+//! and WebSocket alike, on any node), read the history, read the lead.
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
-use gavel_actors::auction::idempotency::IdempotencyKey;
-use gavel_actors::auction_actor::{KeyedRequest, WriteOutcome};
-use gavel_actors::{BidCommand, Event, UserRef};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Number;
-use tracing::Instrument;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::ApiContext;
-use super::auctions::{check_limit, node_error, parse_amount};
+use super::auctions::{check_limit, parse_amount};
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{
-    ApiJson, ApiPath, ApiQuery, AuthUser, IdempotencyKeyHeader, earlier_write, fingerprint, parse_id,
-};
+use super::extract::{ApiJson, ApiPath, ApiQuery, AuthUser, IdempotencyKeyHeader, parse_id};
 use super::views::{BidPage, BidResultView, BidView, HighestBidView, UserView, timestamp};
+use crate::bidding::BidRequest;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -31,80 +28,31 @@ pub struct PlaceBidRequest {
     pub max_amount: Option<Number>,
 }
 
-/// Places a bid for `user`; shared by REST and the WebSocket. Runs in a
-/// `bid` span (auction, bidder, then seq and outcome) that the auction's actor
-/// and the commit carry on: request → actor → commit → fan-out.
-pub async fn place(
-    context: &ApiContext,
+/// The bid service's request for a bid from `user`, its amounts checked
+/// (`1..=10^13`, `max_amount ≥ amount`); shared by REST and the WebSocket.
+pub fn bid_request(
     user: &AuthUser,
     auction_id: Uuid,
     request: &PlaceBidRequest,
     key: Option<String>,
-) -> ApiResult<BidResultView> {
-    let span = tracing::debug_span!(
-        "bid",
-        %auction_id,
-        bidder = %user.id,
-        seq = tracing::field::Empty,
-        outcome = tracing::field::Empty
-    );
-    let result = place_in_span(context, user, auction_id, request, key).instrument(span.clone()).await;
-    match &result {
-        Ok(accepted) => {
-            span.record("seq", accepted.seq);
-            span.record("outcome", "accepted");
-        }
-        Err(error) => {
-            span.record("outcome", error.code());
-        }
-    }
-    result
-}
-
-async fn place_in_span(
-    context: &ApiContext,
-    user: &AuthUser,
-    auction_id: Uuid,
-    request: &PlaceBidRequest,
-    key: Option<String>,
-) -> ApiResult<BidResultView> {
+) -> ApiResult<BidRequest> {
     let amount = parse_amount(&request.amount, "amount")?;
     let max_amount = request.max_amount.as_ref().map(|max| parse_amount(max, "max_amount")).transpose()?;
     if max_amount.is_some_and(|max| max < amount) {
         return Err(ApiError::InvalidAmount("max_amount must be at least amount".to_owned()));
     }
-    let max_text = max_amount.map(|max| max.minor_units().to_string()).unwrap_or_default();
-    let request_fingerprint =
-        fingerprint(&[b"bid", auction_id.as_bytes(), amount.minor_units().to_string().as_bytes(), max_text.as_bytes()]);
-    if let Some(stored) = earlier_write(context, user.id, key.as_deref(), request_fingerprint, "bid").await? {
-        return replay(context, stored.auction_id, stored.seq.unwrap_or(0) as u64).await;
-    }
-    // A replay above is the first request's answer, not a new bid: not counted.
-    if let Err(retry_after_secs) = context.rate_limiter.check(user.id, context.now_ms()) {
-        return Err(ApiError::RateLimited { retry_after_secs });
-    }
-    let command =
-        BidCommand { bidder: UserRef { id: user.id, username: user.username.as_str().into() }, amount, max_amount };
-    let keyed =
-        key.map(|key| KeyedRequest { key: IdempotencyKey { user_id: user.id, key }, fingerprint: request_fingerprint });
-    let outcome = context.node.place_bid(auction_id, command, keyed).await.map_err(node_error)?;
-    match outcome {
-        WriteOutcome::Accepted { event: Event::BidPlaced(placed), .. } => {
-            Ok(BidResultView::from_event(auction_id, &placed))
-        }
-        WriteOutcome::Accepted { .. } => Err(ApiError::unavailable("unexpected outcome")),
-        WriteOutcome::Replay { seq } => replay(context, auction_id, seq).await,
-        WriteOutcome::Rejected(rejection) => Err(rejection.into()),
-        WriteOutcome::KeyReused => Err(ApiError::IdempotencyKeyReused),
-        WriteOutcome::Unavailable { reason } => Err(ApiError::unavailable(reason)),
-    }
+    Ok(BidRequest {
+        auction_id,
+        bidder_id: user.id,
+        bidder_username: user.username.clone(),
+        amount: amount.minor_units(),
+        max_amount: max_amount.map(|max| max.minor_units()),
+        key,
+    })
 }
 
-async fn replay(context: &ApiContext, auction_id: Uuid, seq: u64) -> ApiResult<BidResultView> {
-    let row = context.db.bid(auction_id, seq).await.map_err(|error| ApiError::internal("read bid", error))?;
-    let row = row.ok_or_else(|| ApiError::unavailable("the first request's bid is not readable yet"))?;
-    Ok(BidResultView::from_row(&row))
-}
+/// The `Gavel-Owner` header: the node that decided a bid.
+pub const OWNER_HEADER: &str = "gavel-owner";
 
 #[utoipa::path(post, path = "/api/v1/auctions/{id}/bids", tag = "bids", request_body = PlaceBidRequest,
     security(("bearer" = [])),
@@ -128,10 +76,18 @@ pub async fn place_bid(
     ApiPath(id): ApiPath,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     ApiJson(request): ApiJson<PlaceBidRequest>,
-) -> ApiResult<(StatusCode, Json<BidResultView>)> {
+) -> ApiResult<Response> {
     let auction_id = parse_id(&id, "auction id")?;
-    let result = place(&context, &user, auction_id, &request, key).await?;
-    Ok((StatusCode::CREATED, Json(result)))
+    let bid = bid_request(&user, auction_id, &request, key)?;
+    let decided = context.bidding.place(bid).await;
+    let mut response = match decided.result {
+        Ok(receipt) => (StatusCode::CREATED, Json(BidResultView::from(&receipt))).into_response(),
+        Err(failure) => ApiError::from(failure).into_response(),
+    };
+    if let Ok(owner) = HeaderValue::from_str(&decided.decided_by) {
+        response.headers_mut().insert(OWNER_HEADER, owner);
+    }
+    Ok(response)
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -7,6 +7,8 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use gavel_actors::{Money, Rejection, Status};
+
+use crate::bidding::WriteFailure;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
@@ -176,6 +178,25 @@ impl From<Rejection> for ApiError {
             Rejection::AuctionHasBids => ApiError::AuctionHasBids,
             // Only the actor's own timer issues Start/End; a client never sees this.
             Rejection::NotDue => ApiError::unavailable("lifecycle not due"),
+        }
+    }
+}
+
+impl From<WriteFailure> for ApiError {
+    fn from(failure: WriteFailure) -> ApiError {
+        match failure {
+            WriteFailure::AuctionNotFound => ApiError::AuctionNotFound,
+            WriteFailure::Rejected(rejection) => rejection.into(),
+            WriteFailure::InvalidAmount => ApiError::InvalidAmount(
+                "amounts must be integers from 1 to 10^13, max_amount at least amount".to_owned(),
+            ),
+            WriteFailure::KeyReused => ApiError::IdempotencyKeyReused,
+            WriteFailure::RateLimited { retry_after_secs } => ApiError::RateLimited { retry_after_secs },
+            WriteFailure::Unavailable(reason) => ApiError::unavailable(reason.to_string()),
+            WriteFailure::OutcomeUnknown => ApiError::Unavailable {
+                reason: "the write was not confirmed in time".to_owned(),
+                outcome_unknown: true,
+            },
         }
     }
 }

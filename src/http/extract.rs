@@ -12,6 +12,8 @@ use uuid::Uuid;
 
 use super::ApiContext;
 use super::error::ApiError;
+pub use crate::bidding::keys::fingerprint;
+use crate::bidding::keys::{self, KeyCheck};
 
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -151,27 +153,10 @@ pub async fn earlier_write(
     request_fingerprint: u64,
     kind: &str,
 ) -> Result<Option<crate::storage::KeyRow>, ApiError> {
-    let Some(key) = key else {
-        return Ok(None);
-    };
-    let stored = context.db.key(user_id, key).await.map_err(|error| ApiError::internal("read key", error))?;
-    match stored {
-        Some(stored) if stored.fingerprint as u64 != request_fingerprint || stored.kind != kind => {
-            Err(ApiError::IdempotencyKeyReused)
-        }
-        other => Ok(other),
+    match keys::check(&context.db, user_id, key, request_fingerprint, kind).await {
+        Ok(KeyCheck::Fresh) => Ok(None),
+        Ok(KeyCheck::Replay(stored)) => Ok(Some(stored)),
+        Ok(KeyCheck::Reused) => Err(ApiError::IdempotencyKeyReused),
+        Err(error) => Err(ApiError::internal("read key", error)),
     }
-}
-
-/// A stable 64-bit fingerprint (FNV-1a) of what a request asks for, so a
-/// key reused for a different request is told apart from a retry.
-pub fn fingerprint(parts: &[&[u8]]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for byte in part.iter().chain(std::iter::once(&0xffu8)) {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    hash
 }

@@ -5,8 +5,10 @@
 
 pub mod auctions;
 pub mod bids;
+pub mod cluster;
 pub mod error;
 pub mod extract;
+pub mod internal;
 pub mod ops;
 pub mod users;
 pub mod views;
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use gavel_actors::node::Node;
@@ -28,7 +30,8 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::auth::Auth;
-use crate::ratelimit::RateLimiter;
+use crate::bidding::Bidding;
+use crate::cluster::Cluster;
 use crate::storage::Db;
 use crate::telemetry;
 use error::ApiError;
@@ -43,13 +46,17 @@ pub struct ContextInner {
     pub db: Db,
     pub node: Arc<Node>,
     pub auth: Auth,
-    pub rate_limiter: RateLimiter,
+    /// Every bid and cancel goes through here (REST, WebSocket, forwarded).
+    pub bidding: Arc<Bidding>,
+    pub cluster: Arc<Cluster>,
     pub clock: Arc<dyn Clock>,
     pub metrics: PrometheusHandle,
     pub node_id: String,
     pub hub: Arc<crate::ws::Hub>,
     /// Auction rows between changes, for `GET /api/v1/auctions/{id}`.
     pub read_cache: Arc<crate::read_cache::ReadCache>,
+    /// `Gavel-Node`, made once.
+    pub node_header: axum::http::HeaderValue,
 }
 
 impl std::ops::Deref for ApiContext {
@@ -81,6 +88,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(35);
         (name = "auctions", description = "Auctions"),
         (name = "bids", description = "Bids"),
         (name = "operations", description = "Health, readiness, metrics"),
+        (name = "cluster", description = "Which node owns what"),
     )
 )]
 struct ApiDoc;
@@ -112,6 +120,8 @@ pub fn api() -> (Router<ApiContext>, utoipa::openapi::OpenApi) {
         .routes(routes!(ops::health))
         .routes(routes!(ops::ready))
         .routes(routes!(ops::metrics))
+        .routes(routes!(cluster::cluster))
+        .routes(routes!(cluster::auction_owner))
         .split_for_parts()
 }
 
@@ -120,22 +130,26 @@ pub fn router(context: ApiContext) -> Router {
     api_routes
         .route("/ws", axum::routing::get(crate::ws::upgrade))
         .merge(crate::web::routes())
+        .merge(internal::routes())
         .merge(SwaggerUi::new("/api/docs").url("/api/openapi.json", openapi))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(observe))
+        .layer(middleware::from_fn_with_state(context.clone(), observe))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .with_state(context)
 }
 
-/// Time limit, request metrics by matched route (never the raw URL), and bid
-/// outcome counting.
-async fn observe(request: Request, next: Next) -> Response {
+/// The `Gavel-Node` header: the node that answered.
+pub const NODE_HEADER: &str = "gavel-node";
+
+/// Time limit, request metrics by matched route (never the raw URL), bid
+/// outcome counting, and `Gavel-Node` on every response.
+async fn observe(State(context): State<ApiContext>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |path| intern_route(path.as_str()));
     let is_write = request.method() == axum::http::Method::POST;
     let is_bid = is_write && route == "/api/v1/auctions/{id}/bids";
-    let response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+    let mut response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
         // A write may have been handed over already and still become durable.
         Err(_) => {
@@ -151,6 +165,7 @@ async fn observe(request: Request, next: Next) -> Response {
         metrics::counter!(telemetry::BIDS_TOTAL, "outcome" => outcome).increment(1);
         metrics::histogram!(telemetry::BID_LATENCY_SECONDS).record(elapsed);
     }
+    response.headers_mut().insert(NODE_HEADER, context.node_header.clone());
     response
 }
 

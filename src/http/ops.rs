@@ -22,7 +22,7 @@ pub async fn health() -> Json<StatusView> {
 
 #[utoipa::path(get, path = "/ready", tag = "operations",
     responses(
-        (status = 200, description = "the node can accept writes", body = StatusView),
+        (status = 200, description = "the node can serve: its store answers and (in a cluster) its membership is current", body = StatusView),
         (status = 503, description = "UNAVAILABLE, with the reason", body = ErrorBody),
     ))]
 pub async fn ready(State(context): State<ApiContext>) -> Response {
@@ -33,8 +33,8 @@ pub async fn ready(State(context): State<ApiContext>) -> Response {
     if !context.node.is_accepting() {
         return not_ready("shutting down");
     }
-    if !context.node.leases.all_held() {
-        return not_ready("shards not owned");
+    if !context.cluster.is_serving() {
+        return not_ready("cluster membership not confirmed (the lease store cannot be reached)");
     }
     match tokio::time::timeout(Duration::from_secs(2), context.db.ping()).await {
         Ok(Ok(())) => Json(StatusView { status: "ready".to_owned() }).into_response(),

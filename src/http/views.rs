@@ -2,7 +2,9 @@
 //! built from committed data only: a row of the store, or an event the
 //! persistence actor has made durable.
 
-use gavel_actors::{BidPlaced, TimestampMs, UserRef};
+use gavel_actors::{TimestampMs, UserRef};
+
+use crate::bidding::BidReceipt;
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -111,35 +113,19 @@ pub struct BidResultView {
     pub placed_at: String,
 }
 
-impl BidResultView {
-    pub fn from_event(auction_id: Uuid, placed: &BidPlaced) -> BidResultView {
+impl From<&BidReceipt> for BidResultView {
+    fn from(receipt: &BidReceipt) -> BidResultView {
         BidResultView {
-            auction_id,
+            auction_id: receipt.auction_id,
             accepted: true,
-            leading: placed.leading,
-            current_price: placed.current_price.minor_units(),
-            leader: UserView::from(&placed.leader),
-            your_max: placed.bidder_max.minor_units(),
-            seq: placed.seq as i64,
-            bid_count: placed.bid_count as i64,
-            end_at: timestamp(placed.end_at_ms),
-            placed_at: timestamp(placed.placed_at_ms),
-        }
-    }
-
-    /// The same answer rebuilt from the stored bid (an idempotent replay).
-    pub fn from_row(row: &BidRow) -> BidResultView {
-        BidResultView {
-            auction_id: row.auction_id,
-            accepted: true,
-            leading: row.leader_id == row.bidder_id,
-            current_price: row.current_price,
-            leader: UserView { id: row.leader_id, username: row.leader_username.clone() },
-            your_max: row.max_amount,
-            seq: row.seq,
-            bid_count: row.seq,
-            end_at: timestamp(row.end_at_ms),
-            placed_at: timestamp(row.placed_at_ms),
+            leading: receipt.leading,
+            current_price: receipt.current_price,
+            leader: UserView { id: receipt.leader_id, username: receipt.leader_username.clone() },
+            your_max: receipt.your_max,
+            seq: receipt.seq as i64,
+            bid_count: receipt.bid_count as i64,
+            end_at: timestamp(receipt.end_at_ms),
+            placed_at: timestamp(receipt.placed_at_ms),
         }
     }
 }

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use gavel_actors::ports::{BoxFuture, KeyRecord, LoadedAuction, SHARD_COUNT, Store, StoreError, StoredKey, Write};
+use gavel_actors::ports::{BoxFuture, KeyRecord, LoadedAuction, Store, StoreError, StoredKey, Write};
 use gavel_actors::{AuctionId, Status, TimestampMs, UserId};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
@@ -75,6 +75,9 @@ macro_rules! writing {
         }
     };
 }
+
+mod leases;
+pub use leases::{ClusterRows, LeaseRow, MemberRow, PgLeases, ShardOwner};
 
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -153,32 +156,6 @@ impl Db {
 
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         reading!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
-    }
-
-    /// Takes every shard for `owner`, raising each epoch, and returns the
-    /// `(shard, epoch)` pairs. A single node owns every shard and holds its
-    /// leases without expiry (`expires_at_ms` = never) until cluster membership
-    /// adds renewal; a second node started on the same database takes the
-    /// shards over, and the first one's writes are then refused (fenced).
-    pub async fn acquire_all_shards(&self, owner: &str) -> Result<Vec<(u32, i64)>, sqlx::Error> {
-        let sql = "INSERT INTO shard_leases (shard, owner, epoch, expires_at_ms) VALUES ($1, $2, 1, $3) \
-                   ON CONFLICT (shard) DO UPDATE SET owner = excluded.owner, \
-                   epoch = shard_leases.epoch + 1, expires_at_ms = excluded.expires_at_ms RETURNING epoch";
-        let mut leases = Vec::with_capacity(SHARD_COUNT as usize);
-        writing!(self, pool => {
-            let mut tx = pool.begin().await?;
-            for shard in 0..SHARD_COUNT {
-                let epoch: i64 = sqlx::query_scalar(sql)
-                    .bind(shard as i32)
-                    .bind(owner)
-                    .bind(i64::MAX)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                leases.push((shard, epoch));
-            }
-            tx.commit().await?;
-        });
-        Ok(leases)
     }
 
     /// This database's identity, made at the first start and kept for good.

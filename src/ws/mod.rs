@@ -1,6 +1,7 @@
 //! `GET /ws`: the WebSocket edge of docs/API.md on the same listener as REST.
-//! Bids go through `http::bids::place`, the same path as `POST …/bids`, so one
-//! actor decides every bid of an auction whichever edge it came from.
+//! Bids go through the bid service (`bidding/`), the same path as `POST
+//! …/bids`, so one actor decides every bid of an auction whichever edge (and
+//! whichever node) it came from.
 //!
 //! Each connection is one task that reads the client, writes what its
 //! subscriptions and private queue hand it (feeding every ready frame, then
@@ -43,9 +44,10 @@ pub use hub::{Hub, WsSettings};
 use protocol::{Batch, ClientMessage, Encoding, Frame, MSGPACK_PROTOCOL, OPCODE_PING, ServerMessage, Version};
 
 use crate::http::ApiContext;
-use crate::http::bids::{PlaceBidRequest, place};
+use crate::http::bids::{PlaceBidRequest, bid_request};
 use crate::http::error::ApiError;
 use crate::http::extract::{ApiQuery, AuthUser, parse_id};
+use crate::http::views::BidResultView;
 use crate::http::views::{AuctionView, BidView, UserView, timestamp};
 use crate::telemetry;
 
@@ -697,11 +699,16 @@ impl Connection {
             let error = ApiError::RateLimited { retry_after_secs: 1 };
             return self.reply(bid_error(request_id, &error)).await;
         };
+        let bid = match bid_request(&user, auction_id, &request, Some(request_id.clone())) {
+            Ok(bid) => bid,
+            Err(error) => return self.reply(bid_error(request_id, &error)).await,
+        };
         let context = self.context.clone();
         let direct = self.direct.clone();
         self.node_runtime.spawn(async move {
             let started = std::time::Instant::now();
-            let outcome = place(&context, &user, auction_id, &request, Some(request_id.clone())).await;
+            let decided = context.bidding.place(bid).await;
+            let outcome = decided.result.map(|receipt| BidResultView::from(&receipt)).map_err(ApiError::from);
             let label = outcome.as_ref().map_or_else(ApiError::code, |_| "accepted");
             metrics::counter!(telemetry::BIDS_TOTAL, "outcome" => label).increment(1);
             metrics::histogram!(telemetry::BID_LATENCY_SECONDS).record(started.elapsed().as_secs_f64());

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Acknowledged, Backend, HasApi, TestApp, auction_body, start_storm};
+use crate::helpers::{Acknowledged, Backend, HasApi, TestApp, User, auction_body, start_storm};
 use crate::on_both_backends;
 use crate::reference::{Ev, MCmd, Model, St};
 
@@ -27,12 +27,6 @@ async fn many_bidders_at_one_auction(backend: Backend) {
     for index in 0..12 {
         bidders.push(api.register(&format!("bidder_{index}")).await);
     }
-    // User index 0 is the seller, bidders are 1..: the model's numbering.
-    let index_of: HashMap<String, usize> = std::iter::once(seller.id.clone())
-        .chain(bidders.iter().map(|bidder| bidder.id.clone()))
-        .enumerate()
-        .map(|(index, id)| (id, index))
-        .collect();
     let auction = api
         .create_auction(
             &seller,
@@ -42,6 +36,7 @@ async fn many_bidders_at_one_auction(backend: Backend) {
     let auction_id = auction["id"].as_str().unwrap().to_owned();
 
     let acknowledged: Acknowledged = Arc::default();
+    let bidder_ids = bidders_ids(&bidders);
     let storm = start_storm(app.address.clone(), bidders, auction_id.clone(), acknowledged.clone(), 40);
     for bidder in storm {
         bidder.await.expect("bidder task");
@@ -53,18 +48,49 @@ async fn many_bidders_at_one_auction(backend: Backend) {
     let history = api.history(&auction_id).await;
     let final_state = api.auction(&auction_id).await;
     assert_eq!(final_state["bid_count"].as_u64(), Some(acknowledged.len() as u64), "bid_count = number of 201s");
-    assert_eq!(history.len(), acknowledged.len());
-    for (position, (row, record)) in history.iter().zip(&acknowledged).enumerate() {
+    check_history(&history, &acknowledged);
+
+    check_with_model(&seller, &bidder_ids, &auction, &acknowledged, &final_state);
+    app.stop().await;
+}
+
+/// The history is 1..n without gaps and is exactly the acknowledged bids
+/// (sorted by seq): each 201's seq once, with its bidder and amount.
+pub fn check_history(history: &[Value], acknowledged: &[Value]) {
+    assert_eq!(history.len(), acknowledged.len(), "every stored bid was acknowledged once");
+    for (position, (row, record)) in history.iter().zip(acknowledged).enumerate() {
         let seq = position as u64 + 1;
         assert_eq!(row["seq"].as_u64(), Some(seq), "history is 1..n without gaps");
         assert_eq!(record["reply"]["seq"].as_u64(), Some(seq), "each 201's seq appears exactly once");
         assert_eq!(row["bidder"]["id"], record["request"]["bidder"]);
         assert_eq!(row["amount"], record["request"]["amount"]);
     }
+}
 
+pub fn bidders_ids(bidders: &[User]) -> Vec<String> {
+    bidders.iter().map(|bidder| bidder.id.clone()).collect()
+}
+
+/// Feeds the acknowledged bids (sorted by seq) to the reference model of the
+/// rules, for an auction created with `starting_price` 1,000, `min_increment`
+/// 1 and `reserve_price` 1,300: every 201 and the final state must be what the
+/// model says.
+pub fn check_with_model(
+    seller: &User,
+    bidder_ids: &[String],
+    auction: &Value,
+    acknowledged: &[Value],
+    final_state: &Value,
+) {
+    // User index 0 is the seller, bidders are 1..: the model's numbering.
+    let index_of: HashMap<String, usize> = std::iter::once(seller.id.clone())
+        .chain(bidder_ids.iter().cloned())
+        .enumerate()
+        .map(|(i, id)| (id, i))
+        .collect();
     let mut model =
         Model::new(0, 1_000, Some(1_300), 1, 0, millis(&auction["start_at"]), millis(&auction["end_at"]), St::Active);
-    for record in &acknowledged {
+    for record in acknowledged {
         let (request, reply) = (&record["request"], &record["reply"]);
         let command = MCmd::Bid {
             user: index_of[request["bidder"].as_str().unwrap()],
@@ -87,5 +113,4 @@ async fn many_bidders_at_one_auction(backend: Backend) {
     assert_eq!(model.leader.map(|(leader, _)| leader), final_state["leader"]["id"].as_str().map(|id| index_of[id]));
     assert_eq!(model.reserve_met(), final_state["reserve_met"].as_bool().unwrap());
     assert_eq!(model.seq, final_state["seq"].as_u64().unwrap());
-    app.stop().await;
 }

@@ -38,6 +38,7 @@ pub async fn fresh_postgres_database() -> String {
     format!("{}/{name}", postgres_base_url())
 }
 
+#[derive(Clone)]
 pub struct User {
     pub id: String,
     pub username: String,
@@ -299,6 +300,11 @@ pub fn free_port() -> u16 {
 impl ServerProcess {
     /// Starts the binary and waits until `/ready` answers 200.
     pub async fn start(data_dir: &Path, database_url: Option<&str>, port: u16) -> ServerProcess {
+        Self::start_with(data_dir, database_url, port, &[]).await
+    }
+
+    /// `start`, with more flags.
+    pub async fn start_with(data_dir: &Path, database_url: Option<&str>, port: u16, extra: &[String]) -> ServerProcess {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_gavel"));
         command
             .arg("--listen")
@@ -316,6 +322,7 @@ impl ServerProcess {
         if let Some(url) = database_url {
             command.arg("--database-url").arg(url);
         }
+        command.args(extra);
         let child = command.spawn().expect("spawn gavel");
         let process = ServerProcess { child, address: format!("http://127.0.0.1:{port}"), client: client() };
         let ready_url = format!("{}/ready", process.address);
@@ -329,6 +336,17 @@ impl ServerProcess {
         })
         .await;
         process
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        let result = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(result, 0, "kill({signal})");
     }
 
     pub async fn kill_hard(mut self) {

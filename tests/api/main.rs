@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod basics;
+mod cluster;
 mod concurrency;
 mod helpers;
 mod observability;

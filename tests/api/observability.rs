@@ -62,6 +62,11 @@ const REQUIRED_SERIES: &[&str] = &[
     "gavel_ws_slow_consumer_resyncs_total",
     "gavel_http_requests_total",
     "gavel_http_request_duration_seconds",
+    "gavel_shards_owned",
+    "gavel_lease_renewals_total",
+    "gavel_shard_moves_total",
+    "gavel_forwarded_bids_total",
+    "gavel_forward_latency_seconds",
 ];
 
 /// Accepted and rejected bids, a watcher, a 404: every series has samples.
@@ -223,7 +228,7 @@ async fn prometheus_scrapes_a_node_and_every_panel_and_alert_evaluates() {
             .iter()
             .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        (rules.len() == 6 && rules.iter().all(|rule| rule["lastEvaluation"] != "0001-01-01T00:00:00Z")).then_some(rules)
+        (rules.len() == 8 && rules.iter().all(|rule| rule["lastEvaluation"] != "0001-01-01T00:00:00Z")).then_some(rules)
     })
     .await;
     for rule in rules {

@@ -41,6 +41,8 @@ async fn document_lists_every_route_and_swagger_ui_is_served() {
         "GET /health",
         "GET /ready",
         "GET /metrics",
+        "GET /api/v1/cluster",
+        "GET /api/v1/cluster/auctions/{id}",
     ]
     .into_iter()
     .map(str::to_owned)

@@ -80,6 +80,13 @@ impl<T> RecentKeys<T> {
         self.entries.get_mut(key).map(|entry| &mut entry.outcome)
     }
 
+    /// Forgets `key` (its write was never made) and returns what it held.
+    pub fn remove(&mut self, key: &IdempotencyKey) -> Option<T> {
+        let entry = self.entries.remove(key)?;
+        self.insertion_order.retain(|candidate| candidate != key);
+        Some(entry.outcome)
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

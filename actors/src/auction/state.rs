@@ -24,7 +24,8 @@ pub struct UserRef {
     pub username: Arc<str>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Status {
     Scheduled,
     Active,
@@ -142,7 +143,7 @@ pub enum Event {
 }
 
 /// Why a command changed nothing. These are answers, not failures.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Rejection {
     AuctionNotActive {
         status: Status,

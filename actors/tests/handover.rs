@@ -1,0 +1,260 @@
+//! The actors against an in-memory store that fences by epoch, on tokio's
+//! paused clock: handover, fencing, retries and lease trust, each in a few
+//! milliseconds and the same every run. The store is the safety net the real
+//! one is (an epoch check inside every commit); the tests check that the
+//! actors answer exactly what the store made durable.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gavel_actors::node::{Node, NodeError, NodeSettings};
+use gavel_actors::outcome::{Unavailable, WriteOutcome};
+use gavel_actors::ports::{BoxFuture, Clock, LoadedAuction, NoEvents, Store, StoreError, Write};
+use gavel_actors::shards::{Leases, shard_of};
+use gavel_actors::{AuctionId, AuctionState, BidCommand, Money, Status, Terms, TimestampMs, UserRef};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+const NOW_MS: TimestampMs = 1_800_000_000_000;
+/// Permits of the commit gate: far more than commits in any test.
+const GATE_PERMITS: u32 = 1 << 20;
+
+struct FixedClock(AtomicI64);
+
+impl Clock for FixedClock {
+    fn now_ms(&self) -> TimestampMs {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Auctions, and each shard's current lease epoch, in memory. A commit
+/// waits for a permit of `gate` (tests hold commits in flight by taking them
+/// all), fails while `failures_left` is above zero, and is refused whole for
+/// the shards whose epoch moved on.
+struct MemoryStore {
+    auctions: Mutex<HashMap<AuctionId, AuctionState>>,
+    bids: Mutex<Vec<(AuctionId, u64)>>,
+    epochs: Mutex<HashMap<u32, i64>>,
+    gate: Semaphore,
+    failures_left: AtomicUsize,
+    commits: AtomicUsize,
+}
+
+impl MemoryStore {
+    fn new() -> Arc<MemoryStore> {
+        Arc::new(MemoryStore {
+            auctions: Mutex::default(),
+            bids: Mutex::default(),
+            epochs: Mutex::default(),
+            gate: Semaphore::new(GATE_PERMITS as usize),
+            failures_left: AtomicUsize::new(0),
+            commits: AtomicUsize::new(0),
+        })
+    }
+
+    fn stored_seqs(&self, auction_id: AuctionId) -> Vec<u64> {
+        self.bids.lock().unwrap().iter().filter(|(id, _)| *id == auction_id).map(|(_, seq)| *seq).collect()
+    }
+}
+
+impl Store for MemoryStore {
+    fn load_auction(&self, id: AuctionId) -> BoxFuture<'_, Result<Option<LoadedAuction>, StoreError>> {
+        let found = self.auctions.lock().unwrap().get(&id).cloned();
+        Box::pin(async move { Ok(found.map(|state| LoadedAuction { state, recent_keys: Vec::new() })) })
+    }
+
+    fn commit<'a>(&'a self, batch: &'a [Write]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let _permit = self.gate.acquire().await.expect("gate open");
+            if self.failures_left.load(Ordering::Acquire) > 0 {
+                self.failures_left.fetch_sub(1, Ordering::AcqRel);
+                return Err(StoreError::Unavailable("injected failure".to_owned()));
+            }
+            let epochs = self.epochs.lock().unwrap();
+            let mut fenced: Vec<u32> = batch
+                .iter()
+                .filter(|write| epochs.get(&write.lease.shard) != Some(&write.lease.epoch))
+                .map(|write| write.lease.shard)
+                .collect();
+            if !fenced.is_empty() {
+                fenced.dedup();
+                return Err(StoreError::Fenced { shards: fenced });
+            }
+            for write in batch {
+                self.auctions.lock().unwrap().insert(write.auction.id, write.auction.clone());
+                if let Some(bid) = &write.bid {
+                    self.bids.lock().unwrap().push((write.auction.id, bid.seq));
+                }
+            }
+            self.commits.fetch_add(1, Ordering::AcqRel);
+            Ok(())
+        })
+    }
+
+    fn due_auctions(&self, _horizon_ms: TimestampMs, _limit: u32) -> BoxFuture<'_, Result<Vec<AuctionId>, StoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+struct Harness {
+    store: Arc<MemoryStore>,
+    leases: Arc<Leases>,
+    node: Arc<Node>,
+    auction_id: AuctionId,
+    shard: u32,
+}
+
+fn user(name: &str) -> UserRef {
+    UserRef { id: Uuid::now_v7(), username: name.into() }
+}
+
+fn money(minor_units: i64) -> Money {
+    Money::parse(minor_units).unwrap()
+}
+
+async fn harness() -> Harness {
+    let store = MemoryStore::new();
+    let auction_id = Uuid::now_v7();
+    let shard = shard_of(auction_id);
+    let auction = AuctionState {
+        id: auction_id,
+        seller: user("sally"),
+        terms: Terms { starting_price: money(100), reserve_price: None, min_increment: money(10), soft_close_secs: 0 },
+        start_at_ms: NOW_MS - 1_000,
+        end_at_ms: NOW_MS + 3_600_000,
+        status: Status::Active,
+        current_price: money(100),
+        leader: None,
+        bid_count: 0,
+        seq: 0,
+        winner: None,
+        final_price: None,
+    };
+    store.auctions.lock().unwrap().insert(auction_id, auction);
+    store.epochs.lock().unwrap().insert(shard, 1);
+    let leases = Arc::new(Leases::none());
+    leases.grant(shard, 1);
+    let settings = NodeSettings { call_timeout: Duration::from_secs(5), ..NodeSettings::default() };
+    let clock = Arc::new(FixedClock(AtomicI64::new(NOW_MS)));
+    let node = Node::start(settings, clock, store.clone(), Arc::new(NoEvents), leases.clone()).await.unwrap();
+    Harness { store, leases, node, auction_id, shard }
+}
+
+impl Harness {
+    async fn bid(&self, amount: i64) -> Result<WriteOutcome, NodeError> {
+        let command = BidCommand { bidder: user("bidder"), amount: money(amount), max_amount: None };
+        self.node.place_bid(self.auction_id, command, None).await
+    }
+
+    fn spawn_bid(&self, amount: i64) -> tokio::task::JoinHandle<Result<WriteOutcome, NodeError>> {
+        let node = self.node.clone();
+        let auction_id = self.auction_id;
+        tokio::spawn(async move {
+            let command = BidCommand { bidder: user("bidder"), amount: money(amount), max_amount: None };
+            node.place_bid(auction_id, command, None).await
+        })
+    }
+
+    /// Holds every commit until `release`.
+    async fn hold_commits(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.store.gate.acquire_many(GATE_PERMITS).await.unwrap()
+    }
+}
+
+fn accepted_seq(outcome: &Result<WriteOutcome, NodeError>) -> Option<u64> {
+    match outcome {
+        Ok(WriteOutcome::Accepted { event: gavel_actors::Event::BidPlaced(placed) }) => Some(placed.seq),
+        _ => None,
+    }
+}
+
+/// Lets every task that can run, run (the clock is paused: this takes no time).
+async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handed_over_shard_answers_its_writes_in_flight_then_stops() {
+    let harness = harness().await;
+    assert_eq!(accepted_seq(&harness.bid(100).await), Some(1));
+
+    let held = harness.hold_commits().await;
+    let in_flight = harness.spawn_bid(200);
+    settle().await;
+    assert_eq!(harness.node.persistence_queue.in_use(), 1, "the bid waits for its commit");
+
+    // Hand over: no more writes for the shard, then wait for what is in flight.
+    assert_eq!(harness.leases.revoke(harness.shard), Some(1));
+    let node = harness.node.clone();
+    let shard = harness.shard;
+    let retiring = tokio::spawn(async move { node.retire_shard(shard).await });
+    settle().await;
+    assert_eq!(
+        harness.bid(300).await,
+        Err(NodeError::Unavailable(Unavailable::NotOwner { shard })),
+        "a handed-over shard takes no new write"
+    );
+    assert!(!retiring.is_finished(), "retiring waits for the write in flight");
+
+    drop(held);
+    assert_eq!(accepted_seq(&in_flight.await.unwrap()), Some(2), "the write in flight is answered: durable");
+    retiring.await.unwrap();
+    assert_eq!(harness.node.live_auctions(), 0, "the auction's actor stopped");
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_under_a_stale_epoch_are_refused_and_never_acknowledged() {
+    let harness = harness().await;
+    assert_eq!(accepted_seq(&harness.bid(100).await), Some(1));
+    let held = harness.hold_commits().await;
+    let first = harness.spawn_bid(200);
+    let second = harness.spawn_bid(300);
+    settle().await;
+    // Another node takes the shard over (its epoch rises) while both wait.
+    harness.store.epochs.lock().unwrap().insert(harness.shard, 2);
+    drop(held);
+    for outcome in [first.await.unwrap(), second.await.unwrap()] {
+        assert_eq!(outcome, Ok(WriteOutcome::Unavailable(Unavailable::WriteRefused)), "not accepted");
+    }
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1], "nothing of the stale owner was written");
+    settle().await;
+    assert_eq!(harness.node.live_auctions(), 0, "its state was ahead of the store: the actor stopped");
+    assert_eq!(harness.node.persistence_queue.in_use(), 0, "the refused writes freed their queue slots");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_commits_are_retried_in_order_until_durable() {
+    let harness = harness().await;
+    harness.store.failures_left.store(3, Ordering::Release);
+    let first = harness.spawn_bid(100);
+    settle().await;
+    let second = harness.spawn_bid(200);
+    // Each retry waits its backoff on the paused clock; time moves only when all wait.
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!((accepted_seq(&first), accepted_seq(&second)), (Some(1), Some(2)));
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2]);
+    assert_eq!(harness.store.failures_left.load(Ordering::Acquire), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_past_their_last_renewal_take_no_writes() {
+    let harness = harness().await;
+    harness.leases.trust_until(tokio::time::Instant::now() + Duration::from_secs(3));
+    assert_eq!(accepted_seq(&harness.bid(100).await), Some(1));
+    tokio::time::advance(Duration::from_secs(4)).await;
+    assert_eq!(
+        harness.bid(200).await,
+        Err(NodeError::Unavailable(Unavailable::NotOwner { shard: harness.shard })),
+        "an unrenewed lease is not written under"
+    );
+    assert_eq!(harness.node.live_auctions(), 1, "the actor stays: the lease is still this node's");
+    harness.leases.trust_until(tokio::time::Instant::now() + Duration::from_secs(3));
+    assert_eq!(accepted_seq(&harness.bid(200).await), Some(2), "renewed, it takes writes again");
+    assert_eq!(harness.store.commits.load(Ordering::Acquire), 2);
+}

@@ -1,0 +1,241 @@
+//! The bid service: every bid and cancel, whichever edge received it (REST,
+//! WebSocket, or another node forwarding it), goes through here. In order:
+//! the idempotency key is looked up in the store (a retry gets the first
+//! answer), the per-user rate limit is charged (per node), and the write goes
+//! to the auction's owner: this node's auction actor when this node holds the
+//! shard, else the owning node over the cluster's internal endpoint, whose
+//! answer is returned unchanged. The requests and answers are plain data
+//! (`wire.rs`) with no HTTP in them; the edges are thin adapters.
+
+pub mod keys;
+pub mod wire;
+
+use std::sync::Arc;
+
+use gavel_actors::auction::idempotency::IdempotencyKey;
+use gavel_actors::node::{Node, NodeError};
+use gavel_actors::outcome::{KeyedRequest, WriteOutcome};
+use gavel_actors::ports::{Clock, shard_of};
+use gavel_actors::{BidCommand, Event, Money, UserRef};
+use tracing::Instrument;
+
+use crate::cluster::{Cluster, ForwardError, Route};
+use crate::ratelimit::RateLimiter;
+use crate::storage::{BidRow, Db};
+use keys::KeyCheck;
+pub use wire::{BidReceipt, BidRequest, CancelRequest, Unavailable, WriteDone, WriteFailure, WriteRequest};
+
+/// An answer, and the node that decided it (`Gavel-Owner`).
+pub struct Decided<T> {
+    pub decided_by: String,
+    pub result: Result<T, WriteFailure>,
+}
+
+pub struct Bidding {
+    pub node: Arc<Node>,
+    pub db: Db,
+    pub cluster: Arc<Cluster>,
+    pub rate_limiter: RateLimiter,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Bidding {
+    /// Places a bid. Runs in a `bid` span (auction, bidder, then seq and
+    /// outcome) that the auction's actor and the commit carry on.
+    pub async fn place(&self, request: BidRequest) -> Decided<BidReceipt> {
+        let span = tracing::debug_span!(
+            "bid",
+            auction_id = %request.auction_id,
+            bidder = %request.bidder_id,
+            seq = tracing::field::Empty,
+            outcome = tracing::field::Empty
+        );
+        let decided = self.place_in_span(request).instrument(span.clone()).await;
+        match &decided.result {
+            Ok(receipt) => {
+                span.record("seq", receipt.seq);
+                span.record("outcome", "accepted");
+            }
+            Err(failure) => {
+                span.record("outcome", failure.code());
+            }
+        }
+        decided
+    }
+
+    async fn place_in_span(&self, request: BidRequest) -> Decided<BidReceipt> {
+        let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
+        match keys::check(&self.db, request.bidder_id, request.key.as_deref(), fingerprint, "bid").await {
+            Ok(KeyCheck::Fresh) => {}
+            Ok(KeyCheck::Reused) => return self.here(Err(WriteFailure::KeyReused)),
+            Ok(KeyCheck::Replay(stored)) => {
+                let replayed = self.replay(stored.auction_id, stored.seq.unwrap_or(0) as u64).await;
+                return self.here(replayed);
+            }
+            Err(error) => return self.here(Err(storage_failure("read idempotency key", error))),
+        }
+        // A replay above is the first request's answer, not a new bid: not counted.
+        if let Err(retry_after_secs) = self.rate_limiter.check(request.bidder_id, self.clock.now_ms()) {
+            return self.here(Err(WriteFailure::RateLimited { retry_after_secs }));
+        }
+        let decided = self.route(WriteRequest::Bid(request)).await;
+        Decided {
+            decided_by: decided.decided_by,
+            result: decided.result.and_then(|done| match done {
+                WriteDone::Bid(receipt) => Ok(receipt),
+                WriteDone::Cancelled => Err(WriteFailure::Unavailable(Unavailable::Storage)),
+            }),
+        }
+    }
+
+    /// Cancels an auction for its seller.
+    pub async fn cancel(&self, request: CancelRequest) -> Decided<()> {
+        let fingerprint = keys::cancel_fingerprint(request.auction_id);
+        match keys::check(&self.db, request.by, request.key.as_deref(), fingerprint, "cancel").await {
+            Ok(KeyCheck::Fresh) => {}
+            Ok(KeyCheck::Reused) => return self.here(Err(WriteFailure::KeyReused)),
+            Ok(KeyCheck::Replay(_)) => return self.here(Ok(())),
+            Err(error) => return self.here(Err(storage_failure("read idempotency key", error))),
+        }
+        let decided = self.route(WriteRequest::Cancel(request)).await;
+        Decided { decided_by: decided.decided_by, result: decided.result.map(|_| ()) }
+    }
+
+    fn here<T>(&self, result: Result<T, WriteFailure>) -> Decided<T> {
+        Decided { decided_by: self.cluster.node_id().to_owned(), result }
+    }
+
+    /// Sends the write to its auction's owner. When the owner is not where
+    /// this node thought (it answers "not owner", or cannot be reached), the
+    /// shard's lease is read again from the store and the write tried once more.
+    async fn route(&self, request: WriteRequest) -> Decided<WriteDone> {
+        let shard = shard_of(request.auction_id());
+        let mut refreshed = false;
+        loop {
+            let decided = match self.cluster.route(shard) {
+                Route::Local => self.here(self.decide_here(request.clone()).await),
+                Route::Remote { owner, url } => match self.cluster.forward(&url, &request).await {
+                    Ok(reply) => Decided { decided_by: reply.owner, result: reply.result },
+                    Err(ForwardError::TimedOut) => self.here(Err(WriteFailure::OutcomeUnknown)),
+                    Err(ForwardError::Unreachable(reason)) => {
+                        tracing::debug!(shard, %owner, %reason, "owner unreachable");
+                        self.here(Err(WriteFailure::Unavailable(Unavailable::OwnerUnreachable { shard })))
+                    }
+                },
+                Route::Nobody => self.here(Err(WriteFailure::Unavailable(Unavailable::ShardMoving { shard }))),
+            };
+            let misdirected = matches!(
+                decided.result,
+                Err(WriteFailure::Unavailable(
+                    Unavailable::Node(gavel_actors::outcome::Unavailable::NotOwner { .. })
+                        | Unavailable::OwnerUnreachable { .. }
+                        | Unavailable::ShardMoving { .. }
+                ))
+            );
+            if !misdirected || refreshed {
+                return decided;
+            }
+            refreshed = true;
+            self.cluster.refresh(shard).await;
+        }
+    }
+
+    /// Decides a write on this node, which must own its auction (else
+    /// `NotOwner`): what the owner runs for writes forwarded to it.
+    pub async fn decide_here(&self, request: WriteRequest) -> Result<WriteDone, WriteFailure> {
+        match request {
+            WriteRequest::Bid(bid) => self.bid_here(bid).await.map(WriteDone::Bid),
+            WriteRequest::Cancel(cancel) => self.cancel_here(cancel).await.map(|()| WriteDone::Cancelled),
+        }
+    }
+
+    async fn bid_here(&self, request: BidRequest) -> Result<BidReceipt, WriteFailure> {
+        let amount = Money::parse(request.amount).map_err(|_| WriteFailure::InvalidAmount)?;
+        let max_amount = request.max_amount.map(Money::parse).transpose().map_err(|_| WriteFailure::InvalidAmount)?;
+        if max_amount.is_some_and(|max| max < amount) {
+            return Err(WriteFailure::InvalidAmount);
+        }
+        let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
+        let command = BidCommand {
+            bidder: UserRef { id: request.bidder_id, username: request.bidder_username.as_str().into() },
+            amount,
+            max_amount,
+        };
+        let keyed = request
+            .key
+            .map(|key| KeyedRequest { key: IdempotencyKey { user_id: request.bidder_id, key }, fingerprint });
+        let outcome = self.node.place_bid(request.auction_id, command, keyed).await.map_err(node_failure)?;
+        match outcome {
+            WriteOutcome::Accepted { event: Event::BidPlaced(placed) } => Ok(BidReceipt {
+                auction_id: request.auction_id,
+                leading: placed.leading,
+                current_price: placed.current_price.minor_units(),
+                leader_id: placed.leader.id,
+                leader_username: placed.leader.username.to_string(),
+                your_max: placed.bidder_max.minor_units(),
+                seq: placed.seq,
+                bid_count: placed.bid_count,
+                end_at_ms: placed.end_at_ms,
+                placed_at_ms: placed.placed_at_ms,
+            }),
+            WriteOutcome::Accepted { .. } => Err(WriteFailure::Unavailable(Unavailable::Storage)),
+            WriteOutcome::Replay { seq } => self.replay(request.auction_id, seq).await,
+            WriteOutcome::Rejected(rejection) => Err(WriteFailure::Rejected(rejection)),
+            WriteOutcome::KeyReused => Err(WriteFailure::KeyReused),
+            WriteOutcome::Unavailable(reason) => Err(WriteFailure::Unavailable(Unavailable::Node(reason))),
+        }
+    }
+
+    async fn cancel_here(&self, request: CancelRequest) -> Result<(), WriteFailure> {
+        let keyed = request.key.map(|key| KeyedRequest {
+            key: IdempotencyKey { user_id: request.by, key },
+            fingerprint: keys::cancel_fingerprint(request.auction_id),
+        });
+        let outcome = self.node.cancel(request.auction_id, request.by, keyed).await.map_err(node_failure)?;
+        match outcome {
+            WriteOutcome::Accepted { .. } | WriteOutcome::Replay { .. } => Ok(()),
+            WriteOutcome::Rejected(rejection) => Err(WriteFailure::Rejected(rejection)),
+            WriteOutcome::KeyReused => Err(WriteFailure::KeyReused),
+            WriteOutcome::Unavailable(reason) => Err(WriteFailure::Unavailable(Unavailable::Node(reason))),
+        }
+    }
+
+    /// The answer a bid got the first time, read back from the store.
+    async fn replay(&self, auction_id: uuid::Uuid, seq: u64) -> Result<BidReceipt, WriteFailure> {
+        match self.db.bid(auction_id, seq).await {
+            Ok(Some(row)) => Ok(receipt_of_row(&row)),
+            // Committed, so readable; a reader lagging behind the writer is the only way here.
+            Ok(None) => Err(WriteFailure::Unavailable(Unavailable::Storage)),
+            Err(error) => Err(storage_failure("read replayed bid", error)),
+        }
+    }
+}
+
+/// The receipt of a stored bid (an idempotent replay).
+fn receipt_of_row(row: &BidRow) -> BidReceipt {
+    BidReceipt {
+        auction_id: row.auction_id,
+        leading: row.leader_id == row.bidder_id,
+        current_price: row.current_price,
+        leader_id: row.leader_id,
+        leader_username: row.leader_username.clone(),
+        your_max: row.max_amount,
+        seq: row.seq as u64,
+        bid_count: row.seq as u64,
+        end_at_ms: row.end_at_ms,
+        placed_at_ms: row.placed_at_ms,
+    }
+}
+
+fn node_failure(error: NodeError) -> WriteFailure {
+    match error {
+        NodeError::NotFound => WriteFailure::AuctionNotFound,
+        NodeError::Unavailable(reason) => WriteFailure::Unavailable(Unavailable::Node(reason)),
+        NodeError::OutcomeUnknown => WriteFailure::OutcomeUnknown,
+    }
+}
+
+fn storage_failure(context: &str, error: sqlx::Error) -> WriteFailure {
+    tracing::error!(%error, context, "storage failure");
+    WriteFailure::Unavailable(Unavailable::Storage)
+}

@@ -1,0 +1,206 @@
+//! Shard leases and cluster membership in the store.
+//!
+//! A lease row per shard: `owner`, `epoch` (the fencing token every commit
+//! checks) and `expires_at_ms`. Taking a shard raises its epoch; renewing keeps
+//! the epoch and moves the expiry; releasing sets the expiry to 0 so the next
+//! owner may take it at once. A membership row per node (`cluster_nodes`)
+//! says which nodes are live. Every time in these tables is the database's own
+//! clock (`clock_timestamp()`), so the nodes' clocks never have to agree.
+//!
+//! The embedded node (SQLite) has no cluster: it takes every shard at start-up
+//! without expiry (`acquire_all_shards`).
+
+use gavel_actors::ports::{SHARD_COUNT, ShardLease};
+use sqlx::PgPool;
+
+use super::Db;
+
+/// The database's clock in milliseconds since the Unix epoch.
+macro_rules! now_ms {
+    () => {
+        "(extract(epoch FROM clock_timestamp()) * 1000)::int8"
+    };
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct LeaseRow {
+    pub shard: i32,
+    pub owner: String,
+    pub epoch: i64,
+    pub expires_at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct MemberRow {
+    pub node_id: String,
+    pub advertise_url: String,
+    pub last_seen_ms: i64,
+}
+
+/// Everything a node needs to decide what to own, read at one moment.
+#[derive(Clone, Debug)]
+pub struct ClusterRows {
+    /// The database's clock when this was read.
+    pub now_ms: i64,
+    pub members: Vec<MemberRow>,
+    pub leases: Vec<LeaseRow>,
+}
+
+/// One shard's lease with its owner's address, and the database's clock.
+#[derive(Clone, Debug)]
+pub struct ShardOwner {
+    pub now_ms: i64,
+    pub lease: LeaseRow,
+    pub owner: Option<MemberRow>,
+}
+
+impl Db {
+    /// Takes every shard for `owner`, raising each epoch, and returns the
+    /// leases. For the single embedded node: it holds them without expiry; a
+    /// second process started on the same database file takes them over, and
+    /// the first one's writes are then refused (fenced).
+    pub async fn acquire_all_shards(&self, owner: &str) -> Result<Vec<ShardLease>, sqlx::Error> {
+        let sql = "INSERT INTO shard_leases (shard, owner, epoch, expires_at_ms) VALUES ($1, $2, 1, $3) \
+                   ON CONFLICT (shard) DO UPDATE SET owner = excluded.owner, \
+                   epoch = shard_leases.epoch + 1, expires_at_ms = excluded.expires_at_ms RETURNING epoch";
+        let mut leases = Vec::with_capacity(SHARD_COUNT as usize);
+        writing!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for shard in 0..SHARD_COUNT {
+                let epoch: i64 = sqlx::query_scalar(sql)
+                    .bind(shard as i32)
+                    .bind(owner)
+                    .bind(i64::MAX)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                leases.push(ShardLease { shard, epoch });
+            }
+            tx.commit().await?;
+        });
+        Ok(leases)
+    }
+
+    /// Every lease row, for `GET /api/v1/cluster`.
+    pub async fn lease_rows(&self) -> Result<Vec<LeaseRow>, sqlx::Error> {
+        let sql = "SELECT shard, owner, epoch, expires_at_ms FROM shard_leases ORDER BY shard";
+        reading!(self, pool => sqlx::query_as(sql).fetch_all(pool).await)
+    }
+
+    /// The cluster's leases and membership, when the store is shared (Postgres).
+    pub fn cluster_leases(&self) -> Option<PgLeases> {
+        match self {
+            Db::Postgres { pool, .. } => Some(PgLeases { pool: pool.clone() }),
+            Db::Sqlite { .. } => None,
+        }
+    }
+}
+
+/// Leases and membership of a cluster on Postgres.
+#[derive(Clone)]
+pub struct PgLeases {
+    pool: PgPool,
+}
+
+impl PgLeases {
+    /// Says this node is alive (and where to reach it); returns the database's clock.
+    pub async fn heartbeat(&self, node_id: &str, advertise_url: &str) -> Result<i64, sqlx::Error> {
+        let sql = concat!(
+            "INSERT INTO cluster_nodes (node_id, advertise_url, started_at_ms, last_seen_ms) VALUES ($1, $2, ",
+            now_ms!(),
+            ", ",
+            now_ms!(),
+            ") ON CONFLICT (node_id) DO UPDATE SET advertise_url = excluded.advertise_url, ",
+            "last_seen_ms = excluded.last_seen_ms RETURNING last_seen_ms"
+        );
+        sqlx::query_scalar(sql).bind(node_id).bind(advertise_url).fetch_one(&self.pool).await
+    }
+
+    /// Every member and lease, and the database's clock, in one transaction.
+    pub async fn read(&self) -> Result<ClusterRows, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let now_ms: i64 = sqlx::query_scalar(concat!("SELECT ", now_ms!())).fetch_one(&mut *tx).await?;
+        let members = sqlx::query_as("SELECT node_id, advertise_url, last_seen_ms FROM cluster_nodes ORDER BY node_id")
+            .fetch_all(&mut *tx)
+            .await?;
+        let leases = sqlx::query_as("SELECT shard, owner, epoch, expires_at_ms FROM shard_leases ORDER BY shard")
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ClusterRows { now_ms, members, leases })
+    }
+
+    /// Extends the leases `node_id` still holds at the epochs given; returns
+    /// the shards renewed (a shard missing from the answer was taken over).
+    pub async fn renew(&self, node_id: &str, held: &[ShardLease], lease_ms: i64) -> Result<Vec<u32>, sqlx::Error> {
+        let sql = concat!(
+            "UPDATE shard_leases s SET expires_at_ms = ",
+            now_ms!(),
+            " + $2 FROM UNNEST($3::int4[], $4::int8[]) AS h(shard, epoch) ",
+            "WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1 RETURNING s.shard"
+        );
+        let shards: Vec<i32> = sqlx::query_scalar(sql)
+            .bind(node_id)
+            .bind(lease_ms)
+            .bind(held.iter().map(|lease| lease.shard as i32).collect::<Vec<_>>())
+            .bind(held.iter().map(|lease| lease.epoch).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(shards.into_iter().map(|shard| shard as u32).collect())
+    }
+
+    /// Takes each of `shards` that is free (expired, released, never owned) or
+    /// was this node's own (a previous run of it), raising its epoch. Returns
+    /// the leases taken.
+    pub async fn take(&self, node_id: &str, shards: &[u32], lease_ms: i64) -> Result<Vec<ShardLease>, sqlx::Error> {
+        let sql = concat!(
+            "UPDATE shard_leases SET owner = $1, epoch = epoch + 1, expires_at_ms = ",
+            now_ms!(),
+            " + $2 WHERE shard = ANY($3) AND (owner = $1 OR owner = '' OR expires_at_ms <= ",
+            now_ms!(),
+            ") RETURNING shard, epoch"
+        );
+        let rows: Vec<(i32, i64)> = sqlx::query_as(sql)
+            .bind(node_id)
+            .bind(lease_ms)
+            .bind(shards.iter().map(|shard| *shard as i32).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|(shard, epoch)| ShardLease { shard: shard as u32, epoch }).collect())
+    }
+
+    /// Gives a lease up: it expires now, so the next owner takes it at once.
+    pub async fn release(&self, node_id: &str, lease: ShardLease) -> Result<bool, sqlx::Error> {
+        let sql = "UPDATE shard_leases SET expires_at_ms = 0 WHERE shard = $2 AND owner = $1 AND epoch = $3";
+        let result =
+            sqlx::query(sql).bind(node_id).bind(lease.shard as i32).bind(lease.epoch).execute(&self.pool).await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Leaves the cluster: this node is no longer counted when shards are spread.
+    pub async fn leave(&self, node_id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM cluster_nodes WHERE node_id = $1").bind(node_id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// One shard's lease as the store has it now, with its owner's address.
+    pub async fn owner_of(&self, shard: u32) -> Result<Option<ShardOwner>, sqlx::Error> {
+        let sql = concat!(
+            "SELECT ",
+            now_ms!(),
+            " AS now_ms, s.shard, s.owner, s.epoch, s.expires_at_ms, n.node_id AS member_id, ",
+            "n.advertise_url, n.last_seen_ms FROM shard_leases s ",
+            "LEFT JOIN cluster_nodes n ON n.node_id = s.owner WHERE s.shard = $1"
+        );
+        type Row = (i64, i32, String, i64, i64, Option<String>, Option<String>, Option<i64>);
+        let row: Option<Row> = sqlx::query_as(sql).bind(shard as i32).fetch_optional(&self.pool).await?;
+        Ok(row.map(|(now_ms, shard, owner, epoch, expires_at_ms, member_id, advertise_url, last_seen_ms)| {
+            let member = match (member_id, advertise_url, last_seen_ms) {
+                (Some(node_id), Some(advertise_url), Some(last_seen_ms)) => {
+                    Some(MemberRow { node_id, advertise_url, last_seen_ms })
+                }
+                _ => None,
+            };
+            ShardOwner { now_ms, lease: LeaseRow { shard, owner, epoch, expires_at_ms }, owner: member }
+        }))
+    }
+}
