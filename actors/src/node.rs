@@ -137,6 +137,7 @@ impl Node {
             store: store.clone(),
             queue: persistence_queue.clone(),
             settings: settings.persistence.clone(),
+            leases: leases.clone(),
         };
         let (persistence, _) = Actor::spawn(None, persistence_actor, ()).await?;
         let registry = Arc::new(Registry::default());

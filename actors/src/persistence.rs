@@ -13,7 +13,9 @@
 //!   dropped or reordered. While it retries, the bounded queue fills and new
 //!   writes are refused at admission (503) instead of piling up.
 //! - A batch refused for a stale lease epoch is the one exception: those
-//!   writes were not made, are not retried, and their auctions are told to stop.
+//!   writes were not made, are not retried, their auctions are told to stop,
+//!   and the shard is dropped from the node's leases (no auction of it takes
+//!   another write; the lease manager finds out who owns it now).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,6 +39,7 @@ use tracing::{debug, warn};
 use crate::admission::Admission;
 use crate::metrics_names as names;
 use crate::ports::{Store, StoreError, Write};
+use crate::shards::Leases;
 use tracing::Instrument;
 
 #[derive(Clone, Debug)]
@@ -83,6 +86,9 @@ pub struct PersistenceActor {
     /// Slots reserved by auction actors for each write; freed after commit.
     pub queue: Arc<Admission>,
     pub settings: PersistenceSettings,
+    /// The node's leases: a shard whose writes the store refused is dropped
+    /// from them at once, so none of its auctions takes another write.
+    pub leases: Arc<Leases>,
 }
 
 pub struct PersistenceState {
@@ -205,6 +211,9 @@ impl PersistenceActor {
         for (write, (actor, write_no)) in writes.into_iter().zip(origins) {
             if fenced_shards.contains(&write.lease.shard) {
                 refused += 1;
+                if self.leases.epoch_of(write.lease.shard) == Some(write.lease.epoch) {
+                    self.leases.revoke(write.lease.shard);
+                }
                 first_refused.entry(actor.actor_id()).or_insert((actor, write_no));
             } else {
                 kept_writes.push(write);

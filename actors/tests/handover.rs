@@ -226,6 +226,12 @@ async fn writes_under_a_stale_epoch_are_refused_and_never_acknowledged() {
     settle().await;
     assert_eq!(harness.node.live_auctions(), 0, "its state was ahead of the store: the actor stopped");
     assert_eq!(harness.node.persistence_queue.in_use(), 0, "the refused writes freed their queue slots");
+    assert_eq!(harness.leases.epoch_of(harness.shard), None, "the node dropped the shard");
+    assert_eq!(
+        harness.bid(400).await,
+        Err(NodeError::Unavailable(Unavailable::NotOwner { shard: harness.shard })),
+        "no auction of the shard takes another write"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -37,6 +37,7 @@ use serde_json::{Value, json};
 
 use http::Connection;
 
+#[derive(Clone)]
 struct Options {
     scenario: String,
     target: String,
@@ -131,7 +132,7 @@ impl Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_idle [--target HOST:PORT] [--targets HOST:PORT,...] \
+        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_idle|forward_cost [--target HOST:PORT] [--targets HOST:PORT,...] \
          [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] \
          [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--results PATH]\n       \
          gavel-bench table RESULTS.jsonl [--json PATH]"
@@ -241,6 +242,7 @@ async fn main() {
         "hot_auction" => hot_auction(&options).await,
         "many_auctions" => many_auctions(&options).await,
         "reads" => reads(&options).await,
+        "forward_cost" => forward_cost(&options).await,
         "http_ceiling" => http_ceiling(&options).await,
         "ws_fanout" => ws_fanout(&options).await,
         "ws_idle" => {
@@ -340,6 +342,57 @@ async fn many_auctions(options: &Options) {
     let verdict = verify(options, connection, &auctions, &report).await;
     let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
     finish(options, "many_auctions", &report, elapsed, throughput, Some(verdict));
+}
+
+/// What forwarding adds to a bid (a cluster, `--targets` its nodes): one
+/// auction bid on through the node that owns it, then another through a node
+/// that does not, the same load each time (best with `--rate`, open model).
+async fn forward_cost(options: &Options) {
+    let tokens = register(&options.target, options.connections + 1).await;
+    let mut connection = Connection::open(&options.target).await.expect("connect");
+    let (status, cluster) = json_call(&mut connection, "GET", "/api/v1/cluster", None, Value::Null).await;
+    assert_eq!(status, 200, "GET /api/v1/cluster: {cluster}");
+    let address_of = |node: &str| -> String {
+        let nodes = cluster["nodes"].as_array().expect("nodes");
+        let found = nodes.iter().find(|candidate| candidate["node_id"] == node).expect("the owner is a live node");
+        found["advertise_url"].as_str().expect("url").trim_start_matches("http://").to_owned()
+    };
+    let owner_of = async |connection: &mut Connection| {
+        let (status, auction) =
+            json_call(connection, "POST", "/api/v1/auctions", Some(&tokens[0]), auction_body()).await;
+        assert_eq!(status, 201, "create auction: {auction}");
+        let auction_id = auction["id"].as_str().expect("id").to_owned();
+        let path = format!("/api/v1/cluster/auctions/{auction_id}");
+        let (status, owner) = json_call(connection, "GET", &path, None, Value::Null).await;
+        assert_eq!(status, 200, "{path}: {owner}");
+        (auction_id, owner["owner"].as_str().expect("an owner").to_owned())
+    };
+    let (local_auction, local_owner) = owner_of(&mut connection).await;
+    let (forwarded_auction, forwarded_owner) = owner_of(&mut connection).await;
+    let elsewhere = cluster["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|node| node["node_id"].as_str().expect("id").to_owned())
+        .find(|node| *node != forwarded_owner)
+        .expect("a cluster of two nodes or more");
+    let legs = [
+        ("forward_cost_local", local_auction, address_of(&local_owner)),
+        ("forward_cost_forwarded", forwarded_auction, address_of(&elsewhere)),
+    ];
+    for (scenario, auction_id, target) in legs {
+        println!("  {scenario}: auction {auction_id} through {target}");
+        let mut leg = options.clone();
+        leg.targets = vec![target];
+        let auctions = vec![auction_id];
+        let started = Instant::now();
+        let report = bid_load(&leg, tokens[1..].to_vec(), &auctions, None).await;
+        let elapsed = started.elapsed();
+        let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
+        let verdict =
+            verify(options, Connection::open(&options.target).await.expect("connect"), &auctions, &report).await;
+        finish(options, scenario, &report, elapsed, throughput, Some(verdict));
+    }
 }
 
 fn auction_body() -> Value {

@@ -20,7 +20,7 @@ pub fn print(results: &str, json: Option<&str>) {
             .and_then(|row| row["throughput_per_s"].as_f64())
     };
     println!(
-        "{:<12} {:<9} {:<14} {:>13} {:>9} {:>9} {:>7} {:>13}  correct",
+        "{:<12} {:<11} {:<22} {:>13} {:>9} {:>9} {:>7} {:>13}  correct",
         "design", "backend", "scenario", "throughput/s", "p50 ms", "p99 ms", "errors", "÷ gavel (pg)"
     );
     let order = |row: &Value| {
@@ -49,7 +49,7 @@ pub fn print(results: &str, json: Option<&str>) {
             None => "–".to_owned(),
         };
         println!(
-            "{:<12} {:<9} {:<14} {:>13} {:>9.2} {:>9.2} {:>7} {:>13}  {correct}",
+            "{:<12} {:<11} {:<22} {:>13} {:>9.2} {:>9.2} {:>7} {:>13}  {correct}",
             row["design"].as_str().unwrap_or("?"),
             row["backend"].as_str().unwrap_or("?"),
             scenario,
