@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef, ActorStatus, MessagingErr, rpc::CallResult};
+use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, MessagingErr, SupervisionEvent, rpc::CallResult};
 use tracing::{debug, info, warn};
 
 use crate::admission::Admission;
@@ -114,6 +114,10 @@ pub struct Node {
     registry: Arc<Registry>,
     env: Arc<AuctionEnv>,
     accepting: AtomicBool,
+    /// Set by the persistence actor's supervisor if it fails: nothing can
+    /// become durable any more, so the node takes no writes and is not ready.
+    persistence_failed: Arc<AtomicBool>,
+    supervisor: ActorRef<()>,
     /// `gavel_actor_mailbox_depth`, registered once: the bid path only adds to it.
     mailbox_depth: metrics::Gauge,
 }
@@ -139,7 +143,10 @@ impl Node {
             settings: settings.persistence.clone(),
             leases: leases.clone(),
         };
-        let (persistence, _) = Actor::spawn(None, persistence_actor, ()).await?;
+        let persistence_failed = Arc::new(AtomicBool::new(false));
+        let supervisor_actor = PersistenceSupervisor { failed: persistence_failed.clone() };
+        let (supervisor, _) = Actor::spawn(None, supervisor_actor, ()).await?;
+        let (persistence, _) = Actor::spawn_linked(None, persistence_actor, (), supervisor.get_cell()).await?;
         let registry = Arc::new(Registry::default());
         let env = Arc::new(AuctionEnv {
             settings: settings.auction(),
@@ -160,6 +167,8 @@ impl Node {
             registry,
             env,
             accepting: AtomicBool::new(true),
+            persistence_failed,
+            supervisor,
             mailbox_depth: metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH),
         }))
     }
@@ -194,13 +203,22 @@ impl Node {
     }
 
     pub fn is_accepting(&self) -> bool {
-        self.accepting.load(Ordering::Acquire)
+        self.accepting.load(Ordering::Acquire) && !self.persistence_failed()
+    }
+
+    /// Whether the persistence actor failed (a bug): the node can make nothing
+    /// durable until it is restarted.
+    pub fn persistence_failed(&self) -> bool {
+        self.persistence_failed.load(Ordering::Acquire)
     }
 
     async fn call_write<F>(self: &Arc<Self>, auction_id: AuctionId, message: F) -> Result<WriteOutcome, NodeError>
     where
         F: Fn(ractor::RpcReplyPort<WriteOutcome>) -> AuctionMsg,
     {
+        if self.persistence_failed() {
+            return Err(NodeError::Unavailable(Unavailable::PersistenceGone));
+        }
         if !self.is_accepting() {
             return Err(NodeError::Unavailable(Unavailable::ShuttingDown));
         }
@@ -424,6 +442,40 @@ impl Node {
             handle.actor.stop(Some("shutdown".to_owned()));
         }
         self.persistence.stop(Some("shutdown".to_owned()));
+        self.supervisor.stop(Some("shutdown".to_owned()));
         info!(auctions = handles.len(), "node stopped");
+    }
+}
+
+/// Supervises the persistence actor. A failure (a panic: a bug) cannot be
+/// mended by a restart in place: the writes of the batch it held are in no
+/// one's hands, and their auctions wait for an answer that will not come. So
+/// it fails the node instead: no more writes, `/ready` says why, and the
+/// process is for its supervisor (systemd, compose, Kubernetes) to restart;
+/// every acknowledged bid is in the store, and a restart reloads from it.
+struct PersistenceSupervisor {
+    failed: Arc<AtomicBool>,
+}
+
+impl Actor for PersistenceSupervisor {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(&self, _myself: ActorRef<()>, _args: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<()>,
+        event: SupervisionEvent,
+        _state: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(_, error) = event {
+            tracing::error!(%error, "the persistence actor failed; this node takes no more writes");
+            self.failed.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 }

@@ -40,6 +40,8 @@ struct MemoryStore {
     gate: Semaphore,
     failures_left: AtomicUsize,
     commits: AtomicUsize,
+    /// The next commit panics (a bug in the store adapter).
+    panic_next: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -51,6 +53,7 @@ impl MemoryStore {
             gate: Semaphore::new(GATE_PERMITS as usize),
             failures_left: AtomicUsize::new(0),
             commits: AtomicUsize::new(0),
+            panic_next: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -68,6 +71,7 @@ impl Store for MemoryStore {
     fn commit<'a>(&'a self, batch: &'a [Write]) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let _permit = self.gate.acquire().await.expect("gate open");
+            assert!(!self.panic_next.swap(false, Ordering::AcqRel), "a bug in the store adapter");
             if self.failures_left.load(Ordering::Acquire) > 0 {
                 self.failures_left.fetch_sub(1, Ordering::AcqRel);
                 return Err(StoreError::Unavailable("injected failure".to_owned()));
@@ -263,4 +267,21 @@ async fn leases_past_their_last_renewal_take_no_writes() {
     harness.leases.trust_until(tokio::time::Instant::now() + Duration::from_secs(3));
     assert_eq!(accepted_seq(&harness.bid(200).await), Some(2), "renewed, it takes writes again");
     assert_eq!(harness.store.commits.load(Ordering::Acquire), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_persistence_actor_fails_the_node_instead_of_hanging_every_bid() {
+    let harness = harness().await;
+    assert_eq!(accepted_seq(&harness.bid(100).await), Some(1));
+    harness.store.panic_next.store(true, Ordering::Release);
+    // The write it held is in no one's hands: its bidder learns the outcome is unknown.
+    assert_eq!(harness.bid(200).await, Err(NodeError::OutcomeUnknown));
+    assert!(harness.node.persistence_failed(), "the supervisor saw the failure");
+    assert!(!harness.node.is_accepting());
+    assert_eq!(
+        harness.bid(300).await,
+        Err(NodeError::Unavailable(Unavailable::PersistenceGone)),
+        "later bids are refused at once, not left to time out"
+    );
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1]);
 }

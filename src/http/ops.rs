@@ -30,6 +30,9 @@ pub async fn ready(State(context): State<ApiContext>) -> Response {
         let body = json!({"error": {"code": "UNAVAILABLE", "message": format!("not ready: {reason}")}});
         (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], Json(body)).into_response()
     };
+    if context.node.persistence_failed() {
+        return not_ready("the persistence actor failed; restart the node");
+    }
     if !context.node.is_accepting() {
         return not_ready("shutting down");
     }
