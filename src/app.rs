@@ -11,13 +11,15 @@ use gavel_actors::node::{Node, NodeSettings};
 use gavel_actors::ports::{Clock, EventSink, Store};
 use gavel_actors::shards::Leases;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::auth::{self, Auth};
 use crate::bidding::Bidding;
 use crate::clock::SystemClock;
 use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
+use crate::events::Tee;
+use crate::events::redis::RedisEvents;
 use crate::http::{self, ApiContext, ContextInner};
 use crate::listener::LimitedListener;
 use crate::ratelimit::RateLimiter;
@@ -59,9 +61,6 @@ impl Application {
                 .await
                 .with_context(|| format!("opening SQLite in {}", config.data_dir.display()))?,
         };
-        if config.redis_url.is_some() {
-            warn!("--redis-url is set, but this build does not use Redis yet (cross-node events come with it)");
-        }
         let secret = match &config.jwt_secret {
             Some(secret) => secret.clone(),
             None => auth::load_or_create_secret(&config.data_dir).context("creating the JWT secret")?,
@@ -78,7 +77,28 @@ impl Application {
         let store: Arc<dyn Store> = Arc::new(DbStore { db: db.clone(), node_id: node_id.clone() });
         let hub = Hub::new(config.ws_settings()).context("starting the WebSocket runtime")?;
         let read_cache = Arc::new(ReadCache::new(READ_CACHE_ENTRIES));
-        let events: Arc<dyn EventSink> = Arc::new(InvalidatingSink { cache: read_cache.clone(), next: hub.clone() });
+        let redis = match &config.redis_url {
+            Some(url) => Some(
+                RedisEvents::start(
+                    url,
+                    &database_id,
+                    node_id.clone(),
+                    leases.clone(),
+                    clock.clone(),
+                    hub.clone(),
+                    read_cache.clone(),
+                )
+                .context("setting up Redis")?,
+            ),
+            None => None,
+        };
+        // After commit: the read cache, this node's watchers, and (with Redis) the other nodes'.
+        let mut sinks: Vec<Arc<dyn EventSink>> = vec![hub.clone()];
+        if let Some(redis) = &redis {
+            sinks.push(redis.clone());
+        }
+        let events: Arc<dyn EventSink> =
+            Arc::new(InvalidatingSink { cache: read_cache.clone(), next: Arc::new(Tee(sinks)) });
         let node = Node::start(settings, clock.clone(), store, events, leases).await.context("starting the actors")?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let listener = LimitedListener::new(listener, config.max_connections.max(1))
@@ -125,6 +145,7 @@ impl Application {
             hub: hub.clone(),
             read_cache,
             node_header,
+            redis,
         });
         let ticker = hub.spawn_ticker();
         Ok(Application { listener, context, sweeper, ticker, manager })

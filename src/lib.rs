@@ -8,6 +8,7 @@ pub mod bidding;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod listener;
 pub mod ratelimit;

@@ -23,6 +23,10 @@ pub const LEASE_RENEWALS_TOTAL: &str = "gavel_lease_renewals_total";
 pub const SHARD_MOVES_TOTAL: &str = "gavel_shard_moves_total";
 pub const FORWARDED_BIDS_TOTAL: &str = "gavel_forwarded_bids_total";
 pub const FORWARD_LATENCY_SECONDS: &str = "gavel_forward_latency_seconds";
+pub const REDIS_UP: &str = "gavel_redis_up";
+pub const PUBSUB_LAG_SECONDS: &str = "gavel_pubsub_lag_seconds";
+pub const PUBSUB_GAPS_TOTAL: &str = "gavel_pubsub_gaps_total";
+pub const PUBSUB_DROPPED_TOTAL: &str = "gavel_pubsub_dropped_total";
 
 /// `outcome` of a lease renewal: each lease renewed, each lease found taken
 /// over, each tick that failed.
@@ -114,6 +118,17 @@ fn describe() {
     describe_counter!(SHARD_MOVES_TOTAL, Unit::Count, "Shards this node acquired, released or lost.");
     describe_counter!(FORWARDED_BIDS_TOTAL, Unit::Count, "Writes forwarded to their shard's owner, by outcome.");
     describe_histogram!(FORWARD_LATENCY_SECONDS, Unit::Seconds, "Time from forwarding a write to the owner's answer.");
+    describe_gauge!(REDIS_UP, Unit::Count, "1 while Redis answers pings, 0 while not (absent without --redis-url).");
+    describe_histogram!(
+        PUBSUB_LAG_SECONDS,
+        Unit::Seconds,
+        "Time from an owner publishing an event to this node receiving it (wall clocks)."
+    );
+    describe_counter!(PUBSUB_GAPS_TOTAL, Unit::Count, "Events from other nodes that showed a gap (watchers resynced).");
+    describe_counter!(PUBSUB_DROPPED_TOTAL, Unit::Count, "Events not published, or not received, through Redis.");
+    metrics::counter!(PUBSUB_GAPS_TOTAL).absolute(0);
+    metrics::counter!(PUBSUB_DROPPED_TOTAL).absolute(0);
+    let _ = metrics::histogram!(PUBSUB_LAG_SECONDS);
     metrics::gauge!(SHARDS_OWNED).set(0.0);
     // Registered now so that the series (empty buckets) is there before the first forward.
     let _ = metrics::histogram!(FORWARD_LATENCY_SECONDS);

@@ -57,6 +57,8 @@ pub struct ContextInner {
     pub read_cache: Arc<crate::read_cache::ReadCache>,
     /// `Gavel-Node`, made once.
     pub node_header: axum::http::HeaderValue,
+    /// Cross-node events, when `--redis-url` is given.
+    pub redis: Option<Arc<crate::events::redis::RedisEvents>>,
 }
 
 impl std::ops::Deref for ApiContext {

@@ -17,7 +17,7 @@ use crate::telemetry;
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses((status = 200, description = "the process serves", body = StatusView)))]
 pub async fn health() -> Json<StatusView> {
-    Json(StatusView { status: "ok".to_owned() })
+    Json(StatusView { status: "ok".to_owned(), degraded: Vec::new() })
 }
 
 #[utoipa::path(get, path = "/ready", tag = "operations",
@@ -39,8 +39,13 @@ pub async fn ready(State(context): State<ApiContext>) -> Response {
     if !context.cluster.is_serving() {
         return not_ready("cluster membership not confirmed (the lease store cannot be reached)");
     }
+    // Redis carries events between nodes, never bids: its absence degrades, it does not stop.
+    let degraded = match &context.redis {
+        Some(redis) if !redis.is_up() => vec!["redis".to_owned()],
+        _ => Vec::new(),
+    };
     match tokio::time::timeout(Duration::from_secs(2), context.db.ping()).await {
-        Ok(Ok(())) => Json(StatusView { status: "ready".to_owned() }).into_response(),
+        Ok(Ok(())) => Json(StatusView { status: "ready".to_owned(), degraded }).into_response(),
         Ok(Err(_)) => not_ready("store unreachable"),
         Err(_) => not_ready("store timed out"),
     }

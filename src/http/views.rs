@@ -203,4 +203,8 @@ pub struct MyBidsPage {
 pub struct StatusView {
     #[schema(example = "ok")]
     pub status: String,
+    /// Parts that are down without stopping the node (`redis`: events of
+    /// other nodes' auctions do not reach watchers here until it is back).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
 }

@@ -104,8 +104,15 @@ pub struct Joined {
     pub replay: Option<(Version, Vec<Arc<Frame>>)>,
 }
 
+/// Watchers of an auction on the other nodes of a cluster.
+pub trait RemoteViewers: Send + Sync + 'static {
+    fn count(&self, auction_id: AuctionId) -> u64;
+}
+
 pub struct Hub {
     pub settings: WsSettings,
+    /// Set in a cluster with Redis: `viewers` counts every node's watchers.
+    remote_viewers: std::sync::OnceLock<Arc<dyn RemoteViewers>>,
     topics: Mutex<HashMap<AuctionId, Arc<Topic>>>,
     users: Mutex<HashMap<UserId, Vec<PrivateRoute>>>,
     /// Topics with a batch waiting.
@@ -159,6 +166,7 @@ impl Hub {
         let runtime = FanoutRuntime(Some(fanout_runtime()?));
         Ok(Arc::new(Hub {
             settings,
+            remote_viewers: std::sync::OnceLock::new(),
             topics: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
             waiting: Mutex::new(Vec::new()),
@@ -227,7 +235,7 @@ impl Hub {
             topics.iter().map(|(id, topic)| (*id, topic.clone())).collect()
         };
         for (auction_id, topic) in &topics {
-            let viewers = topic.sender.receiver_count();
+            let viewers = topic.sender.receiver_count() + self.remote_viewers(*auction_id) as usize;
             let changed = {
                 let mut state = topic.state.lock().expect("topic lock");
                 let changed = viewers != state.viewers_sent;
@@ -300,9 +308,52 @@ impl Hub {
         Joined { receiver, replay }
     }
 
+    /// Makes every subscriber of the auction take a fresh snapshot (events
+    /// from another node were missed).
+    pub fn resync(&self, auction_id: AuctionId) {
+        let topic = self.topics.lock().expect("topics lock").get(&auction_id).cloned();
+        if let Some(topic) = topic {
+            let _sending = topic.sending.lock().expect("sending lock");
+            let _ = topic.sender.send(Arc::new(Batch::resync(auction_id)));
+        }
+    }
+
+    /// `resync` for every watched auction that `which` picks.
+    pub fn resync_where(&self, which: impl Fn(AuctionId) -> bool) {
+        let watched: Vec<AuctionId> = {
+            let topics = self.topics.lock().expect("topics lock");
+            topics.iter().filter(|(_, topic)| topic.sender.receiver_count() > 0).map(|(id, _)| *id).collect()
+        };
+        for auction_id in watched.into_iter().filter(|id| which(*id)) {
+            self.resync(auction_id);
+        }
+    }
+
+    /// Watchers of the auction, on this node and (in a cluster with Redis) the others.
     pub fn viewers(&self, auction_id: AuctionId) -> u64 {
+        let local = {
+            let topics = self.topics.lock().expect("topics lock");
+            topics.get(&auction_id).map_or(0, |topic| topic.sender.receiver_count() as u64)
+        };
+        local + self.remote_viewers(auction_id)
+    }
+
+    /// This node's watchers, by auction, of every auction that has some.
+    pub fn local_viewers(&self) -> Vec<(AuctionId, u64)> {
         let topics = self.topics.lock().expect("topics lock");
-        topics.get(&auction_id).map_or(0, |topic| topic.sender.receiver_count() as u64)
+        topics
+            .iter()
+            .map(|(id, topic)| (*id, topic.sender.receiver_count() as u64))
+            .filter(|(_, count)| *count > 0)
+            .collect()
+    }
+
+    pub fn set_remote_viewers(&self, remote: Arc<dyn RemoteViewers>) {
+        let _ = self.remote_viewers.set(remote);
+    }
+
+    fn remote_viewers(&self, auction_id: AuctionId) -> u64 {
+        self.remote_viewers.get().map_or(0, |remote| remote.count(auction_id))
     }
 
     pub fn connection_id(&self) -> u64 {

@@ -320,7 +320,8 @@ impl Connection {
                     // then the private messages they caused.
                     let mut last = Out::default();
                     while let Some(Some((_, Ok(batch)))) = self.subscriptions.next().now_or_never() {
-                        self.accept_batch(&batch, &mut last);
+                        // Shutting down: a gap is not mended by a snapshot any more.
+                        let _ = self.accept_batch(&batch, &mut last);
                     }
                     while let Ok(message) = direct_queue.try_recv() {
                         last.push(message.encode(self.encoding), 1);
@@ -440,11 +441,21 @@ impl Connection {
     ) -> Result<(), Stop> {
         let mut out = Out::default();
         let mut lagged = HashSet::new();
+        let mut stale = HashSet::new();
         let mut item = Some((auction_id, first));
         let mut handled = 0;
         while let Some((auction_id, result)) = item.take() {
             match result {
-                Ok(batch) if !lagged.contains(&auction_id) => self.accept_batch(&batch, &mut out),
+                // The node missed events of this auction (from another node):
+                // a snapshot replaces what this subscriber may not have seen.
+                Ok(batch) if batch.resync => {
+                    stale.insert(auction_id);
+                }
+                Ok(batch) if !lagged.contains(&auction_id) && !stale.contains(&auction_id) => {
+                    if !self.accept_batch(&batch, &mut out) {
+                        stale.insert(auction_id);
+                    }
+                }
                 Ok(_) => {}
                 // Events were lost to this reader: nothing more of this auction
                 // is written until a snapshot has replaced the gap.
@@ -461,31 +472,43 @@ impl Connection {
         for auction_id in lagged {
             self.resync(auction_id).await?;
         }
+        for auction_id in stale {
+            if self.versions.contains_key(&auction_id) {
+                self.resubscribe(auction_id).await?;
+            }
+        }
         Ok(())
     }
 
     /// The part of a batch this subscription has not been shown yet: its
     /// frames are in order, so that is everything from the first new one on.
-    fn accept_batch(&mut self, batch: &Batch, out: &mut Out) {
+    /// `false` (nothing shown) when the new frames do not follow on from what
+    /// was shown: events of another node's auction were missed on the way
+    /// here, and a snapshot must replace them.
+    fn accept_batch(&mut self, batch: &Batch, out: &mut Out) -> bool {
         let Some(shown) = self.versions.get_mut(&batch.auction_id) else {
-            return;
+            return true;
         };
         let first_new = batch.frames.iter().position(|frame| frame.version.is_none_or(|version| version > *shown));
         let Some(first_new) = first_new else {
-            return;
+            return true;
         };
+        if !follows_on(*shown, &batch.frames[first_new..]) {
+            return false;
+        }
         if let Some(version) = batch.frames.iter().rev().find_map(|frame| frame.version) {
             *shown = (*shown).max(version);
         }
         let messages = batch.frames[first_new..].iter().map(|frame| frame.message_count()).sum();
         if self.deflate && first_new == 0 {
             out.push(batch.deflated_wire(self.encoding).clone(), messages);
-            return;
+            return true;
         }
         // Part of a batch goes uncompressed: its compressed messages would
         // refer to the ones before them.
         let (wire, starts) = batch.wire(self.encoding);
         out.push(wire.slice(starts[first_new]..), messages);
+        true
     }
 
     fn accept(&mut self, frame: &Frame, out: &mut Out) {
@@ -511,6 +534,11 @@ impl Connection {
         if self.resyncs.len() > self.hub.settings.max_resyncs_per_minute {
             return Err(Stop::Close(CLOSE_POLICY, "too slow to keep up"));
         }
+        self.resubscribe(auction_id).await
+    }
+
+    /// A fresh snapshot, and the auction's events from there on.
+    async fn resubscribe(&mut self, auction_id: AuctionId) -> Result<(), Stop> {
         self.subscriptions.remove(&auction_id);
         self.versions.remove(&auction_id);
         let joined = self.hub.join(auction_id, None);
@@ -722,6 +750,27 @@ impl Connection {
         });
         Ok(())
     }
+}
+
+/// Whether `frames` continue the sequence from `shown` without a gap: each
+/// bid raises `seq` by one, each start, end or cancel moves the stage at the
+/// same `seq`. A node's own auctions always do; events that crossed Redis
+/// might not.
+fn follows_on(shown: Version, frames: &[Arc<protocol::Frame>]) -> bool {
+    let mut last = shown;
+    for frame in frames {
+        let Some(version) = frame.version else { continue };
+        let next = if frame.is_lifecycle() {
+            version.seq == last.seq && version.stage > last.stage
+        } else {
+            version.seq == last.seq + 1 && version.stage == last.stage
+        };
+        if !next {
+            return false;
+        }
+        last = version;
+    }
+    true
 }
 
 fn bid_error(request_id: String, error: &ApiError) -> ServerMessage {

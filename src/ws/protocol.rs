@@ -319,6 +319,9 @@ impl Frame {
 pub struct Batch {
     pub auction_id: AuctionId,
     pub frames: Vec<Arc<Frame>>,
+    /// No frames: the node may have missed events of the auction (from another
+    /// node); each subscriber takes a fresh snapshot instead.
+    pub resync: bool,
     json: OnceLock<(Bytes, Vec<usize>)>,
     msgpack: OnceLock<(Bytes, Vec<usize>)>,
     /// The whole batch compressed (`permessage-deflate`), per encoding.
@@ -331,11 +334,17 @@ impl Batch {
         Batch {
             auction_id,
             frames,
+            resync: false,
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
             json_deflated: OnceLock::new(),
             msgpack_deflated: OnceLock::new(),
         }
+    }
+
+    /// Tells every subscriber of the auction to take a fresh snapshot.
+    pub fn resync(auction_id: AuctionId) -> Batch {
+        Batch { resync: true, ..Batch::new(auction_id, Vec::new()) }
     }
 
     /// Every message of the batch, compressed as one stream that starts with

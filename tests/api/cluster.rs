@@ -19,24 +19,30 @@ use crate::helpers::{
 const JWT_SECRET: &str = "cluster-test-secret-0123456789abcdef0123";
 const NODE_NAMES: [&str; 4] = ["node-a", "node-b", "node-c", "node-d"];
 
-struct Member {
-    id: String,
+pub struct Member {
+    pub id: String,
     port: u16,
     _data_dir: tempfile::TempDir,
     process: Option<ServerProcess>,
 }
 
 /// N real nodes on one fresh Postgres database.
-struct TestCluster {
+pub struct TestCluster {
     database_url: String,
-    lease_secs: u64,
-    members: Vec<Member>,
+    pub lease_secs: u64,
+    pub members: Vec<Member>,
+    /// Flags every node gets besides its own.
+    extra_flags: Vec<String>,
 }
 
 impl TestCluster {
-    async fn start(nodes: usize, lease_secs: u64) -> TestCluster {
+    pub async fn start(nodes: usize, lease_secs: u64) -> TestCluster {
+        Self::start_with(nodes, lease_secs, Vec::new()).await
+    }
+
+    pub async fn start_with(nodes: usize, lease_secs: u64, extra_flags: Vec<String>) -> TestCluster {
         let mut cluster =
-            TestCluster { database_url: fresh_postgres_database().await, lease_secs, members: Vec::new() };
+            TestCluster { database_url: fresh_postgres_database().await, lease_secs, members: Vec::new(), extra_flags };
         for _ in 0..nodes {
             cluster.add().await;
         }
@@ -45,7 +51,7 @@ impl TestCluster {
     }
 
     /// Starts one more node; returns its index.
-    async fn add(&mut self) -> usize {
+    pub async fn add(&mut self) -> usize {
         let index = self.members.len();
         let id = NODE_NAMES[index].to_owned();
         let port = free_port();
@@ -54,39 +60,40 @@ impl TestCluster {
             ["--node-id", &id, "--lease-secs", &self.lease_secs.to_string(), "--jwt-secret", JWT_SECRET]
                 .iter()
                 .map(|flag| (*flag).to_owned())
+                .chain(self.extra_flags.iter().cloned())
                 .collect();
         let process = ServerProcess::start_with(data_dir.path(), Some(&self.database_url), port, &flags).await;
         self.members.push(Member { id, port, _data_dir: data_dir, process: Some(process) });
         index
     }
 
-    fn address(&self, index: usize) -> String {
+    pub fn address(&self, index: usize) -> String {
         format!("http://127.0.0.1:{}", self.members[index].port)
     }
 
-    fn api(&self, index: usize) -> Api<'_> {
+    pub fn api(&self, index: usize) -> Api<'_> {
         self.members[index].process.as_ref().expect("node running").api()
     }
 
-    fn process(&self, index: usize) -> &ServerProcess {
+    pub fn process(&self, index: usize) -> &ServerProcess {
         self.members[index].process.as_ref().expect("node running")
     }
 
-    fn take(&mut self, index: usize) -> ServerProcess {
+    pub fn take(&mut self, index: usize) -> ServerProcess {
         self.members[index].process.take().expect("node running")
     }
 
-    fn index_of(&self, node_id: &str) -> usize {
+    pub fn index_of(&self, node_id: &str) -> usize {
         self.members.iter().position(|member| member.id == node_id).expect("a known node")
     }
 
-    async fn view(&self, via: usize) -> Value {
+    pub async fn view(&self, via: usize) -> Value {
         let (status, view) = self.api(via).get("/api/v1/cluster", None).await;
         assert_eq!(status, StatusCode::OK, "{view}");
         view
     }
 
-    async fn owner_of(&self, via: usize, auction_id: &str) -> String {
+    pub async fn owner_of(&self, via: usize, auction_id: &str) -> String {
         let (status, body) = self.api(via).get(&format!("/api/v1/cluster/auctions/{auction_id}"), None).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["owner"].as_str().expect("an owner").to_owned()
@@ -94,7 +101,7 @@ impl TestCluster {
 
     /// Waits until `count` nodes are live, every shard is owned by one of
     /// them, and the spread is even (256 / count, or one more).
-    async fn settled(&self, count: usize) -> Value {
+    pub async fn settled(&self, count: usize) -> Value {
         let via = self.members.iter().position(|member| member.process.is_some()).unwrap();
         eventually(Duration::from_secs(20), "the shards to settle over the nodes", || async move {
             let view = self.view(via).await;
@@ -114,7 +121,7 @@ impl TestCluster {
     }
 
     /// How many shards each node owns, by node id.
-    async fn spread(&self, via: usize) -> HashMap<String, u64> {
+    pub async fn spread(&self, via: usize) -> HashMap<String, u64> {
         let view = self.view(via).await;
         view["nodes"]
             .as_array()
@@ -127,21 +134,21 @@ impl TestCluster {
 
 /// One answer a bidder got: which node answered, which decided, what was asked.
 #[derive(Clone, Debug)]
-struct Answer {
-    status: StatusCode,
-    node: Option<String>,
-    owner: Option<String>,
-    request: Value,
-    body: Value,
+pub struct Answer {
+    pub status: StatusCode,
+    pub node: Option<String>,
+    pub owner: Option<String>,
+    pub request: Value,
+    pub body: Value,
 }
 
-type Answers = Arc<Mutex<Vec<Answer>>>;
+pub type Answers = Arc<Mutex<Vec<Answer>>>;
 
 /// Bidders that bid just above the price they last heard of, each through the
 /// nodes at `routes[bidder]` in turn, until `stop` is set. A `503` is retried
 /// after a pause; a node that cannot be reached (it died) is dropped from the
 /// bidder's rotation. Every answer is recorded.
-fn cluster_storm(
+pub fn cluster_storm(
     routes: Vec<Vec<String>>,
     bidders: Vec<User>,
     auction_id: String,
@@ -209,7 +216,7 @@ fn cluster_storm(
         .collect()
 }
 
-fn acknowledged_of(answers: &Answers) -> Vec<Value> {
+pub fn acknowledged_of(answers: &Answers) -> Vec<Value> {
     let mut acknowledged: Vec<Value> = answers
         .lock()
         .unwrap()
@@ -221,11 +228,11 @@ fn acknowledged_of(answers: &Answers) -> Vec<Value> {
     acknowledged
 }
 
-fn created_count(answers: &Answers) -> usize {
+pub fn created_count(answers: &Answers) -> usize {
     answers.lock().unwrap().iter().filter(|answer| answer.status == StatusCode::CREATED).count()
 }
 
-async fn wait_for_acknowledged(answers: &Answers, at_least: usize, what: &str) {
+pub async fn wait_for_acknowledged(answers: &Answers, at_least: usize, what: &str) {
     eventually(Duration::from_secs(60), what, || {
         let count = created_count(answers);
         async move { (count >= at_least).then_some(()) }
@@ -234,7 +241,7 @@ async fn wait_for_acknowledged(answers: &Answers, at_least: usize, what: &str) {
 }
 
 /// Every 201 is in the store's history unchanged, and no seq was acknowledged twice.
-fn check_acknowledged_are_stored(history: &[Value], acknowledged: &[Value]) {
+pub fn check_acknowledged_are_stored(history: &[Value], acknowledged: &[Value]) {
     for (position, row) in history.iter().enumerate() {
         assert_eq!(row["seq"].as_u64(), Some(position as u64 + 1), "history is 1..n without gaps");
     }
@@ -252,7 +259,7 @@ fn check_acknowledged_are_stored(history: &[Value], acknowledged: &[Value]) {
 }
 
 /// Only 503 among the server errors: nothing a node did came out as a 500.
-fn check_no_other_server_errors(answers: &Answers) {
+pub fn check_no_other_server_errors(answers: &Answers) {
     for answer in answers.lock().unwrap().iter() {
         assert!(
             !answer.status.is_server_error() || answer.status == StatusCode::SERVICE_UNAVAILABLE,
@@ -266,13 +273,13 @@ fn check_no_other_server_errors(answers: &Answers) {
     }
 }
 
-async fn labelled_metric(address: &str, series: &str) -> f64 {
+pub async fn labelled_metric(address: &str, series: &str) -> f64 {
     let text = client().get(format!("{address}/metrics")).send().await.unwrap().text().await.unwrap();
     let prefix = format!("{series} ");
     text.lines().find_map(|line| line.strip_prefix(prefix.as_str())).map_or(0.0, |value| value.trim().parse().unwrap())
 }
 
-async fn users(api: &Api<'_>, bidders: usize) -> (User, Vec<User>) {
+pub async fn users(api: &Api<'_>, bidders: usize) -> (User, Vec<User>) {
     let seller = api.register("seller").await;
     let mut users = Vec::new();
     for index in 0..bidders {

@@ -4,6 +4,7 @@
 mod bad_input;
 mod basics;
 mod cluster;
+mod cluster_events;
 mod concurrency;
 mod helpers;
 mod observability;

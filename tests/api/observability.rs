@@ -11,6 +11,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
+use gavel_actors::node::NodeSettings;
+
 use crate::helpers::{Backend, HasApi, TestApp, eventually, free_port, metric};
 use crate::ws_client::WsClient;
 
@@ -67,6 +69,9 @@ const REQUIRED_SERIES: &[&str] = &[
     "gavel_shard_moves_total",
     "gavel_forwarded_bids_total",
     "gavel_forward_latency_seconds",
+    "gavel_pubsub_lag_seconds",
+    "gavel_pubsub_gaps_total",
+    "gavel_pubsub_dropped_total",
 ];
 
 /// Accepted and rejected bids, a watcher, a 404: every series has samples.
@@ -159,7 +164,10 @@ fn concrete(expr: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_a_node_and_every_panel_and_alert_evaluates() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
+    // With the machine's Redis (its keys are under this database's own id), so the Redis panels have data.
+    let redis = std::env::var("GAVEL_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |config| config.redis_url = Some(redis), NodeSettings::default()).await;
     let work = tempfile::tempdir().unwrap();
     let target = app.address.trim_start_matches("http://");
     let config = format!(
@@ -228,7 +236,7 @@ async fn prometheus_scrapes_a_node_and_every_panel_and_alert_evaluates() {
             .iter()
             .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        (rules.len() == 8 && rules.iter().all(|rule| rule["lastEvaluation"] != "0001-01-01T00:00:00Z")).then_some(rules)
+        (rules.len() == 9 && rules.iter().all(|rule| rule["lastEvaluation"] != "0001-01-01T00:00:00Z")).then_some(rules)
     })
     .await;
     for rule in rules {

@@ -18,7 +18,7 @@ pub type TimestampMs = i64;
 
 /// A user as auctions show them: the id and the name. The name is shared, so
 /// the many copies a bid makes (state, event, write, reply) cost no allocation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UserRef {
     pub id: UserId,
     pub username: Arc<str>,
@@ -59,7 +59,7 @@ impl Status {
 }
 
 /// What the seller fixed when creating the auction; never changes afterwards.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Terms {
     pub starting_price: Money,
     pub reserve_price: Option<Money>,
@@ -68,13 +68,13 @@ pub struct Terms {
 }
 
 /// The current leader and their secret proxy maximum `M`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Leader {
     pub user: UserRef,
     pub max_amount: Money,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuctionState {
     pub id: AuctionId,
     pub seller: UserRef,
@@ -112,7 +112,7 @@ pub enum Command {
 }
 
 /// One accepted bid, with the auction as it stands right after it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BidPlaced {
     pub seq: u64,
     pub bidder: UserRef,
@@ -134,7 +134,7 @@ pub struct BidPlaced {
     pub outbid: Option<UserRef>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Event {
     BidPlaced(BidPlaced),
     Started { seq: u64 },

@@ -1,0 +1,270 @@
+//! Live events across nodes, through a Redis of the test's own (a
+//! `redis-server` on a free port): a watcher on any node sees every event of
+//! an auction owned by another, in order and once (or a superseding
+//! snapshot), also when the owner dies and when Redis restarts.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::cluster::{
+    Answers, TestCluster, check_acknowledged_are_stored, check_no_other_server_errors, cluster_storm, created_count,
+    labelled_metric, users, wait_for_acknowledged,
+};
+use crate::helpers::{auction_body, eventually, free_port};
+use crate::ws_client::{Watcher, WsClient};
+
+/// A `redis-server` of the test's own, stopped when dropped.
+struct RedisServer {
+    port: u16,
+    process: Option<tokio::process::Child>,
+}
+
+impl RedisServer {
+    async fn start() -> RedisServer {
+        let mut server = RedisServer { port: free_port(), process: None };
+        server.restart().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed");
+        self.process = Some(child);
+        let address = format!("127.0.0.1:{}", self.port);
+        eventually(Duration::from_secs(10), "redis-server to listen", || {
+            let address = address.clone();
+            async move { tokio::net::TcpStream::connect(address).await.ok().map(|_| ()) }
+        })
+        .await;
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.start_kill().expect("kill redis-server");
+            let _ = process.wait().await;
+        }
+    }
+}
+
+async fn cluster_with_redis(nodes: usize, lease_secs: u64, redis: &RedisServer) -> TestCluster {
+    let cluster = TestCluster::start_with(nodes, lease_secs, vec!["--redis-url".to_owned(), redis.url()]).await;
+    // Every node subscribed (its Redis health check says up) before anything is published.
+    for index in 0..nodes {
+        let address = cluster.address(index);
+        eventually(Duration::from_secs(10), "the node to reach Redis", || {
+            let address = address.clone();
+            async move { (labelled_metric(&address, "gavel_redis_up").await == 1.0).then_some(()) }
+        })
+        .await;
+    }
+    cluster
+}
+
+/// What a watcher saw from its snapshot on, until it has been shown `last_seq`:
+/// bids must follow each other by one `seq`; a snapshot may supersede them (a
+/// resync) but never go back. Returns the bids' seqs and how many snapshots.
+async fn watch_until(watcher: &mut WsClient, snapshot: &Value, last_seq: u64) -> (Vec<u64>, usize) {
+    let mut shown = snapshot["auction"]["seq"].as_u64().expect("a snapshot's seq");
+    let (mut seqs, mut snapshots) = (Vec::new(), 0);
+    while shown < last_seq {
+        let message = watcher.next_event().await;
+        match message["type"].as_str() {
+            Some("bid") => {
+                let seq = message["seq"].as_u64().unwrap();
+                assert_eq!(seq, shown + 1, "bids arrive in order, once, without a gap: {message}");
+                shown = seq;
+                seqs.push(seq);
+            }
+            Some("snapshot") => {
+                let seq = message["auction"]["seq"].as_u64().unwrap();
+                assert!(seq >= shown, "a snapshot never goes back: {seq} after {shown}");
+                shown = seq;
+                snapshots += 1;
+            }
+            _ => {}
+        }
+    }
+    (seqs, snapshots)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_on_other_nodes_see_every_bid_in_order_and_outbid_reaches_its_user() {
+    let redis = RedisServer::start().await;
+    let cluster = cluster_with_redis(3, 10, &redis).await;
+    let (seller, bidders) = users(&cluster.api(0), 6).await;
+    let olivia = cluster.api(0).register("olivia").await;
+    let auction = cluster
+        .api(0)
+        .create_auction(&seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1})))
+        .await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let owner = cluster.index_of(&cluster.owner_of(0, &auction_id).await);
+    let (b, c) = match owner {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+
+    let mut json_watcher = WsClient::connect(&cluster.address(c), None).await;
+    let json_snapshot = json_watcher.subscribe(&auction_id).await;
+    let mut msgpack_watcher = WsClient::connect_msgpack(&cluster.address(b), None).await;
+    let msgpack_snapshot = msgpack_watcher.subscribe(&auction_id).await;
+    // `viewers` counts the watchers of every node: one here, one on B.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while json_watcher.next_of("viewers").await["count"] != 2 {
+        assert!(std::time::Instant::now() < deadline, "a viewer count of both nodes' watchers within 10 s");
+    }
+    // Olivia's own connection is on C; she bids through the owner.
+    let mut olivia_on_c = WsClient::connect(&cluster.address(c), Some(&olivia.token)).await;
+    olivia_on_c.drain().await;
+    let (status, placed) = cluster.api(owner).bid(&olivia, &auction_id, 1_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{placed}");
+
+    let answers: Answers = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let through = vec![cluster.address(owner), cluster.address(b)];
+    let routes = (0..bidders.len()).map(|_| through.clone()).collect();
+    let storm = cluster_storm(routes, bidders, auction_id.clone(), answers.clone(), stop.clone());
+    wait_for_acknowledged(&answers, 120, "120 bids through the owner and B").await;
+    stop.store(true, Ordering::Release);
+    for bidder in storm {
+        bidder.await.unwrap();
+    }
+    check_no_other_server_errors(&answers);
+    let last_seq = cluster.api(owner).auction(&auction_id).await["seq"].as_u64().unwrap();
+
+    for (name, watcher, snapshot) in [
+        ("JSON on C", &mut json_watcher, &json_snapshot),
+        ("MessagePack on B", &mut msgpack_watcher, &msgpack_snapshot),
+    ] {
+        let (seqs, snapshots) = watch_until(watcher, snapshot, last_seq).await;
+        assert_eq!(snapshots, 0, "{name}: no resync without a fault");
+        assert_eq!(seqs.len() as u64, last_seq - snapshot["auction"]["seq"].as_u64().unwrap(), "{name}: every bid");
+    }
+    let outbid = olivia_on_c.next_of("outbid").await;
+    assert_eq!(outbid["auction_id"], auction_id.as_str(), "{outbid}");
+    assert_eq!(labelled_metric(&cluster.address(c), "gavel_pubsub_gaps_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_go_on_after_the_owner_is_killed() {
+    let redis = RedisServer::start().await;
+    let mut cluster = cluster_with_redis(3, 3, &redis).await;
+    let (seller, bidders) = users(&cluster.api(0), 6).await;
+    let auction = cluster
+        .api(0)
+        .create_auction(&seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1})))
+        .await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let owner = cluster.index_of(&cluster.owner_of(0, &auction_id).await);
+    let others: Vec<usize> = (0..3).filter(|index| *index != owner).collect();
+    let mut watchers = Vec::new();
+    for (index, other) in others.iter().enumerate() {
+        let mut watcher = if index == 0 {
+            WsClient::connect(&cluster.address(*other), None).await
+        } else {
+            WsClient::connect_msgpack(&cluster.address(*other), None).await
+        };
+        let snapshot = watcher.subscribe(&auction_id).await;
+        watchers.push((watcher, snapshot));
+    }
+
+    let answers: Answers = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let through: Vec<String> = others.iter().map(|index| cluster.address(*index)).collect();
+    let routes = (0..bidders.len()).map(|_| through.clone()).collect();
+    let storm = cluster_storm(routes, bidders, auction_id.clone(), answers.clone(), stop.clone());
+    wait_for_acknowledged(&answers, 60, "60 bids before the kill").await;
+    cluster.take(owner).kill_hard().await;
+    let at_kill = created_count(&answers);
+    wait_for_acknowledged(&answers, at_kill + 60, "60 bids after the takeover").await;
+    stop.store(true, Ordering::Release);
+    for bidder in storm {
+        bidder.await.unwrap();
+    }
+    check_no_other_server_errors(&answers);
+    let survivor = others[0];
+    let history = cluster.api(survivor).history(&auction_id).await;
+    check_acknowledged_are_stored(&history, &crate::cluster::acknowledged_of(&answers));
+    let last_seq = history.len() as u64;
+    for (watcher, snapshot) in &mut watchers {
+        // In order, once, no gap: bids, or a snapshot that supersedes them.
+        let (seqs, _snapshots) = watch_until(watcher, snapshot, last_seq).await;
+        assert!(!seqs.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_fails_no_bid_and_watchers_are_resynchronised() {
+    let mut redis = RedisServer::start().await;
+    let cluster = cluster_with_redis(2, 10, &redis).await;
+    let (seller, bidders) = users(&cluster.api(0), 4).await;
+    let auction = cluster
+        .api(0)
+        .create_auction(&seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1})))
+        .await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let owner = cluster.index_of(&cluster.owner_of(0, &auction_id).await);
+    let other = 1 - owner;
+    let mut watcher = WsClient::connect(&cluster.address(other), None).await;
+    let snapshot = watcher.subscribe(&auction_id).await;
+
+    let answers: Answers = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let through = vec![cluster.address(owner), cluster.address(other)];
+    let routes = (0..bidders.len()).map(|_| through.clone()).collect();
+    let storm = cluster_storm(routes, bidders, auction_id.clone(), answers.clone(), stop.clone());
+    wait_for_acknowledged(&answers, 40, "40 bids before Redis stops").await;
+
+    redis.stop().await;
+    eventually(Duration::from_secs(10), "the node to see Redis down", || async {
+        let (status, body) = cluster.api(other).get("/ready", None).await;
+        (status == StatusCode::OK && body["degraded"] == json!(["redis"])).then_some(())
+    })
+    .await;
+    let while_down = created_count(&answers);
+    wait_for_acknowledged(&answers, while_down + 40, "40 bids while Redis is down").await;
+    redis.restart().await;
+    eventually(Duration::from_secs(15), "the node to reach Redis again", || async {
+        (labelled_metric(&cluster.address(other), "gavel_redis_up").await == 1.0).then_some(())
+    })
+    .await;
+    let after = created_count(&answers);
+    wait_for_acknowledged(&answers, after + 40, "40 bids after Redis is back").await;
+    stop.store(true, Ordering::Release);
+    for bidder in storm {
+        bidder.await.unwrap();
+    }
+    let failed: Vec<Value> = answers
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|answer| answer.status.is_server_error())
+        .map(|answer| answer.body.clone())
+        .collect();
+    assert!(failed.is_empty(), "no bid failed for Redis: {failed:?}");
+
+    let last_seq = cluster.api(owner).auction(&auction_id).await["seq"].as_u64().unwrap();
+    let (_, snapshots) = watch_until(&mut watcher, &snapshot, last_seq).await;
+    assert!(snapshots >= 1, "the watcher was resynchronised by a snapshot after the outage");
+    // And it follows live again: one more bid reaches it as an event.
+    let late = cluster.api(owner).register("late").await;
+    let (status, placed) = cluster.api(owner).bid(&late, &auction_id, 10_000_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{placed}");
+    let next = watcher.next_of("bid").await;
+    assert_eq!(next["seq"].as_u64(), Some(last_seq + 1), "{next}");
+}
