@@ -132,7 +132,7 @@ impl Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_idle|forward_cost [--target HOST:PORT] [--targets HOST:PORT,...] \
+        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_fanout_cross_node|ws_idle|forward_cost [--target HOST:PORT] [--targets HOST:PORT,...] \
          [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] \
          [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--results PATH]\n       \
          gavel-bench table RESULTS.jsonl [--json PATH]"
@@ -244,7 +244,8 @@ async fn main() {
         "reads" => reads(&options).await,
         "forward_cost" => forward_cost(&options).await,
         "http_ceiling" => http_ceiling(&options).await,
-        "ws_fanout" => ws_fanout(&options).await,
+        "ws_fanout" => ws_fanout(&options, false).await,
+        "ws_fanout_cross_node" => ws_fanout(&options, true).await,
         "ws_idle" => {
             let target = options.target.parse().unwrap_or_else(|_| usage());
             ws::idle(
@@ -344,42 +345,37 @@ async fn many_auctions(options: &Options) {
     finish(options, "many_auctions", &report, elapsed, throughput, Some(verdict));
 }
 
+/// The address of the node that owns `auction_id`, and of one that does not
+/// (from `GET /api/v1/cluster` and `GET /api/v1/cluster/auctions/{id}`).
+async fn owner_and_other(connection: &mut Connection, auction_id: &str) -> (String, String) {
+    let (status, cluster) = json_call(connection, "GET", "/api/v1/cluster", None, Value::Null).await;
+    assert_eq!(status, 200, "GET /api/v1/cluster: {cluster}");
+    let path = format!("/api/v1/cluster/auctions/{auction_id}");
+    let (status, owner) = json_call(connection, "GET", &path, None, Value::Null).await;
+    assert_eq!(status, 200, "{path}: {owner}");
+    let nodes = cluster["nodes"].as_array().expect("nodes");
+    let address = |node: &Value| node["advertise_url"].as_str().expect("url").trim_start_matches("http://").to_owned();
+    let owner_node = nodes.iter().find(|node| node["node_id"] == owner["owner"]).expect("the owner is a live node");
+    let other_node = nodes.iter().find(|node| node["node_id"] != owner["owner"]).expect("a cluster of two nodes or more");
+    (address(owner_node), address(other_node))
+}
+
 /// What forwarding adds to a bid (a cluster, `--targets` its nodes): one
 /// auction bid on through the node that owns it, then another through a node
 /// that does not, the same load each time (best with `--rate`, open model).
 async fn forward_cost(options: &Options) {
     let tokens = register(&options.target, options.connections + 1).await;
     let mut connection = Connection::open(&options.target).await.expect("connect");
-    let (status, cluster) = json_call(&mut connection, "GET", "/api/v1/cluster", None, Value::Null).await;
-    assert_eq!(status, 200, "GET /api/v1/cluster: {cluster}");
-    let address_of = |node: &str| -> String {
-        let nodes = cluster["nodes"].as_array().expect("nodes");
-        let found = nodes.iter().find(|candidate| candidate["node_id"] == node).expect("the owner is a live node");
-        found["advertise_url"].as_str().expect("url").trim_start_matches("http://").to_owned()
-    };
-    let owner_of = async |connection: &mut Connection| {
+    let mut legs = Vec::new();
+    for scenario in ["forward_cost_local", "forward_cost_forwarded"] {
         let (status, auction) =
-            json_call(connection, "POST", "/api/v1/auctions", Some(&tokens[0]), auction_body()).await;
+            json_call(&mut connection, "POST", "/api/v1/auctions", Some(&tokens[0]), auction_body()).await;
         assert_eq!(status, 201, "create auction: {auction}");
         let auction_id = auction["id"].as_str().expect("id").to_owned();
-        let path = format!("/api/v1/cluster/auctions/{auction_id}");
-        let (status, owner) = json_call(connection, "GET", &path, None, Value::Null).await;
-        assert_eq!(status, 200, "{path}: {owner}");
-        (auction_id, owner["owner"].as_str().expect("an owner").to_owned())
-    };
-    let (local_auction, local_owner) = owner_of(&mut connection).await;
-    let (forwarded_auction, forwarded_owner) = owner_of(&mut connection).await;
-    let elsewhere = cluster["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .map(|node| node["node_id"].as_str().expect("id").to_owned())
-        .find(|node| *node != forwarded_owner)
-        .expect("a cluster of two nodes or more");
-    let legs = [
-        ("forward_cost_local", local_auction, address_of(&local_owner)),
-        ("forward_cost_forwarded", forwarded_auction, address_of(&elsewhere)),
-    ];
+        let (owner, other) = owner_and_other(&mut connection, &auction_id).await;
+        let target = if scenario == "forward_cost_local" { owner } else { other };
+        legs.push((scenario, auction_id, target));
+    }
     for (scenario, auction_id, target) in legs {
         println!("  {scenario}: auction {auction_id} through {target}");
         let mut leg = options.clone();
@@ -389,8 +385,7 @@ async fn forward_cost(options: &Options) {
         let report = bid_load(&leg, tokens[1..].to_vec(), &auctions, None).await;
         let elapsed = started.elapsed();
         let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
-        let verdict =
-            verify(options, Connection::open(&options.target).await.expect("connect"), &auctions, &report).await;
+        let verdict = verify(options, Connection::open(&options.target).await.expect("connect"), &auctions, &report).await;
         finish(options, scenario, &report, elapsed, throughput, Some(verdict));
     }
 }
@@ -549,10 +544,21 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
 
 /// W watchers on one auction while bids arrive at `--rate`; delivery latency
 /// from the probes.
-async fn ws_fanout(options: &Options) {
-    let target: std::net::SocketAddr = options.target.parse().unwrap_or_else(|_| usage());
+async fn ws_fanout(options: &Options, cross_node: bool) {
     ws::raise_open_files(options.watchers as u64 + options.connections as u64 + 1_024);
-    let (connection, tokens, auction_id) = auction_with_bidders(options, options.connections).await;
+    let (mut connection, tokens, auction_id) = auction_with_bidders(options, options.connections).await;
+    // Across nodes: the bids go to the auction's owner, the watchers to another
+    // node, so every event crosses Redis before it reaches them.
+    let mut bidding = options.clone();
+    let watched = if cross_node {
+        let (owner, other) = owner_and_other(&mut connection, &auction_id).await;
+        println!("  bids to the owner {owner}, watchers on {other}");
+        bidding.targets = vec![owner];
+        other
+    } else {
+        options.target.clone()
+    };
+    let target: std::net::SocketAddr = watched.parse().unwrap_or_else(|_| usage());
     let totals = Arc::new(ws::FanoutTotals::default());
     let last_seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut probes = Vec::new();
@@ -590,7 +596,7 @@ async fn ws_fanout(options: &Options) {
     let bytes_before = totals.bytes.load(Ordering::Relaxed);
     let auctions = vec![auction_id];
     let started = Instant::now();
-    let report = bid_load(options, tokens, &auctions, None).await;
+    let report = bid_load(&bidding, tokens, &auctions, None).await;
     let elapsed = started.elapsed();
     let verdict = verify(options, connection, &auctions, &report).await;
     let accepted = report.count(201);
@@ -610,8 +616,9 @@ async fn ws_fanout(options: &Options) {
     print_report("ws_fanout (bids)", &report, elapsed, Some(&verdict));
     let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
     let deliveries = (accepted * options.watchers as u64) as f64 / elapsed.as_secs_f64();
+    let scenario = if cross_node { "ws_fanout_cross_node" } else { "ws_fanout" };
     println!(
-        "scenario ws_fanout: {} watchers{}, {accepted} events in {:.1} s = {:.0} events/s = {deliveries:.0} deliveries/s",
+        "scenario {scenario}: {} watchers{}, {accepted} events in {:.1} s = {:.0} events/s = {deliveries:.0} deliveries/s",
         options.watchers,
         if options.deflate { " (permessage-deflate)" } else { "" },
         elapsed.as_secs_f64(),
@@ -637,7 +644,7 @@ async fn ws_fanout(options: &Options) {
     // gap, every probe that missed the end, every dropped watcher.
     let delivery_errors = gaps + (options.probes as u64 - complete) + closed + report.error_count();
     let row = json!({
-        "design": options.design, "backend": options.backend, "scenario": "ws_fanout",
+        "design": options.design, "backend": options.backend, "scenario": scenario,
         "throughput_per_s": deliveries.round(), "p50_ms": ms(0.5), "p99_ms": ms(0.99),
         "errors": delivery_errors, "watchers": options.watchers, "compression": if options.deflate { "deflate" } else { "none" }, "bids_per_s": accepted as f64 / elapsed.as_secs_f64(),
         "correct": verdict.ok && gaps == 0, "verdict": verdict.text,
