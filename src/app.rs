@@ -175,10 +175,11 @@ impl Application {
         sweeper.abort();
         context.node.shutdown().await;
         // Every write taken is answered: hand the shards over to the other nodes.
-        context.cluster.leave().await;
         if let Some(manager) = manager {
             manager.abort();
+            let _ = manager.await;
         }
+        context.cluster.leave().await;
         // Bid results of the last commits are written, then every socket closes.
         context.hub.shut_down(std::time::Duration::from_secs(5)).await;
         ticker.abort();

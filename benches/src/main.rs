@@ -356,7 +356,8 @@ async fn owner_and_other(connection: &mut Connection, auction_id: &str) -> (Stri
     let nodes = cluster["nodes"].as_array().expect("nodes");
     let address = |node: &Value| node["advertise_url"].as_str().expect("url").trim_start_matches("http://").to_owned();
     let owner_node = nodes.iter().find(|node| node["node_id"] == owner["owner"]).expect("the owner is a live node");
-    let other_node = nodes.iter().find(|node| node["node_id"] != owner["owner"]).expect("a cluster of two nodes or more");
+    let other_node =
+        nodes.iter().find(|node| node["node_id"] != owner["owner"]).expect("a cluster of two nodes or more");
     (address(owner_node), address(other_node))
 }
 
@@ -385,7 +386,8 @@ async fn forward_cost(options: &Options) {
         let report = bid_load(&leg, tokens[1..].to_vec(), &auctions, None).await;
         let elapsed = started.elapsed();
         let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
-        let verdict = verify(options, Connection::open(&options.target).await.expect("connect"), &auctions, &report).await;
+        let verdict =
+            verify(options, Connection::open(&options.target).await.expect("connect"), &auctions, &report).await;
         finish(options, scenario, &report, elapsed, throughput, Some(verdict));
     }
 }

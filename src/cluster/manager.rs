@@ -205,7 +205,9 @@ impl Cluster {
     }
 
     /// Leaves the cluster after the node has drained: no more membership, every
-    /// lease released at once, the other nodes woken to take the shards.
+    /// lease released at once, the other nodes woken to take the shards. Stop
+    /// the manager's task first (a heartbeat after this would make the node
+    /// look live again, and the others would wait for it).
     pub async fn leave(self: &Arc<Self>) {
         let Some(store) = &self.store else {
             return;

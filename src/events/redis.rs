@@ -9,7 +9,8 @@
 //! - **Receiving.** Every node subscribes to one pattern, `<prefix>*`. An event
 //!   of an auction this node owns, or its own, is ignored (it took the local
 //!   path already); any other goes through `Sequencer` into the read cache and
-//!   the hub, exactly like a local one. A gap (`gavel_pubsub_gaps_total`) makes
+//!   the hub, like a local one (into its topic when someone here watches it;
+//!   otherwise only its private message goes out, to its user's connections). A gap (`gavel_pubsub_gaps_total`) makes
 //!   the auction's watchers here take a fresh snapshot from the store.
 //! - **Redis down or restarted.** Bids do not use Redis. The clients reconnect
 //!   on their own (a constant policy, forever); on every reconnect the pattern
@@ -215,7 +216,7 @@ impl RedisEvents {
             Arrival::Repeat => {}
             Arrival::Next => {
                 self.read_cache.invalidate(state.id);
-                self.hub.publish(&envelope.event, state);
+                self.hub.publish_remote(&envelope.event, state);
             }
             Arrival::Gap => {
                 metrics::counter!(telemetry::PUBSUB_GAPS_TOTAL).increment(1);
@@ -223,7 +224,7 @@ impl RedisEvents {
                 // The watchers take a snapshot from the store, which holds this
                 // event already (it was committed before it was published).
                 self.hub.resync(state.id);
-                self.hub.publish(&envelope.event, state);
+                self.hub.publish_remote(&envelope.event, state);
             }
         }
     }

@@ -308,6 +308,20 @@ impl Hub {
         Joined { receiver, replay }
     }
 
+    /// An event of an auction another node owns: into its topic when this node
+    /// has one (someone watches, or watched lately), else only its private
+    /// message (to the user's connections here). Topics are not made for
+    /// auctions nobody here watches: every node receives every other node's
+    /// events, and keeping a buffer for each would grow with the cluster.
+    pub fn publish_remote(&self, event: &Event, state: &AuctionState) {
+        let known = self.topics.lock().expect("topics lock").contains_key(&state.id);
+        if known {
+            self.publish(event, state);
+        } else if let Some((user_id, message)) = private_messages(event, state.id) {
+            self.send_private(user_id, message);
+        }
+    }
+
     /// Makes every subscriber of the auction take a fresh snapshot (events
     /// from another node were missed).
     pub fn resync(&self, auction_id: AuctionId) {

@@ -158,6 +158,23 @@ async fn watchers_on_other_nodes_see_every_bid_in_order_and_outbid_reaches_its_u
     let outbid = olivia_on_c.next_of("outbid").await;
     assert_eq!(outbid["auction_id"], auction_id.as_str(), "{outbid}");
     assert_eq!(labelled_metric(&cluster.address(c), "gavel_pubsub_gaps_total").await, 0.0);
+
+    // An auction nobody watches anywhere: its outbid still reaches its user's
+    // connection on another node.
+    let quiet = cluster.api(0).create_auction(&seller, auction_body(json!({}))).await;
+    let quiet_id = quiet["id"].as_str().unwrap().to_owned();
+    let quiet_owner = cluster.index_of(&cluster.owner_of(0, &quiet_id).await);
+    let elsewhere = (quiet_owner + 1) % 3;
+    let oscar = cluster.api(0).register("oscar").await;
+    let mut oscar_elsewhere = WsClient::connect(&cluster.address(elsewhere), Some(&oscar.token)).await;
+    oscar_elsewhere.drain().await;
+    assert_eq!(cluster.api(quiet_owner).bid(&oscar, &quiet_id, 10_000, None).await.0, StatusCode::CREATED);
+    assert_eq!(cluster.api(quiet_owner).bid(&olivia, &quiet_id, 20_000, None).await.0, StatusCode::CREATED);
+    let outbid = oscar_elsewhere.next_of("outbid").await;
+    assert_eq!(
+        (outbid["auction_id"].as_str(), outbid["current_price"].as_i64()),
+        (Some(quiet_id.as_str()), Some(20_000))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
