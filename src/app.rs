@@ -131,6 +131,7 @@ impl Application {
             cluster: cluster.clone(),
             rate_limiter: RateLimiter::new(config.bid_rate_per_user),
             clock: clock.clone(),
+            users: Default::default(),
         });
         let node_header = axum::http::HeaderValue::from_str(&node_id).context("the node id as a header")?;
         let context = ApiContext::new(ContextInner {

@@ -145,6 +145,12 @@ fn describe() {
         metrics::counter!(BIDS_TOTAL, "outcome" => *outcome).absolute(0);
     }
     metrics::counter!(actor_names::COMMIT_FAILURES_TOTAL).absolute(0);
+    describe_counter!(
+        actor_names::WRITES_REFUSED_TOTAL,
+        Unit::Count,
+        "Writes the store refused as invalid (not retried; their auctions reload)."
+    );
+    metrics::counter!(actor_names::WRITES_REFUSED_TOTAL).absolute(0);
     metrics::gauge!(PERSISTENCE_QUEUE_DEPTH).set(0.0);
     metrics::gauge!(actor_names::LIVE_AUCTIONS).set(0.0);
     metrics::gauge!(actor_names::ACTOR_MAILBOX_DEPTH).set(0.0);

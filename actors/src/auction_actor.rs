@@ -32,7 +32,7 @@ use crate::admission::Admission;
 use crate::auction::idempotency::{IdempotencyKey, Lookup, RecentKeys};
 use crate::auction::state::{AuctionId, AuctionState, BidCommand, Command, Event, TimestampMs, UserId};
 pub use crate::outcome::{KeyedRequest, Unavailable, WriteOutcome};
-use crate::persistence::{PersistenceMsg, WriteOrigin};
+use crate::persistence::{PersistenceMsg, Refusal, WriteOrigin};
 use crate::ports::{Clock, EventSink, KeyRecord, LoadedAuction, Write};
 use crate::shards::{Leases, ShardLease};
 
@@ -80,9 +80,11 @@ pub enum AuctionMsg {
     Durable {
         through_write_no: u64,
     },
-    /// The persistence actor refused writes from this one on (lease lost).
+    /// The persistence actor refused writes from this one on (lease lost, or
+    /// the store refuses the write itself).
     WriteRefused {
         from_write_no: u64,
+        why: Refusal,
     },
     /// The committed state, as readers and new watchers should see it.
     Committed(RpcReplyPort<AuctionState>),
@@ -251,9 +253,13 @@ impl Actor for AuctionActor {
                 self.release_durable(state, through_write_no);
                 finish_retiring(&myself, state);
             }
-            AuctionMsg::WriteRefused { from_write_no } => {
-                warn!(auction_id = %state.auction.id, from_write_no, "writes refused, stopping the auction actor");
-                self.fail_pending(state, from_write_no);
+            AuctionMsg::WriteRefused { from_write_no, why } => {
+                warn!(auction_id = %state.auction.id, from_write_no, ?why, "writes refused, stopping the auction actor");
+                let reason = match why {
+                    Refusal::Fenced => Unavailable::WriteRefused,
+                    Refusal::Invalid => Unavailable::WriteInvalid,
+                };
+                self.fail_pending_with(state, from_write_no, reason);
                 // Its state is ahead of the store now: it must not take another write.
                 state.retiring.get_or_insert_with(Vec::new);
                 finish_retiring(&myself, state);
@@ -455,10 +461,6 @@ impl AuctionActor {
 
     /// Answers 503 to every pending write from `from_write_no` on; the actor
     /// stops afterwards, since its state is ahead of the store.
-    fn fail_pending(&self, state: &mut AuctionActorState, from_write_no: u64) {
-        self.fail_pending_with(state, from_write_no, Unavailable::WriteRefused);
-    }
-
     fn fail_pending_with(&self, state: &mut AuctionActorState, from_write_no: u64, reason: Unavailable) {
         state.pending.retain_mut(|pending| {
             if pending.write_no < from_write_no {
@@ -528,7 +530,7 @@ impl WriteOrigin for ActorRef<AuctionMsg> {
         let _ = self.cast(AuctionMsg::Durable { through_write_no });
     }
 
-    fn refused(&self, from_write_no: u64) {
-        let _ = self.cast(AuctionMsg::WriteRefused { from_write_no });
+    fn refused(&self, from_write_no: u64, why: Refusal) {
+        let _ = self.cast(AuctionMsg::WriteRefused { from_write_no, why });
     }
 }

@@ -7,3 +7,5 @@ pub const COMMIT_FAILURES_TOTAL: &str = "gavel_commit_failures_total";
 pub const LIVE_AUCTIONS: &str = "gavel_live_auctions";
 /// Bid and cancel calls admitted to auction actors and not answered yet.
 pub const ACTOR_MAILBOX_DEPTH: &str = "gavel_actor_mailbox_depth";
+/// Writes the store refused as invalid (not retried; their auctions reload).
+pub const WRITES_REFUSED_TOTAL: &str = "gavel_writes_refused_total";

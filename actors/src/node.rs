@@ -117,6 +117,8 @@ pub struct Node {
     /// Set by the persistence actor's supervisor if it fails: nothing can
     /// become durable any more, so the node takes no writes and is not ready.
     persistence_failed: Arc<AtomicBool>,
+    /// Set while commits fail and are being retried.
+    commits_failing: Arc<AtomicBool>,
     supervisor: ActorRef<()>,
     /// `gavel_actor_mailbox_depth`, registered once: the bid path only adds to it.
     mailbox_depth: metrics::Gauge,
@@ -137,11 +139,13 @@ impl Node {
         leases: Arc<Leases>,
     ) -> Result<Arc<Node>, ractor::SpawnErr> {
         let persistence_queue = Arc::new(Admission::new(settings.persistence_queue_capacity));
+        let commits_failing = Arc::new(AtomicBool::new(false));
         let persistence_actor = PersistenceActor {
             store: store.clone(),
             queue: persistence_queue.clone(),
             settings: settings.persistence.clone(),
             leases: leases.clone(),
+            failing: commits_failing.clone(),
         };
         let persistence_failed = Arc::new(AtomicBool::new(false));
         let supervisor_actor = PersistenceSupervisor { failed: persistence_failed.clone() };
@@ -168,6 +172,7 @@ impl Node {
             env,
             accepting: AtomicBool::new(true),
             persistence_failed,
+            commits_failing,
             supervisor,
             mailbox_depth: metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH),
         }))
@@ -204,6 +209,12 @@ impl Node {
 
     pub fn is_accepting(&self) -> bool {
         self.accepting.load(Ordering::Acquire) && !self.persistence_failed()
+    }
+
+    /// Whether commits are failing right now (the store is unreachable or
+    /// refusing): writes wait, and `/ready` says so.
+    pub fn commits_failing(&self) -> bool {
+        self.commits_failing.load(Ordering::Acquire)
     }
 
     /// Whether the persistence actor failed (a bug): the node can make nothing

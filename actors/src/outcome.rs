@@ -49,6 +49,10 @@ pub enum Unavailable {
     /// The store refused the write: the shard's lease moved to another owner.
     #[error("the write was refused: the shard's lease moved on")]
     WriteRefused,
+    /// The store refused this write (or one before it of the same auction,
+    /// which it depended on) as invalid; the auction reloads from the store.
+    #[error("the store refused the write as invalid")]
+    WriteInvalid,
     #[error("the auction stopped before its write was committed")]
     StoppedBeforeCommit,
     #[error("the auction actor failed to start")]

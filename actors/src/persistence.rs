@@ -12,12 +12,18 @@
 //! - A failed commit is retried, in order, with backoff, forever: nothing is
 //!   dropped or reordered. While it retries, the bounded queue fills and new
 //!   writes are refused at admission (503) instead of piling up.
-//! - A batch refused for a stale lease epoch is the one exception: those
+//! - A batch the store refuses as invalid (a constraint, a value it does not
+//!   take: retrying cannot help) is split in halves, in order, until the write
+//!   at fault is alone. That write, and the later writes of its auction (they
+//!   were applied on top of it), are refused; its auction actor answers them
+//!   503 and stops, so the auction reloads from the store. Every other write
+//!   is committed: one bad write never stops the others.
+//! - A batch refused for a stale lease epoch is the other exception: those
 //!   writes were not made, are not retried, their auctions are told to stop,
 //!   and the shard is dropped from the node's leases (no auction of it takes
 //!   another write; the lease manager finds out who owns it now).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,12 +35,32 @@ pub trait WriteOrigin: Send + Sync + 'static {
     fn actor_id(&self) -> ActorId;
     /// Writes up to and including `through_write_no` are durable.
     fn durable(&self, through_write_no: u64);
-    /// Writes from `from_write_no` on were refused (the shard's lease moved) and will not be made.
-    fn refused(&self, from_write_no: u64);
+    /// Writes from `from_write_no` on were refused and will not be made.
+    fn refused(&self, from_write_no: u64, why: Refusal);
+}
+
+/// Why writes were refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The shard's lease moved to another node.
+    Fenced,
+    /// The store refuses the write itself (a constraint, a value it does not take).
+    Invalid,
 }
 
 type Origin = (Arc<dyn WriteOrigin>, u64);
-use tracing::{debug, warn};
+
+/// What a commit came to.
+enum Committed {
+    All,
+    /// Every write was fenced.
+    Nothing,
+    Invalid(String),
+}
+
+/// Auctions whose writes were refused as invalid, remembered at most this many.
+const REFUSED_AUCTIONS_KEPT: usize = 4_096;
+use tracing::{debug, error, warn};
 
 use crate::admission::Admission;
 use crate::metrics_names as names;
@@ -89,9 +115,14 @@ pub struct PersistenceActor {
     /// The node's leases: a shard whose writes the store refused is dropped
     /// from them at once, so none of its auctions takes another write.
     pub leases: Arc<Leases>,
+    /// Set while commits fail and are retried (`/ready` says so).
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct PersistenceState {
+    /// Auction actors with a write refused as invalid, and from which write
+    /// on: their later writes, still on the way here, are refused too.
+    refused: HashMap<ActorId, u64>,
     writes: Vec<Write>,
     origins: Vec<Origin>,
     spans: Vec<tracing::Span>,
@@ -104,7 +135,13 @@ impl Actor for PersistenceActor {
     type Arguments = ();
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, _args: ()) -> Result<Self::State, ActorProcessingErr> {
-        Ok(PersistenceState { writes: Vec::new(), origins: Vec::new(), spans: Vec::new(), flush_scheduled: false })
+        Ok(PersistenceState {
+            refused: HashMap::new(),
+            writes: Vec::new(),
+            origins: Vec::new(),
+            spans: Vec::new(),
+            flush_scheduled: false,
+        })
     }
 
     async fn handle(
@@ -146,6 +183,16 @@ impl Actor for PersistenceActor {
     }
 }
 
+impl PersistenceState {
+    fn refuse(&mut self, actor: ActorId, from_write_no: u64) {
+        if self.refused.len() >= REFUSED_AUCTIONS_KEPT {
+            // Their actors stopped long ago; what they sent has arrived since.
+            self.refused.clear();
+        }
+        self.refused.insert(actor, from_write_no);
+    }
+}
+
 impl PersistenceActor {
     async fn commit_batch(&self, state: &mut PersistenceState) {
         if state.writes.is_empty() {
@@ -159,33 +206,83 @@ impl PersistenceActor {
     }
 
     async fn commit_writes(&self, state: &mut PersistenceState) {
-        let mut writes = std::mem::take(&mut state.writes);
-        let mut origins = std::mem::take(&mut state.origins);
+        let writes = std::mem::take(&mut state.writes);
+        let origins = std::mem::take(&mut state.origins);
         metrics::histogram!(names::COMMIT_BATCH_SIZE).record(writes.len() as f64);
+        // Normally one batch. One the store refuses as invalid is split in
+        // halves, in order, until the write at fault is alone: it and the
+        // later writes of its auction (they were applied on top of it) are
+        // refused, every other write is committed.
+        let mut parts: VecDeque<(Vec<Write>, Vec<Origin>)> = VecDeque::from([(writes, origins)]);
+        while let Some((writes, origins)) = parts.pop_front() {
+            let (mut writes, mut origins) = self.drop_refused(writes, origins, &state.refused);
+            if writes.is_empty() {
+                continue;
+            }
+            match self.commit_retrying(&mut writes, &mut origins).await {
+                Committed::All => {
+                    self.queue.release(writes.len());
+                    notify_durable(&origins);
+                }
+                Committed::Nothing => {}
+                Committed::Invalid(reason) if writes.len() == 1 => {
+                    let (actor, write_no) = origins.pop().expect("one write, one origin");
+                    error!(
+                        auction_id = %writes[0].auction.id,
+                        write_no,
+                        error = %reason,
+                        "the store refuses this write; refusing it and the auction's later writes"
+                    );
+                    metrics::counter!(names::WRITES_REFUSED_TOTAL).increment(1);
+                    self.queue.release(1);
+                    state.refuse(actor.actor_id(), write_no);
+                    actor.refused(write_no, Refusal::Invalid);
+                }
+                Committed::Invalid(_) => {
+                    let second_writes = writes.split_off(writes.len() / 2);
+                    let second_origins = origins.split_off(origins.len() / 2);
+                    parts.push_front((second_writes, second_origins));
+                    parts.push_front((writes, origins));
+                }
+            }
+        }
+    }
+
+    /// Commits `writes`, retrying in order while the store is unavailable and
+    /// taking out the writes of fenced shards.
+    async fn commit_retrying(&self, writes: &mut Vec<Write>, origins: &mut Vec<Origin>) -> Committed {
         let mut backoff = Duration::from_millis(5);
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
             let started = Instant::now();
-            let result = tokio::time::timeout(self.settings.commit_timeout, self.store.commit(&writes))
+            let result = tokio::time::timeout(self.settings.commit_timeout, self.store.commit(writes))
                 .await
                 .unwrap_or_else(|_| Err(StoreError::Unavailable("commit timed out".to_owned())));
             match result {
                 Ok(()) => {
+                    self.failing.store(false, std::sync::atomic::Ordering::Release);
                     metrics::histogram!(names::COMMIT_LATENCY_SECONDS).record(started.elapsed().as_secs_f64());
                     debug!(writes = writes.len(), attempt, "batch committed");
-                    break;
+                    return Committed::All;
                 }
                 Err(StoreError::Fenced { shards }) => {
                     warn!(?shards, "lease lost, refusing the writes of these shards");
-                    let (kept_writes, kept_origins) = self.refuse_fenced(writes, origins, &shards);
-                    writes = kept_writes;
-                    origins = kept_origins;
+                    let (kept_writes, kept_origins) =
+                        self.refuse_fenced(std::mem::take(writes), std::mem::take(origins), &shards);
+                    *writes = kept_writes;
+                    *origins = kept_origins;
                     if writes.is_empty() {
-                        return;
+                        return Committed::Nothing;
                     }
                 }
+                Err(StoreError::Invalid(reason)) => {
+                    metrics::counter!(names::COMMIT_FAILURES_TOTAL).increment(1);
+                    warn!(writes = writes.len(), error = %reason, "the store refuses the batch as invalid");
+                    return Committed::Invalid(reason);
+                }
                 Err(StoreError::Unavailable(reason)) => {
+                    self.failing.store(true, std::sync::atomic::Ordering::Release);
                     metrics::counter!(names::COMMIT_FAILURES_TOTAL).increment(1);
                     warn!(attempt, writes = writes.len(), error = %reason, "commit failed, retrying");
                     tokio::time::sleep(backoff).await;
@@ -193,8 +290,31 @@ impl PersistenceActor {
                 }
             }
         }
-        self.queue.release(writes.len());
-        notify_durable(&origins);
+    }
+
+    /// Takes out the writes of auctions that had a write refused as invalid
+    /// (from that write on: they were applied on top of it).
+    fn drop_refused(
+        &self,
+        writes: Vec<Write>,
+        origins: Vec<Origin>,
+        refused: &HashMap<ActorId, u64>,
+    ) -> (Vec<Write>, Vec<Origin>) {
+        if refused.is_empty() {
+            return (writes, origins);
+        }
+        let mut kept = (Vec::with_capacity(writes.len()), Vec::with_capacity(origins.len()));
+        let mut dropped = 0;
+        for (write, (actor, write_no)) in writes.into_iter().zip(origins) {
+            if refused.get(&actor.actor_id()).is_some_and(|from| write_no >= *from) {
+                dropped += 1;
+            } else {
+                kept.0.push(write);
+                kept.1.push((actor, write_no));
+            }
+        }
+        self.queue.release(dropped);
+        kept
     }
 
     /// Takes out the writes of fenced shards, tells their auctions, and returns the rest.
@@ -222,7 +342,7 @@ impl PersistenceActor {
         }
         self.queue.release(refused);
         for (actor, from_write_no) in first_refused.into_values() {
-            actor.refused(from_write_no);
+            actor.refused(from_write_no, Refusal::Fenced);
         }
         (kept_writes, kept_origins)
     }

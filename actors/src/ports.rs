@@ -61,6 +61,10 @@ pub enum StoreError {
     Fenced { shards: Vec<u32> },
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store refused the batch as invalid (a constraint or a value it does
+    /// not take): retrying it as it is can never succeed. Nothing was written.
+    #[error("store refused the batch as invalid: {0}")]
+    Invalid(String),
 }
 
 pub trait Store: Send + Sync + 'static {

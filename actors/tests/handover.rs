@@ -42,6 +42,8 @@ struct MemoryStore {
     commits: AtomicUsize,
     /// The next commit panics (a bug in the store adapter).
     panic_next: std::sync::atomic::AtomicBool,
+    /// Any batch with a bid of this user is refused as invalid (a deleted user).
+    invalid_bidder: Mutex<Option<Uuid>>,
 }
 
 impl MemoryStore {
@@ -54,6 +56,7 @@ impl MemoryStore {
             failures_left: AtomicUsize::new(0),
             commits: AtomicUsize::new(0),
             panic_next: std::sync::atomic::AtomicBool::new(false),
+            invalid_bidder: Mutex::new(None),
         })
     }
 
@@ -75,6 +78,10 @@ impl Store for MemoryStore {
             if self.failures_left.load(Ordering::Acquire) > 0 {
                 self.failures_left.fetch_sub(1, Ordering::AcqRel);
                 return Err(StoreError::Unavailable("injected failure".to_owned()));
+            }
+            let invalid = *self.invalid_bidder.lock().unwrap();
+            if batch.iter().any(|write| write.bid.as_ref().is_some_and(|bid| Some(bid.bidder.id) == invalid)) {
+                return Err(StoreError::Invalid("foreign key: no such user".to_owned()));
             }
             let epochs = self.epochs.lock().unwrap();
             let mut fenced: Vec<u32> = batch
@@ -284,4 +291,53 @@ async fn a_failed_persistence_actor_fails_the_node_instead_of_hanging_every_bid(
         "later bids are refused at once, not left to time out"
     );
     assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_the_store_refuses_is_refused_alone_and_its_auction_reloads() {
+    let harness = harness().await;
+    // A second auction, committed in the same batches.
+    let other_id = Uuid::now_v7();
+    let mut other = harness.store.auctions.lock().unwrap()[&harness.auction_id].clone();
+    other.id = other_id;
+    harness.store.auctions.lock().unwrap().insert(other_id, other);
+    harness.store.epochs.lock().unwrap().insert(shard_of(other_id), 1);
+    harness.leases.grant(shard_of(other_id), 1);
+    let poison = user("deleted");
+    *harness.store.invalid_bidder.lock().unwrap() = Some(poison.id);
+
+    let held = harness.hold_commits().await;
+    let before = harness.spawn_bid(100);
+    settle().await;
+    let node = harness.node.clone();
+    let (auction_id, poisoned_by) = (harness.auction_id, poison.clone());
+    let bad = tokio::spawn(async move {
+        let command = BidCommand { bidder: poisoned_by, amount: money(200), max_amount: None };
+        node.place_bid(auction_id, command, None).await
+    });
+    settle().await;
+    let after = harness.spawn_bid(300);
+    let node = harness.node.clone();
+    let elsewhere = tokio::spawn(async move {
+        let command = BidCommand { bidder: user("carol"), amount: money(100), max_amount: None };
+        node.place_bid(other_id, command, None).await
+    });
+    settle().await;
+    drop(held);
+
+    assert_eq!(accepted_seq(&before.await.unwrap()), Some(1), "the write before it is committed");
+    assert_eq!(bad.await.unwrap(), Ok(WriteOutcome::Unavailable(Unavailable::WriteInvalid)));
+    assert_eq!(
+        after.await.unwrap(),
+        Ok(WriteOutcome::Unavailable(Unavailable::WriteInvalid)),
+        "a write applied on top of the refused one is refused with it"
+    );
+    assert_eq!(accepted_seq(&elsewhere.await.unwrap()), Some(1), "another auction's write in the batch is committed");
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1]);
+    assert_eq!(harness.store.stored_seqs(other_id), vec![1]);
+    // The auction reloads from the store and goes on from what is durable.
+    settle().await;
+    assert_eq!(accepted_seq(&harness.bid(400).await), Some(2));
+    assert_eq!(harness.node.persistence_queue.in_use(), 0, "every refused write freed its slot");
+    assert!(!harness.node.commits_failing());
 }

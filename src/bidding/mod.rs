@@ -8,6 +8,7 @@
 //! (`wire.rs`) with no HTTP in them; the edges are thin adapters.
 
 pub mod keys;
+pub mod users;
 pub mod wire;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub struct Bidding {
     pub cluster: Arc<Cluster>,
     pub rate_limiter: RateLimiter,
     pub clock: Arc<dyn Clock>,
+    pub users: users::KnownUsers,
 }
 
 impl Bidding {
@@ -63,7 +65,22 @@ impl Bidding {
         decided
     }
 
+    /// `Unauthenticated` when the user a token names no longer exists.
+    async fn check_user(&self, user_id: uuid::Uuid) -> Result<(), WriteFailure> {
+        match self.users.exists(&self.db, user_id).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WriteFailure::Unauthenticated),
+            Err(error) => {
+                tracing::warn!(%error, %user_id, "cannot check that the user exists; trusting the token");
+                Ok(())
+            }
+        }
+    }
+
     async fn place_in_span(&self, request: BidRequest) -> Decided<BidReceipt> {
+        if let Err(failure) = self.check_user(request.bidder_id).await {
+            return self.here(Err(failure));
+        }
         let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
         match keys::check(&self.db, request.bidder_id, request.key.as_deref(), fingerprint, "bid").await {
             Ok(KeyCheck::Fresh) => {}
@@ -90,6 +107,9 @@ impl Bidding {
 
     /// Cancels an auction for its seller.
     pub async fn cancel(&self, request: CancelRequest) -> Decided<()> {
+        if let Err(failure) = self.check_user(request.by).await {
+            return self.here(Err(failure));
+        }
         let fingerprint = keys::cancel_fingerprint(request.auction_id);
         match keys::check(&self.db, request.by, request.key.as_deref(), fingerprint, "cancel").await {
             Ok(KeyCheck::Fresh) => {}

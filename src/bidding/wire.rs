@@ -74,6 +74,8 @@ pub enum WriteDone {
 /// Why a write was not taken, or not known to be.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteFailure {
+    /// The user the token names does not exist (any more).
+    Unauthenticated,
     AuctionNotFound,
     /// The rules refused it; nothing changed.
     Rejected(Rejection),
@@ -95,6 +97,7 @@ impl WriteFailure {
     /// The error code of docs/API.md this failure is answered with.
     pub fn code(&self) -> &'static str {
         match self {
+            WriteFailure::Unauthenticated => "UNAUTHENTICATED",
             WriteFailure::AuctionNotFound => "AUCTION_NOT_FOUND",
             WriteFailure::Rejected(rejection) => match rejection {
                 Rejection::AuctionNotActive { .. } => "AUCTION_NOT_ACTIVE",

@@ -185,6 +185,7 @@ impl From<Rejection> for ApiError {
 impl From<WriteFailure> for ApiError {
     fn from(failure: WriteFailure) -> ApiError {
         match failure {
+            WriteFailure::Unauthenticated => ApiError::Unauthenticated,
             WriteFailure::AuctionNotFound => ApiError::AuctionNotFound,
             WriteFailure::Rejected(rejection) => rejection.into(),
             WriteFailure::InvalidAmount => ApiError::InvalidAmount(

@@ -36,6 +36,9 @@ pub async fn ready(State(context): State<ApiContext>) -> Response {
     if !context.node.is_accepting() {
         return not_ready("shutting down");
     }
+    if context.node.commits_failing() {
+        return not_ready("commits are failing (the store is unreachable or refuses writes); they are being retried");
+    }
     if !context.cluster.is_serving() {
         return not_ready("cluster membership not confirmed (the lease store cannot be reached)");
     }

@@ -67,6 +67,7 @@ pub async fn register(
         Err(DbError::UniqueViolation) => return Err(ApiError::UsernameTaken),
         Err(DbError::Other(error)) => return Err(ApiError::internal("insert user", error)),
     }
+    context.bidding.users.remember(id);
     let token = context.auth.issue(id, &credentials.username, now_ms / 1000);
     let user = UserView { id, username: credentials.username };
     Ok((StatusCode::CREATED, Json(AuthView { user, token })))
@@ -96,6 +97,7 @@ pub async fn login(
     if !blocking(move || auth::verify_password(&password, &hash)).await? {
         return Err(ApiError::InvalidCredentials);
     }
+    context.bidding.users.remember(user.id);
     let token = context.auth.issue(user.id, &user.username, context.now_ms() / 1000);
     Ok(Json(AuthView { user: UserView { id: user.id, username: user.username }, token }))
 }

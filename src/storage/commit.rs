@@ -16,8 +16,29 @@ use uuid::Uuid;
 
 use super::Db;
 
+/// Whether a failed commit is worth retrying: a constraint the batch breaks, or
+/// a value the database refuses, fails the same way every time (`Invalid`);
+/// anything else (connection, timeout, lock, disk) may pass next time.
+fn classify(error: sqlx::Error) -> StoreError {
+    let Some(database_error) = error.as_database_error() else {
+        return StoreError::Unavailable(error.to_string());
+    };
+    let constraint = !matches!(database_error.kind(), sqlx::error::ErrorKind::Other);
+    let code = database_error.code().unwrap_or_default();
+    // Postgres: class 22 (data exception), 23 (integrity constraint violation).
+    // SQLite: 19 (SQLITE_CONSTRAINT and its extended codes end in 19), 20 (mismatch), 18 (too big).
+    let invalid_value = code.starts_with("22")
+        || code.starts_with("23")
+        || code.parse::<i32>().is_ok_and(|number| matches!(number & 0xff, 18..=20));
+    if constraint || invalid_value {
+        StoreError::Invalid(error.to_string())
+    } else {
+        StoreError::Unavailable(error.to_string())
+    }
+}
+
 pub(super) async fn commit(db: &Db, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
-    let unavailable = |error: sqlx::Error| StoreError::Unavailable(error.to_string());
+    let unavailable = classify;
     match db {
         Db::Sqlite { writer, .. } => {
             let mut tx = writer.begin().await.map_err(unavailable)?;

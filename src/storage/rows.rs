@@ -67,8 +67,12 @@ pub struct KeyRow {
     pub seq: Option<i64>,
 }
 
+/// The name shown for a user whose row is gone (deleted behind the node's
+/// back): the auction still names them as leader or winner by id.
+pub const DELETED_USER: &str = "(deleted user)";
+
 fn user(id: Option<Uuid>, username: Option<String>) -> Option<UserRef> {
-    Some(UserRef { id: id?, username: username?.into() })
+    Some(UserRef { id: id?, username: username.as_deref().unwrap_or(DELETED_USER).into() })
 }
 
 impl AuctionRow {

@@ -8,14 +8,15 @@ use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::Connection;
 
-use crate::helpers::{Backend, HasApi, TestApp, eventually, postgres_base_url};
+use crate::helpers::{Backend, HasApi, TestApp, auction_body, eventually, postgres_base_url};
 use crate::on_both_backends;
 
 on_both_backends!(
     a_stale_lease_epoch_is_refused_inside_the_commit,
     idle_auctions_passivate_and_come_back,
     a_batch_committed_twice_counts_its_bids_once,
-    an_auction_open_from_creation_has_its_actor_started
+    an_auction_open_from_creation_has_its_actor_started,
+    a_deleted_users_bids_are_refused_and_never_stop_other_writes
 );
 
 async fn admin(sql: String) {
@@ -77,6 +78,11 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "a bid is not acknowledged before it is durable");
+    // Meanwhile the node says it is not ready, and why; the failures are counted.
+    let (status, ready) = api.get("/ready", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert!(ready["error"]["message"].as_str().unwrap().contains("commits are failing"), "{ready}");
+    assert!(crate::helpers::metric(&app, "gavel_commit_failures_total").await >= 1.0);
 
     admin(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await;
     let (status, placed) =
@@ -87,6 +93,10 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
     assert_eq!(history.len(), 2);
     assert_eq!(history[1]["amount"], 11_000);
     assert_eq!(api.auction(&id).await["current_price"], 11_000);
+    eventually(Duration::from_secs(10), "the node to be ready again", || async {
+        (api.get("/ready", None).await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
     app.stop().await;
 }
 
@@ -327,5 +337,80 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     drop(first);
     let status = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("served once a slot frees");
     assert_eq!(status.unwrap().unwrap(), StatusCode::OK);
+    app.stop().await;
+}
+
+/// A user deleted from the database behind the node's back (an operator, a
+/// restore) still holds a valid token. Their bid is refused with 401; and a
+/// bid that slips through (the node still took them to exist) and that the
+/// store refuses is refused alone, without stopping any other write.
+async fn a_deleted_users_bids_are_refused_and_never_stop_other_writes(backend: Backend) {
+    let first = TestApp::spawn(backend).await;
+    let (_seller, bidders, id) = first.api().scene(&["bob", "dave", "eve"], json!({})).await;
+    // A restart: the node knows none of its users from their registration any more.
+    let database_url = first.database_url.clone();
+    let data_dir = first.stop_keeping_data().await;
+    let path = data_dir.path().to_path_buf();
+    let app = TestApp::spawn_with(
+        backend,
+        move |config| {
+            config.data_dir = path;
+            config.database_url = database_url;
+        },
+        NodeSettings::default(),
+    )
+    .await;
+    let api = app.api();
+    let (bob, dave, eve) = (&bidders[0], &bidders[1], &bidders[2]);
+    // Eve's bid makes the node look her up (and know her for a while); Dave never bid.
+    assert_eq!(api.bid(eve, &id, 10_000, None).await.0, StatusCode::CREATED);
+    for user in [dave, eve] {
+        let user_id: uuid::Uuid = user.id.parse().unwrap();
+        match backend {
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(app.database_url.as_deref().unwrap()).await.unwrap();
+                sqlx::query("DELETE FROM users WHERE id = $1").bind(user_id).execute(&mut connection).await.unwrap();
+            }
+            Backend::Sqlite => {
+                let path = data_dir.path().join("gavel.db");
+                let mut connection =
+                    sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+                // Her bids still point at her: a restore does not ask the foreign keys.
+                sqlx::query("PRAGMA foreign_keys = OFF").execute(&mut connection).await.unwrap();
+                sqlx::query("DELETE FROM users WHERE id = $1").bind(user_id).execute(&mut connection).await.unwrap();
+            }
+        }
+    }
+    let (status, body) = api.bid(dave, &id, 20_000, None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("UNAUTHENTICATED")), "{body}");
+
+    // Eve is still known to the node: her bid reaches the store, which (on
+    // SQLite) refuses it for its foreign key. It alone is refused.
+    let (status, body) = api.bid(eve, &id, 30_000, None).await;
+    if backend == Backend::Sqlite {
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("refused the write"), "{body}");
+    }
+    // Nothing else waits for it: the next bids commit at once, on this auction and others.
+    let (status, body) = api.bid(bob, &id, 40_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (sam, carol) = (api.register("sam").await, api.register("carol").await);
+    let other = api.create_auction(&sam, auction_body(json!({}))).await;
+    assert_eq!(api.bid(&carol, other["id"].as_str().unwrap(), 10_000, None).await.0, StatusCode::CREATED);
+    let (status, ready) = api.get("/ready", None).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    // The auction is what was acknowledged: Eve's first bid, (on Postgres, which
+    // has no foreign key there, her second,) then Bob's.
+    let auction = api.auction(&id).await;
+    let acknowledged = if backend == Backend::Sqlite { 2 } else { 3 };
+    assert_eq!(
+        (auction["bid_count"].as_i64(), auction["seq"].as_i64()),
+        (Some(acknowledged), Some(acknowledged)),
+        "{auction}"
+    );
+    assert_eq!(
+        (auction["current_price"].as_i64(), auction["leader"]["username"].as_str()),
+        (Some(40_000), Some("bob"))
+    );
     app.stop().await;
 }
