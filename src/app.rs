@@ -112,7 +112,8 @@ impl Application {
             forward_timeout: FORWARD_TIMEOUT,
             secret: config.cluster_secret.clone().unwrap_or_else(|| auth::derive_cluster_secret(&secret)),
         };
-        let cluster = Cluster::new(cluster_settings, db.cluster_leases(), node.clone(), read_cache.clone())
+        let lease_store = db.cluster_leases().map(|store| Arc::new(store) as Arc<dyn crate::cluster::LeaseStore>);
+        let cluster = Cluster::new(cluster_settings, lease_store, node.clone(), read_cache.clone())
             .context("starting the cluster client")?;
         let manager = cluster.join().await.context("joining the cluster")?;
         // Auctions that should have opened or closed while the node was down do so now.

@@ -26,8 +26,7 @@ use std::time::Instant;
 use gavel_actors::ports::{SHARD_COUNT, ShardLease};
 use tracing::{debug, info, warn};
 
-use super::{Cluster, SECRET_HEADER, View};
-use crate::storage::PgLeases;
+use super::{Cluster, LeaseStore, LeaseStoreError, SECRET_HEADER, View};
 use crate::telemetry;
 
 impl Cluster {
@@ -75,12 +74,12 @@ impl Cluster {
         }
     }
 
-    fn shared(&self) -> &PgLeases {
-        self.store.as_ref().expect("the manager runs only on a shared store")
+    fn shared(&self) -> &dyn LeaseStore {
+        self.store.as_deref().expect("the manager runs only on a shared store")
     }
 
     /// One round of heartbeat, renewal and spreading; returns the live members.
-    async fn tick(self: &Arc<Self>) -> Result<Vec<String>, sqlx::Error> {
+    pub(super) async fn tick(self: &Arc<Self>) -> Result<Vec<String>, LeaseStoreError> {
         let store = self.shared();
         let me = self.settings.node_id.as_str();
         let lease_ms = self.settings.lease.as_millis() as i64;
@@ -153,7 +152,7 @@ impl Cluster {
     }
 
     /// Renews every lease held; forgets (and retires) the ones taken over.
-    async fn renew(self: &Arc<Self>, started: tokio::time::Instant) -> Result<(), sqlx::Error> {
+    async fn renew(self: &Arc<Self>, started: tokio::time::Instant) -> Result<(), LeaseStoreError> {
         let held = self.node.leases.held();
         let trust_for = self.settings.lease.saturating_sub(self.settings.tick);
         if held.is_empty() {

@@ -11,6 +11,9 @@
 
 mod assign;
 mod manager;
+mod store;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -23,8 +26,8 @@ use tokio::sync::Notify;
 use crate::auth::Secret;
 use crate::bidding::wire::{Forwarded, ForwardedReply, WIRE_VERSION, WriteRequest};
 use crate::read_cache::ReadCache;
-use crate::storage::{LeaseRow, MemberRow, PgLeases};
 use crate::telemetry;
+pub use store::{ClusterRows, LeaseRow, LeaseStore, LeaseStoreError, MemberRow, ShardOwner};
 
 pub use assign::assign;
 
@@ -101,7 +104,7 @@ impl View {
 pub struct Cluster {
     settings: ClusterSettings,
     /// `None`: a single embedded node.
-    store: Option<PgLeases>,
+    store: Option<Arc<dyn LeaseStore>>,
     node: Arc<Node>,
     read_cache: Arc<ReadCache>,
     view: RwLock<View>,
@@ -116,7 +119,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(
         settings: ClusterSettings,
-        store: Option<PgLeases>,
+        store: Option<Arc<dyn LeaseStore>>,
         node: Arc<Node>,
         read_cache: Arc<ReadCache>,
     ) -> anyhow::Result<Arc<Cluster>> {
@@ -150,8 +153,8 @@ impl Cluster {
     }
 
     /// The cluster's leases and membership; `None` for the single embedded node.
-    pub fn shared_store(&self) -> Option<&PgLeases> {
-        self.store.as_ref()
+    pub fn shared_store(&self) -> Option<&dyn LeaseStore> {
+        self.store.as_deref()
     }
 
     /// Whether several nodes may share the store (Postgres).

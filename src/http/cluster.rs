@@ -13,7 +13,7 @@ use super::ApiContext;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{ApiPath, parse_id};
 use super::views::timestamp;
-use crate::storage::{ClusterRows, LeaseRow, MemberRow};
+use crate::cluster::{ClusterRows, LeaseRow, MemberRow};
 
 #[derive(Serialize, ToSchema)]
 pub struct ClusterView {
@@ -64,19 +64,24 @@ fn expires_at(lease: &LeaseRow) -> Option<String> {
 
 async fn rows(context: &ApiContext) -> ApiResult<ClusterRows> {
     let rows = match context.cluster.shared_store() {
-        Some(store) => store.read().await,
-        None => context.db.lease_rows().await.map(|leases| {
-            let now_ms = context.now_ms();
-            let settings = context.cluster.settings();
-            let me = MemberRow {
-                node_id: settings.node_id.clone(),
-                advertise_url: settings.advertise_url.clone(),
-                last_seen_ms: now_ms,
-            };
-            ClusterRows { now_ms, members: vec![me], leases }
-        }),
+        Some(store) => store.read().await.map_err(|error| ApiError::internal("read the cluster", error))?,
+        None => context
+            .db
+            .lease_rows()
+            .await
+            .map(|leases| {
+                let now_ms = context.now_ms();
+                let settings = context.cluster.settings();
+                let me = MemberRow {
+                    node_id: settings.node_id.clone(),
+                    advertise_url: settings.advertise_url.clone(),
+                    last_seen_ms: now_ms,
+                };
+                ClusterRows { now_ms, members: vec![me], leases }
+            })
+            .map_err(|error| ApiError::internal("read the cluster", error))?,
     };
-    rows.map_err(|error| ApiError::internal("read the cluster", error))
+    Ok(rows)
 }
 
 #[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster",

@@ -10,48 +10,17 @@
 //! The embedded node (SQLite) has no cluster: it takes every shard at start-up
 //! without expiry (`acquire_all_shards`).
 
-use gavel_actors::ports::{SHARD_COUNT, ShardLease};
+use gavel_actors::ports::{BoxFuture, SHARD_COUNT, ShardLease};
 use sqlx::PgPool;
 
 use super::Db;
+use crate::cluster::{ClusterRows, LeaseRow, LeaseStore, LeaseStoreError, MemberRow, ShardOwner};
 
 /// The database's clock in milliseconds since the Unix epoch.
 macro_rules! now_ms {
     () => {
         "(extract(epoch FROM clock_timestamp()) * 1000)::int8"
     };
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
-pub struct LeaseRow {
-    pub shard: i32,
-    pub owner: String,
-    pub epoch: i64,
-    pub expires_at_ms: i64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
-pub struct MemberRow {
-    pub node_id: String,
-    pub advertise_url: String,
-    pub last_seen_ms: i64,
-}
-
-/// Everything a node needs to decide what to own, read at one moment.
-#[derive(Clone, Debug)]
-pub struct ClusterRows {
-    /// The database's clock when this was read.
-    pub now_ms: i64,
-    pub members: Vec<MemberRow>,
-    pub leases: Vec<LeaseRow>,
-}
-
-/// One shard's lease with its owner's address, and the database's clock.
-#[derive(Clone, Debug)]
-pub struct ShardOwner {
-    pub now_ms: i64,
-    pub lease: LeaseRow,
-    pub owner: Option<MemberRow>,
 }
 
 impl Db {
@@ -99,6 +68,56 @@ impl Db {
 #[derive(Clone)]
 pub struct PgLeases {
     pool: PgPool,
+}
+
+impl From<sqlx::Error> for LeaseStoreError {
+    fn from(error: sqlx::Error) -> LeaseStoreError {
+        LeaseStoreError(error.to_string())
+    }
+}
+
+impl LeaseStore for PgLeases {
+    fn heartbeat<'a>(
+        &'a self,
+        node_id: &'a str,
+        advertise_url: &'a str,
+    ) -> BoxFuture<'a, Result<i64, LeaseStoreError>> {
+        Box::pin(async move { Ok(PgLeases::heartbeat(self, node_id, advertise_url).await?) })
+    }
+
+    fn read(&self) -> BoxFuture<'_, Result<ClusterRows, LeaseStoreError>> {
+        Box::pin(async move { Ok(PgLeases::read(self).await?) })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        node_id: &'a str,
+        held: &'a [ShardLease],
+        lease_ms: i64,
+    ) -> BoxFuture<'a, Result<Vec<u32>, LeaseStoreError>> {
+        Box::pin(async move { Ok(PgLeases::renew(self, node_id, held, lease_ms).await?) })
+    }
+
+    fn take<'a>(
+        &'a self,
+        node_id: &'a str,
+        shards: &'a [u32],
+        lease_ms: i64,
+    ) -> BoxFuture<'a, Result<Vec<ShardLease>, LeaseStoreError>> {
+        Box::pin(async move { Ok(PgLeases::take(self, node_id, shards, lease_ms).await?) })
+    }
+
+    fn release<'a>(&'a self, node_id: &'a str, lease: ShardLease) -> BoxFuture<'a, Result<bool, LeaseStoreError>> {
+        Box::pin(async move { Ok(PgLeases::release(self, node_id, lease).await?) })
+    }
+
+    fn leave<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
+        Box::pin(async move { Ok(PgLeases::leave(self, node_id).await?) })
+    }
+
+    fn owner_of(&self, shard: u32) -> BoxFuture<'_, Result<Option<ShardOwner>, LeaseStoreError>> {
+        Box::pin(async move { Ok(PgLeases::owner_of(self, shard).await?) })
+    }
 }
 
 impl PgLeases {

@@ -77,7 +77,7 @@ macro_rules! writing {
 }
 
 mod leases;
-pub use leases::{ClusterRows, LeaseRow, MemberRow, PgLeases, ShardOwner};
+pub use leases::PgLeases;
 
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -1,0 +1,247 @@
+//! The lease manager against an in-memory lease store whose clock the test
+//! moves: joining, handing over, taking over a dead node's shards and a
+//! paused node finding out it lost them, each tick run by hand.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gavel_actors::node::{Node, NodeSettings};
+use gavel_actors::ports::{
+    BoxFuture, Clock, LoadedAuction, NoEvents, SHARD_COUNT, ShardLease, Store, StoreError, Write,
+};
+use gavel_actors::shards::Leases;
+use gavel_actors::{AuctionId, TimestampMs};
+
+use super::{Cluster, ClusterRows, ClusterSettings, LeaseRow, LeaseStore, LeaseStoreError, MemberRow, ShardOwner};
+use crate::auth::Secret;
+use crate::read_cache::ReadCache;
+
+const LEASE: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Tables {
+    members: HashMap<String, MemberRow>,
+    leases: HashMap<u32, LeaseRow>,
+}
+
+/// `storage/leases.rs`'s rules, in memory, on a clock the test moves.
+struct MemoryLeases {
+    now_ms: AtomicI64,
+    tables: Mutex<Tables>,
+}
+
+impl MemoryLeases {
+    fn new() -> Arc<MemoryLeases> {
+        let leases = (0..SHARD_COUNT)
+            .map(|shard| (shard, LeaseRow { shard: shard as i32, owner: String::new(), epoch: 0, expires_at_ms: 0 }))
+            .collect();
+        Arc::new(MemoryLeases {
+            now_ms: AtomicI64::new(1_000_000),
+            tables: Mutex::new(Tables { members: HashMap::new(), leases }),
+        })
+    }
+
+    fn advance(&self, by: Duration) {
+        self.now_ms.fetch_add(by.as_millis() as i64, Ordering::AcqRel);
+    }
+
+    fn now(&self) -> i64 {
+        self.now_ms.load(Ordering::Acquire)
+    }
+
+    fn owned_by(&self, node: &str) -> usize {
+        let now = self.now();
+        self.tables.lock().unwrap().leases.values().filter(|row| row.owner == node && row.expires_at_ms > now).count()
+    }
+
+    fn epoch(&self, shard: u32) -> i64 {
+        self.tables.lock().unwrap().leases[&shard].epoch
+    }
+}
+
+fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, Result<T, LeaseStoreError>> {
+    Box::pin(async move { Ok(value) })
+}
+
+impl LeaseStore for MemoryLeases {
+    fn heartbeat<'a>(
+        &'a self,
+        node_id: &'a str,
+        advertise_url: &'a str,
+    ) -> BoxFuture<'a, Result<i64, LeaseStoreError>> {
+        let now = self.now();
+        let member =
+            MemberRow { node_id: node_id.to_owned(), advertise_url: advertise_url.to_owned(), last_seen_ms: now };
+        self.tables.lock().unwrap().members.insert(node_id.to_owned(), member);
+        ready(now)
+    }
+
+    fn read(&self) -> BoxFuture<'_, Result<ClusterRows, LeaseStoreError>> {
+        let tables = self.tables.lock().unwrap();
+        let mut leases: Vec<LeaseRow> = tables.leases.values().cloned().collect();
+        leases.sort_by_key(|row| row.shard);
+        ready(ClusterRows { now_ms: self.now(), members: tables.members.values().cloned().collect(), leases })
+    }
+
+    fn renew<'a>(
+        &'a self,
+        node_id: &'a str,
+        held: &'a [ShardLease],
+        lease_ms: i64,
+    ) -> BoxFuture<'a, Result<Vec<u32>, LeaseStoreError>> {
+        let now = self.now();
+        let mut tables = self.tables.lock().unwrap();
+        let mut renewed = Vec::new();
+        for lease in held {
+            let row = tables.leases.get_mut(&lease.shard).unwrap();
+            if row.owner == node_id && row.epoch == lease.epoch {
+                row.expires_at_ms = now + lease_ms;
+                renewed.push(lease.shard);
+            }
+        }
+        ready(renewed)
+    }
+
+    fn take<'a>(
+        &'a self,
+        node_id: &'a str,
+        shards: &'a [u32],
+        lease_ms: i64,
+    ) -> BoxFuture<'a, Result<Vec<ShardLease>, LeaseStoreError>> {
+        let now = self.now();
+        let mut tables = self.tables.lock().unwrap();
+        let mut taken = Vec::new();
+        for shard in shards {
+            let row = tables.leases.get_mut(shard).unwrap();
+            if row.owner == node_id || row.owner.is_empty() || row.expires_at_ms <= now {
+                row.owner = node_id.to_owned();
+                row.epoch += 1;
+                row.expires_at_ms = now + lease_ms;
+                taken.push(ShardLease { shard: *shard, epoch: row.epoch });
+            }
+        }
+        ready(taken)
+    }
+
+    fn release<'a>(&'a self, node_id: &'a str, lease: ShardLease) -> BoxFuture<'a, Result<bool, LeaseStoreError>> {
+        let mut tables = self.tables.lock().unwrap();
+        let row = tables.leases.get_mut(&lease.shard).unwrap();
+        let held = row.owner == node_id && row.epoch == lease.epoch;
+        if held {
+            row.expires_at_ms = 0;
+        }
+        ready(held)
+    }
+
+    fn leave<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
+        self.tables.lock().unwrap().members.remove(node_id);
+        ready(())
+    }
+
+    fn owner_of(&self, shard: u32) -> BoxFuture<'_, Result<Option<ShardOwner>, LeaseStoreError>> {
+        let tables = self.tables.lock().unwrap();
+        let lease = tables.leases[&shard].clone();
+        let owner = tables.members.get(&lease.owner).cloned();
+        ready(Some(ShardOwner { now_ms: self.now(), lease, owner }))
+    }
+}
+
+/// A store with no auctions: these nodes only hold leases.
+struct NoAuctions;
+
+impl Store for NoAuctions {
+    fn load_auction(&self, _id: AuctionId) -> BoxFuture<'_, Result<Option<LoadedAuction>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn commit<'a>(&'a self, _batch: &'a [Write]) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn due_auctions(&self, _horizon_ms: TimestampMs, _limit: u32) -> BoxFuture<'_, Result<Vec<AuctionId>, StoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+struct FixedClock;
+
+impl Clock for FixedClock {
+    fn now_ms(&self) -> TimestampMs {
+        0
+    }
+}
+
+async fn node(name: &str, store: &Arc<MemoryLeases>) -> Arc<Cluster> {
+    let leases = Arc::new(Leases::none());
+    let node =
+        Node::start(NodeSettings::default(), Arc::new(FixedClock), Arc::new(NoAuctions), Arc::new(NoEvents), leases)
+            .await
+            .unwrap();
+    let settings = ClusterSettings {
+        node_id: name.to_owned(),
+        // Nobody listens there: waking a peer fails at once, as it may.
+        advertise_url: "http://127.0.0.1:9".to_owned(),
+        lease: LEASE,
+        tick: ClusterSettings::tick_for(LEASE),
+        forward_timeout: Duration::from_secs(1),
+        secret: Secret::new("x".repeat(32)),
+    };
+    let store: Arc<dyn LeaseStore> = store.clone();
+    Cluster::new(settings, Some(store), node, Arc::new(ReadCache::new(16))).unwrap()
+}
+
+/// Runs a tick, then lets the handovers it started (tasks) finish.
+async fn tick(cluster: &Arc<Cluster>) {
+    cluster.tick().await.unwrap();
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+#[tokio::test]
+async fn join_handover_takeover_and_a_paused_node_waking_up() {
+    let store = MemoryLeases::new();
+    let a = node("node-a", &store).await;
+    tick(&a).await;
+    assert_eq!(a.node.leases.held_count(), 256, "alone, a node owns every shard");
+    assert_eq!(store.owned_by("node-a"), 256);
+
+    // B joins: it takes nothing that A still holds...
+    let b = node("node-b", &store).await;
+    tick(&b).await;
+    assert_eq!(b.node.leases.held_count(), 0, "A's leases have not expired");
+    // ...until A, seeing B, hands B's share over (released at once), and B takes it.
+    tick(&a).await;
+    assert_eq!(a.node.leases.held_count(), 128, "A keeps its share");
+    tick(&b).await;
+    assert_eq!((store.owned_by("node-a"), store.owned_by("node-b")), (128, 128));
+    assert_eq!(b.node.leases.held_count(), 128);
+    let moved = (0..SHARD_COUNT).find(|shard| b.node.leases.epoch_of(*shard).is_some()).unwrap();
+    assert_eq!(store.epoch(moved), 2, "every change of owner raises the epoch");
+
+    // A stops ticking (dead, or paused). Before its leases expire, B takes nothing of A's.
+    store.advance(LEASE / 2);
+    tick(&b).await;
+    assert_eq!(b.node.leases.held_count(), 128);
+    // Past them, B is alone: it takes A's shards, raising their epochs.
+    store.advance(LEASE);
+    tick(&b).await;
+    assert_eq!(b.node.leases.held_count(), 256);
+    assert_eq!(store.owned_by("node-b"), 256);
+
+    // A wakes: its renewal finds every lease taken over, and it forgets them.
+    tick(&a).await;
+    assert_eq!(a.node.leases.held_count(), 0, "a node that lost its leases stops writing under them");
+    // A is live again: B hands it its share back, and A takes it.
+    tick(&b).await;
+    tick(&a).await;
+    assert_eq!((store.owned_by("node-a"), store.owned_by("node-b")), (128, 128));
+
+    // B leaves: its shards are released at once, and A takes them on its next tick.
+    b.leave().await;
+    tick(&a).await;
+    assert_eq!(store.owned_by("node-a"), 256, "a leaving node's shards move without waiting for expiry");
+}
