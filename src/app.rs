@@ -148,6 +148,7 @@ impl Application {
             read_cache,
             node_header,
             redis,
+            cors_origins: config.cors_origins.clone(),
         });
         let ticker = hub.spawn_ticker();
         Ok(Application { listener, context, sweeper, ticker, manager })

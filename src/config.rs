@@ -84,9 +84,21 @@ pub struct Config {
     /// it: each batch of events is compressed once, its bytes shared by the watchers.
     #[arg(long, env = "GAVEL_WS_COMPRESSION", default_value_t = true, action = clap::ArgAction::Set)]
     pub ws_compression: bool,
+    /// Web origins whose pages may call the API from a browser (CORS), comma-separated,
+    /// e.g. `https://shop.example`; `*` for any. Default: none (same origin only).
+    #[arg(long, env = "GAVEL_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_origins: Vec<String>,
     /// Kernel send buffer per connection, in bytes; unset: the kernel's automatic sizing.
     #[arg(long, env = "GAVEL_SOCKET_SEND_BUFFER_BYTES", value_parser = clap::value_parser!(u64).range(4_096..=16_777_216))]
     pub socket_send_buffer_bytes: Option<u64>,
+}
+
+fn parse_origin(text: &str) -> Result<String, String> {
+    let text = text.trim().trim_end_matches('/');
+    let valid = text == "*"
+        || ((text.starts_with("http://") || text.starts_with("https://"))
+            && !text.split_once("//").is_some_and(|(_, rest)| rest.is_empty() || rest.contains('/')));
+    if valid { Ok(text.to_owned()) } else { Err("an origin is scheme://host[:port], or *".to_owned()) }
 }
 
 fn parse_cluster_secret(text: &str) -> Result<Secret, String> {

@@ -103,8 +103,12 @@ impl FromRequestParts<ApiContext> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, context: &ApiContext) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or(ApiError::Unauthenticated)?;
-        let token =
-            header.to_str().ok().and_then(|value| value.strip_prefix("Bearer ")).ok_or(ApiError::Unauthenticated)?;
+        // The scheme is case-insensitive (RFC 7235): `Bearer`, `bearer`, `BEARER`.
+        let (scheme, token) =
+            header.to_str().ok().and_then(|value| value.split_once(' ')).ok_or(ApiError::Unauthenticated)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(ApiError::Unauthenticated);
+        }
         context.auth.verify(token.trim()).ok_or(ApiError::Unauthenticated)
     }
 }

@@ -59,6 +59,8 @@ pub struct ContextInner {
     pub node_header: axum::http::HeaderValue,
     /// Cross-node events, when `--redis-url` is given.
     pub redis: Option<Arc<crate::events::redis::RedisEvents>>,
+    /// `--cors-origins`: web origins allowed to call the API from a browser.
+    pub cors_origins: Vec<String>,
 }
 
 impl std::ops::Deref for ApiContext {
@@ -136,6 +138,7 @@ pub fn router(context: ApiContext) -> Router {
         .merge(SwaggerUi::new("/api/docs").url("/api/openapi.json", openapi))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(context.clone(), cors))
         .layer(middleware::from_fn_with_state(context.clone(), observe))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .with_state(context)
@@ -168,6 +171,43 @@ async fn observe(State(context): State<ApiContext>, request: Request, next: Next
         metrics::histogram!(telemetry::BID_LATENCY_SECONDS).record(elapsed);
     }
     response.headers_mut().insert(NODE_HEADER, context.node_header.clone());
+    response
+}
+
+/// CORS for the origins of `--cors-origins` (none by default): a preflight
+/// (`OPTIONS` with `Access-Control-Request-Method`) from one of them is
+/// answered `204` with what it may send; every answer to one of them says it
+/// may read it, and which of our headers. Any other origin gets no CORS
+/// header, so browsers keep their same-origin rule.
+async fn cors(State(context): State<ApiContext>, request: Request, next: Next) -> Response {
+    use axum::http::{HeaderValue, Method, StatusCode, header};
+    let origin = request.headers().get(header::ORIGIN).cloned().filter(|origin| {
+        origin
+            .to_str()
+            .is_ok_and(|origin| context.cors_origins.iter().any(|allowed| allowed == "*" || allowed == origin))
+    });
+    let Some(origin) = origin else {
+        return next.run(request).await;
+    };
+    let preflight =
+        request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut response = if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(request).await };
+    let headers = response.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    if preflight {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, idempotency-key"),
+        );
+        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    } else {
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("gavel-node, gavel-owner, retry-after"),
+        );
+    }
     response
 }
 

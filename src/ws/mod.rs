@@ -546,12 +546,15 @@ impl Connection {
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), Stop> {
+        let mut message_text = None;
         let parsed = match message {
             Message::Text(text) => {
                 if !self.admit().await? {
                     return Ok(());
                 }
-                serde_json::from_str::<Value>(text.as_str()).map_err(|error| format!("not JSON: {error}"))
+                let parsed = serde_json::from_str::<Value>(text.as_str()).map_err(|error| format!("not JSON: {error}"));
+                message_text = Some(text);
+                parsed
             }
             Message::Binary(bytes) => {
                 if !self.admit().await? {
@@ -568,7 +571,15 @@ impl Connection {
         };
         match parsed {
             Ok(value) => self.handle(value).await,
-            Err(message) => self.reply(ServerMessage::error("INVALID_REQUEST", message)).await,
+            Err(message) => match out_of_range_bid(&message_text) {
+                // A number too large to parse (`1e400`) is an absurd amount, as on REST;
+                // the bid's own `request_id` still gets its answer.
+                Some(request_id) => {
+                    let error = ApiError::InvalidAmount("a number is out of range".to_owned());
+                    self.reply(bid_error(request_id, &error)).await
+                }
+                None => self.reply(ServerMessage::error("INVALID_REQUEST", message)).await,
+            },
         }
     }
 
@@ -599,7 +610,7 @@ impl Connection {
             }
         };
         match message {
-            ClientMessage::Ping => {
+            ClientMessage::Ping {} => {
                 self.reply(ServerMessage::Pong { server_time: timestamp(self.context.now_ms()) }).await
             }
             ClientMessage::Auth { token } => {
@@ -771,6 +782,24 @@ fn follows_on(shown: Version, frames: &[Arc<protocol::Frame>]) -> bool {
         last = version;
     }
     true
+}
+
+/// The `request_id` of a JSON bid that failed to parse only because a number
+/// in it is out of range; `None` for anything else.
+fn out_of_range_bid(text: &Option<tungstenite::Utf8Bytes>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct BidEnvelope {
+        #[serde(rename = "type")]
+        kind: String,
+        request_id: String,
+    }
+    let text = text.as_ref()?.as_str();
+    let number_out_of_range = serde_json::from_str::<Value>(text)
+        .err()
+        .is_some_and(|error| error.to_string().starts_with("number out of range"));
+    // Skipping a number does not convert it: the rest of the message still parses.
+    let envelope: BidEnvelope = serde_json::from_str(text).ok()?;
+    (number_out_of_range && envelope.kind == "bid").then_some(envelope.request_id)
 }
 
 fn bid_error(request_id: String, error: &ApiError) -> ServerMessage {

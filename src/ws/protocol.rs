@@ -28,11 +28,24 @@ pub enum Encoding {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMessage {
-    Auth { token: String },
-    Subscribe { auction_id: String, since_seq: Option<u64> },
-    Unsubscribe { auction_id: String },
-    Bid { request_id: String, auction_id: String, amount: Number, max_amount: Option<Number> },
-    Ping,
+    Auth {
+        token: String,
+    },
+    Subscribe {
+        auction_id: String,
+        since_seq: Option<u64>,
+    },
+    Unsubscribe {
+        auction_id: String,
+    },
+    Bid {
+        request_id: String,
+        auction_id: String,
+        amount: Number,
+        max_amount: Option<Number>,
+    },
+    /// A struct variant, so that `deny_unknown_fields` holds for it too.
+    Ping {},
 }
 
 /// Everything the server sends. Auction messages carry `auction_id`.

@@ -228,3 +228,89 @@ async fn bad_input_battery(backend: Backend) {
     assert_eq!(status, StatusCode::CREATED, "a good bid still works: {placed}");
     app.stop().await;
 }
+
+/// Details of the contract that are easy to get wrong: the auth scheme's case,
+/// an absurd number in a WebSocket bid, extra fields on `ping`, and CORS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheme_case_absurd_numbers_extra_fields_and_cors() {
+    use crate::ws_client::{Watcher, WsClient};
+
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |config| config.cors_origins = vec!["https://shop.example".to_owned()],
+        gavel_actors::node::NodeSettings::default(),
+    )
+    .await;
+    let api = app.api();
+    let (_seller, bidders, id) = api.scene(&["bob"], json!({})).await;
+    let bob = &bidders[0];
+
+    // RFC 7235: the scheme is case-insensitive.
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let response = app
+            .client
+            .get(app.url("/api/v1/users/me"))
+            .header("Authorization", format!("{scheme} {}", bob.token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "scheme {scheme}");
+    }
+    let response =
+        app.client.get(app.url("/api/v1/users/me")).header("Authorization", format!("Basic {}", bob.token)).send();
+    assert_eq!(response.await.unwrap().status(), StatusCode::UNAUTHORIZED);
+
+    // A WebSocket bid with an amount too large to parse is answered as a bid.
+    let mut socket = WsClient::connect(&app.address, Some(&bob.token)).await;
+    socket
+        .send_raw(tokio_tungstenite::tungstenite::Message::Text(
+            format!(r#"{{"type":"bid","request_id":"r-1","auction_id":"{id}","amount":1e400}}"#).into(),
+        ))
+        .await;
+    let answer = socket.next_of("bid_result").await;
+    assert_eq!(
+        (answer["request_id"].as_str(), answer["error"]["code"].as_str()),
+        (Some("r-1"), Some("INVALID_AMOUNT"))
+    );
+    // Extra fields are refused on every message, `ping` included.
+    socket.send(json!({"type": "ping", "x": 1})).await;
+    let answer = socket.next_event().await;
+    assert_eq!(
+        (answer["type"].as_str(), answer["code"].as_str()),
+        (Some("error"), Some("INVALID_REQUEST")),
+        "{answer}"
+    );
+    socket.send(json!({"type": "ping"})).await;
+    assert_eq!(socket.next_event().await["type"], "pong", "the connection stays usable");
+
+    // CORS: the configured origin may call the API from a browser; others may not.
+    let preflight = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url(&format!("/api/v1/auctions/{id}/bids")))
+        .header("Origin", "https://shop.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "authorization, content-type")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), StatusCode::NO_CONTENT);
+    let headers = preflight.headers();
+    assert_eq!(headers["access-control-allow-origin"], "https://shop.example");
+    assert!(headers["access-control-allow-methods"].to_str().unwrap().contains("POST"));
+    assert!(headers["access-control-allow-headers"].to_str().unwrap().contains("authorization"));
+    let read = app.client.get(app.url(&format!("/api/v1/auctions/{id}"))).header("Origin", "https://shop.example");
+    let read = read.send().await.unwrap();
+    assert_eq!(read.headers()["access-control-allow-origin"], "https://shop.example");
+    assert!(read.headers()["access-control-expose-headers"].to_str().unwrap().contains("gavel-owner"));
+    let other = app.client.get(app.url(&format!("/api/v1/auctions/{id}"))).header("Origin", "https://evil.example");
+    let other = other.send().await.unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    assert!(!other.headers().contains_key("access-control-allow-origin"), "no CORS for other origins");
+    app.stop().await;
+
+    // By default no origin gets CORS headers.
+    let plain = TestApp::spawn(Backend::Sqlite).await;
+    let response = plain.client.get(plain.url("/health")).header("Origin", "https://shop.example").send();
+    assert!(!response.await.unwrap().headers().contains_key("access-control-allow-origin"));
+    plain.stop().await;
+}
