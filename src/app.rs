@@ -139,6 +139,7 @@ impl Application {
             db,
             node,
             auth: Auth::new(&secret, &database_id),
+            passwords: crate::auth::PasswordHashing::new(),
             bidding,
             cluster,
             clock,

@@ -130,6 +130,94 @@ impl Auth {
     }
 }
 
+/// Runs password hashing (argon2id: about 19 MiB and tens of milliseconds
+/// each) on threads of its own, one per core. Unbounded (on the blocking
+/// pool), a burst of logins took as many threads and as much memory as it had
+/// requests (100 at once took a node from 229 MB to 2.1 GB); and even bounded
+/// there, each new pool thread kept its own allocator arena of it. Excess
+/// requests wait their turn for `PASSWORD_QUEUE_WAIT`, then are refused (503).
+pub struct PasswordHashing {
+    permits: tokio::sync::Semaphore,
+    jobs: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
+    /// A hash of nothing anyone knows: a login for an unknown name is checked
+    /// against it, so it takes as long as one for a known name.
+    dummy_hash: String,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// How long a login or registration waits for a hashing slot.
+pub const PASSWORD_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HashingError {
+    #[error("too many password checks at once")]
+    Busy,
+    #[error("password hashing failed: {0}")]
+    Failed(String),
+}
+
+impl PasswordHashing {
+    pub fn new() -> PasswordHashing {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        let (sender, receiver) = std::sync::mpsc::channel::<Job>();
+        let receiver = std::sync::Arc::new(std::sync::Mutex::new(receiver));
+        for index in 0..cores {
+            let receiver = receiver.clone();
+            std::thread::Builder::new()
+                .name(format!("gavel-password-{index}"))
+                .spawn(move || {
+                    loop {
+                        let job = receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .expect("spawn a password hashing thread");
+        }
+        let dummy_hash = hash_password(&Uuid::now_v7().to_string()).expect("hashing a random string");
+        PasswordHashing { permits: tokio::sync::Semaphore::new(cores), jobs: std::sync::Mutex::new(sender), dummy_hash }
+    }
+
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, HashingError> {
+        let _permit = tokio::time::timeout(PASSWORD_QUEUE_WAIT, self.permits.acquire())
+            .await
+            .map_err(|_| HashingError::Busy)?
+            .map_err(|_| HashingError::Busy)?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(work());
+        });
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(job)
+            .map_err(|_| HashingError::Failed("the hashing threads are gone".to_owned()))?;
+        result.await.map_err(|_| HashingError::Failed("a hashing thread failed".to_owned()))
+    }
+
+    pub async fn hash(&self, password: String) -> Result<String, HashingError> {
+        self.run(move || hash_password(&password)).await?.map_err(|error| HashingError::Failed(error.to_string()))
+    }
+
+    /// Checks `password` against `hash`, or against the dummy hash when the
+    /// user does not exist (always `false` then, in the same time).
+    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, HashingError> {
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
+        let matches = self.run(move || verify_password(&password, &hash)).await?;
+        Ok(known && matches)
+    }
+}
+
+impl Default for PasswordHashing {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Hashes a password with argon2id and a random salt (CPU-heavy: call from a blocking task).
 pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);

@@ -46,6 +46,8 @@ pub struct ContextInner {
     pub db: Db,
     pub node: Arc<Node>,
     pub auth: Auth,
+    /// Password hashing, bounded to one at a time per core.
+    pub passwords: crate::auth::PasswordHashing,
     /// Every bid and cancel goes through here (REST, WebSocket, forwarded).
     pub bidding: Arc<Bidding>,
     pub cluster: Arc<Cluster>,

@@ -40,8 +40,11 @@ fn validate(credentials: &Credentials) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(work).await.map_err(|error| ApiError::internal("password hashing", error))
+fn hashing_error(error: auth::HashingError) -> ApiError {
+    match error {
+        auth::HashingError::Busy => ApiError::unavailable("too many sign-ins at once"),
+        auth::HashingError::Failed(error) => ApiError::internal("password hashing", error),
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/auth/register", tag = "auth", request_body = Credentials,
@@ -50,16 +53,14 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
         (status = 400, description = "invalid username or password", body = ErrorBody),
         (status = 409, description = "USERNAME_TAKEN", body = ErrorBody),
         (status = 413, description = "body over 16 KiB", body = ErrorBody),
+        (status = 503, description = "UNAVAILABLE: too many sign-ins at once (see Retry-After)", body = ErrorBody),
     ))]
 pub async fn register(
     State(context): State<ApiContext>,
     ApiJson(credentials): ApiJson<Credentials>,
 ) -> ApiResult<(StatusCode, Json<AuthView>)> {
     validate(&credentials)?;
-    let password = credentials.password;
-    let hash = blocking(move || auth::hash_password(&password))
-        .await?
-        .map_err(|error| ApiError::internal("password hashing", error))?;
+    let hash = context.passwords.hash(credentials.password).await.map_err(hashing_error)?;
     let id = Uuid::now_v7();
     let now_ms = context.now_ms();
     match context.db.insert_user(id, &credentials.username, &hash, now_ms).await {
@@ -78,6 +79,7 @@ pub async fn register(
         (status = 200, description = "logged in", body = AuthView),
         (status = 400, description = "malformed body", body = ErrorBody),
         (status = 401, description = "INVALID_CREDENTIALS", body = ErrorBody),
+        (status = 503, description = "UNAVAILABLE: too many sign-ins at once (see Retry-After)", body = ErrorBody),
     ))]
 pub async fn login(
     State(context): State<ApiContext>,
@@ -89,14 +91,13 @@ pub async fn login(
     }
     let user =
         context.db.user_by_name(&credentials.username).await.map_err(|error| ApiError::internal("find user", error))?;
-    let Some(user) = user else {
+    // An unknown name costs the same check as a wrong password: the answer's
+    // time does not tell which names exist.
+    let hash = user.as_ref().map(|user| user.password_hash.clone());
+    let matches = context.passwords.verify(credentials.password, hash).await.map_err(hashing_error)?;
+    let Some(user) = user.filter(|_| matches) else {
         return Err(ApiError::InvalidCredentials);
     };
-    let password = credentials.password;
-    let hash = user.password_hash.clone();
-    if !blocking(move || auth::verify_password(&password, &hash)).await? {
-        return Err(ApiError::InvalidCredentials);
-    }
     context.bidding.users.remember(user.id);
     let token = context.auth.issue(user.id, &user.username, context.now_ms() / 1000);
     Ok(Json(AuthView { user: UserView { id: user.id, username: user.username }, token }))

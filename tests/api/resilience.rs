@@ -414,3 +414,58 @@ async fn a_deleted_users_bids_are_refused_and_never_stop_other_writes(backend: B
     );
     app.stop().await;
 }
+
+/// The resident memory of this process in KiB (`VmRSS`, or the peak `VmHWM`).
+fn memory_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|line| line.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A burst of logins hashes at most one password per core at once (each
+/// argon2 check takes about 19 MiB: unbounded, 48 at once took about 1 GiB),
+/// and a login for a name that does not exist takes as long as a wrong
+/// password for one that does (the time of the answer tells nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_checks_are_bounded_and_unknown_names_cost_the_same() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.api().register("alice").await;
+    let before_kib = memory_kib("VmRSS");
+    let logins: Vec<_> = (0..48)
+        .map(|_| {
+            let (client, url) = (app.client.clone(), app.url("/api/v1/auth/login"));
+            tokio::spawn(async move {
+                let body = json!({"username": "alice", "password": "not-her-password"});
+                client.post(url).json(&body).send().await.unwrap().status()
+            })
+        })
+        .collect();
+    for login in logins {
+        let status = login.await.unwrap();
+        assert!(
+            status == StatusCode::UNAUTHORIZED || status == StatusCode::SERVICE_UNAVAILABLE,
+            "a wrong password is 401 (or 503 when too many wait): {status}"
+        );
+    }
+    let grew_mib = memory_kib("VmHWM").saturating_sub(before_kib) / 1024;
+    assert!(grew_mib < 400, "the burst's peak memory grew by {grew_mib} MiB");
+
+    let median_ms = |username: &'static str| {
+        let (client, url) = (app.client.clone(), app.url("/api/v1/auth/login"));
+        async move {
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let started = std::time::Instant::now();
+                let body = json!({"username": username, "password": "not-the-password"});
+                let status = client.post(&url).json(&body).send().await.unwrap().status();
+                assert_eq!(status, StatusCode::UNAUTHORIZED);
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            times.sort_by(f64::total_cmp);
+            times[2]
+        }
+    };
+    let (known, unknown) = (median_ms("alice").await, median_ms("nobody_here").await);
+    assert!(unknown >= known * 0.3, "an unknown name answered in {unknown:.1} ms, a known one in {known:.1} ms");
+    app.stop().await;
+}
