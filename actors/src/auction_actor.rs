@@ -255,11 +255,18 @@ impl Actor for AuctionActor {
             }
             AuctionMsg::WriteRefused { from_write_no, why } => {
                 warn!(auction_id = %state.auction.id, from_write_no, ?why, "writes refused, stopping the auction actor");
-                let reason = match why {
-                    Refusal::Fenced => Unavailable::WriteRefused,
-                    Refusal::Invalid => Unavailable::WriteInvalid,
+                let (first, reason) = match why {
+                    Refusal::Fenced => {
+                        (WriteOutcome::Unavailable(Unavailable::WriteRefused), Unavailable::WriteRefused)
+                    }
+                    Refusal::Invalid => {
+                        (WriteOutcome::Unavailable(Unavailable::WriteInvalid), Unavailable::WriteInvalid)
+                    }
+                    // The write's key went to another write first: the documented
+                    // 422 for it; the writes applied on top of it are not accepted.
+                    Refusal::KeyReused => (WriteOutcome::KeyReused, Unavailable::WriteInvalid),
                 };
-                self.fail_pending_with(state, from_write_no, reason);
+                self.fail_pending_with(state, from_write_no, first, reason);
                 // Its state is ahead of the store now: it must not take another write.
                 state.retiring.get_or_insert_with(Vec::new);
                 finish_retiring(&myself, state);
@@ -426,7 +433,8 @@ impl AuctionActor {
             // next request reloads from the store.
             warn!(auction_id = %state.auction.id, "persistence actor gone, stopping");
             self.env.persistence_queue.release(1);
-            self.fail_pending_with(state, write_no, Unavailable::PersistenceGone);
+            let gone = Unavailable::PersistenceGone;
+            self.fail_pending_with(state, write_no, WriteOutcome::Unavailable(gone), gone);
             myself.stop(Some("persistence gone".to_owned()));
         }
     }
@@ -461,13 +469,22 @@ impl AuctionActor {
 
     /// Answers 503 to every pending write from `from_write_no` on; the actor
     /// stops afterwards, since its state is ahead of the store.
-    fn fail_pending_with(&self, state: &mut AuctionActorState, from_write_no: u64, reason: Unavailable) {
+    /// The write `from_write_no` gets `first`, the ones after it `Unavailable(reason)`.
+    fn fail_pending_with(
+        &self,
+        state: &mut AuctionActorState,
+        from_write_no: u64,
+        first: WriteOutcome,
+        reason: Unavailable,
+    ) {
         state.pending.retain_mut(|pending| {
             if pending.write_no < from_write_no {
                 return true;
             }
+            let outcome =
+                if pending.write_no == from_write_no { first.clone() } else { WriteOutcome::Unavailable(reason) };
             if let Some(reply) = pending.reply.take() {
-                let _ = reply.send(WriteOutcome::Unavailable(reason));
+                let _ = reply.send(outcome.clone());
             }
             // Not written: a retry with this key must be decided anew (by the
             // next owner), and duplicates waiting on it get the same answer.
@@ -475,7 +492,7 @@ impl AuctionActor {
                 && let Some(KeyState::Waiting(waiters)) = state.recent_keys.remove(key)
             {
                 for waiter in waiters {
-                    let _ = waiter.send(WriteOutcome::Unavailable(reason));
+                    let _ = waiter.send(outcome.clone());
                 }
             }
             false

@@ -46,6 +46,8 @@ pub enum Refusal {
     Fenced,
     /// The store refuses the write itself (a constraint, a value it does not take).
     Invalid,
+    /// Its idempotency key was stored for another write (sent at once elsewhere).
+    KeyReused,
 }
 
 type Origin = (Arc<dyn WriteOrigin>, u64);
@@ -55,7 +57,8 @@ enum Committed {
     All,
     /// Every write was fenced.
     Nothing,
-    Invalid(String),
+    /// Refused as it is; why, and the store's words.
+    Invalid(Refusal, String),
 }
 
 /// Auctions whose writes were refused as invalid, remembered at most this many.
@@ -225,7 +228,7 @@ impl PersistenceActor {
                     notify_durable(&origins);
                 }
                 Committed::Nothing => {}
-                Committed::Invalid(reason) if writes.len() == 1 => {
+                Committed::Invalid(why, reason) if writes.len() == 1 => {
                     let (actor, write_no) = origins.pop().expect("one write, one origin");
                     error!(
                         auction_id = %writes[0].auction.id,
@@ -236,9 +239,9 @@ impl PersistenceActor {
                     metrics::counter!(names::WRITES_REFUSED_TOTAL).increment(1);
                     self.queue.release(1);
                     state.refuse(actor.actor_id(), write_no);
-                    actor.refused(write_no, Refusal::Invalid);
+                    actor.refused(write_no, why);
                 }
-                Committed::Invalid(_) => {
+                Committed::Invalid(..) => {
                     let second_writes = writes.split_off(writes.len() / 2);
                     let second_origins = origins.split_off(origins.len() / 2);
                     parts.push_front((second_writes, second_origins));
@@ -279,7 +282,11 @@ impl PersistenceActor {
                 Err(StoreError::Invalid(reason)) => {
                     metrics::counter!(names::COMMIT_FAILURES_TOTAL).increment(1);
                     warn!(writes = writes.len(), error = %reason, "the store refuses the batch as invalid");
-                    return Committed::Invalid(reason);
+                    return Committed::Invalid(Refusal::Invalid, reason);
+                }
+                Err(StoreError::KeyReused) => {
+                    debug!(writes = writes.len(), "an idempotency key of the batch was used for another write");
+                    return Committed::Invalid(Refusal::KeyReused, "idempotency key reused".to_owned());
                 }
                 Err(StoreError::Unavailable(reason)) => {
                     self.failing.store(true, std::sync::atomic::Ordering::Release);

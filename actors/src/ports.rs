@@ -65,6 +65,10 @@ pub enum StoreError {
     /// not take): retrying it as it is can never succeed. Nothing was written.
     #[error("store refused the batch as invalid: {0}")]
     Invalid(String),
+    /// An idempotency key of the batch is stored already for another write.
+    /// Nothing was written; like `Invalid`, retrying it as it is cannot succeed.
+    #[error("an idempotency key of the batch was used for another write")]
+    KeyReused,
 }
 
 pub trait Store: Send + Sync + 'static {

@@ -20,6 +20,9 @@ use super::Db;
 /// a value the database refuses, fails the same way every time (`Invalid`);
 /// anything else (connection, timeout, lock, disk) may pass next time.
 fn classify(error: sqlx::Error) -> StoreError {
+    if error.to_string().contains(KEY_REUSED) {
+        return StoreError::KeyReused;
+    }
     let Some(database_error) = error.as_database_error() else {
         return StoreError::Unavailable(error.to_string());
     };
@@ -38,6 +41,13 @@ fn classify(error: sqlx::Error) -> StoreError {
 }
 
 pub(super) async fn commit(db: &Db, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
+    // One key twice in a batch (sent at once to two auctions of this node):
+    // one of the two must not be written, and the store would only say so
+    // obscurely; the persistence actor splits the batch until they part.
+    let mut seen = std::collections::HashSet::new();
+    if batch.iter().filter_map(|write| write.key.as_ref()).any(|key| !seen.insert((key.user_id, key.key.as_str()))) {
+        return Err(StoreError::KeyReused);
+    }
     let unavailable = classify;
     match db {
         Db::Sqlite { writer, .. } => {
@@ -312,7 +322,8 @@ async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) ->
             .bind(state.final_price.map(|price| price.minor_units()))
     })
     .await?;
-    execute_chunked(tx, &keys(batch), sqlite_insert_keys_sql, |query, key| {
+    let keys = keys(batch);
+    execute_chunked(tx, &keys, sqlite_insert_keys_sql, |query, key| {
         query
             .bind(key.user_id)
             .bind(key.key)
@@ -322,8 +333,22 @@ async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) ->
             .bind(key.seq)
             .bind(key.created_at_ms)
     })
-    .await
+    .await?;
+    // A key already stored for another write (the same key sent at once to
+    // two auctions, on this node or another): this batch must not commit.
+    let stored = "SELECT kind, auction_id, seq FROM idempotency_keys WHERE user_id = $1 AND key = $2";
+    for key in &keys {
+        let (kind, auction_id, seq): (String, Uuid, Option<i64>) =
+            sqlx::query_as(stored).bind(key.user_id).bind(key.key).fetch_one(&mut **tx).await?;
+        if kind != key.kind || auction_id != key.auction_id || seq != key.seq {
+            return Err(sqlx::Error::Protocol(KEY_REUSED.to_owned()));
+        }
+    }
+    Ok(())
 }
+
+/// What a commit says when one of its idempotency keys was stored for another write.
+const KEY_REUSED: &str = "idempotency key reused";
 
 /// On Postgres the whole batch is one statement, hence one round trip and one
 /// transaction: the lease rows are taken `FOR SHARE` (a takeover, which updates
@@ -331,6 +356,13 @@ async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) ->
 /// and the bids, auction rows and keys are written only if every lease the
 /// batch names is still this node's at its epoch. Columns are bound as arrays.
 /// Returns whether the leases held (nothing was written otherwise).
+///
+/// An idempotency key already stored for another write (the same key sent at
+/// once to two auctions, even through two nodes: the insert waits for the
+/// other transaction's row) makes the statement fail with a cast of
+/// "idempotency key reused" (a data error, not retried): nothing is written,
+/// and the persistence actor sets the write at fault apart. A key stored for
+/// the same write (the batch run again) matches and passes.
 const POSTGRES_COMMIT: &str = "\
 WITH named AS (SELECT * FROM UNNEST($1::int4[], $2::int8[]) AS n(shard, epoch)), \
 held AS (SELECT s.shard FROM shard_leases s JOIN named n ON n.shard = s.shard AND n.epoch = s.epoch \
@@ -355,7 +387,13 @@ new_keys AS ( \
     SELECT k.* FROM UNNEST($23::uuid[], $24::text[], $25::int8[], $26::text[], $27::uuid[], $28::int8[], \
                            $29::int8[]) AS k \
     WHERE (SELECT ok FROM verdict) \
-    ON CONFLICT (user_id, key) DO NOTHING), \
+    ON CONFLICT (user_id, key) DO UPDATE SET key = EXCLUDED.key \
+    RETURNING user_id, key, kind, auction_id, seq), \
+reused AS ( \
+    SELECT count(*) AS n FROM new_keys s \
+    JOIN UNNEST($23::uuid[], $24::text[], $26::text[], $27::uuid[], $28::int8[]) AS k(user_id, key, kind, auction_id, seq) \
+        ON s.user_id = k.user_id AND s.key = k.key \
+    WHERE s.kind <> k.kind OR s.auction_id <> k.auction_id OR s.seq IS DISTINCT FROM k.seq), \
 new_participations AS ( \
     INSERT INTO participations (user_id, auction_id, max_amount, bid_count, last_seq) \
     SELECT p.* FROM UNNEST($30::uuid[], $31::uuid[], $32::int8[], $33::int8[], $34::int8[]) AS p \
@@ -365,7 +403,10 @@ new_participations AS ( \
         bid_count = CASE WHEN EXCLUDED.last_seq > participations.last_seq \
                          THEN participations.bid_count + EXCLUDED.bid_count ELSE participations.bid_count END, \
         last_seq = GREATEST(participations.last_seq, EXCLUDED.last_seq)) \
-SELECT ok FROM verdict";
+SELECT CASE WHEN (SELECT n FROM reused) > 0 \
+            THEN ('idempotency key reused: ' || (SELECT n FROM reused))::int > 0 \
+            ELSE ok END \
+FROM verdict";
 
 async fn write_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) -> Result<bool, sqlx::Error> {
     let named = leases_named(batch);

@@ -16,7 +16,8 @@ on_both_backends!(
     idle_auctions_passivate_and_come_back,
     a_batch_committed_twice_counts_its_bids_once,
     an_auction_open_from_creation_has_its_actor_started,
-    a_deleted_users_bids_are_refused_and_never_stop_other_writes
+    a_deleted_users_bids_are_refused_and_never_stop_other_writes,
+    one_key_sent_at_once_to_many_auctions_places_one_bid
 );
 
 async fn admin(sql: String) {
@@ -467,5 +468,60 @@ async fn password_checks_are_bounded_and_unknown_names_cost_the_same() {
     };
     let (known, unknown) = (median_ms("alice").await, median_ms("nobody_here").await);
     assert!(unknown >= known * 0.3, "an unknown name answered in {unknown:.1} ms, a known one in {known:.1} ms");
+    app.stop().await;
+}
+
+/// One Idempotency-Key fired at once at ten auctions: exactly one bid takes
+/// effect, the nine others are `422 IDEMPOTENCY_KEY_REUSED`, and retrying any
+/// of them gives the same answer again.
+async fn one_key_sent_at_once_to_many_auctions_places_one_bid(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let api = app.api();
+    let seller = api.register("seller").await;
+    let bob = api.register("bob").await;
+    let mut auctions = Vec::new();
+    for _ in 0..10 {
+        auctions.push(api.create_auction(&seller, auction_body(json!({}))).await["id"].as_str().unwrap().to_owned());
+    }
+    let send = |auction_id: String| {
+        let (client, url, token) =
+            (app.client.clone(), app.url(&format!("/api/v1/auctions/{auction_id}/bids")), bob.token.clone());
+        async move {
+            let response = client
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "one-key")
+                .json(&json!({"amount": 10_000}))
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let answers: Vec<_> = auctions.iter().map(|id| tokio::spawn(send(id.clone()))).collect();
+    let mut first = Vec::new();
+    for answer in answers {
+        first.push(answer.await.unwrap());
+    }
+    let created: Vec<usize> = (0..10).filter(|index| first[*index].0 == StatusCode::CREATED).collect();
+    assert_eq!(created.len(), 1, "exactly one bid took effect: {first:?}");
+    for (index, (status, body)) in first.iter().enumerate() {
+        if index != created[0] {
+            assert_eq!(
+                (*status, body["error"]["code"].as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, Some("IDEMPOTENCY_KEY_REUSED")),
+                "{body}"
+            );
+        }
+    }
+    let mut stored = 0;
+    for id in &auctions {
+        stored += api.history(id).await.len();
+    }
+    assert_eq!(stored, 1, "one bid is stored across the ten auctions");
+    for (index, id) in auctions.iter().enumerate() {
+        let (status, body) = send(id.clone()).await;
+        assert_eq!((status, &body), (first[index].0, &first[index].1), "a retry gets the first answer again");
+    }
     app.stop().await;
 }
