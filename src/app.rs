@@ -54,6 +54,9 @@ impl Application {
         settings.persistence.batch_delay = std::time::Duration::from_micros(config.commit_delay_us);
         let metrics = telemetry::metrics();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        // The default node id hashes the data directory's canonical path: it must exist first.
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
         let node_id = config.node_id();
         let db = match &config.database_url {
             Some(url) => Db::open_postgres(url).await.context("connecting to Postgres")?,

@@ -30,7 +30,7 @@ pub struct Config {
     /// Enables snapshots and cross-node pub/sub (cluster).
     #[arg(long, env = "GAVEL_REDIS_URL")]
     pub redis_url: Option<String>,
-    /// This node's name in a cluster; defaults to the host name.
+    /// This node's name in a cluster; defaults to the host name and a hash of the data directory.
     #[arg(long, env = "GAVEL_NODE_ID", value_parser = parse_node_id)]
     pub node_id: Option<String>,
     /// Where the other nodes of a cluster reach this one (forwarded writes);
@@ -154,15 +154,42 @@ impl Config {
         self.advertise_url.clone().unwrap_or_else(|| format!("http://{bound}"))
     }
 
+    /// `--node-id`, or the host name and a hash of the data directory: two
+    /// nodes on one host (with their own data directories) never share an id
+    /// by accident, and a node restarted on its data directory keeps its id
+    /// (so it takes its own shard leases back at once).
     pub fn node_id(&self) -> String {
         if let Some(node_id) = &self.node_id {
             return node_id.clone();
         }
-        std::fs::read_to_string("/etc/hostname")
+        let host: String = std::fs::read_to_string("/etc/hostname")
             .ok()
             .map(|name| name.trim().to_owned())
             .filter(|name| !name.is_empty())
             .or_else(|| std::env::var("HOSTNAME").ok())
             .unwrap_or_else(|| "gavel".to_owned())
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .take(48)
+            .collect();
+        let directory = std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
+        let hash = crate::bidding::keys::fingerprint(&[directory.to_string_lossy().as_bytes()]);
+        format!("{host}-{:08x}", hash as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_node_ids_differ_by_data_directory_and_survive_a_restart() {
+        let (one, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let id = |dir: &std::path::Path| Config::for_data_dir(dir.to_path_buf()).node_id();
+        assert_ne!(id(one.path()), id(other.path()), "two nodes on one host");
+        assert_eq!(id(one.path()), id(one.path()), "a restart on the same data directory");
+        let given = Config::parse_from(["gavel", "--node-id", "node-a"]);
+        assert_eq!(given.node_id(), "node-a");
+        assert!(id(one.path()).bytes().all(|byte| byte.is_ascii_alphanumeric() || b"-_.".contains(&byte)));
     }
 }

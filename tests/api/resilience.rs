@@ -104,37 +104,41 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
 /// The seam for the cluster: a write under a lease epoch that is no longer the
 /// shard's is refused inside the transaction and never acknowledged.
 async fn a_stale_lease_epoch_is_refused_inside_the_commit(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
-    let api = app.api();
-    let (_seller, bidders, id) = api.scene(&["bob"], json!({})).await;
-    let bob = &bidders[0];
-    assert_eq!(api.bid(bob, &id, 10_000, None).await.0, StatusCode::CREATED);
-
-    // Another owner takes every shard: the epochs move on behind this node's back.
-    let takeover = "UPDATE shard_leases SET owner = 'someone-else', epoch = epoch + 1";
-    match backend {
-        Backend::Postgres => {
-            let mut connection = sqlx::PgConnection::connect(app.database_url.as_deref().unwrap()).await.unwrap();
-            sqlx::query(takeover).execute(&mut connection).await.unwrap();
+    // Another owner takes every shard; or the same node id does (a restarted
+    // process, or two nodes that share an id): the epoch alone moves on.
+    for takeover in [
+        "UPDATE shard_leases SET owner = 'someone-else', epoch = epoch + 1",
+        "UPDATE shard_leases SET epoch = epoch + 1",
+    ] {
+        let app = TestApp::spawn(backend).await;
+        let api = app.api();
+        let (_seller, bidders, id) = api.scene(&["bob"], json!({})).await;
+        let bob = &bidders[0];
+        assert_eq!(api.bid(bob, &id, 10_000, None).await.0, StatusCode::CREATED);
+        match backend {
+            Backend::Postgres => {
+                let mut connection = sqlx::PgConnection::connect(app.database_url.as_deref().unwrap()).await.unwrap();
+                sqlx::query(takeover).execute(&mut connection).await.unwrap();
+            }
+            Backend::Sqlite => {
+                let path = app.data_dir.path().join("gavel.db");
+                let mut connection =
+                    sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+                sqlx::query(takeover).execute(&mut connection).await.unwrap();
+            }
         }
-        Backend::Sqlite => {
-            let path = app.data_dir.path().join("gavel.db");
-            let mut connection =
-                sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
-            sqlx::query(takeover).execute(&mut connection).await.unwrap();
-        }
+        let (status, body) = api.bid(bob, &id, 20_000, Some(30_000)).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE")),
+            "{takeover}: {body}"
+        );
+        let history = api.history(&id).await;
+        assert_eq!(history.len(), 1, "{takeover}: the refused bid was not written");
+        let after = api.auction(&id).await;
+        assert_eq!((after["bid_count"].as_i64(), after["current_price"].as_i64()), (Some(1), Some(10_000)));
+        app.stop().await;
     }
-    let (status, body) = api.bid(bob, &id, 20_000, Some(30_000)).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("UNAVAILABLE")),
-        "{body}"
-    );
-    let history = api.history(&id).await;
-    assert_eq!(history.len(), 1, "the refused bid was not written");
-    let after = api.auction(&id).await;
-    assert_eq!((after["bid_count"].as_i64(), after["current_price"].as_i64()), (Some(1), Some(10_000)));
-    app.stop().await;
 }
 
 /// The persistence actor re-runs a batch whose commit's outcome it could not
