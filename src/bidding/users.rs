@@ -8,7 +8,7 @@
 //! and the commit is what stands between a write and the store anyway.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -22,13 +22,14 @@ const CAPACITY: usize = 200_000;
 
 #[derive(Default)]
 pub struct KnownUsers {
-    seen: Mutex<HashMap<Uuid, Instant>>,
+    /// Read on every bid (shared), written once per user per `FRESH_FOR`.
+    seen: RwLock<HashMap<Uuid, Instant>>,
 }
 
 impl KnownUsers {
     /// `user_id` exists (it was just registered, or just logged in).
     pub fn remember(&self, user_id: Uuid) {
-        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut seen = self.seen.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if seen.len() >= CAPACITY {
             seen.clear();
         }
@@ -38,7 +39,7 @@ impl KnownUsers {
     /// Whether `user_id` exists: from the cache while fresh, else from the store.
     pub async fn exists(&self, db: &Db, user_id: Uuid) -> Result<bool, sqlx::Error> {
         let fresh = {
-            let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let seen = self.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             seen.get(&user_id).is_some_and(|at| at.elapsed() < FRESH_FOR)
         };
         if fresh {
@@ -48,7 +49,7 @@ impl KnownUsers {
         if found {
             self.remember(user_id);
         } else {
-            self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&user_id);
+            self.seen.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&user_id);
         }
         Ok(found)
     }

@@ -144,11 +144,34 @@ pub struct Answer {
 
 pub type Answers = Arc<Mutex<Vec<Answer>>>;
 
+/// Bidders at work (`cluster_storm`) and what they were answered.
+pub struct Storm {
+    pub answers: Answers,
+    stop: Arc<AtomicBool>,
+    bidders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Storm {
+    pub fn start(routes: Vec<Vec<String>>, bidders: Vec<User>, auction_id: String) -> Storm {
+        let (answers, stop): (Answers, _) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+        let bidders = cluster_storm(routes, bidders, auction_id, answers.clone(), stop.clone());
+        Storm { answers, stop, bidders }
+    }
+
+    /// Stops the bidders and waits until each has had its last answer.
+    pub async fn finish(self) {
+        self.stop.store(true, Ordering::Release);
+        for bidder in self.bidders {
+            bidder.await.expect("bidder task");
+        }
+    }
+}
+
 /// Bidders that bid just above the price they last heard of, each through the
 /// nodes at `routes[bidder]` in turn, until `stop` is set. A `503` is retried
 /// after a pause; a node that cannot be reached (it died) is dropped from the
 /// bidder's rotation. Every answer is recorded.
-pub fn cluster_storm(
+fn cluster_storm(
     routes: Vec<Vec<String>>,
     bidders: Vec<User>,
     auction_id: String,
@@ -308,15 +331,11 @@ async fn three_nodes_decide_one_auction_as_one_service() {
     // Every bidder goes through all three nodes in turn.
     let all: Vec<String> = (0..3).map(|index| cluster.address(index)).collect();
     let routes = (0..bidders.len()).map(|_| all.clone()).collect();
-    let answers: Answers = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
     let bidder_ids = bidders_ids(&bidders);
-    let storm = cluster_storm(routes, bidders.clone(), auction_id.clone(), answers.clone(), stop.clone());
+    let storm = Storm::start(routes, bidders.clone(), auction_id.clone());
+    let answers = storm.answers.clone();
     wait_for_acknowledged(&answers, 150, "150 bids acknowledged through three nodes").await;
-    stop.store(true, Ordering::Release);
-    for bidder in storm {
-        bidder.await.expect("bidder task");
-    }
+    storm.finish().await;
     check_no_other_server_errors(&answers);
     let answered = answers.lock().unwrap().clone();
     assert!(answered.iter().all(|answer| answer.status != StatusCode::SERVICE_UNAVAILABLE), "no node was unavailable");
@@ -397,10 +416,9 @@ async fn a_killed_owner_loses_its_shards_within_the_lease_and_no_acknowledged_bi
     let survivors: Vec<usize> = (0..3).filter(|index| *index != owner).collect();
     let through: Vec<String> = survivors.iter().map(|index| cluster.address(*index)).collect();
 
-    let answers: Answers = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
     let routes = (0..bidders.len()).map(|_| through.clone()).collect();
-    let storm = cluster_storm(routes, bidders, auction_id.clone(), answers.clone(), stop.clone());
+    let storm = Storm::start(routes, bidders, auction_id.clone());
+    let answers = storm.answers.clone();
     wait_for_acknowledged(&answers, 60, "60 bids before the kill").await;
 
     let killed_id = cluster.members[owner].id.clone();
@@ -421,10 +439,7 @@ async fn a_killed_owner_loses_its_shards_within_the_lease_and_no_acknowledged_bi
         cluster.lease_secs
     );
     wait_for_acknowledged(&answers, before_kill + 40, "40 more bids after the takeover").await;
-    stop.store(true, Ordering::Release);
-    for bidder in storm {
-        bidder.await.expect("bidder task");
-    }
+    storm.finish().await;
     check_no_other_server_errors(&answers);
     let history = cluster.api(survivor).history(&auction_id).await;
     check_acknowledged_are_stored(&history, &acknowledged_of(&answers));
@@ -448,15 +463,14 @@ async fn a_paused_owner_is_fenced_when_it_wakes_and_the_auction_has_one_winner()
     let others: Vec<usize> = (0..3).filter(|index| *index != owner).collect();
 
     // A third of the bidders talk to the owner directly, the rest to the others.
-    let answers: Answers = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
     let routes = (0..bidders.len())
         .map(|index| match index % 3 {
             0 => vec![cluster.address(owner)],
             _ => others.iter().map(|other| cluster.address(*other)).collect(),
         })
         .collect();
-    let storm = cluster_storm(routes, bidders, auction_id.clone(), answers.clone(), stop.clone());
+    let storm = Storm::start(routes, bidders, auction_id.clone());
+    let answers = storm.answers.clone();
     wait_for_acknowledged(&answers, 60, "60 bids before the pause").await;
 
     cluster.process(owner).signal(libc::SIGSTOP);
@@ -476,10 +490,7 @@ async fn a_paused_owner_is_fenced_when_it_wakes_and_the_auction_has_one_winner()
     .await;
     let after_wake = created_count(&answers);
     wait_for_acknowledged(&answers, after_wake + 20, "20 more bids after the wake").await;
-    stop.store(true, Ordering::Release);
-    for bidder in storm {
-        bidder.await.expect("bidder task");
-    }
+    storm.finish().await;
     check_no_other_server_errors(&answers);
     let history = cluster.api(other).history(&auction_id).await;
     check_acknowledged_are_stored(&history, &acknowledged_of(&answers));
@@ -513,10 +524,9 @@ async fn sigterm_hands_the_shards_over_at_once_under_load() {
     let staying: Vec<usize> = (0..3).filter(|index| *index != leaving).collect();
     let all: Vec<String> = (0..3).map(|index| cluster.address(index)).collect();
 
-    let answers: Answers = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
     let routes = (0..bidders.len()).map(|_| all.clone()).collect();
-    let storm = cluster_storm(routes, bidders, auction_id.clone(), answers.clone(), stop.clone());
+    let storm = Storm::start(routes, bidders, auction_id.clone());
+    let answers = storm.answers.clone();
     wait_for_acknowledged(&answers, 60, "60 bids before SIGTERM").await;
 
     let leaving_id = cluster.members[leaving].id.clone();
@@ -536,10 +546,7 @@ async fn sigterm_hands_the_shards_over_at_once_under_load() {
     assert!(status.success(), "graceful exit: {status:?}");
     let after_exit = created_count(&answers);
     wait_for_acknowledged(&answers, after_exit + 30, "30 bids after the handover").await;
-    stop.store(true, Ordering::Release);
-    for bidder in storm {
-        bidder.await.expect("bidder task");
-    }
+    storm.finish().await;
     check_no_other_server_errors(&answers);
     let history = cluster.api(staying[1]).history(&auction_id).await;
     check_acknowledged_are_stored(&history, &acknowledged_of(&answers));

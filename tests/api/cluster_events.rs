@@ -4,16 +4,14 @@
 //! snapshot), also when the owner dies and when Redis restarts.
 
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::cluster::{
-    Answers, TestCluster, check_acknowledged_are_stored, check_no_other_server_errors, cluster_storm, created_count,
-    labelled_metric, users, wait_for_acknowledged,
+    Storm, TestCluster, check_acknowledged_are_stored, check_no_other_server_errors, created_count, labelled_metric,
+    users, wait_for_acknowledged,
 };
 use crate::helpers::{auction_body, eventually, free_port};
 use crate::ws_client::{Watcher, WsClient};
@@ -134,16 +132,12 @@ async fn watchers_on_other_nodes_see_every_bid_in_order_and_outbid_reaches_its_u
     let (status, placed) = cluster.api(owner).bid(&olivia, &auction_id, 1_000, None).await;
     assert_eq!(status, StatusCode::CREATED, "{placed}");
 
-    let answers: Answers = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
     let through = vec![cluster.address(owner), cluster.address(b)];
     let routes = (0..bidders.len()).map(|_| through.clone()).collect();
-    let storm = cluster_storm(routes, bidders, auction_id.clone(), answers.clone(), stop.clone());
+    let storm = Storm::start(routes, bidders, auction_id.clone());
+    let answers = storm.answers.clone();
     wait_for_acknowledged(&answers, 120, "120 bids through the owner and B").await;
-    stop.store(true, Ordering::Release);
-    for bidder in storm {
-        bidder.await.unwrap();
-    }
+    storm.finish().await;
     check_no_other_server_errors(&answers);
     let last_seq = cluster.api(owner).auction(&auction_id).await["seq"].as_u64().unwrap();
 
@@ -200,19 +194,15 @@ async fn watchers_go_on_after_the_owner_is_killed() {
         watchers.push((watcher, snapshot));
     }
 
-    let answers: Answers = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
     let through: Vec<String> = others.iter().map(|index| cluster.address(*index)).collect();
     let routes = (0..bidders.len()).map(|_| through.clone()).collect();
-    let storm = cluster_storm(routes, bidders, auction_id.clone(), answers.clone(), stop.clone());
+    let storm = Storm::start(routes, bidders, auction_id.clone());
+    let answers = storm.answers.clone();
     wait_for_acknowledged(&answers, 60, "60 bids before the kill").await;
     cluster.take(owner).kill_hard().await;
     let at_kill = created_count(&answers);
     wait_for_acknowledged(&answers, at_kill + 60, "60 bids after the takeover").await;
-    stop.store(true, Ordering::Release);
-    for bidder in storm {
-        bidder.await.unwrap();
-    }
+    storm.finish().await;
     check_no_other_server_errors(&answers);
     let survivor = others[0];
     let history = cluster.api(survivor).history(&auction_id).await;
@@ -240,11 +230,10 @@ async fn a_redis_restart_fails_no_bid_and_watchers_are_resynchronised() {
     let mut watcher = WsClient::connect(&cluster.address(other), None).await;
     let snapshot = watcher.subscribe(&auction_id).await;
 
-    let answers: Answers = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
     let through = vec![cluster.address(owner), cluster.address(other)];
     let routes = (0..bidders.len()).map(|_| through.clone()).collect();
-    let storm = cluster_storm(routes, bidders, auction_id.clone(), answers.clone(), stop.clone());
+    let storm = Storm::start(routes, bidders, auction_id.clone());
+    let answers = storm.answers.clone();
     wait_for_acknowledged(&answers, 40, "40 bids before Redis stops").await;
 
     redis.stop().await;
@@ -262,10 +251,7 @@ async fn a_redis_restart_fails_no_bid_and_watchers_are_resynchronised() {
     .await;
     let after = created_count(&answers);
     wait_for_acknowledged(&answers, after + 40, "40 bids after Redis is back").await;
-    stop.store(true, Ordering::Release);
-    for bidder in storm {
-        bidder.await.unwrap();
-    }
+    storm.finish().await;
     let failed: Vec<Value> = answers
         .lock()
         .unwrap()
