@@ -198,7 +198,26 @@ pub async fn create_auction(
     {
         context.node.start_created(state).await;
     }
-    Ok((StatusCode::CREATED, Json(AuctionView::from_row(&row, Some(user.id), context.now_ms()))))
+    let view = AuctionView::from_row(&row, Some(user.id), context.now_ms());
+    if let Some(record) = &record {
+        remember_response(&context, user.id, &record.key, &view).await;
+    }
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Records `view` as the first answer to the write made under `key`, for its
+/// retries. Best effort: a retry before it is recorded (or if recording
+/// fails) gets the auction as it is then.
+async fn remember_response(context: &ApiContext, user_id: Uuid, key: &str, view: &AuctionView) {
+    let Ok(body) = serde_json::to_string(view) else { return };
+    if let Err(error) = context.db.remember_response(user_id, key, &body).await {
+        tracing::warn!(%error, "recording the first answer under its idempotency key failed");
+    }
+}
+
+/// The first answer recorded under a key, if any.
+fn recorded(stored: &crate::storage::KeyRow) -> Option<AuctionView> {
+    serde_json::from_str(stored.response.as_deref()?).ok()
 }
 
 async fn replay_create(
@@ -210,6 +229,9 @@ async fn replay_create(
     let Some(stored) = earlier_write(context, user_id, Some(key), request_fingerprint, "create").await? else {
         return Ok(None);
     };
+    if let Some(first) = recorded(&stored) {
+        return Ok(Some((StatusCode::CREATED, Json(first))));
+    }
     let row = load_row(context, stored.auction_id).await?;
     Ok(Some((StatusCode::CREATED, Json(AuctionView::from_row(&row, Some(user_id), context.now_ms())))))
 }
@@ -324,9 +346,20 @@ pub async fn cancel_auction(
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
 ) -> ApiResult<Json<AuctionView>> {
     let id = parse_id(&id, "auction id")?;
-    context.bidding.cancel(CancelRequest { auction_id: id, by: user.id, key }).await.result?;
+    // A retry gets the first answer as it was.
+    let fingerprint = crate::bidding::keys::cancel_fingerprint(id);
+    if let Some(stored) = earlier_write(&context, user.id, key.as_deref(), fingerprint, "cancel").await?
+        && let Some(first) = recorded(&stored)
+    {
+        return Ok(Json(first));
+    }
+    context.bidding.cancel(CancelRequest { auction_id: id, by: user.id, key: key.clone() }).await.result?;
     let row = load_row(&context, id).await?;
-    Ok(Json(AuctionView::from_row(&row, Some(user.id), context.now_ms())))
+    let view = AuctionView::from_row(&row, Some(user.id), context.now_ms());
+    if let Some(key) = &key {
+        remember_response(&context, user.id, key, &view).await;
+    }
+    Ok(Json(view))
 }
 
 #[utoipa::path(get, path = "/api/v1/users/me/bids", tag = "bids", security(("bearer" = [])),

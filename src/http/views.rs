@@ -16,7 +16,7 @@ pub fn timestamp(ms: TimestampMs) -> String {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-#[derive(Clone, Debug, Serialize, ToSchema, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, ToSchema, PartialEq, Eq)]
 pub struct UserView {
     pub id: Uuid,
     pub username: String,
@@ -34,7 +34,7 @@ pub struct AuthView {
     pub token: String,
 }
 
-#[derive(Clone, Debug, Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct AuctionView {
     pub id: Uuid,
     pub seller: UserView,

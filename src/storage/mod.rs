@@ -317,8 +317,16 @@ impl Db {
     }
 
     pub async fn key(&self, user_id: UserId, key: &str) -> Result<Option<KeyRow>, sqlx::Error> {
-        let sql = "SELECT fingerprint, kind, auction_id, seq FROM idempotency_keys WHERE user_id = $1 AND key = $2";
+        let sql = "SELECT fingerprint, kind, auction_id, seq, response FROM idempotency_keys \
+                   WHERE user_id = $1 AND key = $2";
         reading!(self, pool => sqlx::query_as(sql).bind(user_id).bind(key).fetch_optional(pool).await)
+    }
+
+    /// Records the body of the first answer to the write made under `key`
+    /// (once: a later call changes nothing).
+    pub async fn remember_response(&self, user_id: UserId, key: &str, response: &str) -> Result<(), sqlx::Error> {
+        let sql = "UPDATE idempotency_keys SET response = $3 WHERE user_id = $1 AND key = $2 AND response IS NULL";
+        writing!(self, pool => sqlx::query(sql).bind(user_id).bind(key).bind(response).execute(pool).await.map(|_| ()))
     }
 
     async fn load(&self, id: AuctionId) -> Result<Option<LoadedAuction>, sqlx::Error> {

@@ -65,6 +65,8 @@ pub struct KeyRow {
     pub kind: String,
     pub auction_id: Uuid,
     pub seq: Option<i64>,
+    /// The first answer's body (creates and cancels), once recorded.
+    pub response: Option<String>,
 }
 
 /// The name shown for a user whose row is gone (deleted behind the node's

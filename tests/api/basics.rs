@@ -11,7 +11,8 @@ on_both_backends!(
     auction_lifecycle_and_reads,
     listing_pages_ending_soonest_first,
     cancel_rules,
-    idempotent_writes
+    idempotent_writes,
+    replays_of_a_create_and_a_cancel_return_the_first_body
 );
 
 async fn accounts(backend: Backend) {
@@ -273,4 +274,37 @@ where
         outputs.push(handle.await.expect("task"));
     }
     outputs
+}
+
+/// A retry of a create or a cancel with its Idempotency-Key gets the first
+/// answer again, byte for byte, not the auction as it is by then.
+async fn replays_of_a_create_and_a_cancel_return_the_first_body(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let api = app.api();
+    let seller = api.register("seller").await;
+    let bob = api.register("bob").await;
+    let keyed = |path: &str, key: &str, body: Option<serde_json::Value>| {
+        let mut request = app.client.post(app.url(path)).bearer_auth(&seller.token).header("Idempotency-Key", key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    };
+    let (status, created) = keyed("/api/v1/auctions", "create-1", Some(auction_body(json!({})))).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.bid(&bob, &id, 10_000, None).await.0, StatusCode::CREATED);
+    let (status, again) = keyed("/api/v1/auctions", "create-1", Some(auction_body(json!({})))).await;
+    assert_eq!((status, &again), (StatusCode::CREATED, &created), "the first body, though a bid came since");
+
+    let other = api.create_auction(&seller, auction_body(json!({}))).await;
+    let cancel = format!("/api/v1/auctions/{}/cancel", other["id"].as_str().unwrap());
+    let (status, cancelled) = keyed(&cancel, "cancel-1", None).await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    let (status, again) = keyed(&cancel, "cancel-1", None).await;
+    assert_eq!((status, &again), (StatusCode::OK, &cancelled), "the first body, its server_time included");
+    app.stop().await;
 }
