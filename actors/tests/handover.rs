@@ -125,11 +125,9 @@ fn money(minor_units: i64) -> Money {
     Money::parse(minor_units).unwrap()
 }
 
-async fn harness() -> Harness {
-    let store = MemoryStore::new();
-    let auction_id = Uuid::now_v7();
-    let shard = shard_of(auction_id);
-    let auction = AuctionState {
+/// An active auction with no bids, starting price 100, increment 10.
+fn open_auction(auction_id: AuctionId) -> AuctionState {
+    AuctionState {
         id: auction_id,
         seller: user("sally"),
         terms: Terms { starting_price: money(100), reserve_price: None, min_increment: money(10), soft_close_secs: 0 },
@@ -142,8 +140,14 @@ async fn harness() -> Harness {
         seq: 0,
         winner: None,
         final_price: None,
-    };
-    store.auctions.lock().unwrap().insert(auction_id, auction);
+    }
+}
+
+async fn harness() -> Harness {
+    let store = MemoryStore::new();
+    let auction_id = Uuid::now_v7();
+    let shard = shard_of(auction_id);
+    store.auctions.lock().unwrap().insert(auction_id, open_auction(auction_id));
     store.epochs.lock().unwrap().insert(shard, 1);
     let leases = Arc::new(Leases::none());
     leases.grant(shard, 1);
@@ -298,9 +302,7 @@ async fn a_write_the_store_refuses_is_refused_alone_and_its_auction_reloads() {
     let harness = harness().await;
     // A second auction, committed in the same batches.
     let other_id = Uuid::now_v7();
-    let mut other = harness.store.auctions.lock().unwrap()[&harness.auction_id].clone();
-    other.id = other_id;
-    harness.store.auctions.lock().unwrap().insert(other_id, other);
+    harness.store.auctions.lock().unwrap().insert(other_id, open_auction(other_id));
     harness.store.epochs.lock().unwrap().insert(shard_of(other_id), 1);
     harness.leases.grant(shard_of(other_id), 1);
     let poison = user("deleted");
@@ -340,4 +342,40 @@ async fn a_write_the_store_refuses_is_refused_alone_and_its_auction_reloads() {
     assert_eq!(accepted_seq(&harness.bid(400).await), Some(2));
     assert_eq!(harness.node.persistence_queue.in_use(), 0, "every refused write freed its slot");
     assert!(!harness.node.commits_failing());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_auction_mailbox_answers_at_once_and_takes_nothing() {
+    let store = MemoryStore::new();
+    let auction_id = Uuid::now_v7();
+    store.auctions.lock().unwrap().insert(auction_id, open_auction(auction_id));
+    store.epochs.lock().unwrap().insert(shard_of(auction_id), 1);
+    let leases = Arc::new(Leases::none());
+    leases.grant(shard_of(auction_id), 1);
+    let settings = NodeSettings { auction_mailbox_capacity: 1, ..NodeSettings::default() };
+    let clock = Arc::new(FixedClock(AtomicI64::new(NOW_MS)));
+    let node = Node::start(settings, clock, store.clone(), Arc::new(NoEvents), leases).await.unwrap();
+    node.activate(auction_id).await.unwrap();
+    // Ten bids at once: the first takes the only mailbox place; the others
+    // find it taken before the actor has run, and are refused without waiting.
+    let bids: Vec<_> = (0..10)
+        .map(|index| {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let command = BidCommand { bidder: user("bidder"), amount: money(100 + index * 10), max_amount: None };
+                node.place_bid(auction_id, command, None).await
+            })
+        })
+        .collect();
+    let mut saturated = 0;
+    let mut accepted = 0;
+    for bid in bids {
+        match bid.await.unwrap() {
+            Err(NodeError::Unavailable(Unavailable::Saturated)) => saturated += 1,
+            outcome if accepted_seq(&outcome).is_some() => accepted += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((accepted, saturated), (1, 9), "one admitted, nine refused at once");
+    assert_eq!(store.stored_seqs(auction_id), vec![1], "a refused bid changed nothing");
 }
