@@ -110,6 +110,7 @@ impl Store for MemoryStore {
 }
 
 struct Harness {
+    clock: Arc<FixedClock>,
     store: Arc<MemoryStore>,
     leases: Arc<Leases>,
     node: Arc<Node>,
@@ -153,8 +154,8 @@ async fn harness() -> Harness {
     leases.grant(shard, 1);
     let settings = NodeSettings { call_timeout: Duration::from_secs(5), ..NodeSettings::default() };
     let clock = Arc::new(FixedClock(AtomicI64::new(NOW_MS)));
-    let node = Node::start(settings, clock, store.clone(), Arc::new(NoEvents), leases.clone()).await.unwrap();
-    Harness { store, leases, node, auction_id, shard }
+    let node = Node::start(settings, clock.clone(), store.clone(), Arc::new(NoEvents), leases.clone()).await.unwrap();
+    Harness { clock, store, leases, node, auction_id, shard }
 }
 
 impl Harness {
@@ -378,4 +379,23 @@ async fn a_full_auction_mailbox_answers_at_once_and_takes_nothing() {
     }
     assert_eq!((accepted, saturated), (1, 9), "one admitted, nine refused at once");
     assert_eq!(store.stored_seqs(auction_id), vec![1], "a refused bid changed nothing");
+}
+
+/// Real time here, so the auction's own end timer (an hour away) cannot fire:
+/// only the check the actor makes before every write can end it.
+#[tokio::test]
+async fn a_bid_just_after_the_end_is_refused_even_when_the_timer_is_late() {
+    let harness = harness().await;
+    assert_eq!(accepted_seq(&harness.bid(100).await), Some(1));
+    let end_at_ms = harness.store.auctions.lock().unwrap()[&harness.auction_id].end_at_ms;
+    harness.clock.0.store(end_at_ms + 1, Ordering::Release);
+    let late = harness.bid(200).await;
+    assert_eq!(
+        late,
+        Ok(WriteOutcome::Rejected(gavel_actors::Rejection::AuctionNotActive { status: Status::Ended })),
+        "the end is applied before the bid"
+    );
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1]);
+    let stored = harness.store.auctions.lock().unwrap()[&harness.auction_id].clone();
+    assert_eq!(stored.status, Status::Ended, "the end itself was written");
 }

@@ -41,6 +41,8 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
     let (_seller, bidders, id) = api.scene(&["bob", "carol"], json!({})).await;
     let (bob, carol) = (&bidders[0], &bidders[1]);
     assert_eq!(api.bid(bob, &id, 10_000, None).await.0, StatusCode::CREATED);
+    let mut watcher = crate::ws_client::WsClient::connect(&app.address, None).await;
+    watcher.subscribe(&id).await;
 
     let url = app.database_url.clone().unwrap();
     let name = database_name(&url);
@@ -79,6 +81,8 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "a bid is not acknowledged before it is durable");
+    let shown = watcher.drain().await;
+    assert!(shown.iter().all(|message| message["type"] != "bid"), "no event before it is durable: {shown:?}");
     // Meanwhile the node says it is not ready, and why; the failures are counted.
     let (status, ready) = api.get("/ready", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
@@ -90,6 +94,8 @@ async fn database_outage_retries_in_order_and_rejections_need_no_database() {
         tokio::time::timeout(Duration::from_secs(20), waiting).await.expect("committed after recovery").unwrap();
     assert_eq!(status, StatusCode::CREATED, "{placed}");
     assert_eq!(placed["seq"], 2);
+    let event = watcher.next_of("bid").await;
+    assert_eq!(event["seq"], 2, "the event comes once the bid is durable");
     let history = api.history(&id).await;
     assert_eq!(history.len(), 2);
     assert_eq!(history[1]["amount"], 11_000);
