@@ -91,7 +91,8 @@ mod tests {
 
     use super::*;
 
-    fn auction() -> AuctionState {
+    /// An active auction with no bids (start 100, increment 1, no reserve).
+    pub(crate) fn auction() -> AuctionState {
         AuctionState {
             id: Uuid::now_v7(),
             seller: UserRef { id: Uuid::now_v7(), username: StdArc::from("sally") },

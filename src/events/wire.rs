@@ -31,35 +31,11 @@ pub struct ViewerReport {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use gavel_actors::{Money, Status, Terms, UserRef};
-    use uuid::Uuid;
-
     use super::*;
 
     #[test]
     fn an_envelope_survives_messagepack() {
-        let seller = UserRef { id: Uuid::now_v7(), username: Arc::from("sally") };
-        let state = AuctionState {
-            id: Uuid::now_v7(),
-            seller,
-            terms: Terms {
-                starting_price: Money::parse(100).unwrap(),
-                reserve_price: Some(Money::parse(500).unwrap()),
-                min_increment: Money::parse(10).unwrap(),
-                soft_close_secs: 30,
-            },
-            start_at_ms: 1,
-            end_at_ms: 2,
-            status: Status::Ended,
-            current_price: Money::parse(100).unwrap(),
-            leader: None,
-            bid_count: 0,
-            seq: 0,
-            winner: None,
-            final_price: None,
-        };
+        let state = crate::events::tests::auction();
         let envelope = EventEnvelope {
             version: EVENTS_VERSION,
             node: "node-a".to_owned(),
