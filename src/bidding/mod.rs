@@ -26,9 +26,10 @@ use crate::storage::{BidRow, Db};
 use keys::KeyCheck;
 pub use wire::{BidReceipt, BidRequest, CancelRequest, Unavailable, WriteDone, WriteFailure, WriteRequest};
 
-/// An answer, and the node that decided it (`Gavel-Owner`).
+/// An answer, and the node that decided it (`Gavel-Owner`): `None` for this
+/// node (no allocation on the local bid path), else the owner that answered.
 pub struct Decided<T> {
-    pub decided_by: String,
+    pub decided_by: Option<String>,
     pub result: Result<T, WriteFailure>,
 }
 
@@ -122,7 +123,7 @@ impl Bidding {
     }
 
     fn here<T>(&self, result: Result<T, WriteFailure>) -> Decided<T> {
-        Decided { decided_by: self.cluster.node_id().to_owned(), result }
+        Decided { decided_by: None, result }
     }
 
     /// Sends the write to its auction's owner. When the owner is not where
@@ -135,7 +136,7 @@ impl Bidding {
             let decided = match self.cluster.route(shard) {
                 Route::Local => self.here(self.decide_here(request.clone()).await),
                 Route::Remote { owner, url } => match self.cluster.forward(&url, &request).await {
-                    Ok(reply) => Decided { decided_by: reply.owner, result: reply.result },
+                    Ok(reply) => Decided { decided_by: Some(reply.owner), result: reply.result },
                     Err(ForwardError::TimedOut) => self.here(Err(WriteFailure::OutcomeUnknown)),
                     Err(ForwardError::Unreachable(reason)) => {
                         tracing::debug!(shard, %owner, %reason, "owner unreachable");

@@ -144,10 +144,6 @@ impl Cluster {
         }))
     }
 
-    pub fn node_id(&self) -> &str {
-        &self.settings.node_id
-    }
-
     pub fn settings(&self) -> &ClusterSettings {
         &self.settings
     }

@@ -84,7 +84,11 @@ pub async fn place_bid(
         Ok(receipt) => (StatusCode::CREATED, Json(BidResultView::from(&receipt))).into_response(),
         Err(failure) => ApiError::from(failure).into_response(),
     };
-    if let Ok(owner) = HeaderValue::from_str(&decided.decided_by) {
+    let owner = match &decided.decided_by {
+        None => Some(context.node_header.clone()),
+        Some(owner) => HeaderValue::from_str(owner).ok(),
+    };
+    if let Some(owner) = owner {
         response.headers_mut().insert(OWNER_HEADER, owner);
     }
     Ok(response)

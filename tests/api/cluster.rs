@@ -120,6 +120,19 @@ impl TestCluster {
         .await
     }
 
+    /// A seller, `bidders` bidders and one auction of the seller's (start
+    /// 1,000, increment 1): its id and the index of the node that owns it.
+    pub async fn hot_auction(&self, bidders: usize) -> (User, Vec<User>, String, usize) {
+        let (seller, users) = users(&self.api(0), bidders).await;
+        let auction = self
+            .api(0)
+            .create_auction(&seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1})))
+            .await;
+        let auction_id = auction["id"].as_str().unwrap().to_owned();
+        let owner = self.index_of(&self.owner_of(0, &auction_id).await);
+        (seller, users, auction_id, owner)
+    }
+
     /// How many shards each node owns, by node id.
     pub async fn spread(&self, via: usize) -> HashMap<String, u64> {
         let view = self.view(via).await;
@@ -406,13 +419,7 @@ async fn three_nodes_decide_one_auction_as_one_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_owner_loses_its_shards_within_the_lease_and_no_acknowledged_bid() {
     let mut cluster = TestCluster::start(3, 3).await;
-    let (_seller, bidders) = users(&cluster.api(0), 8).await;
-    let auction = cluster
-        .api(0)
-        .create_auction(&_seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1})))
-        .await;
-    let auction_id = auction["id"].as_str().unwrap().to_owned();
-    let owner = cluster.index_of(&cluster.owner_of(0, &auction_id).await);
+    let (_seller, bidders, auction_id, owner) = cluster.hot_auction(8).await;
     let survivors: Vec<usize> = (0..3).filter(|index| *index != owner).collect();
     let through: Vec<String> = survivors.iter().map(|index| cluster.address(*index)).collect();
 
@@ -514,13 +521,7 @@ async fn a_paused_owner_is_fenced_when_it_wakes_and_the_auction_has_one_winner()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_shards_over_at_once_under_load() {
     let mut cluster = TestCluster::start(3, 10).await;
-    let (seller, bidders) = users(&cluster.api(0), 9).await;
-    let auction = cluster
-        .api(0)
-        .create_auction(&seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1})))
-        .await;
-    let auction_id = auction["id"].as_str().unwrap().to_owned();
-    let leaving = cluster.index_of(&cluster.owner_of(0, &auction_id).await);
+    let (_seller, bidders, auction_id, leaving) = cluster.hot_auction(9).await;
     let staying: Vec<usize> = (0..3).filter(|index| *index != leaving).collect();
     let all: Vec<String> = (0..3).map(|index| cluster.address(index)).collect();
 

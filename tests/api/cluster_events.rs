@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 
 use crate::cluster::{
     Storm, TestCluster, check_acknowledged_are_stored, check_no_other_server_errors, created_count, labelled_metric,
-    users, wait_for_acknowledged,
+    wait_for_acknowledged,
 };
-use crate::helpers::{User, auction_body, eventually, free_port};
+use crate::helpers::{auction_body, eventually, free_port};
 use crate::ws_client::{Watcher, WsClient};
 
 /// A `redis-server` of the test's own, stopped when dropped.
@@ -72,19 +72,6 @@ async fn cluster_with_redis(nodes: usize, lease_secs: u64, redis: &RedisServer) 
     cluster
 }
 
-/// `bidders` bidders and a seller's auction (start 1,000, increment 1): its
-/// id and the index of the node that owns it.
-async fn hot_auction(cluster: &TestCluster, bidders: usize) -> (Vec<User>, String, usize) {
-    let (seller, users) = users(&cluster.api(0), bidders).await;
-    let auction = cluster
-        .api(0)
-        .create_auction(&seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1})))
-        .await;
-    let auction_id = auction["id"].as_str().unwrap().to_owned();
-    let owner = cluster.index_of(&cluster.owner_of(0, &auction_id).await);
-    (users, auction_id, owner)
-}
-
 /// What a watcher saw from its snapshot on, until it has been shown `last_seq`:
 /// bids must follow each other by one `seq`; a snapshot may supersede them (a
 /// resync) but never go back. Returns the bids' seqs and how many snapshots.
@@ -116,14 +103,8 @@ async fn watch_until(watcher: &mut WsClient, snapshot: &Value, last_seq: u64) ->
 async fn watchers_on_other_nodes_see_every_bid_in_order_and_outbid_reaches_its_user() {
     let redis = RedisServer::start().await;
     let cluster = cluster_with_redis(3, 10, &redis).await;
-    let (seller, bidders) = users(&cluster.api(0), 6).await;
+    let (seller, bidders, auction_id, owner) = cluster.hot_auction(6).await;
     let olivia = cluster.api(0).register("olivia").await;
-    let auction = cluster
-        .api(0)
-        .create_auction(&seller, auction_body(json!({"starting_price": 1_000, "min_increment": 1})))
-        .await;
-    let auction_id = auction["id"].as_str().unwrap().to_owned();
-    let owner = cluster.index_of(&cluster.owner_of(0, &auction_id).await);
     let (b, c) = match owner {
         0 => (1, 2),
         1 => (0, 2),
@@ -188,7 +169,7 @@ async fn watchers_on_other_nodes_see_every_bid_in_order_and_outbid_reaches_its_u
 async fn watchers_go_on_after_the_owner_is_killed() {
     let redis = RedisServer::start().await;
     let mut cluster = cluster_with_redis(3, 3, &redis).await;
-    let (bidders, auction_id, owner) = hot_auction(&cluster, 6).await;
+    let (_seller, bidders, auction_id, owner) = cluster.hot_auction(6).await;
     let others: Vec<usize> = (0..3).filter(|index| *index != owner).collect();
     let mut watchers = Vec::new();
     for (index, other) in others.iter().enumerate() {
@@ -226,7 +207,7 @@ async fn watchers_go_on_after_the_owner_is_killed() {
 async fn a_redis_restart_fails_no_bid_and_watchers_are_resynchronised() {
     let mut redis = RedisServer::start().await;
     let cluster = cluster_with_redis(2, 10, &redis).await;
-    let (bidders, auction_id, owner) = hot_auction(&cluster, 4).await;
+    let (_seller, bidders, auction_id, owner) = cluster.hot_auction(4).await;
     let other = 1 - owner;
     let mut watcher = WsClient::connect(&cluster.address(other), None).await;
     let snapshot = watcher.subscribe(&auction_id).await;
