@@ -192,31 +192,34 @@ async fn node(name: &str, store: &Arc<MemoryLeases>) -> Arc<Cluster> {
     Cluster::new(settings, Some(store), node, Arc::new(ReadCache::new(16))).unwrap()
 }
 
-/// Runs a tick, then lets the handovers it started (tasks) finish.
-async fn tick(cluster: &Arc<Cluster>) {
+/// Runs a tick, then waits (two seconds at most) until the handovers it
+/// started (tasks) have released their leases: the store then shows the node
+/// owning exactly what it holds.
+async fn tick(cluster: &Arc<Cluster>, store: &MemoryLeases) {
     cluster.tick().await.unwrap();
-    for _ in 0..100 {
-        tokio::task::yield_now().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while store.owned_by(&cluster.settings.node_id) != cluster.node.leases.held_count() {
+        assert!(std::time::Instant::now() < deadline, "a handover did not release its lease in time");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
 #[tokio::test]
 async fn join_handover_takeover_and_a_paused_node_waking_up() {
     let store = MemoryLeases::new();
     let a = node("node-a", &store).await;
-    tick(&a).await;
+    tick(&a, &store).await;
     assert_eq!(a.node.leases.held_count(), 256, "alone, a node owns every shard");
     assert_eq!(store.owned_by("node-a"), 256);
 
     // B joins: it takes nothing that A still holds...
     let b = node("node-b", &store).await;
-    tick(&b).await;
+    tick(&b, &store).await;
     assert_eq!(b.node.leases.held_count(), 0, "A's leases have not expired");
     // ...until A, seeing B, hands B's share over (released at once), and B takes it.
-    tick(&a).await;
+    tick(&a, &store).await;
     assert_eq!(a.node.leases.held_count(), 128, "A keeps its share");
-    tick(&b).await;
+    tick(&b, &store).await;
     assert_eq!((store.owned_by("node-a"), store.owned_by("node-b")), (128, 128));
     assert_eq!(b.node.leases.held_count(), 128);
     let moved = (0..SHARD_COUNT).find(|shard| b.node.leases.epoch_of(*shard).is_some()).unwrap();
@@ -224,24 +227,24 @@ async fn join_handover_takeover_and_a_paused_node_waking_up() {
 
     // A stops ticking (dead, or paused). Before its leases expire, B takes nothing of A's.
     store.advance(LEASE / 2);
-    tick(&b).await;
+    tick(&b, &store).await;
     assert_eq!(b.node.leases.held_count(), 128);
     // Past them, B is alone: it takes A's shards, raising their epochs.
     store.advance(LEASE);
-    tick(&b).await;
+    tick(&b, &store).await;
     assert_eq!(b.node.leases.held_count(), 256);
     assert_eq!(store.owned_by("node-b"), 256);
 
     // A wakes: its renewal finds every lease taken over, and it forgets them.
-    tick(&a).await;
+    tick(&a, &store).await;
     assert_eq!(a.node.leases.held_count(), 0, "a node that lost its leases stops writing under them");
     // A is live again: B hands it its share back, and A takes it.
-    tick(&b).await;
-    tick(&a).await;
+    tick(&b, &store).await;
+    tick(&a, &store).await;
     assert_eq!((store.owned_by("node-a"), store.owned_by("node-b")), (128, 128));
 
     // B leaves: its shards are released at once, and A takes them on its next tick.
     b.leave().await;
-    tick(&a).await;
+    tick(&a, &store).await;
     assert_eq!(store.owned_by("node-a"), 256, "a leaving node's shards move without waiting for expiry");
 }
