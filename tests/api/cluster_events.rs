@@ -17,13 +17,13 @@ use crate::helpers::{auction_body, eventually, free_port};
 use crate::ws_client::{Watcher, WsClient};
 
 /// A `redis-server` of the test's own, stopped when dropped.
-struct RedisServer {
+pub struct RedisServer {
     port: u16,
     process: Option<tokio::process::Child>,
 }
 
 impl RedisServer {
-    async fn start() -> RedisServer {
+    pub async fn start() -> RedisServer {
         let mut server = RedisServer { port: free_port(), process: None };
         server.restart().await;
         server
@@ -58,7 +58,7 @@ impl RedisServer {
     }
 }
 
-async fn cluster_with_redis(nodes: usize, lease_secs: u64, redis: &RedisServer) -> TestCluster {
+pub async fn cluster_with_redis(nodes: usize, lease_secs: u64, redis: &RedisServer) -> TestCluster {
     let cluster = TestCluster::start_with(nodes, lease_secs, vec!["--redis-url".to_owned(), redis.url()]).await;
     // Every node subscribed (its Redis health check says up) before anything is published.
     for index in 0..nodes {

@@ -5,6 +5,7 @@ mod bad_input;
 mod basics;
 mod cluster;
 mod cluster_events;
+mod compose;
 mod concurrency;
 mod helpers;
 mod observability;

@@ -35,9 +35,11 @@ async fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
 
 #[tokio::test]
 async fn prometheus_config_is_valid_and_every_alert_passes_its_unit_test() {
-    let config = repo("prometheus/prometheus.yml");
-    let (ok, output) = promtool(&["check", "config", config.to_str().unwrap()], None).await;
-    assert!(ok, "{output}");
+    // The local one, and compose.yaml's, which scrapes its three nodes.
+    for config in ["prometheus/prometheus.yml", "prometheus/cluster.yml"] {
+        let (ok, output) = promtool(&["check", "config", repo(config).to_str().unwrap()], None).await;
+        assert!(ok, "{config}: {output}");
+    }
     let tests = repo("prometheus/alerts_test.yml");
     let (ok, output) = promtool(&["test", "rules", tests.to_str().unwrap()], None).await;
     assert!(ok, "{output}");
