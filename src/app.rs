@@ -11,7 +11,7 @@ use gavel_actors::node::{Node, NodeSettings};
 use gavel_actors::ports::{Clock, EventSink, Store};
 use gavel_actors::shards::Leases;
 use tokio::net::TcpListener;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::auth::{self, Auth};
 use crate::bidding::Bidding;
@@ -20,10 +20,12 @@ use crate::cluster::{Cluster, ClusterSettings};
 use crate::config::Config;
 use crate::events::Tee;
 use crate::events::redis::RedisEvents;
+use crate::http::extract::BodyTimeout;
 use crate::http::{self, ApiContext, ContextInner};
 use crate::listener::LimitedListener;
 use crate::ratelimit::RateLimiter;
 use crate::read_cache::{InvalidatingSink, ReadCache};
+use crate::serve::HttpLimits;
 use crate::storage::{Db, DbStore};
 use crate::telemetry;
 use crate::ws::Hub;
@@ -38,6 +40,8 @@ const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Application {
     listener: LimitedListener,
+    limits: HttpLimits,
+    body_timeout: BodyTimeout,
     context: ApiContext,
     sweeper: tokio::task::JoinHandle<()>,
     ticker: tokio::task::JoinHandle<()>,
@@ -104,8 +108,18 @@ impl Application {
             Arc::new(InvalidatingSink { cache: read_cache.clone(), next: Arc::new(Tee(sinks)) });
         let node = Node::start(settings, clock.clone(), store, events, leases).await.context("starting the actors")?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        let listener = LimitedListener::new(listener, config.max_connections.max(1))
+        let (max_connections, open_files) = crate::listener::connection_cap(config.max_connections);
+        if let Some(open_files) = open_files.filter(|limit| max_connections as u64 > *limit) {
+            warn!(max_connections, open_files, "--max-connections is above the open-file limit; raise the limit");
+        }
+        metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS_MAX).set(max_connections as f64);
+        let listener = LimitedListener::new(listener, max_connections)
             .with_send_buffer(config.socket_send_buffer_bytes.map(|bytes| bytes as usize));
+        let limits = HttpLimits {
+            head_timeout: std::time::Duration::from_secs(config.http_head_timeout_secs),
+            shutdown_timeout: std::time::Duration::from_secs(config.shutdown_timeout_secs),
+        };
+        let body_timeout = BodyTimeout(std::time::Duration::from_secs(config.http_body_timeout_secs));
         let lease = std::time::Duration::from_secs(config.lease_secs);
         let cluster_settings = ClusterSettings {
             node_id: node_id.clone(),
@@ -124,6 +138,7 @@ impl Application {
         let sweeper = node.spawn_sweeper();
         info!(
             listen = %listener.local_addr()?,
+            max_connections,
             store = db.backend_name(),
             node_id,
             shards = node.leases.held_count(),
@@ -153,9 +168,11 @@ impl Application {
             node_header,
             redis,
             cors_origins: config.cors_origins.clone(),
+            sign_in_limits: http::SignInLimits::new(config.sign_ins_per_address, config.sign_ins_per_username),
+            trust_forwarded_for: config.trust_forwarded_for,
         });
         let ticker = hub.spawn_ticker();
-        Ok(Application { listener, context, sweeper, ticker, manager })
+        Ok(Application { listener, limits, body_timeout, context, sweeper, ticker, manager })
     }
 
     /// The actor side of this node, for tests and embedding.
@@ -175,9 +192,9 @@ impl Application {
     /// connections, in-flight requests answered (their bids committed), the
     /// persistence queue drained, the actors stopped, the store closed.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Application { listener, context, sweeper, ticker, manager } = self;
-        let router = http::router(context.clone());
-        axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("serving HTTP")?;
+        let Application { listener, limits, body_timeout, context, sweeper, ticker, manager } = self;
+        let router = http::router(context.clone(), body_timeout);
+        crate::serve::serve(listener, router, limits, shutdown).await;
         info!("stopped taking requests; draining");
         sweeper.abort();
         context.node.shutdown().await;

@@ -57,9 +57,37 @@ pub struct Config {
     /// batch is whatever arrived during the previous commit).
     #[arg(long, env = "GAVEL_COMMIT_DELAY_US", default_value_t = 0)]
     pub commit_delay_us: u64,
-    /// Open connections at most; at the cap new ones wait in the kernel's backlog.
-    #[arg(long, env = "GAVEL_MAX_CONNECTIONS", default_value_t = 100_000)]
-    pub max_connections: usize,
+    /// Registrations and sign-ins a minute from one client address (bursts
+    /// of as many); 0: no limit.
+    #[arg(long, env = "GAVEL_SIGN_INS_PER_ADDRESS", default_value_t = 60)]
+    pub sign_ins_per_address: u32,
+    /// Registrations and sign-ins a minute for one username; 0: no limit.
+    #[arg(long, env = "GAVEL_SIGN_INS_PER_USERNAME", default_value_t = 10)]
+    pub sign_ins_per_username: u32,
+    /// Take the client's address from the last `X-Forwarded-For` entry (set
+    /// by a load balancer in front; only where clients cannot reach the node
+    /// directly).
+    #[arg(long, env = "GAVEL_TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_forwarded_for: bool,
+    /// Open connections at most; at the cap new ones wait in the kernel's
+    /// backlog. Default: what the process's open-file limit allows (its soft
+    /// limit is raised to the hard one at start), less a reserve for the
+    /// store, Redis and peers.
+    #[arg(long, env = "GAVEL_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_connections: Option<u64>,
+    /// Seconds a connection may take to send a request's head, counted from
+    /// when the server is ready for it (so also how long an idle keep-alive
+    /// connection is kept); then it is closed.
+    #[arg(long, env = "GAVEL_HTTP_HEAD_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub http_head_timeout_secs: u64,
+    /// Seconds a request's body may take to arrive once its head has; then
+    /// `408 REQUEST_TIMEOUT`.
+    #[arg(long, env = "GAVEL_HTTP_BODY_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub http_body_timeout_secs: u64,
+    /// On SIGTERM, seconds the open connections get to finish their requests
+    /// in flight before they are cut; the node then drains and exits.
+    #[arg(long, env = "GAVEL_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub shutdown_timeout_secs: u64,
     /// Events kept per auction for WebSocket resumes (`since_seq`); also how far
     /// a subscriber may fall behind before it gets a fresh snapshot instead.
     #[arg(long, env = "GAVEL_WS_BUFFER_EVENTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]

@@ -13,6 +13,7 @@ pub mod http;
 pub mod listener;
 pub mod ratelimit;
 pub mod read_cache;
+pub mod serve;
 pub mod storage;
 pub mod telemetry;
 pub mod web;

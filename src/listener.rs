@@ -13,6 +13,47 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Descriptors kept back from the connection cap: the store's and Redis's
+/// connections, peers, log and database files, and headroom.
+const RESERVED_DESCRIPTORS: u64 = 512;
+
+/// The connection cap: `configured`, or else what the open-file limit allows
+/// less a reserve. The soft limit is raised to the hard one first (most
+/// systems start processes at 1,024 soft with far more allowed). Returns the
+/// cap and the open-file limit now in force (`None` where it cannot be read).
+pub fn connection_cap(configured: Option<u64>) -> (usize, Option<u64>) {
+    let limit = raise_open_file_limit();
+    let cap = match (configured, limit) {
+        (Some(cap), _) => cap,
+        (None, Some(limit)) => limit.saturating_sub(RESERVED_DESCRIPTORS).max(limit / 2).max(1),
+        (None, None) => 1_024,
+    };
+    (usize::try_from(cap).unwrap_or(usize::MAX), limit)
+}
+
+#[cfg(unix)]
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+#[cfg(not(unix))]
+fn raise_open_file_limit() -> Option<u64> {
+    None
+}
+
 pub struct LimitedListener {
     listener: TcpListener,
     permits: Arc<Semaphore>,
@@ -43,6 +84,20 @@ pub struct LimitedStream {
     _permit: OwnedSemaphorePermit,
 }
 
+impl LimitedStream {
+    /// Waits until the client has sent something, and copies what it has
+    /// without consuming it.
+    pub async fn peek(&self, buffer: &mut [u8]) -> io::Result<usize> {
+        self.stream.peek(buffer).await
+    }
+}
+
+impl Drop for LimitedStream {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS).decrement(1.0);
+    }
+}
+
 impl axum::serve::Listener for LimitedListener {
     type Io = LimitedStream;
     type Addr = SocketAddr;
@@ -57,6 +112,7 @@ impl axum::serve::Listener for LimitedListener {
                     if let Some(bytes) = self.send_buffer_bytes {
                         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(bytes);
                     }
+                    metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS).increment(1.0);
                     return (LimitedStream { stream, _permit: permit }, address);
                 }
                 Err(error) => {

@@ -16,6 +16,8 @@ pub const PERSISTENCE_QUEUE_DEPTH: &str = "gavel_persistence_queue_depth";
 pub const HTTP_REQUESTS_TOTAL: &str = "gavel_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "gavel_http_request_duration_seconds";
 pub const WS_CONNECTIONS: &str = "gavel_ws_connections";
+pub const HTTP_CONNECTIONS: &str = "gavel_http_connections";
+pub const HTTP_CONNECTIONS_MAX: &str = "gavel_http_connections_max";
 pub const WS_MESSAGES_SENT_TOTAL: &str = "gavel_ws_messages_sent_total";
 pub const WS_SLOW_CONSUMER_RESYNCS_TOTAL: &str = "gavel_ws_slow_consumer_resyncs_total";
 pub const SHARDS_OWNED: &str = "gavel_shards_owned";
@@ -107,6 +109,12 @@ fn describe() {
     describe_counter!(HTTP_REQUESTS_TOTAL, Unit::Count, "HTTP requests, by matched route and status.");
     describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, Unit::Seconds, "HTTP request duration, by matched route.");
     describe_gauge!(WS_CONNECTIONS, Unit::Count, "Open WebSocket connections.");
+    describe_gauge!(HTTP_CONNECTIONS, Unit::Count, "Open client connections (HTTP and WebSocket).");
+    describe_gauge!(
+        HTTP_CONNECTIONS_MAX,
+        Unit::Count,
+        "The connection cap (--max-connections, by default from the open-file limit)."
+    );
     describe_counter!(WS_MESSAGES_SENT_TOTAL, Unit::Count, "Messages written to WebSocket clients.");
     describe_counter!(
         WS_SLOW_CONSUMER_RESYNCS_TOTAL,
@@ -155,6 +163,7 @@ fn describe() {
     metrics::gauge!(actor_names::LIVE_AUCTIONS).set(0.0);
     metrics::gauge!(actor_names::ACTOR_MAILBOX_DEPTH).set(0.0);
     metrics::gauge!(WS_CONNECTIONS).set(0.0);
+    metrics::gauge!(HTTP_CONNECTIONS).set(0.0);
     metrics::counter!(WS_MESSAGES_SENT_TOTAL).absolute(0);
     metrics::counter!(WS_SLOW_CONSUMER_RESYNCS_TOTAL).absolute(0);
 }

@@ -132,7 +132,7 @@ impl Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_fanout_cross_node|ws_idle|forward_cost [--target HOST:PORT] [--targets HOST:PORT,...] \
+        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_fanout_cross_node|ws_idle|forward_cost|overload [--target HOST:PORT] [--targets HOST:PORT,...] \
          [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] \
          [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--results PATH]\n       \
          gavel-bench table RESULTS.jsonl [--json PATH]"
@@ -145,6 +145,11 @@ const EXPECTED_REJECTIONS: [&str; 2] = ["BID_TOO_LOW", "ALREADY_LEADING"];
 
 struct Report {
     latency: Histogram<u64>,
+    /// From the moment each request was sent (not its intended time): the
+    /// node's own answer time, split into accepted bids and refusals for
+    /// load (429, 503).
+    accepted_service: Histogram<u64>,
+    refused_service: Histogram<u64>,
     statuses: BTreeMap<u16, u64>,
     /// Transport failures (no answer).
     errors: u64,
@@ -158,6 +163,8 @@ impl Report {
     fn new() -> Report {
         Report {
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            accepted_service: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            refused_service: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
             statuses: BTreeMap::new(),
             errors: 0,
             accepted: Vec::new(),
@@ -167,6 +174,8 @@ impl Report {
 
     fn merge(&mut self, other: Report) {
         self.latency.add(&other.latency).expect("same bounds");
+        self.accepted_service.add(&other.accepted_service).expect("same bounds");
+        self.refused_service.add(&other.refused_service).expect("same bounds");
         for (status, count) in other.statuses {
             *self.statuses.entry(status).or_default() += count;
         }
@@ -246,6 +255,7 @@ async fn main() {
         "http_ceiling" => http_ceiling(&options).await,
         "ws_fanout" => ws_fanout(&options, false).await,
         "ws_fanout_cross_node" => ws_fanout(&options, true).await,
+        "overload" => overload(&options).await,
         "ws_idle" => {
             let target = options.target.parse().unwrap_or_else(|_| usage());
             ws::idle(
@@ -343,6 +353,92 @@ async fn many_auctions(options: &Options) {
     let verdict = verify(options, connection, &auctions, &report).await;
     let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
     finish(options, "many_auctions", &report, elapsed, throughput, Some(verdict));
+}
+
+/// Ten times what the node sustains, then half of it. Three legs on the hot
+/// auction, each on an auction of its own (so each starts from the opening
+/// price): a closed loop over `--connections` for 5 s measures the capacity C
+/// (accepted bids a second); an open model offers 10 x C for `--seconds` over
+/// eight times as many connections (the bidders' tokens reused); then 0.5 x C
+/// for 5 s. For each leg: accepted bids' and refusals' answer times (from
+/// the moment each request was sent: the node's, not this client's backlog),
+/// how the excess was answered, and with `--server-pid` the node's peak
+/// resident memory.
+async fn overload(options: &Options) {
+    let tokens = register(&options.target, options.connections + 1).await;
+    let auctions = create_auctions(options, &tokens[0], 3).await;
+    let bidders: Vec<String> = tokens[1..].to_vec();
+    let leg = |seconds: u64, rate: u64, connections: usize| Options { seconds, rate, connections, ..options.clone() };
+    let run = |leg: Options, auction: String, bidders: Vec<String>| async move {
+        let tokens: Vec<String> = bidders.iter().cycle().take(leg.connections).cloned().collect();
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sampler = leg.server_pid.map(|pid| {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Some(kib) = ws::resident_kib(pid) {
+                        peak.fetch_max(kib, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        });
+        let started = Instant::now();
+        let report = bid_load(&leg, tokens, &[auction], None).await;
+        let elapsed = started.elapsed();
+        if let Some(sampler) = sampler {
+            sampler.abort();
+        }
+        (report, elapsed, peak.load(Ordering::Relaxed))
+    };
+    ws::raise_open_files(options.connections as u64 * 8 + 1_024);
+    let (calibration, elapsed, _) = run(leg(5, 0, options.connections), auctions[0].clone(), bidders.clone()).await;
+    let capacity = calibration.count(201) as f64 / elapsed.as_secs_f64();
+    println!(
+        "scenario overload: capacity {capacity:.0} accepted bids/s (closed loop, {} connections)",
+        options.connections
+    );
+    let offered = (capacity * 10.0).round().max(1.0) as u64;
+    let (overload, overload_elapsed, overload_peak) =
+        run(leg(options.seconds, offered, options.connections * 8), auctions[1].clone(), bidders.clone()).await;
+    let recovery_rate = (capacity * 0.5).round().max(1.0) as u64;
+    let (recovery, recovery_elapsed, recovery_peak) =
+        run(leg(5, recovery_rate, options.connections), auctions[2].clone(), bidders).await;
+    let mut row = json!({"design": options.design, "backend": options.backend, "scenario": "overload",
+        "capacity_per_s": capacity.round(), "connections": options.connections});
+    for (name, report, elapsed, rate, peak) in [
+        ("overload", &overload, overload_elapsed, offered, overload_peak),
+        ("recovery", &recovery, recovery_elapsed, recovery_rate, recovery_peak),
+    ] {
+        let seconds = elapsed.as_secs_f64();
+        let answered: u64 = report.statuses.values().sum();
+        let ms = |histogram: &Histogram<u64>, quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
+        let refused = report.count(503) + report.count(429);
+        println!(
+            "  {name}: offered {rate}/s, answered {:.0}/s: accepted {:.0}/s (p50 {:.1} ms, p99 {:.1} ms), \
+             refused {:.0}/s (p50 {:.1} ms, p99 {:.1} ms); statuses {:?}, transport errors {}{}",
+            answered as f64 / seconds,
+            report.count(201) as f64 / seconds,
+            ms(&report.accepted_service, 0.5),
+            ms(&report.accepted_service, 0.99),
+            refused as f64 / seconds,
+            ms(&report.refused_service, 0.5),
+            ms(&report.refused_service, 0.99),
+            report.statuses,
+            report.errors,
+            if peak > 0 { format!(", node RSS peak {} MiB", peak / 1024) } else { String::new() },
+        );
+        row[name] = json!({
+            "offered_per_s": rate, "answered_per_s": (answered as f64 / seconds).round(),
+            "accepted_per_s": (report.count(201) as f64 / seconds).round(),
+            "accepted_p50_ms": ms(&report.accepted_service, 0.5), "accepted_p99_ms": ms(&report.accepted_service, 0.99),
+            "refused_per_s": (refused as f64 / seconds).round(),
+            "refused_p50_ms": ms(&report.refused_service, 0.5), "refused_p99_ms": ms(&report.refused_service, 0.99),
+            "statuses": report.statuses, "transport_errors": report.errors, "rss_peak_mib": peak / 1024,
+            "codes": report.codes,
+        });
+    }
+    append_row(options, &row);
 }
 
 /// The address of the node that owns `auction_id`, and of one that does not
@@ -512,9 +608,16 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
                 // a proxy maximum moves the price to its amount plus one increment.
                 let amount = counters[auction].fetch_add(2, Ordering::Relaxed);
                 let body = format!("{{\"amount\":{amount}}}");
+                let sent = Instant::now();
                 match connection.request("POST", &paths[auction], Some(&token), Some(body.as_bytes())).await {
                     Ok(response) => {
                         report.latency.record(started.elapsed().as_micros() as u64).ok();
+                        let service = sent.elapsed().as_micros() as u64;
+                        match response.status {
+                            201 => report.accepted_service.record(service).ok(),
+                            429 | 503 => report.refused_service.record(service).ok(),
+                            _ => None,
+                        };
                         *report.statuses.entry(response.status).or_default() += 1;
                         if response.status >= 400 {
                             *report.codes.entry(error_code(&response.body)).or_default() += 1;

@@ -80,6 +80,7 @@ async fn every_design_runs_every_scenario_correctly() {
 
     let mut config = gavel::Config::for_data_dir(dir.path().join("gavel"));
     config.bid_rate_per_user = 0;
+    config.sign_ins_per_address = 0;
     let application = gavel::Application::build(config).await.expect("build gavel");
     let address = application.local_addr().to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -154,4 +155,41 @@ async fn every_design_runs_every_scenario_correctly() {
             assert!(row[key].is_number(), "{key} in {row}");
         }
     }
+}
+
+/// The overload scenario's three legs against gavel: every request is
+/// answered (no transport error), only with 201, the load's own 409s, or 429
+/// and 503 for the excess; the node still accepts bids during the overload and
+/// after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_answers_every_request_and_recovers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let results = dir.path().join("results.jsonl");
+    let mut config = gavel::Config::for_data_dir(dir.path().join("gavel"));
+    config.bid_rate_per_user = 0;
+    config.sign_ins_per_address = 0;
+    let application = gavel::Application::build(config).await.expect("build gavel");
+    let address = application.local_addr().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(application.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let pid = std::process::id().to_string();
+    bench(&address, "gavel", "overload", &results, &["--server-pid", &pid]).await;
+    let _ = stop.send(());
+    server.await.expect("server task").expect("gavel stops cleanly");
+
+    let row: Value = serde_json::from_str(std::fs::read_to_string(&results).expect("results").trim()).expect("a row");
+    assert!(row["capacity_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    for leg in ["overload", "recovery"] {
+        let leg = &row[leg];
+        assert_eq!(leg["transport_errors"], 0, "{leg}");
+        assert!(leg["accepted_per_s"].as_f64().unwrap() > 0.0, "{leg}");
+        for (status, _) in leg["statuses"].as_object().unwrap() {
+            assert!(["201", "409", "429", "503"].contains(&status.as_str()), "{status} in {leg}");
+        }
+        assert!(leg["rss_peak_mib"].as_u64().unwrap() > 0, "{leg}");
+    }
+    let offered = row["overload"]["offered_per_s"].as_f64().unwrap();
+    assert!(offered >= 9.0 * row["capacity_per_s"].as_f64().unwrap(), "{row}");
 }

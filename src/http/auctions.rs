@@ -155,6 +155,7 @@ async fn load_row(context: &ApiContext, id: Uuid) -> ApiResult<AuctionRow> {
         (status = 201, description = "created (the seller's view)", body = AuctionView),
         (status = 400, description = "INVALID_REQUEST", body = ErrorBody),
         (status = 401, description = "UNAUTHENTICATED", body = ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT: the body did not arrive within --http-body-timeout-secs", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
         (status = 422, description = "INVALID_AMOUNT or IDEMPOTENCY_KEY_REUSED", body = ErrorBody),
         (status = 503, description = "UNAVAILABLE", body = ErrorBody),

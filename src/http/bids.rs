@@ -65,6 +65,7 @@ pub const OWNER_HEADER: &str = "gavel-owner";
         (status = 403, description = "SELLER_CANNOT_BID", body = ErrorBody),
         (status = 404, description = "AUCTION_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "AUCTION_NOT_ACTIVE, BID_TOO_LOW or ALREADY_LEADING", body = ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT: the body did not arrive within --http-body-timeout-secs", body = ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
         (status = 422, description = "INVALID_AMOUNT or IDEMPOTENCY_KEY_REUSED", body = ErrorBody),
         (status = 429, description = "RATE_LIMITED (see Retry-After)", body = ErrorBody),

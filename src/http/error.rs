@@ -17,6 +17,7 @@ use utoipa::ToSchema;
 pub enum ApiError {
     InvalidRequest(String),
     PayloadTooLarge,
+    BodyTimeout,
     Unauthenticated,
     InvalidCredentials,
     Forbidden,
@@ -33,6 +34,7 @@ pub enum ApiError {
     InvalidAmount(String),
     IdempotencyKeyReused,
     RateLimited { retry_after_secs: u64 },
+    SignInsLimited { retry_after_secs: u64 },
     Unavailable { reason: String, outcome_unknown: bool },
 }
 
@@ -60,6 +62,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthenticated | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden | ApiError::SellerCannotBid => StatusCode::FORBIDDEN,
             ApiError::AuctionNotFound | ApiError::NoBids | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
@@ -70,7 +73,7 @@ impl ApiError {
             | ApiError::AlreadyLeading
             | ApiError::AuctionHasBids => StatusCode::CONFLICT,
             ApiError::InvalidAmount(_) | ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::SignInsLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -79,6 +82,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => "INVALID_REQUEST",
             ApiError::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ApiError::BodyTimeout => "REQUEST_TIMEOUT",
             ApiError::Unauthenticated => "UNAUTHENTICATED",
             ApiError::InvalidCredentials => "INVALID_CREDENTIALS",
             ApiError::Forbidden => "FORBIDDEN",
@@ -94,7 +98,7 @@ impl ApiError {
             ApiError::AuctionHasBids => "AUCTION_HAS_BIDS",
             ApiError::InvalidAmount(_) => "INVALID_AMOUNT",
             ApiError::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
-            ApiError::RateLimited { .. } => "RATE_LIMITED",
+            ApiError::RateLimited { .. } | ApiError::SignInsLimited { .. } => "RATE_LIMITED",
             ApiError::Unavailable { .. } => "UNAVAILABLE",
         }
     }
@@ -103,6 +107,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(message) | ApiError::InvalidAmount(message) => message.clone(),
             ApiError::PayloadTooLarge => "request body is larger than 16 KiB".to_owned(),
+            ApiError::BodyTimeout => "the request body did not arrive in time".to_owned(),
             ApiError::Unauthenticated => "a valid bearer token is required".to_owned(),
             ApiError::InvalidCredentials => "wrong username or password".to_owned(),
             ApiError::Forbidden => "only the seller may do this".to_owned(),
@@ -118,6 +123,9 @@ impl ApiError {
             ApiError::AuctionHasBids => "an auction with bids cannot be cancelled".to_owned(),
             ApiError::IdempotencyKeyReused => "this Idempotency-Key was used for a different request".to_owned(),
             ApiError::RateLimited { .. } => "too many bids; slow down".to_owned(),
+            ApiError::SignInsLimited { .. } => {
+                "too many sign-in attempts from this address or for this name; slow down".to_owned()
+            }
             ApiError::Unavailable { reason, outcome_unknown: false } => {
                 format!("cannot accept writes right now ({reason}); not accepted, retry later")
             }
@@ -137,7 +145,7 @@ impl ApiError {
                 extra.insert("min_bid".to_owned(), json!(min_bid.minor_units()));
                 extra.insert("current_price".to_owned(), json!(current_price.minor_units()));
             }
-            ApiError::RateLimited { retry_after_secs } => {
+            ApiError::RateLimited { retry_after_secs } | ApiError::SignInsLimited { retry_after_secs } => {
                 extra.insert("retry_after_secs".to_owned(), json!(retry_after_secs));
             }
             ApiError::Unavailable { outcome_unknown: true, .. } => {
@@ -206,7 +214,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
         let retry_after = match &self {
-            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::RateLimited { retry_after_secs } | ApiError::SignInsLimited { retry_after_secs } => {
+                Some(*retry_after_secs)
+            }
             ApiError::Unavailable { .. } => Some(1),
             _ => None,
         };

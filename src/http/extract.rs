@@ -18,8 +18,21 @@ use crate::bidding::keys::{self, KeyCheck};
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
+/// How long a request's body may take to arrive once its head has (the
+/// router puts it in every request's extensions; `--http-body-timeout-secs`).
+#[derive(Clone, Copy, Debug)]
+pub struct BodyTimeout(pub std::time::Duration);
+
+impl Default for BodyTimeout {
+    fn default() -> BodyTimeout {
+        BodyTimeout(std::time::Duration::from_secs(10))
+    }
+}
+
 /// A JSON body. The content type is not checked (clients often omit it); the
-/// bytes must be one JSON value of the expected shape.
+/// bytes must be one JSON value of the expected shape, arrived within the
+/// body deadline (`408 REQUEST_TIMEOUT` otherwise; hyper then closes the
+/// connection, whose body is unread).
 pub struct ApiJson<T>(pub T);
 
 impl<T, S> FromRequest<S> for ApiJson<T>
@@ -30,7 +43,9 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+        let deadline = request.extensions().get::<BodyTimeout>().copied().unwrap_or_default();
+        let read = tokio::time::timeout(deadline.0, Bytes::from_request(request, state));
+        let bytes = read.await.map_err(|_| ApiError::BodyTimeout)?.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge
             } else {
@@ -162,5 +177,26 @@ pub async fn earlier_write(
         Ok(KeyCheck::Replay(stored)) => Ok(Some(stored)),
         Ok(KeyCheck::Reused) => Err(ApiError::IdempotencyKeyReused),
         Err(error) => Err(ApiError::internal("read key", error)),
+    }
+}
+
+/// The client's address: the peer's, or with `--trust-forwarded-for` the
+/// last address in `X-Forwarded-For` (the one the balancer in front saw; the
+/// ones before it are the client's own say).
+pub struct ClientAddress(pub std::net::IpAddr);
+
+impl FromRequestParts<ApiContext> for ClientAddress {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, context: &ApiContext) -> Result<Self, Self::Rejection> {
+        let forwarded = context
+            .trust_forwarded_for
+            .then(|| parts.headers.get_all("x-forwarded-for").iter().next_back())
+            .flatten()
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.rsplit(',').next())
+            .and_then(|last| last.trim().parse().ok());
+        let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|info| info.0.ip());
+        Ok(ClientAddress(forwarded.or(peer).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))))
     }
 }

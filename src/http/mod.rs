@@ -63,6 +63,37 @@ pub struct ContextInner {
     pub redis: Option<Arc<crate::events::redis::RedisEvents>>,
     /// `--cors-origins`: web origins allowed to call the API from a browser.
     pub cors_origins: Vec<String>,
+    /// Sign-ins (register, login) per client address and per username.
+    pub sign_in_limits: SignInLimits,
+    /// `--trust-forwarded-for`: the client's address is the last one in
+    /// `X-Forwarded-For` (the balancer's view), not the peer's.
+    pub trust_forwarded_for: bool,
+}
+
+/// How often one client address, and one username, may try to register or
+/// sign in (each attempt hashes a password: the node's most expensive work).
+pub struct SignInLimits {
+    pub per_address: crate::ratelimit::RateLimiter<std::net::IpAddr>,
+    pub per_username: crate::ratelimit::RateLimiter<String>,
+}
+
+impl SignInLimits {
+    /// `per_address` and `per_username` attempts a minute; 0: no limit.
+    pub fn new(per_address: u32, per_username: u32) -> SignInLimits {
+        SignInLimits {
+            per_address: crate::ratelimit::RateLimiter::per_minute(per_address),
+            per_username: crate::ratelimit::RateLimiter::per_minute(per_username),
+        }
+    }
+
+    /// Takes one attempt for the address and one for the (case-folded)
+    /// username; `429 RATE_LIMITED` when either is used up.
+    pub fn check(&self, address: std::net::IpAddr, username: &str, now_ms: i64) -> Result<(), ApiError> {
+        self.per_address
+            .check(address, now_ms)
+            .and_then(|()| self.per_username.check(username.to_lowercase(), now_ms))
+            .map_err(|retry_after_secs| ApiError::SignInsLimited { retry_after_secs })
+    }
 }
 
 impl std::ops::Deref for ApiContext {
@@ -131,7 +162,7 @@ pub fn api() -> (Router<ApiContext>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-pub fn router(context: ApiContext) -> Router {
+pub fn router(context: ApiContext, body_timeout: extract::BodyTimeout) -> Router {
     let (api_routes, openapi) = api();
     api_routes
         .route("/ws", axum::routing::get(crate::ws::upgrade))
@@ -143,6 +174,7 @@ pub fn router(context: ApiContext) -> Router {
         .layer(middleware::from_fn_with_state(context.clone(), cors))
         .layer(middleware::from_fn_with_state(context.clone(), observe))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(axum::Extension(body_timeout))
         .with_state(context)
 }
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::ApiContext;
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{ApiJson, AuthUser};
+use super::extract::{ApiJson, AuthUser, ClientAddress};
 use super::views::{AuthView, UserView};
 use crate::auth;
 use crate::storage::DbError;
@@ -52,14 +52,18 @@ fn hashing_error(error: auth::HashingError) -> ApiError {
         (status = 201, description = "registered", body = AuthView),
         (status = 400, description = "invalid username or password", body = ErrorBody),
         (status = 409, description = "USERNAME_TAKEN", body = ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT: the body did not arrive within --http-body-timeout-secs", body = ErrorBody),
         (status = 413, description = "body over 16 KiB", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: too many attempts from this address or for this username (see Retry-After)", body = ErrorBody),
         (status = 503, description = "UNAVAILABLE: too many sign-ins at once (see Retry-After)", body = ErrorBody),
     ))]
 pub async fn register(
     State(context): State<ApiContext>,
+    ClientAddress(address): ClientAddress,
     ApiJson(credentials): ApiJson<Credentials>,
 ) -> ApiResult<(StatusCode, Json<AuthView>)> {
     validate(&credentials)?;
+    context.sign_in_limits.check(address, &credentials.username, context.now_ms())?;
     let hash = context.passwords.hash(credentials.password).await.map_err(hashing_error)?;
     let id = Uuid::now_v7();
     let now_ms = context.now_ms();
@@ -79,12 +83,17 @@ pub async fn register(
         (status = 200, description = "logged in", body = AuthView),
         (status = 400, description = "malformed body", body = ErrorBody),
         (status = 401, description = "INVALID_CREDENTIALS", body = ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT: the body did not arrive within --http-body-timeout-secs", body = ErrorBody),
+        (status = 413, description = "body over 16 KiB", body = ErrorBody),
+        (status = 429, description = "RATE_LIMITED: too many attempts from this address or for this username (see Retry-After)", body = ErrorBody),
         (status = 503, description = "UNAVAILABLE: too many sign-ins at once (see Retry-After)", body = ErrorBody),
     ))]
 pub async fn login(
     State(context): State<ApiContext>,
+    ClientAddress(address): ClientAddress,
     ApiJson(credentials): ApiJson<Credentials>,
 ) -> ApiResult<Json<AuthView>> {
+    context.sign_in_limits.check(address, &credentials.username, context.now_ms())?;
     // No name outside the registration rules exists; no need to ask the store.
     if !is_username(&credentials.username) {
         return Err(ApiError::InvalidCredentials);

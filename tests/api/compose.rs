@@ -98,6 +98,8 @@ async fn the_compose_file_follows_the_specification_and_describes_the_cluster() 
         assert_eq!(environment["GAVEL_NODE_ID"], node);
         assert_eq!(environment["GAVEL_ADVERTISE_URL"], format!("http://{node}:8080"));
         assert_eq!(environment["GAVEL_LISTEN"], "0.0.0.0:8080");
+        // Sign-in limits count the client's address, which the balancer passes on.
+        assert_eq!(environment["GAVEL_TRUST_FORWARDED_FOR"], "true");
         assert!(depends_on_healthy(service, "postgres") && depends_on_healthy(service, "redis"), "{node}: {service}");
         assert!(service["healthcheck"]["test"].to_string().contains("/ready"), "{node} is healthy when ready");
         assert!(service["build"].is_object(), "{node} is built from the Dockerfile");
@@ -121,6 +123,8 @@ async fn the_compose_file_follows_the_specification_and_describes_the_cluster() 
         assert!(depends_on_healthy(lb, node), "lb waits for {node}");
     }
     assert_eq!(lb["ports"][0]["published"].to_string().trim_matches('"'), "8080");
+    let balancer = std::fs::read_to_string(repo("scripts/haproxy.cfg")).unwrap();
+    assert!(balancer.contains("\n    option forwardfor\n"), "haproxy passes the client's address on");
 
     // Prometheus scrapes the three nodes with the alert rules; Grafana shows
     // the dashboards to anonymous viewers, the overview as the home page.

@@ -72,6 +72,8 @@ impl TestApp {
         let data_dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::for_data_dir(data_dir.path().to_path_buf());
         config.bid_rate_per_user = 0;
+        config.sign_ins_per_address = 0;
+        config.sign_ins_per_username = 0;
         if backend == Backend::Postgres {
             config.database_url = Some(fresh_postgres_database().await);
         }
@@ -313,6 +315,7 @@ impl ServerProcess {
             .arg(data_dir)
             .arg("--bid-rate-per-user")
             .arg("0")
+            .args(["--sign-ins-per-address", "0", "--sign-ins-per-username", "0"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .kill_on_drop(true);

@@ -7,6 +7,7 @@ mod cluster;
 mod cluster_events;
 mod compose;
 mod concurrency;
+mod connections;
 mod helpers;
 mod observability;
 mod openapi;

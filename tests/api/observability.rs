@@ -62,6 +62,8 @@ const REQUIRED_SERIES: &[&str] = &[
     "gavel_live_auctions",
     "gavel_actor_mailbox_depth",
     "gavel_ws_connections",
+    "gavel_http_connections",
+    "gavel_http_connections_max",
     "gavel_ws_messages_sent_total",
     "gavel_ws_slow_consumer_resyncs_total",
     "gavel_http_requests_total",

@@ -7,6 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use crate::cluster::labelled_metric;
 use crate::helpers::{
     Acknowledged, Api, Backend, HasApi, ServerProcess, User, auction_body, eventually, free_port,
     fresh_postgres_database, start_storm,
@@ -16,7 +17,8 @@ use crate::on_both_backends;
 on_both_backends!(
     sigkill_mid_storm_loses_no_acknowledged_bid,
     auctions_close_and_open_across_a_restart,
-    sigterm_answers_in_flight_bids
+    sigterm_answers_in_flight_bids,
+    sigterm_answers_every_bid_it_holds_on_its_own_connection
 );
 
 struct Storage {
@@ -163,6 +165,63 @@ async fn sigterm_answers_in_flight_bids(backend: Backend) {
     for record in &acknowledged {
         let seq = record["reply"]["seq"].as_u64().unwrap() as usize;
         assert_eq!(history[seq - 1]["current_price"], record["reply"]["current_price"]);
+    }
+    server.terminate().await;
+}
+
+/// Bids the node holds when SIGTERM comes (each on a connection of its own,
+/// all waiting for one group commit that a long commit delay keeps open) are
+/// every one committed and answered `201`: none is cut off by a reset or a
+/// closed connection, and every one is in the store after a restart.
+async fn sigterm_answers_every_bid_it_holds_on_its_own_connection(backend: Backend) {
+    const BIDS: usize = 8;
+    let storage = Storage::new(backend).await;
+    let port = free_port();
+    let flags = ["--commit-delay-us".to_owned(), "2000000".to_owned()];
+    let server =
+        ServerProcess::start_with(storage.data_dir.path(), storage.database_url.as_deref(), port, &flags).await;
+    let api = server.api();
+    let seller = api.register("seller").await;
+    let mut bids = Vec::new();
+    for index in 0..BIDS {
+        let bidder = api.register(&format!("bidder_{index}")).await;
+        let auction = api.create_auction(&seller, auction_body(json!({"starting_price": 1_000}))).await;
+        bids.push((bidder, auction["id"].as_str().unwrap().to_owned()));
+    }
+    // No connection reuse: each bid has its own, so none can race a keep-alive close.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(30)).build().unwrap();
+    let in_flight: Vec<_> = bids
+        .iter()
+        .enumerate()
+        .map(|(index, (bidder, auction_id))| {
+            let request = client
+                .post(format!("{}/api/v1/auctions/{auction_id}/bids", server.address))
+                .bearer_auth(&bidder.token)
+                .header("Idempotency-Key", format!("held-{index}"))
+                .json(&json!({"amount": 1_000}));
+            tokio::spawn(async move {
+                let response = request.send().await.map_err(|error| format!("no answer: {error:?}"))?;
+                let status = response.status();
+                let body: Value = response.json().await.map_err(|error| format!("a cut-off answer: {error:?}"))?;
+                Ok::<_, String>((status, body))
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(10), "every bid to wait for the commit", || async {
+        (labelled_metric(&server.address, "gavel_persistence_queue_depth").await == BIDS as f64).then_some(())
+    })
+    .await;
+    let exit = server.terminate().await;
+    assert!(exit.success(), "graceful exit, got {exit:?}");
+    for (index, answer) in in_flight.into_iter().enumerate() {
+        let (status, body) = answer.await.unwrap().unwrap_or_else(|error| panic!("bid {index}: {error}"));
+        assert_eq!(status, StatusCode::CREATED, "bid {index}: {body}");
+    }
+    let server = storage.start(port).await;
+    for (bidder, auction_id) in &bids {
+        let history = check_consistent(&server.api(), auction_id).await;
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0]["bidder"]["id"].as_str(), Some(bidder.id.as_str()));
     }
     server.terminate().await;
 }

@@ -337,7 +337,8 @@ async fn a_token_from_another_database_is_refused() {
 /// being served beyond the limit; when a connection closes, it is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_wait_for_a_free_slot() {
-    let app = TestApp::spawn_with(Backend::Sqlite, |config| config.max_connections = 2, NodeSettings::default()).await;
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |config| config.max_connections = Some(2), NodeSettings::default()).await;
     let address = app.address.trim_start_matches("http://").to_owned();
     let first = tokio::net::TcpStream::connect(&address).await.unwrap();
     let _second = tokio::net::TcpStream::connect(&address).await.unwrap();
@@ -536,5 +537,76 @@ async fn one_key_sent_at_once_to_many_auctions_places_one_bid(backend: Backend) 
         let (status, body) = send(id.clone()).await;
         assert_eq!((status, &body), (first[index].0, &first[index].1), "a retry gets the first answer again");
     }
+    app.stop().await;
+}
+
+/// Registering and signing in hash a password, the node's dearest work: one
+/// client address gets so many tries a minute, and one username so many,
+/// whatever the answers (`429 RATE_LIMITED` with `Retry-After` then).
+/// `X-Forwarded-For` counts only where the node is told to trust it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_ins_are_limited_per_client_address_and_per_username() {
+    async fn attempt(
+        app: &TestApp,
+        path: &str,
+        username: &str,
+        forwarded_for: Option<&str>,
+    ) -> (StatusCode, Option<u64>) {
+        // Registrations set one password, sign-ins try another.
+        let password = if path.ends_with("register") { "right-password-1" } else { "wrong-password-1" };
+        let mut request = app.client.post(app.url(path)).json(&json!({"username": username, "password": password}));
+        if let Some(address) = forwarded_for {
+            request = request.header("X-Forwarded-For", address);
+        }
+        let response = request.send().await.unwrap();
+        let retry_after = response.headers().get("retry-after").map(|value| value.to_str().unwrap().parse().unwrap());
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "RATE_LIMITED", "{body}");
+        }
+        (status, retry_after)
+    }
+    const LOGIN: &str = "/api/v1/auth/login";
+    let limited = |trust: bool| {
+        move |config: &mut gavel::config::Config| {
+            config.sign_ins_per_address = 6;
+            config.sign_ins_per_username = 3;
+            config.trust_forwarded_for = trust;
+        }
+    };
+
+    // One username: three tries a minute, then 429 (a right password too).
+    let app = TestApp::spawn_with(Backend::Sqlite, limited(false), NodeSettings::default()).await;
+    assert_eq!(attempt(&app, "/api/v1/auth/register", "ann", None).await.0, StatusCode::CREATED);
+    for _ in 0..2 {
+        assert_eq!(attempt(&app, LOGIN, "ann", None).await.0, StatusCode::UNAUTHORIZED);
+    }
+    let (status, retry_after) = attempt(&app, LOGIN, "ANN", None).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "usernames are counted case-folded");
+    assert!(retry_after.is_some_and(|secs| (1..=20).contains(&secs)), "{retry_after:?}");
+    // One address: six tries a minute whatever the names (three used above,
+    // the refused one too), and a forged X-Forwarded-For changes nothing.
+    for name in ["bob", "cat"] {
+        assert_eq!(
+            attempt(&app, LOGIN, name, Some(&format!("10.0.0.{}", name.len()))).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(attempt(&app, LOGIN, "dan", Some("10.9.9.9")).await.0, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(attempt(&app, "/api/v1/auth/register", "eve", None).await.0, StatusCode::TOO_MANY_REQUESTS);
+    app.stop().await;
+
+    // Behind a trusted balancer, each client address (the last one it appended) has its own tries.
+    let app = TestApp::spawn_with(Backend::Sqlite, limited(true), NodeSettings::default()).await;
+    for index in 0..8 {
+        let forwarded = format!("1.2.3.4, 10.0.0.{index}");
+        assert_eq!(attempt(&app, LOGIN, &format!("user{index}"), Some(&forwarded)).await.0, StatusCode::UNAUTHORIZED);
+    }
+    for index in 0..6 {
+        let status = attempt(&app, LOGIN, &format!("other{index}"), Some("1.2.3.4, 10.0.0.100")).await.0;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(attempt(&app, LOGIN, "other6", Some("5.6.7.8, 10.0.0.100")).await.0, StatusCode::TOO_MANY_REQUESTS);
     app.stop().await;
 }

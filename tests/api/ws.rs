@@ -341,6 +341,17 @@ async fn resume_replays_missed_events_or_sends_a_snapshot() {
     app.stop().await;
 }
 
+/// A WebSocket client whose socket takes at most 4 KiB before its reader
+/// reads: a reader that stops reading stalls the server's writes at once.
+async fn small_window_client(app: &TestApp) -> WsClient {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.address.trim_start_matches("http://").parse().unwrap()).await.unwrap();
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (stream, _) = tokio_tungstenite::client_async(ws_url(&app.address, None), stream).await.unwrap();
+    WsClient { stream, msgpack: false }
+}
+
 /// The Prometheus counter of snapshot resyncs, read from /metrics.
 async fn resyncs(app: &TestApp) -> f64 {
     metric(app, "gavel_ws_slow_consumer_resyncs_total").await
@@ -364,12 +375,7 @@ async fn a_stalled_reader_blocks_nobody_and_catches_up_by_snapshot() {
         api.scene(&["ann", "bob"], json!({"starting_price": 1_000, "min_increment": 1})).await;
 
     // The stalled reader: a tiny receive buffer, and it stops reading after its snapshot.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(app.address.trim_start_matches("http://").parse().unwrap()).await.unwrap();
-    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (stream, _) = tokio_tungstenite::client_async(ws_url(&app.address, None), stream).await.unwrap();
-    let mut stalled = WsClient { stream, msgpack: false };
+    let mut stalled = small_window_client(&app).await;
     stalled.subscribe(&auction_id).await;
     let mut healthy = WsClient::connect(&app.address, None).await;
     healthy.subscribe(&auction_id).await;
@@ -796,4 +802,130 @@ async fn shutdown_delivers_the_last_events_before_closing() {
     assert_eq!(bid["seq"], 1);
     let close = watcher.close_frame().await.expect("a close frame");
     assert_eq!(u16::from(close.code), 1001);
+}
+
+/// A bid's `request_id` is its idempotency key: the same request again gets
+/// the first `bid_result` (same seq), places nothing more and tells watchers
+/// nothing; the same id on another amount is `IDEMPOTENCY_KEY_REUSED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_request_id_gets_the_first_result_and_places_nothing() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let api = app.api();
+    let (_seller, bidders, auction_id) = api.scene(&["ann"], json!({"starting_price": 1_000})).await;
+    let mut watcher = WsClient::connect(&app.address, None).await;
+    watcher.subscribe(&auction_id).await;
+    let mut ann = WsClient::connect(&app.address, Some(&bidders[0].token)).await;
+    let bid = json!({"type": "bid", "request_id": "ann-1", "auction_id": auction_id, "amount": 1_000});
+    ann.send(bid.clone()).await;
+    let first = ann.next_of("bid_result").await;
+    assert_eq!(first["result"]["seq"], 1, "{first}");
+    ann.send(bid).await;
+    let again = ann.next_of("bid_result").await;
+    assert_eq!(again, first, "the first result, as it was");
+    ann.send(json!({"type": "bid", "request_id": "ann-1", "auction_id": auction_id, "amount": 2_000})).await;
+    let reused = ann.next_of("bid_result").await;
+    assert_eq!(reused["error"]["code"], "IDEMPOTENCY_KEY_REUSED", "{reused}");
+    // The watcher was told of one bid, and of nothing else.
+    let seen = watcher.drain().await;
+    let bids: Vec<&Value> = seen.iter().filter(|message| message["type"] == "bid").collect();
+    assert_eq!(bids.len(), 1, "{seen:?}");
+    assert_eq!(api.history(&auction_id).await.len(), 1);
+    app.stop().await;
+}
+
+/// A node with small socket buffers and every event sent at once, an
+/// auction with two bidders, and a watcher on a `small_window_client`.
+async fn behind_a_small_window(
+    write_timeout_secs: u64,
+    buffer_events: Option<u32>,
+) -> (TestApp, Vec<User>, String, WsClient) {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |config| {
+            config.ws_buffer_events = buffer_events.unwrap_or(config.ws_buffer_events);
+            config.ws_messages_per_sec = 0;
+            config.ws_write_timeout_secs = write_timeout_secs;
+            config.ws_batch_ms = 0;
+            config.socket_send_buffer_bytes = Some(4 * 1024);
+        },
+        NodeSettings::default(),
+    )
+    .await;
+    let (_seller, bidders, auction_id) =
+        app.api().scene(&["ann", "bob"], json!({"starting_price": 1_000, "min_increment": 1})).await;
+    let mut watcher = small_window_client(&app).await;
+    watcher.subscribe(&auction_id).await;
+    (app, bidders, auction_id, watcher)
+}
+
+/// A connection that takes no data at all: the write that cannot go through
+/// within `--ws-write-timeout-secs` ends the connection, and the bidders and
+/// the other watchers never wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_takes_nothing_is_dropped_at_the_write_timeout() {
+    let (app, bidders, auction_id, _stuck) = behind_a_small_window(1, None).await;
+    assert_eq!(metric(&app, "gavel_ws_connections").await, 1.0);
+
+    // REST bids until the stuck connection is gone: each is answered at once.
+    let mut amount = 1_000;
+    eventually(Duration::from_secs(30), "the stuck reader to be dropped", || {
+        amount += 1;
+        let bidder = &bidders[amount as usize % 2];
+        let (api, auction_id) = (app.api(), auction_id.clone());
+        let app = &app;
+        async move {
+            let (status, body) = api.bid(bidder, &auction_id, amount, None).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            (metric(app, "gavel_ws_connections").await == 0.0).then_some(())
+        }
+    })
+    .await;
+    app.stop().await;
+}
+
+/// A reader that keeps falling behind is resynchronised by snapshot a few
+/// times, then closed with 1008 (more than five resyncs in a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_keeps_falling_behind_is_closed_with_1008() {
+    use futures_util::StreamExt;
+    let (app, bidders, auction_id, mut slow) = behind_a_small_window(60, Some(2)).await;
+
+    // Bids pour in over a WebSocket while the slow reader takes a message every 20 ms.
+    let bidding = tokio::spawn({
+        let (address, bidders, auction_id) = (app.address.clone(), bidders.clone(), auction_id.clone());
+        async move {
+            let mut clients = Vec::new();
+            for bidder in &bidders {
+                clients.push(WsClient::connect(&address, Some(&bidder.token)).await);
+            }
+            for seq in 1..=3_000u64 {
+                let client = &mut clients[(seq % 2) as usize];
+                let amount = 1_000 + seq as i64;
+                client.send(json!({"type": "bid", "request_id": format!("b-{seq}"), "auction_id": auction_id, "amount": amount})).await;
+                client.next_of("bid_result").await;
+            }
+        }
+    });
+    let mut snapshots = 0;
+    let close = loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), slow.stream.next())
+            .await
+            .expect("the slow reader is closed within 30 s")
+            .expect("a close frame before the end of the stream")
+            .expect("no transport error");
+        match message {
+            Message::Close(frame) => break frame.expect("a close code"),
+            Message::Text(text) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                snapshots += usize::from(value["type"] == "snapshot");
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(u16::from(close.code), 1008, "{close:?}");
+    assert!(snapshots >= 1, "resynchronised before being closed");
+    assert!(resyncs(&app).await > 5.0);
+    bidding.abort();
+    app.stop().await;
 }
