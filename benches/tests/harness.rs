@@ -50,6 +50,25 @@ async fn bench(address: &str, design: &str, scenario: &str, results: &Path, extr
     );
 }
 
+/// gavel in this process, its limits off as a benchmark needs: its address,
+/// the sender that stops it, and its task.
+async fn start_gavel(
+    dir: &Path,
+) -> (String, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), String>>) {
+    let mut config = gavel::Config::for_data_dir(dir.join("gavel"));
+    config.bid_rate_per_user = 0;
+    config.sign_ins_per_address = 0;
+    let application = gavel::Application::build(config).await.expect("build gavel");
+    let address = application.local_addr().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let stopped = async move {
+        let _ = stopped.await;
+    };
+    let server =
+        tokio::spawn(async move { application.run_until_stopped(stopped).await.map_err(|error| format!("{error:#}")) });
+    (address, stop, server)
+}
+
 async fn wait_for_health(address: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -78,15 +97,7 @@ async fn every_design_runs_every_scenario_correctly() {
     let dir = tempfile::tempdir().expect("temp dir");
     let results = dir.path().join("results.jsonl");
 
-    let mut config = gavel::Config::for_data_dir(dir.path().join("gavel"));
-    config.bid_rate_per_user = 0;
-    config.sign_ins_per_address = 0;
-    let application = gavel::Application::build(config).await.expect("build gavel");
-    let address = application.local_addr().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(application.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
+    let (address, stop, server) = start_gavel(dir.path()).await;
     for scenario in SCENARIOS {
         bench(&address, "gavel", scenario, &results, &[]).await;
     }
@@ -165,15 +176,7 @@ async fn every_design_runs_every_scenario_correctly() {
 async fn overload_answers_every_request_and_recovers() {
     let dir = tempfile::tempdir().expect("temp dir");
     let results = dir.path().join("results.jsonl");
-    let mut config = gavel::Config::for_data_dir(dir.path().join("gavel"));
-    config.bid_rate_per_user = 0;
-    config.sign_ins_per_address = 0;
-    let application = gavel::Application::build(config).await.expect("build gavel");
-    let address = application.local_addr().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(application.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
+    let (address, stop, server) = start_gavel(dir.path()).await;
     let pid = std::process::id().to_string();
     bench(&address, "gavel", "overload", &results, &["--server-pid", &pid]).await;
     let _ = stop.send(());
