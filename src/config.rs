@@ -78,7 +78,7 @@ pub struct Config {
     /// Seconds a connection may take to send a request's head, counted from
     /// when the server is ready for it (so also how long an idle keep-alive
     /// connection is kept); then it is closed.
-    #[arg(long, env = "GAVEL_HTTP_HEAD_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    #[arg(long, env = "GAVEL_HTTP_HEAD_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub http_head_timeout_secs: u64,
     /// Seconds a request's body may take to arrive once its head has; then
     /// `408 REQUEST_TIMEOUT`.

@@ -330,12 +330,12 @@ async fn reads(options: &Options) {
 }
 
 async fn hot_auction(options: &Options) {
-    let (connection, tokens, auction_id) = auction_with_bidders(options, options.connections).await;
+    let (_, tokens, auction_id) = auction_with_bidders(options, options.connections).await;
     let auctions = vec![auction_id];
     let started = Instant::now();
     let report = bid_load(options, tokens, &auctions, None).await;
     let elapsed = started.elapsed();
-    let verdict = verify(options, connection, &auctions, &report).await;
+    let verdict = verify(options, &auctions, &report).await;
     let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
     finish(options, "hot_auction", &report, elapsed, throughput, Some(verdict));
 }
@@ -346,11 +346,10 @@ async fn many_auctions(options: &Options) {
     let auctions = create_auctions(options, &tokens[0], options.auctions).await;
     println!("  {} auctions created in {:.1} s", auctions.len(), opening.elapsed().as_secs_f64());
     let zipf = Arc::new(Zipf::new(auctions.len(), options.zipf));
-    let connection = Connection::open(&options.target).await.expect("connect");
     let started = Instant::now();
     let report = bid_load(options, tokens.into_iter().skip(1).collect(), &auctions, Some(zipf)).await;
     let elapsed = started.elapsed();
-    let verdict = verify(options, connection, &auctions, &report).await;
+    let verdict = verify(options, &auctions, &report).await;
     let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
     finish(options, "many_auctions", &report, elapsed, throughput, Some(verdict));
 }
@@ -482,8 +481,7 @@ async fn forward_cost(options: &Options) {
         let report = bid_load(&leg, tokens[1..].to_vec(), &auctions, None).await;
         let elapsed = started.elapsed();
         let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
-        let verdict =
-            verify(options, Connection::open(&options.target).await.expect("connect"), &auctions, &report).await;
+        let verdict = verify(options, &auctions, &report).await;
         finish(options, scenario, &report, elapsed, throughput, Some(verdict));
     }
 }
@@ -703,7 +701,7 @@ async fn ws_fanout(options: &Options, cross_node: bool) {
     let started = Instant::now();
     let report = bid_load(&bidding, tokens, &auctions, None).await;
     let elapsed = started.elapsed();
-    let verdict = verify(options, connection, &auctions, &report).await;
+    let verdict = verify(options, &auctions, &report).await;
     let accepted = report.count(201);
     last_seq.store(accepted.max(1), Ordering::Relaxed);
     // The probes stop once they have seen the last bid (or at the deadline).
@@ -801,7 +799,10 @@ async fn durable_seq(connection: &mut Connection, auction_id: &str) -> i64 {
 /// After the run, for every auction that took bids: seq 1..n without gaps,
 /// bid_count = n = its 201s, and all of them durable (waiting up to a minute
 /// for a write-behind queue to drain).
-async fn verify(options: &Options, mut connection: Connection, auctions: &[String], report: &Report) -> Verdict {
+async fn verify(options: &Options, auctions: &[String], report: &Report) -> Verdict {
+    // A connection of its own, opened now: one left idle through the load
+    // would have been closed by the server's keep-alive timeout.
+    let mut connection = Connection::open(&options.target).await.expect("connect");
     let mut seqs: BTreeMap<u32, Vec<i64>> = BTreeMap::new();
     for &(auction, seq) in &report.accepted {
         seqs.entry(auction).or_default().push(seq);

@@ -17,6 +17,23 @@ use super::Db;
 use crate::cluster::{ClusterRows, LeaseRow, LeaseStore, LeaseStoreError, MemberRow, ShardOwner};
 
 /// The database's clock in milliseconds since the Unix epoch.
+/// Locks the lease rows of `shards` for update in ascending shard order,
+/// before a statement that updates several of them. A commit takes the rows
+/// it names `FOR SHARE` in the same order (`storage/commit.rs`), so the two
+/// never wait for each other in a circle: without it, Postgres found a
+/// deadlock under load and stalled both for its `deadlock_timeout` (1 s).
+async fn lock_in_shard_order(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    shards: impl Iterator<Item = u32>,
+) -> Result<(), sqlx::Error> {
+    let shards: Vec<i32> = shards.map(|shard| shard as i32).collect();
+    sqlx::query("SELECT shard FROM shard_leases WHERE shard = ANY($1) ORDER BY shard FOR UPDATE")
+        .bind(shards)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 macro_rules! now_ms {
     () => {
         "(extract(epoch FROM clock_timestamp()) * 1000)::int8"
@@ -157,13 +174,16 @@ impl PgLeases {
             " + $2 FROM UNNEST($3::int4[], $4::int8[]) AS h(shard, epoch) ",
             "WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1 RETURNING s.shard"
         );
+        let mut tx = self.pool.begin().await?;
+        lock_in_shard_order(&mut tx, held.iter().map(|lease| lease.shard)).await?;
         let shards: Vec<i32> = sqlx::query_scalar(sql)
             .bind(node_id)
             .bind(lease_ms)
             .bind(held.iter().map(|lease| lease.shard as i32).collect::<Vec<_>>())
             .bind(held.iter().map(|lease| lease.epoch).collect::<Vec<_>>())
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(shards.into_iter().map(|shard| shard as u32).collect())
     }
 
@@ -178,12 +198,15 @@ impl PgLeases {
             now_ms!(),
             ") RETURNING shard, epoch"
         );
+        let mut tx = self.pool.begin().await?;
+        lock_in_shard_order(&mut tx, shards.iter().copied()).await?;
         let rows: Vec<(i32, i64)> = sqlx::query_as(sql)
             .bind(node_id)
             .bind(lease_ms)
             .bind(shards.iter().map(|shard| *shard as i32).collect::<Vec<_>>())
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(rows.into_iter().map(|(shard, epoch)| ShardLease { shard: shard as u32, epoch }).collect())
     }
 

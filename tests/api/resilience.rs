@@ -610,3 +610,71 @@ async fn sign_ins_are_limited_per_client_address_and_per_username() {
     assert_eq!(attempt(&app, LOGIN, "other6", Some("5.6.7.8, 10.0.0.100")).await.0, StatusCode::TOO_MANY_REQUESTS);
     app.stop().await;
 }
+
+/// Lease renewals (every 400 ms with a 2 s lease) and group commits lock the
+/// same lease rows, the renewal all of the node's, a commit those its batch
+/// names. Taken in one order by both, they never wait for each other in a
+/// circle: Postgres, which counts every deadlock it breaks (each one a
+/// second's stall), counts none under a load of bids across many shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_renewals_and_commits_never_deadlock() {
+    let database_url = crate::helpers::fresh_postgres_database().await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let flags = ["--lease-secs".to_owned(), "2".to_owned()];
+    let port = crate::helpers::free_port();
+    let server = crate::helpers::ServerProcess::start_with(data_dir.path(), Some(&database_url), port, &flags).await;
+    let api = server.api();
+    let seller = api.register("seller").await;
+    let mut auctions = Vec::new();
+    for _ in 0..64 {
+        let auction = api.create_auction(&seller, auction_body(json!({"starting_price": 1, "min_increment": 1}))).await;
+        auctions.push(auction["id"].as_str().unwrap().to_owned());
+    }
+    let mut bidders = Vec::new();
+    for index in 0..16 {
+        bidders.push(api.register(&format!("bidder{index}")).await);
+    }
+    // Every bidder bids on auction after auction (the batches name many
+    // shards) for eight seconds: some twenty renewals.
+    let auctions = std::sync::Arc::new(auctions);
+    let prices: std::sync::Arc<Vec<std::sync::atomic::AtomicI64>> =
+        std::sync::Arc::new((0..64).map(|_| std::sync::atomic::AtomicI64::new(1)).collect());
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    let mut storm = Vec::new();
+    for (index, bidder) in bidders.into_iter().enumerate() {
+        let (auctions, prices, address) = (auctions.clone(), prices.clone(), server.address.clone());
+        storm.push(tokio::spawn(async move {
+            let client = crate::helpers::client();
+            let mut accepted = 0;
+            let mut next = index;
+            while std::time::Instant::now() < until {
+                next = (next + 7) % auctions.len();
+                let amount = prices[next].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let response = client
+                    .post(format!("{address}/api/v1/auctions/{}/bids", auctions[next]))
+                    .bearer_auth(&bidder.token)
+                    .json(&json!({"amount": amount}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(matches!(response.status().as_u16(), 201 | 409), "{}", response.status());
+                accepted += usize::from(response.status() == StatusCode::CREATED);
+            }
+            accepted
+        }));
+    }
+    let mut accepted = 0;
+    for bidder in storm {
+        accepted += bidder.await.unwrap();
+    }
+    assert!(accepted > 100, "the load got through: {accepted} bids");
+    // The node's connections close, and with them their statistics are in.
+    server.terminate().await;
+    let mut connection = sqlx::PgConnection::connect(&database_url).await.unwrap();
+    let deadlocks: i64 =
+        sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+    assert_eq!(deadlocks, 0, "Postgres broke deadlocks between the node's statements");
+}
