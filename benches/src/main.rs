@@ -132,7 +132,7 @@ impl Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_fanout_cross_node|ws_idle|forward_cost|overload [--target HOST:PORT] [--targets HOST:PORT,...] \
+        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_fanout_cross_node|ws_idle|forward_cost|overload|live_actors [--target HOST:PORT] [--targets HOST:PORT,...] \
          [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] \
          [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--results PATH]\n       \
          gavel-bench table RESULTS.jsonl [--json PATH]"
@@ -261,6 +261,7 @@ async fn main() {
         "ws_fanout" => ws_fanout(&options, false).await,
         "ws_fanout_cross_node" => ws_fanout(&options, true).await,
         "overload" => overload(&options).await,
+        "live_actors" => live_actors(&options).await,
         "ws_idle" => {
             let target = options.target.parse().unwrap_or_else(|_| usage());
             ws::idle(
@@ -357,6 +358,79 @@ async fn many_auctions(options: &Options) {
     let verdict = verify(options, &auctions, &report).await;
     let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
     finish(options, "many_auctions", &report, elapsed, throughput, Some(verdict));
+}
+
+/// `--auctions` auctions live at once, each with one bid: how fast they are
+/// opened (each opening starts its actor), how fast their first bids are
+/// taken, and with `--server-pid` what the node's resident memory grew by, per
+/// auction. The node's own count of live actors says they all stayed up.
+async fn live_actors(options: &Options) {
+    let tokens = register(&options.target, options.connections + 1).await;
+    let before = options.server_pid.and_then(ws::resident_kib);
+    let opening = Instant::now();
+    let auctions = Arc::new(create_auctions(options, &tokens[0], options.auctions).await);
+    let opened_in = opening.elapsed();
+    let bidding = Instant::now();
+    let mut tasks = Vec::new();
+    for (index, token) in tokens[1..].iter().enumerate() {
+        let (target, token, auctions) = (options.target.clone(), token.clone(), auctions.clone());
+        let stride = options.connections;
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(&target).await.expect("connect");
+            let mut accepted = 0u64;
+            for auction in auctions.iter().skip(index).step_by(stride) {
+                let path = format!("/api/v1/auctions/{auction}/bids");
+                let response = connection
+                    .request("POST", &path, Some(&token), Some(b"{\"amount\":1}".as_slice()))
+                    .await
+                    .expect("an answer");
+                assert_eq!(response.status, 201, "{}", String::from_utf8_lossy(&response.body));
+                accepted += 1;
+            }
+            accepted
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        accepted += task.await.expect("bidder");
+    }
+    let bid_in = bidding.elapsed();
+    let after = options.server_pid.and_then(ws::resident_kib);
+    let mut connection = Connection::open(&options.target).await.expect("connect");
+    let metrics = connection.request("GET", "/metrics", None, None).await.expect("metrics");
+    let live = String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .find_map(|line| line.strip_prefix("gavel_live_auctions "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .unwrap_or(-1.0);
+    let per_auction_bytes = match (before, after) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before) as f64 * 1024.0 / auctions.len() as f64),
+        _ => None,
+    };
+    println!(
+        "scenario live_actors: {} auctions opened in {:.1} s ({:.0}/s), {accepted} first bids in {:.1} s ({:.0}/s), \
+         {live} live actors",
+        auctions.len(),
+        opened_in.as_secs_f64(),
+        auctions.len() as f64 / opened_in.as_secs_f64(),
+        bid_in.as_secs_f64(),
+        accepted as f64 / bid_in.as_secs_f64(),
+    );
+    if let (Some(before), Some(after), Some(per)) = (before, after, per_auction_bytes) {
+        println!(
+            "  node RSS {} MiB before, {} MiB after: {per:.0} bytes per live auction",
+            before / 1024,
+            after / 1024
+        );
+    }
+    append_row(
+        options,
+        &json!({"design": options.design, "backend": options.backend, "scenario": "live_actors",
+            "auctions": auctions.len(), "opened_per_s": (auctions.len() as f64 / opened_in.as_secs_f64()).round(),
+            "first_bids_per_s": (accepted as f64 / bid_in.as_secs_f64()).round(), "live_actors": live,
+            "rss_before_mib": before.map(|kib| kib / 1024), "rss_after_mib": after.map(|kib| kib / 1024),
+            "bytes_per_auction": per_auction_bytes.map(f64::round)}),
+    );
 }
 
 /// Ten times what the node sustains, then half of it. Three legs on the hot

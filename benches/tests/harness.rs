@@ -196,3 +196,21 @@ async fn overload_answers_every_request_and_recovers() {
     let offered = row["overload"]["offered_per_s"].as_f64().unwrap();
     assert!(offered >= 9.0 * row["capacity_per_s"].as_f64().unwrap(), "{row}");
 }
+
+/// live_actors against gavel: every auction opened gets its bid, and the
+/// node counts every one of them live at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_actors_keeps_every_auction_live() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let results = dir.path().join("results.jsonl");
+    let (address, stop, server) = start_gavel(dir.path()).await;
+    let pid = std::process::id().to_string();
+    bench(&address, "gavel", "live_actors", &results, &["--server-pid", &pid]).await;
+    let _ = stop.send(());
+    server.await.expect("server task").expect("gavel stops cleanly");
+    let row: Value = serde_json::from_str(std::fs::read_to_string(&results).expect("results").trim()).expect("a row");
+    assert_eq!(row["auctions"], 200, "{row}");
+    assert_eq!(row["live_actors"], 200.0, "{row}");
+    assert!(row["opened_per_s"].as_f64().unwrap() > 0.0 && row["first_bids_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["bytes_per_auction"].is_number(), "{row}");
+}
