@@ -74,9 +74,26 @@ impl Default for WsSettings {
 
 struct Topic {
     state: Mutex<TopicState>,
-    sender: broadcast::Sender<Arc<Batch>>,
+    /// Made by the first subscriber: a broadcast channel allocates all its
+    /// slots at once (`--ws-buffer-events` of them, some 8 KB at 256), and
+    /// most auctions with events have nobody watching on this node. Before
+    /// it exists a batch goes nowhere, as it would with no receivers.
+    sender: std::sync::OnceLock<broadcast::Sender<Arc<Batch>>>,
     /// Held while sending, so batches leave in order; never taken by publish.
     sending: Mutex<()>,
+}
+
+impl Topic {
+    fn receiver_count(&self) -> usize {
+        self.sender.get().map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// Sends to the subscribers, if there are any.
+    fn send(&self, batch: Batch) {
+        if let Some(sender) = self.sender.get() {
+            let _ = sender.send(Arc::new(batch));
+        }
+    }
 }
 
 struct TopicState {
@@ -219,7 +236,7 @@ impl Hub {
             };
             if !frames.is_empty() {
                 // No receivers is not an error: nobody is watching.
-                let _ = topic.sender.send(Arc::new(Batch::new(auction_id, frames)));
+                topic.send(Batch::new(auction_id, frames));
             }
             for (user_id, message) in private {
                 self.send_private(user_id, message);
@@ -235,7 +252,7 @@ impl Hub {
             topics.iter().map(|(id, topic)| (*id, topic.clone())).collect()
         };
         for (auction_id, topic) in &topics {
-            let viewers = topic.sender.receiver_count() + self.remote_viewers(*auction_id) as usize;
+            let viewers = topic.receiver_count() + self.remote_viewers(*auction_id) as usize;
             let changed = {
                 let mut state = topic.state.lock().expect("topic lock");
                 let changed = viewers != state.viewers_sent;
@@ -245,7 +262,7 @@ impl Hub {
             if changed {
                 let _sending = topic.sending.lock().expect("sending lock");
                 let frame = Arc::new(Frame::viewers(*auction_id, viewers as u64));
-                let _ = topic.sender.send(Arc::new(Batch::new(*auction_id, vec![frame])));
+                topic.send(Batch::new(*auction_id, vec![frame]));
             }
         }
         drop(topics);
@@ -254,7 +271,7 @@ impl Hub {
             // Held elsewhere (a join or publish in progress), watched, recent,
             // or busy right now (publish holds it: keep, and never wait for it).
             Arc::strong_count(topic) > 1
-                || topic.sender.receiver_count() > 0
+                || topic.receiver_count() > 0
                 || topic.state.try_lock().map_or(true, |state| state.touched.elapsed() < TOPIC_KEEP)
         });
     }
@@ -264,7 +281,6 @@ impl Hub {
         topics
             .entry(auction_id)
             .or_insert_with(|| {
-                let (sender, _) = broadcast::channel(self.settings.buffer_events.max(1));
                 // Only events make a topic worth keeping unwatched.
                 let long_ago = Instant::now().checked_sub(TOPIC_KEEP).unwrap_or_else(Instant::now);
                 Arc::new(Topic {
@@ -275,7 +291,7 @@ impl Hub {
                         viewers_sent: 0,
                         touched: long_ago,
                     }),
-                    sender,
+                    sender: std::sync::OnceLock::new(),
                     sending: Mutex::new(()),
                 })
             })
@@ -292,7 +308,8 @@ impl Hub {
         // batch after this (and received), or in `recent` by the time it is
         // read, or both (the version filter drops the second copy). The
         // subscription never waits under the state lock that publish needs.
-        let receiver = topic.sender.subscribe();
+        let capacity = self.settings.buffer_events.max(1);
+        let receiver = topic.sender.get_or_init(|| broadcast::channel(capacity).0).subscribe();
         let state = topic.state.lock().expect("topic lock");
         let replay = since_seq.and_then(|since| {
             let position = state.recent.iter().position(|frame| frame.bid_seq == Some(since))?;
@@ -328,7 +345,7 @@ impl Hub {
         let topic = self.topics.lock().expect("topics lock").get(&auction_id).cloned();
         if let Some(topic) = topic {
             let _sending = topic.sending.lock().expect("sending lock");
-            let _ = topic.sender.send(Arc::new(Batch::resync(auction_id)));
+            topic.send(Batch::resync(auction_id));
         }
     }
 
@@ -336,7 +353,7 @@ impl Hub {
     pub fn resync_where(&self, which: impl Fn(AuctionId) -> bool) {
         let watched: Vec<AuctionId> = {
             let topics = self.topics.lock().expect("topics lock");
-            topics.iter().filter(|(_, topic)| topic.sender.receiver_count() > 0).map(|(id, _)| *id).collect()
+            topics.iter().filter(|(_, topic)| topic.receiver_count() > 0).map(|(id, _)| *id).collect()
         };
         for auction_id in watched.into_iter().filter(|id| which(*id)) {
             self.resync(auction_id);
@@ -347,7 +364,7 @@ impl Hub {
     pub fn viewers(&self, auction_id: AuctionId) -> u64 {
         let local = {
             let topics = self.topics.lock().expect("topics lock");
-            topics.get(&auction_id).map_or(0, |topic| topic.sender.receiver_count() as u64)
+            topics.get(&auction_id).map_or(0, |topic| topic.receiver_count() as u64)
         };
         local + self.remote_viewers(auction_id)
     }
@@ -355,11 +372,7 @@ impl Hub {
     /// This node's watchers, by auction, of every auction that has some.
     pub fn local_viewers(&self) -> Vec<(AuctionId, u64)> {
         let topics = self.topics.lock().expect("topics lock");
-        topics
-            .iter()
-            .map(|(id, topic)| (*id, topic.sender.receiver_count() as u64))
-            .filter(|(_, count)| *count > 0)
-            .collect()
+        topics.iter().map(|(id, topic)| (*id, topic.receiver_count() as u64)).filter(|(_, count)| *count > 0).collect()
     }
 
     pub fn set_remote_viewers(&self, remote: Arc<dyn RemoteViewers>) {
