@@ -76,33 +76,9 @@ impl LimitedListener {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
-}
 
-/// A connection and its permit: the permit returns when the connection drops.
-pub struct LimitedStream {
-    stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl LimitedStream {
-    /// Waits until the client has sent something, and copies what it has
-    /// without consuming it.
-    pub async fn peek(&self, buffer: &mut [u8]) -> io::Result<usize> {
-        self.stream.peek(buffer).await
-    }
-}
-
-impl Drop for LimitedStream {
-    fn drop(&mut self) {
-        metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS).decrement(1.0);
-    }
-}
-
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    /// The next connection, once the cap leaves room for it.
+    pub async fn accept(&mut self) -> (LimitedStream, SocketAddr) {
         let permit = self.permits.clone().acquire_owned().await.expect("the semaphore is never closed");
         loop {
             match self.listener.accept().await {
@@ -123,9 +99,25 @@ impl axum::serve::Listener for LimitedListener {
             }
         }
     }
+}
 
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.listener.local_addr()
+/// A connection and its permit: the permit returns when the connection drops.
+pub struct LimitedStream {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl LimitedStream {
+    /// Waits until the client has sent something, and copies what it has
+    /// without consuming it.
+    pub async fn peek(&self, buffer: &mut [u8]) -> io::Result<usize> {
+        self.stream.peek(buffer).await
+    }
+}
+
+impl Drop for LimitedStream {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::telemetry::HTTP_CONNECTIONS).decrement(1.0);
     }
 }
 

@@ -33,9 +33,15 @@ pub enum ApiError {
     AuctionHasBids,
     InvalidAmount(String),
     IdempotencyKeyReused,
-    RateLimited { retry_after_secs: u64 },
-    SignInsLimited { retry_after_secs: u64 },
+    RateLimited { retry_after_secs: u64, of: Limited },
     Unavailable { reason: String, outcome_unknown: bool },
+}
+
+/// What a `429 RATE_LIMITED` limits (its message says which).
+#[derive(Debug, Clone, Copy)]
+pub enum Limited {
+    Bids,
+    SignIns,
 }
 
 /// The error envelope, for the OpenAPI document.
@@ -73,7 +79,7 @@ impl ApiError {
             | ApiError::AlreadyLeading
             | ApiError::AuctionHasBids => StatusCode::CONFLICT,
             ApiError::InvalidAmount(_) | ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::RateLimited { .. } | ApiError::SignInsLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -98,7 +104,7 @@ impl ApiError {
             ApiError::AuctionHasBids => "AUCTION_HAS_BIDS",
             ApiError::InvalidAmount(_) => "INVALID_AMOUNT",
             ApiError::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
-            ApiError::RateLimited { .. } | ApiError::SignInsLimited { .. } => "RATE_LIMITED",
+            ApiError::RateLimited { .. } => "RATE_LIMITED",
             ApiError::Unavailable { .. } => "UNAVAILABLE",
         }
     }
@@ -122,8 +128,8 @@ impl ApiError {
             ApiError::AlreadyLeading => "you already lead; raise your maximum to bid again".to_owned(),
             ApiError::AuctionHasBids => "an auction with bids cannot be cancelled".to_owned(),
             ApiError::IdempotencyKeyReused => "this Idempotency-Key was used for a different request".to_owned(),
-            ApiError::RateLimited { .. } => "too many bids; slow down".to_owned(),
-            ApiError::SignInsLimited { .. } => {
+            ApiError::RateLimited { of: Limited::Bids, .. } => "too many bids; slow down".to_owned(),
+            ApiError::RateLimited { of: Limited::SignIns, .. } => {
                 "too many sign-in attempts from this address or for this name; slow down".to_owned()
             }
             ApiError::Unavailable { reason, outcome_unknown: false } => {
@@ -145,7 +151,7 @@ impl ApiError {
                 extra.insert("min_bid".to_owned(), json!(min_bid.minor_units()));
                 extra.insert("current_price".to_owned(), json!(current_price.minor_units()));
             }
-            ApiError::RateLimited { retry_after_secs } | ApiError::SignInsLimited { retry_after_secs } => {
+            ApiError::RateLimited { retry_after_secs, .. } => {
                 extra.insert("retry_after_secs".to_owned(), json!(retry_after_secs));
             }
             ApiError::Unavailable { outcome_unknown: true, .. } => {
@@ -200,7 +206,9 @@ impl From<WriteFailure> for ApiError {
                 "amounts must be integers from 1 to 10^13, max_amount at least amount".to_owned(),
             ),
             WriteFailure::KeyReused => ApiError::IdempotencyKeyReused,
-            WriteFailure::RateLimited { retry_after_secs } => ApiError::RateLimited { retry_after_secs },
+            WriteFailure::RateLimited { retry_after_secs } => {
+                ApiError::RateLimited { retry_after_secs, of: Limited::Bids }
+            }
             WriteFailure::Unavailable(reason) => ApiError::unavailable(reason.to_string()),
             WriteFailure::OutcomeUnknown => ApiError::Unavailable {
                 reason: "the write was not confirmed in time".to_owned(),
@@ -214,9 +222,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
         let retry_after = match &self {
-            ApiError::RateLimited { retry_after_secs } | ApiError::SignInsLimited { retry_after_secs } => {
-                Some(*retry_after_secs)
-            }
+            ApiError::RateLimited { retry_after_secs, .. } => Some(*retry_after_secs),
             ApiError::Unavailable { .. } => Some(1),
             _ => None,
         };

@@ -92,7 +92,7 @@ impl SignInLimits {
         self.per_address
             .check(address, now_ms)
             .and_then(|()| self.per_username.check(username.to_lowercase(), now_ms))
-            .map_err(|retry_after_secs| ApiError::SignInsLimited { retry_after_secs })
+            .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs, of: error::Limited::SignIns })
     }
 }
 

@@ -735,7 +735,7 @@ impl Connection {
             Err(error) => return self.reply(bid_error(request_id, &error)).await,
         };
         let Ok(permit) = self.bids_in_flight.clone().try_acquire_owned() else {
-            let error = ApiError::RateLimited { retry_after_secs: 1 };
+            let error = ApiError::RateLimited { retry_after_secs: 1, of: crate::http::error::Limited::Bids };
             return self.reply(bid_error(request_id, &error)).await;
         };
         let bid = match bid_request(&user, auction_id, &request, Some(request_id.clone())) {

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{Backend, HasApi, ServerProcess, TestApp, client, free_port};
+use crate::helpers::{Backend, HasApi, ServerProcess, TestApp, client, eventually, free_port};
 use crate::ws_client::WsClient;
 
 /// Longer than any deadline these tests set; a connection still open then was never cut.
@@ -146,7 +146,11 @@ async fn sigterm_ends_the_process_within_the_shutdown_timeout_whatever_the_clien
         .await
         .unwrap();
     let _watcher = WsClient::connect(&server.address, None).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // All three held open by the node (and the scrape's own connection).
+    eventually(WAIT, "the node to hold the three connections", || async {
+        (crate::cluster::labelled_metric(&server.address, "gavel_http_connections").await >= 4.0).then_some(())
+    })
+    .await;
 
     let started = Instant::now();
     server.signal(libc::SIGTERM);
