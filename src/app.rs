@@ -89,11 +89,14 @@ impl Application {
                 RedisEvents::start(
                     url,
                     &database_id,
-                    node_id.clone(),
-                    leases.clone(),
-                    clock.clone(),
-                    hub.clone(),
-                    read_cache.clone(),
+                    crate::events::redis::NodeParts {
+                        node_id: node_id.clone(),
+                        leases: leases.clone(),
+                        clock: clock.clone(),
+                        hub: hub.clone(),
+                        read_cache: read_cache.clone(),
+                        db: db.clone(),
+                    },
                 )
                 .context("setting up Redis")?,
             ),

@@ -29,6 +29,8 @@ pub const REDIS_UP: &str = "gavel_redis_up";
 pub const PUBSUB_LAG_SECONDS: &str = "gavel_pubsub_lag_seconds";
 pub const PUBSUB_GAPS_TOTAL: &str = "gavel_pubsub_gaps_total";
 pub const PUBSUB_DROPPED_TOTAL: &str = "gavel_pubsub_dropped_total";
+pub const SNAPSHOT_READS_TOTAL: &str = "gavel_snapshot_reads_total";
+pub const SNAPSHOT_WRITES_TOTAL: &str = "gavel_snapshot_writes_total";
 
 /// `outcome` of a lease renewal: each lease renewed, each lease found taken
 /// over, each tick that failed.
@@ -134,6 +136,16 @@ fn describe() {
     );
     describe_counter!(PUBSUB_GAPS_TOTAL, Unit::Count, "Events from other nodes that showed a gap (watchers resynced).");
     describe_counter!(PUBSUB_DROPPED_TOTAL, Unit::Count, "Events not published, or not received, through Redis.");
+    describe_counter!(
+        SNAPSHOT_READS_TOTAL,
+        Unit::Count,
+        "Auctions read for GET and WebSocket snapshots (with --redis-url), by source (redis, store)."
+    );
+    describe_counter!(
+        SNAPSHOT_WRITES_TOTAL,
+        Unit::Count,
+        "Auction snapshots written to Redis by their owner, by outcome (written, failed, dropped)."
+    );
     metrics::counter!(PUBSUB_GAPS_TOTAL).absolute(0);
     metrics::counter!(PUBSUB_DROPPED_TOTAL).absolute(0);
     let _ = metrics::histogram!(PUBSUB_LAG_SECONDS);

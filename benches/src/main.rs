@@ -27,7 +27,7 @@ mod http;
 mod table;
 mod ws;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -59,6 +59,9 @@ struct Options {
     /// many_auctions: how many auctions, and the Zipf exponent of their popularity.
     auctions: usize,
     zipf: f64,
+    /// hot_auction_uncoordinated (set by the scenario): each connection bids
+    /// its own rising amounts instead of the next value of a shared counter.
+    uncoordinated: bool,
     /// Labels of the JSON rows, and where to append them.
     design: String,
     backend: String,
@@ -81,6 +84,7 @@ fn parse_options() -> Options {
         server_pid: None,
         auctions: 10_000,
         zipf: 1.0,
+        uncoordinated: false,
         design: "gavel".to_owned(),
         backend: "sqlite".to_owned(),
         results: None,
@@ -132,7 +136,7 @@ impl Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gavel-bench hot_auction|many_auctions|reads|http_ceiling|ws_fanout|ws_fanout_cross_node|ws_idle|forward_cost|overload|live_actors [--target HOST:PORT] [--targets HOST:PORT,...] \
+        "usage: gavel-bench hot_auction|hot_auction_uncoordinated|many_auctions|reads|http_ceiling|ws_fanout|ws_fanout_cross_node|ws_idle|forward_cost|overload|live_actors [--target HOST:PORT] [--targets HOST:PORT,...] \
          [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] \
          [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--results PATH]\n       \
          gavel-bench table RESULTS.jsonl [--json PATH]"
@@ -158,6 +162,8 @@ struct Report {
     unsent: u64,
     /// (auction index, seq) of every 201.
     accepted: Vec<(u32, i64)>,
+    /// When each 201 was read (wall clock, microseconds), in `accepted`'s order.
+    acknowledged_at_us: Vec<i64>,
     /// Error codes of the non-2xx answers.
     codes: BTreeMap<String, u64>,
 }
@@ -172,6 +178,7 @@ impl Report {
             errors: 0,
             unsent: 0,
             accepted: Vec::new(),
+            acknowledged_at_us: Vec::new(),
             codes: BTreeMap::new(),
         }
     }
@@ -186,6 +193,7 @@ impl Report {
         self.errors += other.errors;
         self.unsent += other.unsent;
         self.accepted.extend(other.accepted);
+        self.acknowledged_at_us.extend(other.acknowledged_at_us);
         for (code, count) in other.codes {
             *self.codes.entry(code).or_default() += count;
         }
@@ -204,6 +212,11 @@ impl Report {
 
     fn count(&self, status: u16) -> u64 {
         self.statuses.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Bids the node decided: accepted (201) or rejected by the rules (409).
+    fn decided(&self) -> u64 {
+        self.count(201) + self.count(409)
     }
 }
 
@@ -253,7 +266,10 @@ async fn main() {
     }
     let options = parse_options();
     match options.scenario.as_str() {
-        "hot_auction" => hot_auction(&options).await,
+        "hot_auction" => hot_auction(&options, "hot_auction").await,
+        "hot_auction_uncoordinated" => {
+            hot_auction(&Options { uncoordinated: true, ..options.clone() }, "hot_auction_uncoordinated").await
+        }
         "many_auctions" => many_auctions(&options).await,
         "reads" => reads(&options).await,
         "forward_cost" => forward_cost(&options).await,
@@ -335,7 +351,12 @@ async fn reads(options: &Options) {
     finish(options, "reads", &report, elapsed, throughput, None);
 }
 
-async fn hot_auction(options: &Options) {
+/// One auction, every connection a bidder. Coordinated: each bid is the next
+/// value of a shared counter, so bids rise in send order and few are too low.
+/// Uncoordinated, as independent bidders do: each connection raises its own
+/// amount by two increments per bid, and after a `409 BID_TOO_LOW` bids the
+/// `min_bid` it was told; most bids are then rejected.
+async fn hot_auction(options: &Options, scenario: &str) {
     let (_, tokens, auction_id) = auction_with_bidders(options, options.connections).await;
     let auctions = vec![auction_id];
     let started = Instant::now();
@@ -343,7 +364,7 @@ async fn hot_auction(options: &Options) {
     let elapsed = started.elapsed();
     let verdict = verify(options, &auctions, &report).await;
     let throughput = report.count(201) as f64 / elapsed.as_secs_f64();
-    finish(options, "hot_auction", &report, elapsed, throughput, Some(verdict));
+    finish(options, scenario, &report, elapsed, throughput, Some(verdict));
 }
 
 async fn many_auctions(options: &Options) {
@@ -663,8 +684,11 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
         let (ticket_sender, mut tickets) = tokio::sync::mpsc::unbounded_channel::<Instant>();
         ticket_senders.push(ticket_sender);
         let open_model = options.rate > 0;
+        let uncoordinated = options.uncoordinated;
         tasks.push(tokio::spawn(async move {
             let mut report = Report::new();
+            // Uncoordinated: this connection's next amount.
+            let mut own_next: i64 = 1;
             let mut random = Random::seeded(index as u64 + 1);
             let mut connection = Connection::open(&target).await.expect("connect");
             loop {
@@ -695,7 +719,13 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
                 // The amount is fixed at the moment of sending, so amounts rise in
                 // send order. Steps of two increments: a challenger who stays behind
                 // a proxy maximum moves the price to its amount plus one increment.
-                let amount = counters[auction].fetch_add(2, Ordering::Relaxed);
+                let amount = if uncoordinated {
+                    let amount = own_next;
+                    own_next += 2;
+                    amount
+                } else {
+                    counters[auction].fetch_add(2, Ordering::Relaxed)
+                };
                 let body = format!("{{\"amount\":{amount}}}");
                 let sent = Instant::now();
                 match connection.request("POST", &paths[auction], Some(&token), Some(body.as_bytes())).await {
@@ -711,9 +741,16 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
                         if response.status >= 400 {
                             *report.codes.entry(error_code(&response.body)).or_default() += 1;
                         }
+                        if uncoordinated && response.status == 409 {
+                            let reply: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+                            if let Some(min_bid) = reply["error"]["min_bid"].as_i64() {
+                                own_next = own_next.max(min_bid);
+                            }
+                        }
                         if response.status == 201 {
                             let reply: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
                             report.accepted.push((auction as u32, reply["seq"].as_i64().unwrap_or(-1)));
+                            report.acknowledged_at_us.push(ws::now_us());
                         }
                     }
                     Err(_) => {
@@ -797,10 +834,22 @@ async fn ws_fanout(options: &Options, cross_node: bool) {
     last_seq.store(accepted.max(1), Ordering::Relaxed);
     // The probes stop once they have seen the last bid (or at the deadline).
     let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
+    // Acknowledged -> delivered: from the moment the bidder read the bid's
+    // 201 (sent after the owner's commit) to the frame at a watcher.
+    let acknowledged: HashMap<u64, i64> =
+        report.accepted.iter().zip(&report.acknowledged_at_us).map(|(&(_, seq), &at)| (seq as u64, at)).collect();
+    let mut after_ack = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("bounds");
+    let mut before_ack = 0u64;
     let (mut events, mut snapshots, mut gaps, mut complete) = (0, 0, 0, 0);
     for probe in probes {
         let probe = probe.await.expect("probe");
         latency.add(&probe.latency).expect("same bounds");
+        for (seq, arrived_us) in &probe.arrivals_us {
+            if let Some(acked_us) = acknowledged.get(seq) {
+                before_ack += u64::from(arrived_us < acked_us);
+                after_ack.record((arrived_us - acked_us).max(1) as u64).ok();
+            }
+        }
         events += probe.events;
         snapshots += probe.snapshots;
         gaps += probe.gaps;
@@ -826,6 +875,17 @@ async fn ws_fanout(options: &Options, cross_node: bool) {
         ms(0.999),
         latency.max() as f64 / 1000.0
     );
+    let after_ms = |quantile: f64| after_ack.value_at_quantile(quantile) as f64 / 1000.0;
+    println!(
+        "  acknowledged -> delivered ms (probes): p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} \
+         ({before_ack} of {} frames came before their 201)",
+        after_ms(0.5),
+        after_ms(0.9),
+        after_ms(0.99),
+        after_ms(0.999),
+        after_ack.max() as f64 / 1000.0,
+        after_ack.len(),
+    );
     let closed = totals.closed.load(Ordering::Relaxed);
     println!(
         "  probes: {events} events timed, {} resync snapshots, {gaps} gaps, {complete}/{} saw the last bid; \
@@ -840,6 +900,7 @@ async fn ws_fanout(options: &Options, cross_node: bool) {
     let row = json!({
         "design": options.design, "backend": options.backend, "scenario": scenario,
         "throughput_per_s": deliveries.round(), "p50_ms": ms(0.5), "p99_ms": ms(0.99),
+        "acknowledged_p50_ms": after_ms(0.5), "acknowledged_p99_ms": after_ms(0.99),
         "errors": delivery_errors, "watchers": options.watchers, "compression": if options.deflate { "deflate" } else { "none" }, "bids_per_s": accepted as f64 / elapsed.as_secs_f64(),
         "correct": verdict.ok && gaps == 0, "verdict": verdict.text,
     });
@@ -1039,6 +1100,7 @@ fn finish(
         "design": options.design, "backend": options.backend, "scenario": scenario,
         "throughput_per_s": throughput.round(), "p50_ms": ms(0.5), "p99_ms": ms(0.99),
         "errors": report.error_count(),
+        "accepted": report.count(201), "decided_per_s": (report.decided() as f64 / elapsed.as_secs_f64()).round(),
         "requests_per_s": (requests as f64 / elapsed.as_secs_f64()).round(),
         "p90_ms": ms(0.9), "p999_ms": ms(0.999), "max_ms": report.latency.max() as f64 / 1000.0,
         "connections": options.connections, "seconds": elapsed.as_secs_f64(),

@@ -5,7 +5,8 @@
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 5] = ["hot_auction", "many_auctions", "reads", "http_ceiling", "ws_fanout"];
+const SCENARIOS: [&str; 6] =
+    ["hot_auction", "hot_auction_uncoordinated", "many_auctions", "reads", "http_ceiling", "ws_fanout"];
 
 pub fn print(results: &str, json: Option<&str>) {
     let text = std::fs::read_to_string(results).unwrap_or_else(|error| panic!("read {results}: {error}"));
@@ -20,8 +21,8 @@ pub fn print(results: &str, json: Option<&str>) {
             .and_then(|row| row["throughput_per_s"].as_f64())
     };
     println!(
-        "{:<12} {:<11} {:<22} {:>13} {:>9} {:>9} {:>7} {:>13}  correct",
-        "design", "backend", "scenario", "throughput/s", "p50 ms", "p99 ms", "errors", "÷ gavel (pg)"
+        "{:<12} {:<11} {:<26} {:>13} {:>11} {:>9} {:>9} {:>7} {:>13}  correct",
+        "design", "backend", "scenario", "throughput/s", "decided/s", "p50 ms", "p99 ms", "errors", "÷ gavel (pg)"
     );
     let order = |row: &Value| {
         let scenario = SCENARIOS.iter().position(|name| row["scenario"] == *name).unwrap_or(SCENARIOS.len());
@@ -49,11 +50,12 @@ pub fn print(results: &str, json: Option<&str>) {
             None => "–".to_owned(),
         };
         println!(
-            "{:<12} {:<11} {:<22} {:>13} {:>9.2} {:>9.2} {:>7} {:>13}  {correct}",
+            "{:<12} {:<11} {:<26} {:>13} {:>11} {:>9.2} {:>9.2} {:>7} {:>13}  {correct}",
             row["design"].as_str().unwrap_or("?"),
             row["backend"].as_str().unwrap_or("?"),
             scenario,
             thousands(throughput),
+            row["decided_per_s"].as_f64().map_or_else(|| "–".to_owned(), thousands),
             row["p50_ms"].as_f64().unwrap_or(0.0),
             row["p99_ms"].as_f64().unwrap_or(0.0),
             row["errors"].as_u64().unwrap_or(0),

@@ -91,8 +91,9 @@ fn next_frame(buffer: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
     Some((first, payload))
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
+/// The wall clock in microseconds (comparable across this process's threads).
+pub fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_micros() as i64)
 }
 
 /// `2026-11-22T10:00:00.123Z` → milliseconds since the epoch.
@@ -146,6 +147,8 @@ pub struct ProbeReport {
     pub snapshots: u64,
     pub gaps: u64,
     pub last_seq: u64,
+    /// When each bid's frame was read (wall clock, microseconds).
+    pub arrivals_us: Vec<(u64, i64)>,
 }
 
 /// What a probe reads of a message: borrowed, every other field skipped, so
@@ -177,6 +180,7 @@ pub async fn probe(mut stream: TcpStream, last: Arc<AtomicU64>) -> ProbeReport {
         snapshots: 0,
         gaps: 0,
         last_seq: 0,
+        arrivals_us: Vec::new(),
     };
     let mut buffer = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
@@ -194,7 +198,8 @@ pub async fn probe(mut stream: TcpStream, last: Arc<AtomicU64>) -> ProbeReport {
             Ok(_) => break,
             Err(_) => continue,
         };
-        let arrived = now_ms();
+        let arrived_us = now_us();
+        let arrived = arrived_us / 1000;
         buffer.extend_from_slice(&chunk[..read]);
         while let Some((first, mut payload)) = next_frame(&mut buffer) {
             if first & 0x0f != 0x1 {
@@ -223,6 +228,7 @@ pub async fn probe(mut stream: TcpStream, last: Arc<AtomicU64>) -> ProbeReport {
                     }
                     report.last_seq = seq;
                     report.events += 1;
+                    report.arrivals_us.push((seq, arrived_us));
                     if let Some(placed) = message.placed_at.and_then(parse_timestamp) {
                         report.latency.record((arrived - placed).max(0) as u64 * 1000).ok();
                     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::Connection;
 
-const SCENARIOS: [&str; 4] = ["http_ceiling", "hot_auction", "many_auctions", "reads"];
+const SCENARIOS: [&str; 5] = ["http_ceiling", "hot_auction", "hot_auction_uncoordinated", "many_auctions", "reads"];
 
 fn postgres_base_url() -> String {
     std::env::var("GAVEL_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
@@ -88,6 +88,25 @@ async fn wait_for_health(address: &str) {
     }
 }
 
+/// Writes the node's persistence actor has committed (`gavel_commit_batch_size_sum`).
+async fn committed_writes(address: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    answer
+        .lines()
+        .find_map(|line| line.strip_prefix("gavel_commit_batch_size_sum "))
+        .map_or(0, |value| value.trim().parse::<f64>().expect("a number") as u64)
+}
+
+fn last_row(results: &Path) -> Value {
+    let text = std::fs::read_to_string(results).expect("results");
+    serde_json::from_str(text.lines().last().expect("a row")).expect("a JSON row")
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
 }
@@ -99,7 +118,15 @@ async fn every_design_runs_every_scenario_correctly() {
 
     let (address, stop, server) = start_gavel(dir.path()).await;
     for scenario in SCENARIOS {
+        let committed_before = committed_writes(&address).await;
         bench(&address, "gavel", scenario, &results, &[]).await;
+        if scenario == "hot_auction_uncoordinated" {
+            // Rejections cost the store nothing: it committed exactly the 201s.
+            let row = last_row(&results);
+            let accepted = row["accepted"].as_u64().unwrap();
+            assert_eq!(committed_writes(&address).await - committed_before, accepted, "{row}");
+            assert!(row["rejections"].as_u64().unwrap() > accepted, "most uncoordinated bids are rejected: {row}");
+        }
     }
     bench(&address, "gavel", "ws_fanout", &results, &["--watchers", "20", "--probes", "5", "--rate", "200"]).await;
     let _ = stop.send(());
@@ -132,13 +159,13 @@ async fn every_design_runs_every_scenario_correctly() {
         .lines()
         .map(|line| serde_json::from_str(line).expect("a JSON row"))
         .collect();
-    assert_eq!(rows.len(), 5 + 3 * SCENARIOS.len(), "{rows:#?}");
+    assert_eq!(rows.len(), SCENARIOS.len() + 1 + 3 * SCENARIOS.len(), "{rows:#?}");
     for row in &rows {
         assert!(row["throughput_per_s"].as_f64().unwrap() > 0.0, "{row}");
         assert_eq!(row["errors"], 0, "{row}");
         // The bid scenarios check every auction's history; the others have no verdict.
         let scenario = row["scenario"].as_str().unwrap();
-        if matches!(scenario, "hot_auction" | "many_auctions" | "ws_fanout") {
+        if matches!(scenario, "hot_auction" | "hot_auction_uncoordinated" | "many_auctions" | "ws_fanout") {
             assert_eq!(row["correct"], true, "{row}");
         }
     }

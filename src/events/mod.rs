@@ -8,6 +8,7 @@
 //! auction take a fresh snapshot (from the store) instead.
 
 pub mod redis;
+pub mod snapshots;
 pub mod wire;
 
 use std::collections::HashMap;

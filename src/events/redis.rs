@@ -19,6 +19,9 @@
 //!   happens when the message stream lagged (fred's broadcast channel is
 //!   bounded; `Lagged` is counted as dropped). `gavel_redis_up` follows a ping
 //!   every second; every command has a one-second deadline.
+//! - **Snapshots.** The owner also keeps each changed auction's snapshot
+//!   under a key of its own (`snapshots.rs`), which other nodes read instead
+//!   of the store when it is the store's latest.
 //! - **Viewers.** Every second each node sends its watcher counts on one
 //!   channel (`ViewerReport`); each node adds the other nodes' fresh counts
 //!   (at most three seconds old) to its own (`RemoteViewers`), so `viewers`
@@ -39,6 +42,7 @@ use gavel_actors::{AuctionId, AuctionState, Event};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::snapshots::Snapshots;
 use super::wire::{EVENTS_VERSION, EventEnvelope, ViewerReport};
 use super::{Arrival, Sequencer};
 use crate::read_cache::ReadCache;
@@ -74,6 +78,7 @@ pub struct RedisEvents {
     sequencer: Sequencer,
     publisher: Client,
     subscriber: SubscriberClient,
+    snapshots: Arc<Snapshots>,
     /// The other nodes' watcher counts: auction → node → (count, when reported).
     remote_viewers: Mutex<HashMap<AuctionId, NodeCounts>>,
 }
@@ -99,21 +104,27 @@ fn config(url: &str) -> anyhow::Result<Builder> {
     Ok(builder)
 }
 
+/// What the Redis side of a node works with.
+pub struct NodeParts {
+    pub node_id: String,
+    pub leases: Arc<Leases>,
+    pub clock: Arc<dyn Clock>,
+    pub hub: Arc<Hub>,
+    pub read_cache: Arc<ReadCache>,
+    /// For what a snapshot holds beyond the state (`snapshots.rs`).
+    pub db: crate::storage::Db,
+}
+
 impl RedisEvents {
     /// Connects (in the background: a Redis that is down does not stop the
     /// node from starting) and starts publishing, receiving and health checks.
-    pub fn start(
-        url: &str,
-        database_id: &str,
-        node_id: String,
-        leases: Arc<Leases>,
-        clock: Arc<dyn Clock>,
-        hub: Arc<Hub>,
-        read_cache: Arc<ReadCache>,
-    ) -> anyhow::Result<Arc<RedisEvents>> {
+    pub fn start(url: &str, database_id: &str, parts: NodeParts) -> anyhow::Result<Arc<RedisEvents>> {
+        let NodeParts { node_id, leases, clock, hub, read_cache, db } = parts;
         let builder = config(url)?;
         let publisher = builder.build()?;
         let subscriber = builder.build_subscriber_client()?;
+        let snapshots =
+            Snapshots::new(publisher.clone(), database_id, node_id.clone(), leases.clone(), clock.clone(), db);
         let (queue, queued) = mpsc::channel(PUBLISH_QUEUE);
         let events = Arc::new(RedisEvents {
             node_id,
@@ -127,6 +138,7 @@ impl RedisEvents {
             sequencer: Sequencer::new(SEQUENCED_AUCTIONS),
             publisher,
             subscriber,
+            snapshots,
             remote_viewers: Mutex::new(HashMap::new()),
         });
         events.hub.set_remote_viewers(events.clone());
@@ -143,6 +155,11 @@ impl RedisEvents {
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// The auction snapshots, while Redis answers (`snapshots.rs`).
+    pub fn snapshots(&self) -> Option<&Snapshots> {
+        self.is_up().then_some(&*self.snapshots)
     }
 
     /// Sends what is queued, a pipeline at a time.
@@ -359,6 +376,7 @@ impl EventSink for RedisEvents {
         if self.queue.try_send((shard, bytes)).is_err() {
             metrics::counter!(telemetry::PUBSUB_DROPPED_TOTAL).increment(1);
         }
+        self.snapshots.mark(event, state);
     }
 }
 

@@ -1,8 +1,9 @@
-//! What crosses Redis pub/sub: one committed event of an auction, with the
-//! auction's state right after it, from the node that owns the auction.
+//! What goes through Redis: on pub/sub, one committed event of an auction,
+//! with the auction's state right after it, from the node that owns the
+//! auction; under a key per auction, its latest committed snapshot.
 //! MessagePack via rmp-serde; change only together with `EVENTS_VERSION`.
 
-use gavel_actors::{AuctionState, Event, TimestampMs};
+use gavel_actors::{AuctionState, Event, TimestampMs, UserRef};
 use serde::{Deserialize, Serialize};
 
 /// A node drops envelopes of any other version (and counts them as gaps).
@@ -18,6 +19,39 @@ pub struct EventEnvelope {
     pub sent_at_ms: TimestampMs,
     pub event: Event,
     pub state: AuctionState,
+}
+
+/// An auction as committed, kept by its owner under
+/// `gavel:<database id>:snapshot:<auction id>` (`snapshots.rs`). Readers use it
+/// only when its `seq` and status are the store's: it is never newer than the
+/// store, and may be older.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuctionSnapshot {
+    pub version: u16,
+    pub node: String,
+    pub epoch: i64,
+    pub written_at_ms: TimestampMs,
+    /// What the state does not hold: fixed at creation.
+    pub title: String,
+    pub description: String,
+    pub currency: String,
+    pub state: AuctionState,
+    /// The last bids up to `state.seq` (at most ten), newest first.
+    pub recent_bids: Vec<SnapshotBid>,
+}
+
+/// A bid as a snapshot shows it (the fields of the bid history). Amounts in
+/// minor units.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotBid {
+    pub seq: u64,
+    pub bidder: UserRef,
+    pub amount: i64,
+    pub max_amount: i64,
+    pub placed_at_ms: TimestampMs,
+    pub current_price: i64,
+    pub leader: UserRef,
+    pub end_at_ms: TimestampMs,
 }
 
 /// A node's watcher counts, sent every second on the viewers channel: every

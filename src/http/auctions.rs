@@ -252,9 +252,16 @@ pub async fn get_auction(
 ) -> ApiResult<Json<AuctionView>> {
     let id = parse_id(&id, "auction id")?;
     // Only this node's own auctions are cached: it sees every change of those
-    // (after commit, before any answer), and none of the others'.
+    // (after commit, before any answer), and none of the others'. Another
+    // node's auction comes from its Redis snapshot when that is the store's
+    // latest, from the store otherwise.
     let row = if context.node.leases.lease_for(shard_of(id)).is_none() {
-        std::sync::Arc::new(load_row(&context, id).await?)
+        let snapshots = context.redis.as_deref().and_then(|redis| redis.snapshots());
+        let current = crate::events::snapshots::current(&context.db, snapshots, id, false)
+            .await
+            .map_err(|error| ApiError::internal("read auction", error))?
+            .ok_or(ApiError::AuctionNotFound)?;
+        std::sync::Arc::new(current.row)
     } else {
         match context.read_cache.get(id) {
             Ok(row) => row,

@@ -252,6 +252,35 @@ impl Db {
         reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)
     }
 
+    /// The auction's `seq` and status: which committed state it is at.
+    pub async fn auction_version(&self, id: AuctionId) -> Result<Option<(i64, String)>, sqlx::Error> {
+        let sql = "SELECT seq, status FROM auctions WHERE id = $1";
+        reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)
+    }
+
+    /// What the auctions' states do not hold: (id, title, description, currency).
+    pub async fn auction_texts(
+        &self,
+        ids: &[AuctionId],
+    ) -> Result<Vec<(AuctionId, String, String, String)>, sqlx::Error> {
+        match self {
+            Db::Postgres { pool, .. } => {
+                sqlx::query_as("SELECT id, title, description, currency FROM auctions WHERE id = ANY($1)")
+                    .bind(ids)
+                    .fetch_all(pool)
+                    .await
+            }
+            Db::Sqlite { readers, .. } => {
+                let mut rows = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let sql = "SELECT id, title, description, currency FROM auctions WHERE id = $1";
+                    rows.extend(sqlx::query_as(sql).bind(id).fetch_optional(readers).await?);
+                }
+                Ok(rows)
+            }
+        }
+    }
+
     /// One page of auctions in `status`, keyset-paginated after `after`.
     pub async fn list_auctions(
         &self,

@@ -55,8 +55,6 @@ type Socket = WebSocketStream<deflate::ClientStream<TokioIo<hyper::upgrade::Upgr
 
 /// The largest message a client may send.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
-/// Recent bids in a snapshot.
-const SNAPSHOT_BIDS: u32 = 10;
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing node waits for a connection's bids in flight.
 const SHUTDOWN_BIDS_WAIT: Duration = Duration::from_secs(5);
@@ -681,16 +679,14 @@ impl Connection {
         receiver: broadcast::Receiver<Arc<Batch>>,
     ) -> Result<(), Stop> {
         let db = self.context.db.clone();
-        // On the node's runtime: the database's connections belong there.
+        let redis = self.context.redis.clone();
+        // On the node's runtime: the database's and Redis's connections belong there.
         let read = self.node_runtime.spawn(async move {
-            let Some(row) = db.auction(auction_id).await? else {
-                return Ok(None);
-            };
-            let bids = db.bids(auction_id, row.seq + 1, SNAPSHOT_BIDS).await?;
-            Ok::<_, sqlx::Error>(Some((row, bids)))
+            let snapshots = redis.as_deref().and_then(|redis| redis.snapshots());
+            crate::events::snapshots::current(&db, snapshots, auction_id, true).await
         });
         let (row, bids) = match tokio::time::timeout(SNAPSHOT_TIMEOUT, read).await {
-            Ok(Ok(Ok(Some(found)))) => found,
+            Ok(Ok(Ok(Some(current)))) => (current.row, current.recent_bids),
             Ok(Ok(Ok(None))) => {
                 let message = ServerMessage::Error {
                     code: "AUCTION_NOT_FOUND",

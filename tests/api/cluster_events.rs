@@ -50,6 +50,18 @@ impl RedisServer {
         .await;
     }
 
+    /// Runs `redis-cli` against this server; its output, trimmed.
+    async fn cli(&self, args: &[&str]) -> String {
+        let output = tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli is installed");
+        assert!(output.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
     async fn stop(&mut self) {
         if let Some(mut process) = self.process.take() {
             process.start_kill().expect("kill redis-server");
@@ -252,4 +264,90 @@ async fn a_redis_restart_fails_no_bid_and_watchers_are_resynchronised() {
     assert_eq!(status, StatusCode::CREATED, "{placed}");
     let next = watcher.next_of("bid").await;
     assert_eq!(next["seq"].as_u64(), Some(last_seq + 1), "{next}");
+}
+
+/// The non-owner's reads of the auction: (from Redis, from the store).
+async fn snapshot_reads(address: &str) -> (f64, f64) {
+    (
+        labelled_metric(address, "gavel_snapshot_reads_total{source=\"redis\"}").await,
+        labelled_metric(address, "gavel_snapshot_reads_total{source=\"store\"}").await,
+    )
+}
+
+/// The parts of an auction's view that do not depend on who asks or when.
+fn settled(view: &Value) -> Value {
+    let mut view = view.clone();
+    view.as_object_mut().unwrap().remove("server_time");
+    view
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_owner_reads_the_redis_snapshot_only_while_it_is_the_stores_latest() {
+    let redis = RedisServer::start().await;
+    let cluster = cluster_with_redis(2, 10, &redis).await;
+    let (_seller, bidders, auction_id, owner) = cluster.hot_auction(2).await;
+    let other = 1 - owner;
+    // Twelve bids: more than a snapshot's ten recent ones.
+    for index in 0..12 {
+        let (status, body) =
+            cluster.api(owner).bid(&bidders[index % 2], &auction_id, 2_000 + 10 * index as i64, None).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let owners_view = settled(&cluster.api(owner).auction(&auction_id).await);
+    assert_eq!(owners_view["seq"], 12);
+
+    // Once the owner has written it, the other node answers from the snapshot,
+    // and shows exactly what the owner shows.
+    let other_address = cluster.address(other);
+    let from_redis = eventually(Duration::from_secs(10), "a GET on the non-owner served from Redis", || {
+        let (other_address, auction_id) = (other_address.clone(), auction_id.clone());
+        let api = cluster.api(other);
+        async move {
+            let (redis_before, _) = snapshot_reads(&other_address).await;
+            let view = api.auction(&auction_id).await;
+            let (redis_after, _) = snapshot_reads(&other_address).await;
+            (redis_after > redis_before).then_some(view)
+        }
+    })
+    .await;
+    assert_eq!(settled(&from_redis), owners_view, "the snapshot shows what the store does");
+    // A WebSocket snapshot there too: the auction and its last ten bids.
+    let (redis_before, _) = snapshot_reads(&other_address).await;
+    let mut on_other = WsClient::connect(&other_address, None).await;
+    let snapshot = on_other.subscribe(&auction_id).await;
+    assert_eq!(snapshot_reads(&other_address).await.0, redis_before + 1.0, "the WebSocket snapshot came from Redis");
+    let mut on_owner = WsClient::connect(&cluster.address(owner), None).await;
+    let owners_snapshot = on_owner.subscribe(&auction_id).await;
+    assert_eq!(settled(&snapshot["auction"]), settled(&owners_snapshot["auction"]));
+    assert_eq!(snapshot["recent_bids"], owners_snapshot["recent_bids"]);
+    let seqs: Vec<u64> =
+        snapshot["recent_bids"].as_array().unwrap().iter().map(|bid| bid["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (3..=12).rev().collect::<Vec<u64>>(), "the last ten bids, newest first");
+
+    // A snapshot behind the store is not used: keep the one of seq 12, bid
+    // once more, wait for the owner to write seq 13, then put 12 back.
+    let key = redis.cli(&["--scan", "--pattern", &format!("gavel:*:snapshot:{auction_id}")]).await;
+    assert!(key.ends_with(&auction_id), "one snapshot key: {key}");
+    assert_eq!(redis.cli(&["COPY", &key, "kept", "REPLACE"]).await, "1");
+    let (status, body) = cluster.api(owner).bid(&bidders[0], &auction_id, 5_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    eventually(Duration::from_secs(10), "the owner to write the snapshot of seq 13", || {
+        let (other_address, auction_id) = (other_address.clone(), auction_id.clone());
+        let api = cluster.api(other);
+        async move {
+            let (redis_before, _) = snapshot_reads(&other_address).await;
+            let view = api.auction(&auction_id).await;
+            (snapshot_reads(&other_address).await.0 > redis_before && view["seq"] == 13).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(redis.cli(&["COPY", "kept", &key, "REPLACE"]).await, "1");
+    let (redis_before, store_before) = snapshot_reads(&other_address).await;
+    let view = cluster.api(other).auction(&auction_id).await;
+    assert_eq!((view["seq"].as_u64(), view["current_price"].as_i64()), (Some(13), Some(5_000)), "{view}");
+    let mut late = WsClient::connect(&other_address, None).await;
+    let late_snapshot = late.subscribe(&auction_id).await;
+    assert_eq!(late_snapshot["auction"]["seq"], 13);
+    assert_eq!(late_snapshot["recent_bids"][0]["seq"], 13);
+    assert_eq!(snapshot_reads(&other_address).await, (redis_before, store_before + 2.0), "both from the store");
 }
