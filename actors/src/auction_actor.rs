@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tracing::{debug, info, warn};
 
@@ -61,6 +60,8 @@ pub struct AuctionEnv {
     pub persistence_queue: Arc<Admission>,
     pub leases: Arc<Leases>,
     pub directory: Arc<dyn Directory>,
+    /// Sends each actor its `Tick` when its auction should start or end.
+    pub timers: Arc<crate::timers::Timers>,
 }
 
 pub enum AuctionMsg {
@@ -160,9 +161,10 @@ pub struct AuctionActorState {
     origin: Arc<dyn WriteOrigin>,
     /// Set once the actor takes no more writes: who waits for it to finish.
     retiring: Option<Vec<RpcReplyPort<()>>>,
-    timer: Option<(u64, TimestampMs, JoinHandle<()>)>,
+    timer: Option<(u64, TimestampMs, crate::timers::TimerKey)>,
     timer_generation: u64,
-    idle_check: Option<JoinHandle<()>>,
+    /// When it last took a bid or a cancel; the node asks every actor now and
+    /// then (`IdleCheck`, sent by `Node::spawn_idle_checks`) whether it is idle.
     last_activity_ms: TimestampMs,
 }
 
@@ -187,7 +189,6 @@ impl Actor for AuctionActor {
                 KeyState::is_in_flight,
             );
         }
-        let idle_check = myself.send_interval(settings.idle_check_interval, || AuctionMsg::IdleCheck);
         let now = self.env.clock.now_ms();
         let mut state = AuctionActorState {
             committed: args.loaded.state.clone(),
@@ -201,7 +202,6 @@ impl Actor for AuctionActor {
             retiring: None,
             timer: None,
             timer_generation: 0,
-            idle_check: Some(idle_check),
             last_activity_ms: now,
         };
         self.schedule_timer(&myself, &mut state, now);
@@ -212,10 +212,7 @@ impl Actor for AuctionActor {
 
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         if let Some((_, _, timer)) = state.timer.take() {
-            timer.abort();
-        }
-        if let Some(idle_check) = state.idle_check.take() {
-            idle_check.abort();
+            self.env.timers.cancel(timer);
         }
         self.env.directory.stopped(state.auction.id, myself.get_id());
         for pending in state.pending.drain(..) {
@@ -502,7 +499,7 @@ impl AuctionActor {
     fn schedule_timer(&self, myself: &ActorRef<AuctionMsg>, state: &mut AuctionActorState, now: TimestampMs) {
         let Some(deadline) = state.auction.next_deadline() else {
             if let Some((_, _, timer)) = state.timer.take() {
-                timer.abort();
+                self.env.timers.cancel(timer);
             }
             return;
         };
@@ -510,16 +507,12 @@ impl AuctionActor {
             return;
         }
         if let Some((_, _, timer)) = state.timer.take() {
-            timer.abort();
+            self.env.timers.cancel(timer);
         }
         state.timer_generation += 1;
         let generation = state.timer_generation;
         let delay = Duration::from_millis(u64::try_from(deadline - now).unwrap_or(0));
-        let actor = myself.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = actor.cast(AuctionMsg::Tick { generation });
-        });
+        let timer = self.env.timers.schedule(tokio::time::Instant::now() + delay, myself.clone(), generation);
         state.timer = Some((generation, deadline, timer));
     }
 }

@@ -20,3 +20,4 @@ pub mod persistence;
 pub mod ports;
 pub mod registry;
 pub mod shards;
+pub mod timers;

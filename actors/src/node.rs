@@ -160,8 +160,9 @@ impl Node {
             persistence_queue: persistence_queue.clone(),
             leases: leases.clone(),
             directory: registry.clone(),
+            timers: crate::timers::Timers::start(),
         });
-        Ok(Arc::new(Node {
+        let node = Arc::new(Node {
             settings,
             clock,
             store,
@@ -175,7 +176,32 @@ impl Node {
             commits_failing,
             supervisor,
             mailbox_depth: metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH),
-        }))
+        });
+        Node::spawn_idle_checks(Arc::downgrade(&node));
+        Ok(node)
+    }
+
+    /// Every `idle_check_interval`, asks each live actor whether it has been
+    /// idle long enough to passivate. One task for the node rather than a
+    /// timer task per actor: an idle actor then costs no task of its own.
+    fn spawn_idle_checks(node: std::sync::Weak<Node>) {
+        let Some(interval) = node.upgrade().map(|node| node.settings.idle_check_interval) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(node) = node.upgrade().filter(|node| node.is_accepting()) else {
+                    return;
+                };
+                for handle in node.registry.handles() {
+                    let _ = handle.actor.cast(AuctionMsg::IdleCheck);
+                }
+            }
+        });
     }
 
     pub async fn place_bid(
@@ -454,6 +480,7 @@ impl Node {
         }
         self.persistence.stop(Some("shutdown".to_owned()));
         self.supervisor.stop(Some("shutdown".to_owned()));
+        self.env.timers.stop();
         info!(auctions = handles.len(), "node stopped");
     }
 }

@@ -1,0 +1,168 @@
+//! The node's one timer for every auction actor: when an auction should next
+//! start or end, its actor is sent `Tick`. One task and one ordered map for
+//! the node instead of a sleeping task per actor, so a live auction that
+//! waits for its end costs a map entry, not a task and a timer of its own.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ractor::ActorRef;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::auction_actor::AuctionMsg;
+
+/// An entry, to cancel it: when it fires, and a number that tells entries
+/// of the same instant apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TimerKey(Instant, u64);
+
+struct Due {
+    actor: ActorRef<AuctionMsg>,
+    generation: u64,
+}
+
+#[derive(Default)]
+pub struct Timers {
+    entries: Mutex<(BTreeMap<TimerKey, Due>, u64)>,
+    /// Woken when an entry earlier than all others is added, and on `stop`.
+    earlier: Notify,
+    stopped: AtomicBool,
+}
+
+impl Timers {
+    /// The timers, and the task that fires them (until `stop`).
+    pub fn start() -> Arc<Timers> {
+        let timers = Arc::new(Timers::default());
+        tokio::spawn(timers.clone().fire());
+        timers
+    }
+
+    /// Ends the task; nothing fires any more.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0.clear();
+        self.earlier.notify_one();
+    }
+
+    /// Sends `actor` a `Tick { generation }` at `at`.
+    pub fn schedule(&self, at: Instant, actor: ActorRef<AuctionMsg>, generation: u64) -> TimerKey {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (map, next) = &mut *entries;
+        *next += 1;
+        let key = TimerKey(at, *next);
+        let first = map.first_key_value().is_none_or(|(earliest, _)| key < *earliest);
+        map.insert(key, Due { actor, generation });
+        drop(entries);
+        if first {
+            self.earlier.notify_one();
+        }
+        key
+    }
+
+    pub fn cancel(&self, key: TimerKey) {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0.remove(&key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the entries due by `now`.
+    fn take_due(&self, now: Instant) -> Vec<Due> {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = &mut entries.0;
+        let later = map.split_off(&TimerKey(now, u64::MAX));
+        std::mem::replace(map, later).into_values().collect()
+    }
+
+    fn earliest(&self) -> Option<Instant> {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0.first_key_value().map(|(key, _)| key.0)
+    }
+
+    async fn fire(self: Arc<Self>) {
+        while !self.stopped.load(Ordering::Acquire) {
+            for entry in self.take_due(Instant::now()) {
+                let _ = entry.actor.cast(AuctionMsg::Tick { generation: entry.generation });
+            }
+            let earlier = self.earlier.notified();
+            tokio::pin!(earlier);
+            // Registered before the map is read again: an entry added from here on wakes it.
+            earlier.as_mut().enable();
+            match self.earliest() {
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = &mut earlier => {}
+                    }
+                }
+                None => earlier.await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ractor::{Actor, ActorProcessingErr};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// Stands in for an auction actor: reports each `Tick` it gets.
+    struct Recorder(mpsc::UnboundedSender<u64>);
+
+    impl Actor for Recorder {
+        type Msg = AuctionMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<AuctionMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<AuctionMsg>,
+            message: AuctionMsg,
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            if let AuctionMsg::Tick { generation } = message {
+                let _ = self.0.send(generation);
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_come_at_their_time_in_order_and_cancelled_ones_never() {
+        let (sender, mut ticks) = mpsc::unbounded_channel();
+        let (actor, _) = Actor::spawn(None, Recorder(sender), ()).await.unwrap();
+        let timers = Timers::start();
+        let start = Instant::now();
+        timers.schedule(start + Duration::from_secs(30), actor.clone(), 3);
+        let cancelled = timers.schedule(start + Duration::from_secs(20), actor.clone(), 2);
+        // Earlier than everything scheduled: wakes the sleeping task.
+        timers.schedule(start + Duration::from_secs(10), actor.clone(), 1);
+        timers.cancel(cancelled);
+        assert_eq!(timers.len(), 2);
+
+        assert_eq!(ticks.recv().await, Some(1));
+        assert_eq!(Instant::now() - start, Duration::from_secs(10), "not before its time, nor later");
+        assert_eq!(ticks.recv().await, Some(3));
+        assert_eq!(Instant::now() - start, Duration::from_secs(30), "the cancelled one never came");
+        assert!(timers.is_empty());
+
+        timers.schedule(Instant::now() + Duration::from_secs(5), actor.clone(), 4);
+        timers.stop();
+        assert!(tokio::time::timeout(Duration::from_secs(60), ticks.recv()).await.is_err(), "stopped: nothing fires");
+        actor.stop(None);
+    }
+}
