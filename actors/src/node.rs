@@ -25,7 +25,7 @@ use crate::auction_actor::{
 use crate::persistence::{PersistenceActor, PersistenceMsg, PersistenceSettings};
 use crate::ports::{Clock, EventSink, LoadedAuction, Store};
 use crate::registry::Registry;
-use crate::shards::{Leases, shard_of};
+use crate::shards::{Leases, SHARD_COUNT, shard_of};
 
 #[derive(Clone, Debug)]
 pub struct NodeSettings {
@@ -183,21 +183,23 @@ impl Node {
 
     /// Every `idle_check_interval`, asks each live actor whether it has been
     /// idle long enough to passivate. One task for the node rather than a
-    /// timer task per actor: an idle actor then costs no task of its own.
+    /// timer task per actor: an idle actor then costs no task of its own. The
+    /// shards take turns over the interval, so the questions come spread out,
+    /// not as one burst to every actor at once.
     fn spawn_idle_checks(node: std::sync::Weak<Node>) {
         let Some(interval) = node.upgrade().map(|node| node.settings.idle_check_interval) else {
             return;
         };
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
+            let mut ticks = tokio::time::interval((interval / SHARD_COUNT).max(Duration::from_millis(1)));
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticks.tick().await;
-            loop {
+            for shard in (0..SHARD_COUNT).cycle() {
                 ticks.tick().await;
                 let Some(node) = node.upgrade().filter(|node| node.is_accepting()) else {
                     return;
                 };
-                for handle in node.registry.handles() {
+                for handle in node.registry.handles_of_shard(shard) {
                     let _ = handle.actor.cast(AuctionMsg::IdleCheck);
                 }
             }
