@@ -61,7 +61,7 @@ pub struct AuctionEnv {
     pub leases: Arc<Leases>,
     pub directory: Arc<dyn Directory>,
     /// Sends each actor its `Tick` when its auction should start or end.
-    pub timers: Arc<crate::timers::Timers>,
+    pub timers: Arc<crate::timers::Timers<AuctionMsg>>,
 }
 
 pub enum AuctionMsg {
@@ -512,7 +512,8 @@ impl AuctionActor {
         state.timer_generation += 1;
         let generation = state.timer_generation;
         let delay = Duration::from_millis(u64::try_from(deadline - now).unwrap_or(0));
-        let timer = self.env.timers.schedule(tokio::time::Instant::now() + delay, myself.clone(), generation);
+        let at = tokio::time::Instant::now() + delay;
+        let timer = self.env.timers.schedule(at, myself.clone(), AuctionMsg::Tick { generation });
         state.timer = Some((generation, deadline, timer));
     }
 }

@@ -1,40 +1,43 @@
 //! The node's one timer for every auction actor: when an auction should next
-//! start or end, its actor is sent `Tick`. One task and one ordered map for
-//! the node instead of a sleeping task per actor, so a live auction that
-//! waits for its end costs a map entry, not a task and a timer of its own.
+//! start or end, its actor is sent the message it asked for (`Tick`). One
+//! task and one ordered map for the node instead of a sleeping task per
+//! actor, so a live auction that waits for its end costs a map entry, not a
+//! task and a timer of its own. Generic over the message, so that it knows
+//! nothing of the actors that use it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ractor::ActorRef;
+use ractor::{ActorRef, Message};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-
-use crate::auction_actor::AuctionMsg;
 
 /// An entry, to cancel it: when it fires, and a number that tells entries
 /// of the same instant apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TimerKey(Instant, u64);
 
-struct Due {
-    actor: ActorRef<AuctionMsg>,
-    generation: u64,
+struct Due<M: Message> {
+    actor: ActorRef<M>,
+    message: M,
 }
 
-#[derive(Default)]
-pub struct Timers {
-    entries: Mutex<(BTreeMap<TimerKey, Due>, u64)>,
+pub struct Timers<M: Message> {
+    entries: Mutex<(BTreeMap<TimerKey, Due<M>>, u64)>,
     /// Woken when an entry earlier than all others is added, and on `stop`.
     earlier: Notify,
     stopped: AtomicBool,
 }
 
-impl Timers {
+impl<M: Message> Timers<M> {
     /// The timers, and the task that fires them (until `stop`).
-    pub fn start() -> Arc<Timers> {
-        let timers = Arc::new(Timers::default());
+    pub fn start() -> Arc<Timers<M>> {
+        let timers = Arc::new(Timers {
+            entries: Mutex::new((BTreeMap::new(), 0)),
+            earlier: Notify::new(),
+            stopped: AtomicBool::new(false),
+        });
         tokio::spawn(timers.clone().fire());
         timers
     }
@@ -46,14 +49,14 @@ impl Timers {
         self.earlier.notify_one();
     }
 
-    /// Sends `actor` a `Tick { generation }` at `at`.
-    pub fn schedule(&self, at: Instant, actor: ActorRef<AuctionMsg>, generation: u64) -> TimerKey {
+    /// Sends `actor` `message` at `at`.
+    pub fn schedule(&self, at: Instant, actor: ActorRef<M>, message: M) -> TimerKey {
         let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (map, next) = &mut *entries;
         *next += 1;
         let key = TimerKey(at, *next);
         let first = map.first_key_value().is_none_or(|(earliest, _)| key < *earliest);
-        map.insert(key, Due { actor, generation });
+        map.insert(key, Due { actor, message });
         drop(entries);
         if first {
             self.earlier.notify_one();
@@ -74,7 +77,7 @@ impl Timers {
     }
 
     /// Takes the entries due by `now`.
-    fn take_due(&self, now: Instant) -> Vec<Due> {
+    fn take_due(&self, now: Instant) -> Vec<Due<M>> {
         let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let map = &mut entries.0;
         let later = map.split_off(&TimerKey(now, u64::MAX));
@@ -88,7 +91,7 @@ impl Timers {
     async fn fire(self: Arc<Self>) {
         while !self.stopped.load(Ordering::Acquire) {
             for entry in self.take_due(Instant::now()) {
-                let _ = entry.actor.cast(AuctionMsg::Tick { generation: entry.generation });
+                let _ = entry.actor.cast(entry.message);
             }
             let earlier = self.earlier.notified();
             tokio::pin!(earlier);
@@ -116,27 +119,27 @@ mod tests {
 
     use super::*;
 
+    struct Tick(u64);
+
     /// Stands in for an auction actor: reports each `Tick` it gets.
     struct Recorder(mpsc::UnboundedSender<u64>);
 
     impl Actor for Recorder {
-        type Msg = AuctionMsg;
+        type Msg = Tick;
         type State = ();
         type Arguments = ();
 
-        async fn pre_start(&self, _: ActorRef<AuctionMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+        async fn pre_start(&self, _: ActorRef<Tick>, _: ()) -> Result<(), ActorProcessingErr> {
             Ok(())
         }
 
         async fn handle(
             &self,
-            _: ActorRef<AuctionMsg>,
-            message: AuctionMsg,
+            _: ActorRef<Tick>,
+            Tick(generation): Tick,
             _: &mut (),
         ) -> Result<(), ActorProcessingErr> {
-            if let AuctionMsg::Tick { generation } = message {
-                let _ = self.0.send(generation);
-            }
+            let _ = self.0.send(generation);
             Ok(())
         }
     }
@@ -147,10 +150,10 @@ mod tests {
         let (actor, _) = Actor::spawn(None, Recorder(sender), ()).await.unwrap();
         let timers = Timers::start();
         let start = Instant::now();
-        timers.schedule(start + Duration::from_secs(30), actor.clone(), 3);
-        let cancelled = timers.schedule(start + Duration::from_secs(20), actor.clone(), 2);
+        timers.schedule(start + Duration::from_secs(30), actor.clone(), Tick(3));
+        let cancelled = timers.schedule(start + Duration::from_secs(20), actor.clone(), Tick(2));
         // Earlier than everything scheduled: wakes the sleeping task.
-        timers.schedule(start + Duration::from_secs(10), actor.clone(), 1);
+        timers.schedule(start + Duration::from_secs(10), actor.clone(), Tick(1));
         timers.cancel(cancelled);
         assert_eq!(timers.len(), 2);
 
@@ -160,7 +163,7 @@ mod tests {
         assert_eq!(Instant::now() - start, Duration::from_secs(30), "the cancelled one never came");
         assert!(timers.is_empty());
 
-        timers.schedule(Instant::now() + Duration::from_secs(5), actor.clone(), 4);
+        timers.schedule(Instant::now() + Duration::from_secs(5), actor.clone(), Tick(4));
         timers.stop();
         assert!(tokio::time::timeout(Duration::from_secs(60), ticks.recv()).await.is_err(), "stopped: nothing fires");
         actor.stop(None);
