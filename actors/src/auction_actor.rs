@@ -121,7 +121,10 @@ enum KeyState {
     /// Never evicted from the cache (a duplicate must find it); the persistence
     /// queue bounds how many there are.
     Waiting(Vec<RpcReplyPort<WriteOutcome>>),
-    Done(WriteOutcome),
+    /// Boxed: an outcome holds a whole event (168 bytes), and the keys' map
+    /// has room for more entries than it holds (most live auctions keep one
+    /// key, in a map of four slots).
+    Done(Box<WriteOutcome>),
 }
 
 impl KeyState {
@@ -185,7 +188,7 @@ impl Actor for AuctionActor {
             recent_keys.insert(
                 key,
                 stored.record.fingerprint,
-                KeyState::Done(WriteOutcome::Replay { seq: stored.seq }),
+                KeyState::Done(Box::new(WriteOutcome::Replay { seq: stored.seq })),
                 KeyState::is_in_flight,
             );
         }
@@ -332,7 +335,7 @@ impl AuctionActor {
                     return;
                 }
                 Lookup::Hit(KeyState::Done(outcome)) => {
-                    let _ = reply.send(outcome.clone());
+                    let _ = reply.send(WriteOutcome::clone(outcome));
                     return;
                 }
                 Lookup::Hit(KeyState::Waiting(waiters)) => {
@@ -356,7 +359,7 @@ impl AuctionActor {
                     state.recent_keys.insert(
                         keyed.key,
                         keyed.fingerprint,
-                        KeyState::Done(outcome.clone()),
+                        KeyState::Done(Box::new(outcome.clone())),
                         KeyState::is_in_flight,
                     );
                 }
@@ -450,7 +453,7 @@ impl AuctionActor {
             if let Some(key) = pending.key
                 && let Some(key_state) = state.recent_keys.get_mut(&key)
             {
-                let waiters = match std::mem::replace(key_state, KeyState::Done(outcome.clone())) {
+                let waiters = match std::mem::replace(key_state, KeyState::Done(Box::new(outcome.clone()))) {
                     KeyState::Waiting(waiters) => waiters,
                     KeyState::Done(_) => Vec::new(),
                 };
@@ -461,6 +464,11 @@ impl AuctionActor {
             if let Some(reply) = pending.reply {
                 let _ = reply.send(outcome);
             }
+        }
+        if state.pending.is_empty() && state.pending.capacity() > 0 {
+            // A write is some 540 bytes and the buffer keeps room for four:
+            // an auction that waits for its next bid holds none of it.
+            state.pending = VecDeque::new();
         }
     }
 
