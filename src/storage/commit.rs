@@ -351,10 +351,12 @@ async fn write_sqlite(tx: &mut Transaction<'static, Sqlite>, batch: &[Write]) ->
 const KEY_REUSED: &str = "idempotency key reused";
 
 /// On Postgres the whole batch is one statement, hence one round trip and one
-/// transaction: the lease rows are taken `FOR SHARE`, in shard order as every
-/// multi-row lease update takes them (so they cannot deadlock), and a takeover,
-/// which updates them, waits for this commit (one that came first makes the
-/// epochs differ),
+/// transaction: the lease rows are taken `FOR KEY SHARE`, in shard order as
+/// every multi-row lease update takes them (so they cannot deadlock). A
+/// takeover locks them `FOR UPDATE` first, so it waits for this commit (one
+/// that came first makes the epochs differ); a renewal, which changes only
+/// the expiry, takes `FOR NO KEY UPDATE` and neither waits for a commit nor
+/// makes one wait,
 /// and the bids, auction rows and keys are written only if every lease the
 /// batch names is still this node's at its epoch. Columns are bound as arrays.
 /// Returns whether the leases held (nothing was written otherwise).
@@ -368,7 +370,7 @@ const KEY_REUSED: &str = "idempotency key reused";
 const POSTGRES_COMMIT: &str = "\
 WITH named AS (SELECT * FROM UNNEST($1::int4[], $2::int8[]) AS n(shard, epoch)), \
 held AS (SELECT s.shard FROM shard_leases s JOIN named n ON n.shard = s.shard AND n.epoch = s.epoch \
-         WHERE s.owner = $3 ORDER BY s.shard FOR SHARE OF s), \
+         WHERE s.owner = $3 ORDER BY s.shard FOR KEY SHARE OF s), \
 verdict AS (SELECT count(*) = cardinality($1::int4[]) AS ok FROM held), \
 new_bids AS ( \
     INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, leader_id, end_at_ms) \

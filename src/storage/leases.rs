@@ -16,24 +16,37 @@ use sqlx::PgPool;
 use super::Db;
 use crate::cluster::{ClusterRows, LeaseRow, LeaseStore, LeaseStoreError, MemberRow, ShardOwner};
 
-/// The database's clock in milliseconds since the Unix epoch.
-/// Locks the lease rows of `shards` for update in ascending shard order,
-/// before a statement that updates several of them. A commit takes the rows
-/// it names `FOR SHARE` in the same order (`storage/commit.rs`), so the two
-/// never wait for each other in a circle: without it, Postgres found a
-/// deadlock under load and stalled both for its `deadlock_timeout` (1 s).
+/// How a statement that updates several lease rows locks them first.
+#[derive(Clone, Copy)]
+enum LeaseLock {
+    /// A change of owner or epoch: waits for the commits in flight on those
+    /// shards (they hold the rows `FOR KEY SHARE`), and they for it.
+    Takeover,
+    /// A renewal, which changes only the expiry: no commit waits for it, nor
+    /// it for a commit (`FOR NO KEY UPDATE` and `FOR KEY SHARE` do not conflict).
+    Renewal,
+}
+
+/// Locks the lease rows of `shards` in ascending shard order, before a
+/// statement that updates several of them. A commit takes the rows it names
+/// `FOR KEY SHARE` in the same order (`storage/commit.rs`), so none of them
+/// ever waits for another in a circle: without it, Postgres found a deadlock
+/// under load and stalled both for its `deadlock_timeout` (1 s).
 async fn lock_in_shard_order(
     tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
     shards: impl Iterator<Item = u32>,
+    lock: LeaseLock,
 ) -> Result<(), sqlx::Error> {
     let shards: Vec<i32> = shards.map(|shard| shard as i32).collect();
-    sqlx::query("SELECT shard FROM shard_leases WHERE shard = ANY($1) ORDER BY shard FOR UPDATE")
-        .bind(shards)
-        .execute(&mut **tx)
-        .await?;
+    let sql = match lock {
+        LeaseLock::Takeover => "SELECT shard FROM shard_leases WHERE shard = ANY($1) ORDER BY shard FOR UPDATE",
+        LeaseLock::Renewal => "SELECT shard FROM shard_leases WHERE shard = ANY($1) ORDER BY shard FOR NO KEY UPDATE",
+    };
+    sqlx::query(sql).bind(shards).execute(&mut **tx).await?;
     Ok(())
 }
 
+/// The database's clock in milliseconds since the Unix epoch.
 macro_rules! now_ms {
     () => {
         "(extract(epoch FROM clock_timestamp()) * 1000)::int8"
@@ -175,7 +188,7 @@ impl PgLeases {
             "WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1 RETURNING s.shard"
         );
         let mut tx = self.pool.begin().await?;
-        lock_in_shard_order(&mut tx, held.iter().map(|lease| lease.shard)).await?;
+        lock_in_shard_order(&mut tx, held.iter().map(|lease| lease.shard), LeaseLock::Renewal).await?;
         let shards: Vec<i32> = sqlx::query_scalar(sql)
             .bind(node_id)
             .bind(lease_ms)
@@ -199,7 +212,7 @@ impl PgLeases {
             ") RETURNING shard, epoch"
         );
         let mut tx = self.pool.begin().await?;
-        lock_in_shard_order(&mut tx, shards.iter().copied()).await?;
+        lock_in_shard_order(&mut tx, shards.iter().copied(), LeaseLock::Takeover).await?;
         let rows: Vec<(i32, i64)> = sqlx::query_as(sql)
             .bind(node_id)
             .bind(lease_ms)

@@ -710,3 +710,68 @@ async fn password_hashing_memory_is_given_back() {
     assert!(after < idle + 80, "resident memory went from {idle} MiB to {after} MiB after 40 password hashes");
     server.terminate().await;
 }
+
+/// A lease renewal changes only the expiry: a commit on that shard goes on
+/// while one holds the row. A takeover changes owner and epoch: a commit
+/// waits for it, and then refuses its writes (the lease moved), so no bid is
+/// acknowledged under a lease that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_renewal_does_not_hold_up_commits_and_a_takeover_fences_them() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let api = app.api();
+    let (_seller, bidders, id) = api.scene(&["bob", "carol"], json!({})).await;
+    let shard = gavel_actors::ports::shard_of(id.parse().unwrap()) as i32;
+    let url = app.database_url.clone().expect("Postgres");
+
+    // Runs a statement about the auction's lease row on `connection`.
+    async fn on_lease_row(connection: &mut sqlx::PgConnection, sql: &str, shard: i32) {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).bind(shard).execute(connection).await.unwrap();
+    }
+
+    // A renewal's locks, held open while a bid is placed.
+    let mut renewal = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut renewal).await.unwrap();
+    on_lease_row(&mut renewal, "SELECT shard FROM shard_leases WHERE shard = $1 FOR NO KEY UPDATE", shard).await;
+    on_lease_row(&mut renewal, "UPDATE shard_leases SET expires_at_ms = expires_at_ms + 1 WHERE shard = $1", shard)
+        .await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(3), api.bid(&bidders[0], &id, 10_000, None))
+        .await
+        .expect("a bid is answered while a renewal holds its lease row");
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    sqlx::query("COMMIT").execute(&mut renewal).await.unwrap();
+
+    // A takeover's lock, held open: the next bid's commit waits for it, and
+    // once the lease has moved, its write is refused.
+    let mut takeover = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut takeover).await.unwrap();
+    on_lease_row(&mut takeover, "SELECT shard FROM shard_leases WHERE shard = $1 FOR UPDATE", shard).await;
+    let move_the_lease = async {
+        let watcher = sqlx::PgPool::connect(&url).await.unwrap();
+        eventually(Duration::from_secs(10), "the commit to wait for the takeover's lock", || {
+            let watcher = watcher.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&watcher)
+                .await
+                .unwrap();
+                (waiting > 0).then_some(())
+            }
+        })
+        .await;
+        on_lease_row(
+            &mut takeover,
+            "UPDATE shard_leases SET owner = 'elsewhere', epoch = epoch + 1 WHERE shard = $1",
+            shard,
+        )
+        .await;
+        sqlx::query("COMMIT").execute(&mut takeover).await.unwrap();
+    };
+    let ((status, body), ()) = tokio::join!(api.bid(&bidders[1], &id, 11_000, None), move_the_lease);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "not acknowledged under a lease that moved: {body}");
+    let seqs: Vec<i64> = api.history(&id).await.iter().map(|bid| bid["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, vec![1], "only the first bid is in the store");
+    app.stop().await;
+}
