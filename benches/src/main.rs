@@ -739,11 +739,11 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
                         };
                         *report.statuses.entry(response.status).or_default() += 1;
                         if response.status >= 400 {
-                            *report.codes.entry(error_code(&response.body)).or_default() += 1;
-                        }
-                        if uncoordinated && response.status == 409 {
+                            // Parsed once: most answers are 409s in the uncoordinated scenario.
                             let reply: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
-                            if let Some(min_bid) = reply["error"]["min_bid"].as_i64() {
+                            let code = reply["error"]["code"].as_str().unwrap_or("?");
+                            *report.codes.entry(code.to_owned()).or_default() += 1;
+                            if uncoordinated && let Some(min_bid) = reply["error"]["min_bid"].as_i64() {
                                 own_next = own_next.max(min_bid);
                             }
                         }

@@ -102,6 +102,19 @@ async fn committed_writes(address: &str) -> u64 {
         .map_or(0, |value| value.trim().parse::<f64>().expect("a number") as u64)
 }
 
+/// Runs `scenario` against a gavel of its own (this process, whose memory
+/// it reads), and returns its row.
+async fn alone_against_gavel(scenario: &str) -> Value {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let results = dir.path().join("results.jsonl");
+    let (address, stop, server) = start_gavel(dir.path()).await;
+    let pid = std::process::id().to_string();
+    bench(&address, "gavel", scenario, &results, &["--server-pid", &pid]).await;
+    let _ = stop.send(());
+    server.await.expect("server task").expect("gavel stops cleanly");
+    last_row(&results)
+}
+
 fn last_row(results: &Path) -> Value {
     let text = std::fs::read_to_string(results).expect("results");
     serde_json::from_str(text.lines().last().expect("a row")).expect("a JSON row")
@@ -201,15 +214,7 @@ async fn every_design_runs_every_scenario_correctly() {
 /// after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_answers_every_request_and_recovers() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let results = dir.path().join("results.jsonl");
-    let (address, stop, server) = start_gavel(dir.path()).await;
-    let pid = std::process::id().to_string();
-    bench(&address, "gavel", "overload", &results, &["--server-pid", &pid]).await;
-    let _ = stop.send(());
-    server.await.expect("server task").expect("gavel stops cleanly");
-
-    let row: Value = serde_json::from_str(std::fs::read_to_string(&results).expect("results").trim()).expect("a row");
+    let row = alone_against_gavel("overload").await;
     assert!(row["capacity_per_s"].as_f64().unwrap() > 0.0, "{row}");
     for leg in ["overload", "recovery"] {
         let leg = &row[leg];
@@ -228,14 +233,7 @@ async fn overload_answers_every_request_and_recovers() {
 /// node counts every one of them live at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_actors_keeps_every_auction_live() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let results = dir.path().join("results.jsonl");
-    let (address, stop, server) = start_gavel(dir.path()).await;
-    let pid = std::process::id().to_string();
-    bench(&address, "gavel", "live_actors", &results, &["--server-pid", &pid]).await;
-    let _ = stop.send(());
-    server.await.expect("server task").expect("gavel stops cleanly");
-    let row: Value = serde_json::from_str(std::fs::read_to_string(&results).expect("results").trim()).expect("a row");
+    let row = alone_against_gavel("live_actors").await;
     assert_eq!(row["auctions"], 200, "{row}");
     assert_eq!(row["live_actors"], 200.0, "{row}");
     assert!(row["opened_per_s"].as_f64().unwrap() > 0.0 && row["first_bids_per_s"].as_f64().unwrap() > 0.0, "{row}");

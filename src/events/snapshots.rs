@@ -9,8 +9,8 @@
 //!   state does not (title, description, currency): the task keeps those per
 //!   auction (`Known`, bounded) from the events, and reads them from the store
 //!   only the first time it sees an auction or when it missed one of its bids.
-//! - **Reading.** `current` reads the snapshot and the store's `seq` and status
-//!   of the auction (a primary-key read of two columns) at once, and answers
+//! - **Reading.** `current` reads the snapshot, then the store's `seq` and
+//!   status of the auction (a primary-key read of two columns), and answers
 //!   from the snapshot only when they match: a snapshot may lag a commit that
 //!   another node has already acknowledged, and a read after a `201` must show
 //!   the bid. Otherwise, and while Redis is down, the auction comes from the
@@ -384,14 +384,17 @@ pub async fn current(
     auction_id: AuctionId,
     with_bids: bool,
 ) -> Result<Option<Current>, sqlx::Error> {
-    if let Some(snapshots) = snapshots {
-        let (snapshot, version) = tokio::join!(snapshots.read(auction_id), db.auction_version(auction_id));
-        let Some((seq, status)) = version? else {
+    // The store's version is asked for only when there is a snapshot to
+    // check: an auction without one (never bid on, or Redis restarted) costs
+    // the store one read, as without Redis.
+    if let Some(snapshot) = snapshots.map(|snapshots| snapshots.read(auction_id)) {
+        let Some(snapshot) = snapshot.await else {
+            return from_store(db, auction_id, with_bids).await;
+        };
+        let Some((seq, status)) = db.auction_version(auction_id).await? else {
             return Ok(None);
         };
-        if let Some(snapshot) =
-            snapshot.filter(|snapshot| snapshot.state.seq as i64 == seq && snapshot.state.status.as_str() == status)
-        {
+        if snapshot.state.seq as i64 == seq && snapshot.state.status.as_str() == status {
             metrics::counter!(telemetry::SNAPSHOT_READS_TOTAL, "source" => "redis").increment(1);
             let recent_bids = if with_bids {
                 snapshot.recent_bids.iter().map(|bid| bid_row(auction_id, bid)).collect()
@@ -401,6 +404,10 @@ pub async fn current(
             return Ok(Some(Current { row: auction_row(&snapshot), recent_bids }));
         }
     }
+    from_store(db, auction_id, with_bids).await
+}
+
+async fn from_store(db: &Db, auction_id: AuctionId, with_bids: bool) -> Result<Option<Current>, sqlx::Error> {
     metrics::counter!(telemetry::SNAPSHOT_READS_TOTAL, "source" => "store").increment(1);
     let Some(row) = db.auction(auction_id).await? else {
         return Ok(None);
