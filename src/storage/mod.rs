@@ -99,7 +99,20 @@ impl Db {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // A commit of many auctions changes a row or two in each of a few
+            // dozen pages, and every changed page goes whole to the WAL and later
+            // to the database: small pages write half the bytes (`many_auctions`:
+            // 255 against 527 KB per commit, +17% accepted bids/s).
+            // Only a new database takes it; an existing one keeps its size.
+            .page_size(1024)
+            // A statement that may fail halfway keeps the pages it changes in a
+            // statement journal until it ends: in memory, not in a temporary file
+            // written page by page.
+            .pragma("temp_store", "memory")
+            // Checkpoints run inside a commit: every 10,000 pages (10 MiB) rather
+            // than 1,000, so a page changed again and again is copied back once.
+            .pragma("wal_autocheckpoint", "10000");
         // SQLite connections cannot die on their own: no liveness ping (a round
         // trip to the connection's thread) before each use.
         let writer = SqlitePoolOptions::new()

@@ -17,6 +17,7 @@ use crate::on_both_backends;
 on_both_backends!(
     sigkill_mid_storm_loses_no_acknowledged_bid,
     auctions_close_and_open_across_a_restart,
+    every_kind_of_change_is_stored_across_a_kill,
     sigterm_answers_in_flight_bids,
     sigterm_answers_every_bid_it_holds_on_its_own_connection
 );
@@ -138,6 +139,80 @@ async fn auctions_close_and_open_across_a_restart(backend: Backend) {
     assert!(restarted_at.elapsed() < Duration::from_secs(5));
     let (status, _) = api.bid(&bob, &opening_id, 10_000, None).await;
     assert_eq!(status, StatusCode::CREATED, "the opened auction takes bids");
+    server.terminate().await;
+}
+
+/// The active auctions' ids and ends, as listed (ending soonest first).
+async fn active_listing(api: &Api<'_>) -> Vec<(String, Value)> {
+    let (status, listing) = api.get("/api/v1/auctions?status=active", None).await;
+    assert_eq!(status, StatusCode::OK, "{listing}");
+    let items = listing["items"].as_array().unwrap();
+    items.iter().map(|item| (item["id"].as_str().unwrap().to_owned(), item["end_at"].clone())).collect()
+}
+
+/// Every kind of change a commit writes is in the store after a hard kill: a
+/// bid's price and leader, the later end a soft close gave its auction, and a
+/// cancellation; listings, which scan the store's indexes on status and end,
+/// see the new end and status before and after. On SQLite the database file
+/// has the small pages that keep a commit of many auctions cheap.
+async fn every_kind_of_change_is_stored_across_a_kill(backend: Backend) {
+    let storage = Storage::new(backend).await;
+    let port = free_port();
+    let server = storage.start(port).await;
+    let api = server.api();
+    let seller = api.register("seller").await;
+    let ann = api.register("ann").await;
+    // Ends in 30 s; a bid in its last 120 s moves the end 120 s past the bid.
+    let extending = api
+        .create_auction(
+            &seller,
+            auction_body(json!({"starting_price": 1_000, "duration_secs": 30, "soft_close_secs": 120})),
+        )
+        .await;
+    let extending_id = extending["id"].as_str().unwrap().to_owned();
+    let plain = api.create_auction(&seller, auction_body(json!({"starting_price": 1_000, "duration_secs": 60}))).await;
+    let plain_id = plain["id"].as_str().unwrap().to_owned();
+    let cancelled = api.create_auction(&seller, auction_body(json!({"duration_secs": 90}))).await;
+    let cancelled_id = cancelled["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        active_listing(&api).await.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+        [extending_id.clone(), plain_id.clone(), cancelled_id.clone()],
+        "ending soonest first"
+    );
+
+    let (status, extended) = api.bid(&ann, &extending_id, 1_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{extended}");
+    assert_ne!(extended["end_at"], extending["end_at"], "the soft close moved the end");
+    let (status, bid) = api.bid(&ann, &plain_id, 1_500, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{bid}");
+    assert_eq!(bid["end_at"], plain["end_at"], "outside any soft close");
+    let (status, reply) =
+        api.post(&format!("/api/v1/auctions/{cancelled_id}/cancel"), Some(&seller.token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let expected =
+        vec![(plain_id.clone(), plain["end_at"].clone()), (extending_id.clone(), extended["end_at"].clone())];
+    assert_eq!(
+        active_listing(&api).await,
+        expected,
+        "the listing has the new end and leaves the cancelled auction out"
+    );
+    server.kill_hard().await;
+
+    if backend == Backend::Sqlite {
+        let header = std::fs::read(storage.data_dir.path().join("gavel.db")).unwrap();
+        assert_eq!(u16::from_be_bytes([header[16], header[17]]), 1024, "page size");
+    }
+    let server = storage.start(port).await;
+    let api = server.api();
+    let stored = api.auction(&extending_id).await;
+    assert_eq!(stored["end_at"], extended["end_at"]);
+    assert_eq!(stored["status"], "active");
+    assert_eq!((&stored["current_price"], &stored["bid_count"]), (&extended["current_price"], &json!(1)));
+    assert_eq!(stored["leader"]["username"], "ann");
+    let stored = api.auction(&plain_id).await;
+    assert_eq!((&stored["end_at"], &stored["current_price"]), (&plain["end_at"], &bid["current_price"]));
+    assert_eq!(api.auction(&cancelled_id).await["status"], "cancelled");
+    assert_eq!(active_listing(&api).await, expected);
     server.terminate().await;
 }
 
