@@ -216,6 +216,40 @@ async fn every_kind_of_change_is_stored_across_a_kill(backend: Backend) {
     server.terminate().await;
 }
 
+/// On SQLite the node copies committed pages from the WAL back to the
+/// database file beside the commits, not only inside the commit that fills
+/// the WAL (10 MiB): a few bids are in the database file itself within a
+/// deadline, as a copy of the file without its WAL shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_checkpoints_run_beside_the_commits() {
+    use sqlx::Connection;
+    let storage = Storage::new(Backend::Sqlite).await;
+    let server = storage.start(free_port()).await;
+    let api = server.api();
+    let (_seller, bidders, auction_id) =
+        api.scene(&["ann"], json!({"starting_price": 1_000, "min_increment": 1})).await;
+    for amount in 1_000..1_005 {
+        let (status, body) = api.bid(&bidders[0], &auction_id, amount, None).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let copies = tempfile::tempdir().unwrap();
+    let mut attempt = 0;
+    eventually(Duration::from_secs(10), "the bids in the database file", || {
+        attempt += 1;
+        let copy = copies.path().join(format!("attempt-{attempt}.db"));
+        let copied = std::fs::copy(storage.data_dir.path().join("gavel.db"), &copy);
+        async move {
+            copied.ok()?;
+            let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&copy);
+            let mut connection = sqlx::SqliteConnection::connect_with(&options).await.ok()?;
+            let bids: i64 = sqlx::query_scalar("SELECT count(*) FROM bids").fetch_one(&mut connection).await.ok()?;
+            (bids == 5).then_some(())
+        }
+    })
+    .await;
+    server.terminate().await;
+}
+
 async fn sigterm_answers_in_flight_bids(backend: Backend) {
     let storage = Storage::new(backend).await;
     let port = free_port();
