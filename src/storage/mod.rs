@@ -116,7 +116,7 @@ fn spawn_checkpoints(pool: SqlitePool) {
     });
 }
 
-/// A checkpoint writes at most the WAL's 10 MiB back.
+/// A checkpoint writes back at most what the WAL holds: about 10 MiB.
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Db {
@@ -142,8 +142,9 @@ impl Db {
             // written page by page.
             .pragma("temp_store", "memory")
             // SQLite's own checkpoint runs inside a commit once the WAL holds this
-            // many pages (10 MiB): a backstop, should `spawn_checkpoints` fall
-            // behind, and cheap then, since that has copied back most pages.
+            // many pages (10 MiB of 1 KiB pages): a backstop, should
+            // `spawn_checkpoints` fall behind, and cheap then, since that has
+            // copied back most pages.
             .pragma("wal_autocheckpoint", "10000");
         // SQLite connections cannot die on their own: no liveness ping (a round
         // trip to the connection's thread) before each use.
