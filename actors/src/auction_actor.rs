@@ -521,7 +521,7 @@ impl AuctionActor {
         let generation = state.timer_generation;
         let delay = Duration::from_millis(u64::try_from(deadline - now).unwrap_or(0));
         let at = tokio::time::Instant::now() + delay;
-        let timer = self.env.timers.schedule(at, myself.clone(), AuctionMsg::Tick { generation });
+        let timer = self.env.timers.schedule(at, myself.clone(), generation);
         state.timer = Some((generation, deadline, timer));
     }
 }

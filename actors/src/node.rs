@@ -160,7 +160,7 @@ impl Node {
             persistence_queue: persistence_queue.clone(),
             leases: leases.clone(),
             directory: registry.clone(),
-            timers: crate::timers::Timers::start(),
+            timers: crate::timers::Timers::start(|generation| AuctionMsg::Tick { generation }),
         });
         let node = Arc::new(Node {
             settings,
