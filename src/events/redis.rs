@@ -10,8 +10,9 @@
 //!   of an auction this node owns, or its own, is ignored (it took the local
 //!   path already); any other goes through `Sequencer` into the read cache and
 //!   the hub, like a local one (into its topic when someone here watches it;
-//!   otherwise only its private message goes out, to its user's connections). A gap (`gavel_pubsub_gaps_total`) makes
-//!   the auction's watchers here take a fresh snapshot from the store.
+//!   otherwise only its private message goes out, to its user's
+//!   connections). A gap (`gavel_pubsub_gaps_total`) makes the auction's
+//!   watchers here take a fresh snapshot from the store.
 //! - **Redis down or restarted.** Bids do not use Redis. The clients reconnect
 //!   on their own (a constant policy, forever); on every reconnect the pattern
 //!   is subscribed again and every watcher of another node's auction here is
@@ -233,7 +234,7 @@ impl RedisEvents {
             Arrival::Repeat => {}
             Arrival::Next => {
                 self.read_cache.invalidate(state.id);
-                self.hub.publish_remote(&envelope.event, state);
+                self.hub.publish(&envelope.event, state);
             }
             Arrival::Gap => {
                 metrics::counter!(telemetry::PUBSUB_GAPS_TOTAL).increment(1);
@@ -241,7 +242,7 @@ impl RedisEvents {
                 // The watchers take a snapshot from the store, which holds this
                 // event already (it was committed before it was published).
                 self.hub.resync(state.id);
-                self.hub.publish_remote(&envelope.event, state);
+                self.hub.publish(&envelope.event, state);
             }
         }
     }

@@ -325,20 +325,6 @@ impl Hub {
         Joined { receiver, replay }
     }
 
-    /// An event of an auction another node owns: into its topic when this node
-    /// has one (someone watches, or watched lately), else only its private
-    /// message (to the user's connections here). Topics are not made for
-    /// auctions nobody here watches: every node receives every other node's
-    /// events, and keeping a buffer for each would grow with the cluster.
-    pub fn publish_remote(&self, event: &Event, state: &AuctionState) {
-        let known = self.topics.lock().expect("topics lock").contains_key(&state.id);
-        if known {
-            self.publish(event, state);
-        } else if let Some((user_id, message)) = private_messages(event, state.id) {
-            self.send_private(user_id, message);
-        }
-    }
-
     /// Makes every subscriber of the auction take a fresh snapshot (events
     /// from another node were missed).
     pub fn resync(&self, auction_id: AuctionId) {
@@ -436,11 +422,24 @@ impl Hub {
 }
 
 impl EventSink for Hub {
-    /// Appends to the topic; the ticker sends. Never blocks on a reader.
+    /// An event of this node's auctions or, from Redis, of another node's.
+    /// Appends to the auction's topic when this node has one (someone
+    /// watches, or watched in the last `TOPIC_KEEP`); the ticker sends. Never
+    /// blocks on a reader. Without a topic only the private message goes (to
+    /// the user's connections here): nobody here can have missed the event,
+    /// since a watcher joining later reads the store, which already holds
+    /// it. Topics are not made for auctions nobody here watches: a node runs
+    /// or hears of many more auctions than are watched on it, and a buffer for
+    /// each cost some 500 bytes per live auction and work on every bid.
     fn publish(&self, event: &Event, state: &AuctionState) {
+        let Some(topic) = self.topics.lock().expect("topics lock").get(&state.id).cloned() else {
+            if let Some((user_id, message)) = private_messages(event, state.id) {
+                self.send_private(user_id, message);
+            }
+            return;
+        };
         tracing::debug!(auction_id = %state.id, seq = state.seq, "queued for fan-out");
         let frame = Arc::new(Frame::event(event, state));
-        let topic = self.topic(state.id);
         let was_waiting = {
             let mut topic_state = topic.state.lock().expect("topic lock");
             topic_state.touched = Instant::now();

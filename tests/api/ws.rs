@@ -483,6 +483,39 @@ async fn outbid_and_won_reach_their_user_and_nobody_else() {
     app.stop().await;
 }
 
+/// A node keeps no buffer of events for an auction nobody watches on it: the
+/// private messages still reach their users, and a watcher that comes later
+/// asking to resume gets a snapshot (the store already holds every event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auction_nobody_watches_keeps_no_events_and_its_private_messages_still_go() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let api = app.api();
+    let (_seller, users, auction_id) =
+        api.scene(&["ann", "bob"], json!({"starting_price": 10_000, "min_increment": 500, "duration_secs": 5})).await;
+    let (ann, bob) = (&users[0], &users[1]);
+    let mut ann_ws = WsClient::connect(&app.address, Some(&ann.token)).await;
+    let mut bob_ws = WsClient::connect(&app.address, Some(&bob.token)).await;
+    let (status, body) = api.bid(ann, &auction_id, 10_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = api.bid(bob, &auction_id, 10_500, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let outbid = json!({"type": "outbid", "auction_id": auction_id, "current_price": 10_500, "seq": 2});
+    assert_eq!(ann_ws.next_event().await, outbid, "nobody watches, the outbid user still hears");
+
+    let mut watcher = WsClient::connect(&app.address, None).await;
+    watcher.send(json!({"type": "subscribe", "auction_id": auction_id, "since_seq": 1})).await;
+    let snapshot = watcher.next_event().await;
+    assert_eq!(snapshot["type"], "snapshot", "no events were kept to replay: {snapshot}");
+    assert_eq!(snapshot["auction"]["seq"], 2);
+    assert_eq!(snapshot["auction"]["current_price"], 10_500);
+
+    let won = bob_ws.next_event().await;
+    assert_eq!(won, json!({"type": "won", "auction_id": auction_id, "final_price": 10_500, "seq": 2}));
+    let ended = watcher.next_of("ended").await;
+    assert_eq!((ended["seq"].as_u64(), ended["final_price"].as_i64()), (Some(2), Some(10_500)), "{ended}");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_errors_and_the_connection_stays_usable() {
     let app =
