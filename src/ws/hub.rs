@@ -433,6 +433,7 @@ impl EventSink for Hub {
     /// each cost some 500 bytes per live auction and work on every bid.
     fn publish(&self, event: &Event, state: &AuctionState) {
         let Some(topic) = self.topics.lock().expect("topics lock").get(&state.id).cloned() else {
+            tracing::debug!(auction_id = %state.id, seq = state.seq, "queued for fan-out: private messages only, nobody watches here");
             if let Some((user_id, message)) = private_messages(event, state.id) {
                 self.send_private(user_id, message);
             }
