@@ -88,8 +88,9 @@ pub struct Config {
     /// in flight before they are cut; the node then drains and exits.
     #[arg(long, env = "GAVEL_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     pub shutdown_timeout_secs: u64,
-    /// Events kept per auction for WebSocket resumes (`since_seq`); also how far
-    /// a subscriber may fall behind before it gets a fresh snapshot instead.
+    /// Events kept per auction watched on the node for WebSocket resumes
+    /// (`since_seq`); also how far a subscriber may fall behind before it gets
+    /// a fresh snapshot instead.
     #[arg(long, env = "GAVEL_WS_BUFFER_EVENTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub ws_buffer_events: u32,
     /// Auctions one WebSocket connection may watch at once.
