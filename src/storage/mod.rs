@@ -152,6 +152,11 @@ impl Db {
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
+            .after_connect(|connection, _| {
+                Box::pin(
+                    async move { sqlx::query(commit::SQLITE_CREATE_COMMIT_CHECKS).execute(connection).await.map(drop) },
+                )
+            })
             .connect_with(options.clone().statement_cache_capacity(commit::SQLITE_WRITER_STATEMENTS))
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
