@@ -28,7 +28,7 @@ use std::task::{Context, Poll, ready};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::protocol::frame_header_into;
+use super::frame::frame_header_into;
 
 /// The extension's name in `Sec-WebSocket-Extensions`.
 pub const EXTENSION: &str = "permessage-deflate";
@@ -425,7 +425,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::protocol::{OPCODE_BINARY, OPCODE_TEXT, frame_into};
+    use crate::ws::frame::{OPCODE_BINARY, OPCODE_TEXT, frame_into};
 
     fn plain_frames(messages: &[&str]) -> Vec<u8> {
         let mut wire = Vec::new();

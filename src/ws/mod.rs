@@ -11,6 +11,7 @@
 //! and how long one write may take (then the connection is closed).
 
 pub mod deflate;
+pub mod frame;
 pub mod hub;
 pub mod protocol;
 
@@ -40,8 +41,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode};
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use frame::OPCODE_PING;
 pub use hub::{Hub, WsSettings};
-use protocol::{Batch, ClientMessage, Encoding, Frame, MSGPACK_PROTOCOL, OPCODE_PING, ServerMessage, Version};
+use protocol::{Batch, ClientMessage, Encoding, Frame, MSGPACK_PROTOCOL, ServerMessage, Version};
 
 use crate::http::ApiContext;
 use crate::http::bids::{PlaceBidRequest, bid_request};
@@ -345,7 +347,7 @@ impl Connection {
                         Err(Stop::Close(CLOSE_GOING_AWAY, "no answer to pings"))
                     } else {
                         let mut ping = Vec::with_capacity(2);
-                        protocol::frame_into(OPCODE_PING, &[], &mut ping);
+                        frame::frame_into(OPCODE_PING, &[], &mut ping);
                         self.write(Out { chunks: vec![Bytes::from(ping)], messages: 0 }).await
                     }
                 }
