@@ -43,6 +43,8 @@ pub struct Application {
     limits: HttpLimits,
     body_timeout: BodyTimeout,
     context: ApiContext,
+    /// The WebSocket connections and their fan-out.
+    hub: Arc<Hub>,
     sweeper: tokio::task::JoinHandle<()>,
     ticker: tokio::task::JoinHandle<()>,
     /// The lease manager (a cluster node on Postgres).
@@ -166,7 +168,6 @@ impl Application {
             clock,
             metrics,
             node_id,
-            hub: hub.clone(),
             read_cache,
             node_header,
             redis,
@@ -175,7 +176,7 @@ impl Application {
             trust_forwarded_for: config.trust_forwarded_for,
         });
         let ticker = hub.spawn_ticker();
-        Ok(Application { listener, limits, body_timeout, context, sweeper, ticker, manager })
+        Ok(Application { listener, limits, body_timeout, context, hub, sweeper, ticker, manager })
     }
 
     /// The actor side of this node, for tests and embedding.
@@ -195,8 +196,8 @@ impl Application {
     /// connections, in-flight requests answered (their bids committed), the
     /// persistence queue drained, the actors stopped, the store closed.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Application { listener, limits, body_timeout, context, sweeper, ticker, manager } = self;
-        let router = http::router(context.clone(), body_timeout);
+        let Application { listener, limits, body_timeout, context, hub, sweeper, ticker, manager } = self;
+        let router = http::router(context.clone(), body_timeout, crate::ws::routes(hub.clone()));
         crate::serve::serve(listener, router, limits, shutdown).await;
         info!("stopped taking requests; draining");
         sweeper.abort();
@@ -208,7 +209,7 @@ impl Application {
         }
         context.cluster.leave().await;
         // Bid results of the last commits are written, then every socket closes.
-        context.hub.shut_down(std::time::Duration::from_secs(5)).await;
+        hub.shut_down(std::time::Duration::from_secs(5)).await;
         ticker.abort();
         context.db.close().await;
         info!("shutdown complete");

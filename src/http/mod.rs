@@ -54,7 +54,6 @@ pub struct ContextInner {
     pub clock: Arc<dyn Clock>,
     pub metrics: PrometheusHandle,
     pub node_id: String,
-    pub hub: Arc<crate::ws::Hub>,
     /// Auction rows between changes, for `GET /api/v1/auctions/{id}`.
     pub read_cache: Arc<crate::read_cache::ReadCache>,
     /// `Gavel-Node`, made once.
@@ -162,10 +161,12 @@ pub fn api() -> (Router<ApiContext>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-pub fn router(context: ApiContext, body_timeout: extract::BodyTimeout) -> Router {
+/// The node's router: the API, `websocket` (the `/ws` route, from `ws`),
+/// the page, the internal routes, and the middleware over all of them.
+pub fn router(context: ApiContext, body_timeout: extract::BodyTimeout, websocket: Router<ApiContext>) -> Router {
     let (api_routes, openapi) = api();
     api_routes
-        .route("/ws", axum::routing::get(crate::ws::upgrade))
+        .merge(websocket)
         .merge(crate::web::routes())
         .merge(internal::routes())
         .merge(SwaggerUi::new("/api/docs").url("/api/openapi.json", openapi))

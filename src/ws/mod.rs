@@ -20,6 +20,7 @@ use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -77,13 +78,21 @@ pub struct WsParams {
     token: Option<String>,
 }
 
+/// The `/ws` route, to be merged into the node's router (so that its
+/// middleware applies to it too). The hub comes with the route: the HTTP
+/// side needs nothing of WebSockets.
+pub fn routes(hub: Arc<Hub>) -> axum::Router<ApiContext> {
+    axum::Router::new().route("/ws", axum::routing::get(upgrade)).layer(Extension(hub))
+}
+
 /// Upgrades to a WebSocket (RFC 6455 over HTTP/1.1). A `?token=` that is
 /// present must be valid (401 otherwise); without one the connection may
 /// watch, and send `auth` later. The handshake is answered here rather than by
 /// axum's extractor because the connection writes shared, pre-framed events
 /// straight to the socket.
-pub async fn upgrade(
+async fn upgrade(
     State(context): State<ApiContext>,
+    Extension(hub): Extension<Arc<Hub>>,
     ApiQuery(params): ApiQuery<WsParams>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
@@ -122,12 +131,12 @@ pub async fn upgrade(
         .iter()
         .filter_map(|value| value.to_str().ok())
         .collect();
-    let compression = if context.hub.settings.compression { deflate::negotiate(&offers) } else { None };
+    let compression = if hub.settings.compression { deflate::negotiate(&offers) } else { None };
     let deflate = compression.is_some();
-    let hub = context.hub.clone();
     let node_runtime = tokio::runtime::Handle::current();
     // Counted from here, so shutdown also waits for connections still upgrading.
     let counted = Counted::new(hub.clone());
+    let connection_hub = hub.clone();
     hub.spawn(async move {
         let Ok(upgraded) = on_upgrade.await else { return };
         let config = WebSocketConfig::default()
@@ -138,7 +147,7 @@ pub async fn upgrade(
             .max_frame_size(Some(MAX_MESSAGE_BYTES));
         let stream = deflate::ClientStream::new(TokioIo::new(upgraded), deflate, MAX_MESSAGE_BYTES);
         let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
-        serve(context, socket, user, encoding, deflate, node_runtime).await;
+        serve(context, connection_hub, socket, user, encoding, deflate, node_runtime).await;
         drop(counted);
     });
     let accept = {
@@ -260,13 +269,13 @@ struct Connection {
 
 async fn serve(
     context: ApiContext,
+    hub: Arc<Hub>,
     socket: Socket,
     user: Option<AuthUser>,
     encoding: Encoding,
     deflate: bool,
     node_runtime: tokio::runtime::Handle,
 ) {
-    let hub = context.hub.clone();
     let settings = hub.settings.clone();
     let (direct, mut direct_queue) = mpsc::channel(settings.direct_queue.max(1));
     let mut connection = Connection {
