@@ -11,7 +11,13 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::http::extract::AuthUser;
+/// Who a valid token says the caller is (`Authorization: Bearer`, or a
+/// WebSocket's `auth`); `http::extract` makes it an extractor.
+#[derive(Clone, Debug)]
+pub struct AuthUser {
+    pub id: Uuid,
+    pub username: String,
+}
 
 /// How long a token is valid.
 const TOKEN_LIFETIME_SECS: i64 = 7 * 24 * 3600;

@@ -15,9 +15,48 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use gavel_actors::ports::EventSink;
-use gavel_actors::{AuctionId, AuctionState, Event};
+use gavel_actors::{AuctionId, AuctionState, Event, Status};
 
-use crate::ws::protocol::Version;
+/// Where an auction's sequence of events stands: the `seq` and how far its
+/// lifecycle has gone. Every event moves it forward (a bid raises `seq`; start,
+/// end and cancel raise the stage at the same `seq`), so a subscriber drops any
+/// event not past what it has already been shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub seq: u64,
+    pub stage: u8,
+}
+
+impl Version {
+    pub fn of(seq: u64, status: Status) -> Version {
+        let stage = match status {
+            Status::Scheduled => 0,
+            Status::Active => 1,
+            Status::Ended | Status::Cancelled => 2,
+        };
+        Version { seq, stage }
+    }
+}
+
+/// The watchers on this node, as events from other nodes reach them: the
+/// WebSocket hub (`ws::Hub`) implements it. A trait here so that this module
+/// needs nothing of `ws`.
+pub trait Watchers: EventSink {
+    /// Makes every subscriber of the auction take a fresh snapshot (events
+    /// from another node were missed).
+    fn resync(&self, auction_id: AuctionId);
+    /// `resync` for every watched auction that `which` picks.
+    fn resync_where(&self, which: &dyn Fn(AuctionId) -> bool);
+    /// This node's watchers, by auction, of every auction that has some.
+    fn local_viewers(&self) -> Vec<(AuctionId, u64)>;
+    /// Where the watchers of the other nodes are counted.
+    fn set_remote_viewers(&self, remote: Arc<dyn RemoteViewers>);
+}
+
+/// Watchers of an auction on the other nodes of a cluster.
+pub trait RemoteViewers: Send + Sync + 'static {
+    fn count(&self, auction_id: AuctionId) -> u64;
+}
 
 /// Hands every event to each sink in turn.
 pub struct Tee(pub Vec<Arc<dyn EventSink>>);

@@ -46,10 +46,9 @@ use tracing::{info, warn};
 use super::snapshots::Snapshots;
 use super::wire::{EVENTS_VERSION, EventEnvelope, ViewerReport};
 use super::{Arrival, Sequencer};
+use super::{RemoteViewers, Watchers};
 use crate::read_cache::ReadCache;
 use crate::telemetry;
-use crate::ws::Hub;
-use crate::ws::hub::RemoteViewers;
 
 /// Every Redis command's deadline.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -74,7 +73,7 @@ pub struct RedisEvents {
     clock: Arc<dyn Clock>,
     queue: mpsc::Sender<(u32, Vec<u8>)>,
     up: AtomicBool,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Watchers>,
     read_cache: Arc<ReadCache>,
     sequencer: Sequencer,
     publisher: Client,
@@ -110,7 +109,7 @@ pub struct NodeParts {
     pub node_id: String,
     pub leases: Arc<Leases>,
     pub clock: Arc<dyn Clock>,
-    pub hub: Arc<Hub>,
+    pub hub: Arc<dyn Watchers>,
     pub read_cache: Arc<ReadCache>,
     /// For what a snapshot holds beyond the state (`snapshots.rs`).
     pub db: crate::storage::Db,
@@ -355,7 +354,7 @@ impl RedisEvents {
     fn resync_remote_watchers(&self) {
         self.sequencer.clear();
         let leases = self.leases.clone();
-        self.hub.resync_where(|auction_id| leases.epoch_of(shard_of(auction_id)).is_none());
+        self.hub.resync_where(&|auction_id| leases.epoch_of(shard_of(auction_id)).is_none());
     }
 }
 

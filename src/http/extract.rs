@@ -106,13 +106,9 @@ pub fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(text).map_err(|_| ApiError::InvalidRequest(format!("{what} must be a UUID")))
 }
 
-/// The caller, from a valid `Authorization: Bearer` token.
-#[derive(Clone, Debug)]
-pub struct AuthUser {
-    pub id: Uuid,
-    pub username: String,
-}
+pub use crate::auth::AuthUser;
 
+/// The caller, from a valid `Authorization: Bearer` token.
 impl FromRequestParts<ApiContext> for AuthUser {
     type Rejection = ApiError;
 

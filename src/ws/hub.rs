@@ -31,6 +31,7 @@ use gavel_actors::{AuctionId, AuctionState, Event, UserId};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::protocol::{Batch, Frame, ServerMessage, Version, private_messages};
+use crate::events::{RemoteViewers, Watchers};
 
 #[derive(Clone, Debug)]
 pub struct WsSettings {
@@ -119,11 +120,6 @@ pub struct PrivateRoute {
 pub struct Joined {
     pub receiver: broadcast::Receiver<Arc<Batch>>,
     pub replay: Option<(Version, Vec<Arc<Frame>>)>,
-}
-
-/// Watchers of an auction on the other nodes of a cluster.
-pub trait RemoteViewers: Send + Sync + 'static {
-    fn count(&self, auction_id: AuctionId) -> u64;
 }
 
 pub struct Hub {
@@ -325,27 +321,6 @@ impl Hub {
         Joined { receiver, replay }
     }
 
-    /// Makes every subscriber of the auction take a fresh snapshot (events
-    /// from another node were missed).
-    pub fn resync(&self, auction_id: AuctionId) {
-        let topic = self.topics.lock().expect("topics lock").get(&auction_id).cloned();
-        if let Some(topic) = topic {
-            let _sending = topic.sending.lock().expect("sending lock");
-            topic.send(Batch::resync(auction_id));
-        }
-    }
-
-    /// `resync` for every watched auction that `which` picks.
-    pub fn resync_where(&self, which: impl Fn(AuctionId) -> bool) {
-        let watched: Vec<AuctionId> = {
-            let topics = self.topics.lock().expect("topics lock");
-            topics.iter().filter(|(_, topic)| topic.receiver_count() > 0).map(|(id, _)| *id).collect()
-        };
-        for auction_id in watched.into_iter().filter(|id| which(*id)) {
-            self.resync(auction_id);
-        }
-    }
-
     /// Watchers of the auction, on this node and (in a cluster with Redis) the others.
     pub fn viewers(&self, auction_id: AuctionId) -> u64 {
         let local = {
@@ -353,16 +328,6 @@ impl Hub {
             topics.get(&auction_id).map_or(0, |topic| topic.receiver_count() as u64)
         };
         local + self.remote_viewers(auction_id)
-    }
-
-    /// This node's watchers, by auction, of every auction that has some.
-    pub fn local_viewers(&self) -> Vec<(AuctionId, u64)> {
-        let topics = self.topics.lock().expect("topics lock");
-        topics.iter().map(|(id, topic)| (*id, topic.receiver_count() as u64)).filter(|(_, count)| *count > 0).collect()
-    }
-
-    pub fn set_remote_viewers(&self, remote: Arc<dyn RemoteViewers>) {
-        let _ = self.remote_viewers.set(remote);
     }
 
     fn remote_viewers(&self, auction_id: AuctionId) -> u64 {
@@ -418,6 +383,35 @@ impl Hub {
         self.shutdown.send_replace(true);
         let mut open = self.open.subscribe();
         let _ = tokio::time::timeout(deadline, open.wait_for(|open| *open == 0)).await;
+    }
+}
+
+impl Watchers for Hub {
+    fn resync(&self, auction_id: AuctionId) {
+        let topic = self.topics.lock().expect("topics lock").get(&auction_id).cloned();
+        if let Some(topic) = topic {
+            let _sending = topic.sending.lock().expect("sending lock");
+            topic.send(Batch::resync(auction_id));
+        }
+    }
+
+    fn resync_where(&self, which: &dyn Fn(AuctionId) -> bool) {
+        let watched: Vec<AuctionId> = {
+            let topics = self.topics.lock().expect("topics lock");
+            topics.iter().filter(|(_, topic)| topic.receiver_count() > 0).map(|(id, _)| *id).collect()
+        };
+        for auction_id in watched.into_iter().filter(|id| which(*id)) {
+            self.resync(auction_id);
+        }
+    }
+
+    fn local_viewers(&self) -> Vec<(AuctionId, u64)> {
+        let topics = self.topics.lock().expect("topics lock");
+        topics.iter().map(|(id, topic)| (*id, topic.receiver_count() as u64)).filter(|(_, count)| *count > 0).collect()
+    }
+
+    fn set_remote_viewers(&self, remote: Arc<dyn RemoteViewers>) {
+        let _ = self.remote_viewers.set(remote);
     }
 }
 

@@ -9,12 +9,13 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use gavel_actors::{AuctionId, AuctionState, Event, Status};
+use gavel_actors::{AuctionId, AuctionState, Event};
 use serde::{Deserialize, Serialize};
 use serde_json::{Number, Value};
 use uuid::Uuid;
 
 use super::frame::{OPCODE_BINARY, OPCODE_TEXT, frame_into};
+pub use crate::events::Version;
 use crate::http::views::{AuctionView, BidResultView, BidView, UserView, timestamp};
 
 pub const MSGPACK_PROTOCOL: &str = "gavel.msgpack";
@@ -159,27 +160,6 @@ pub fn to_msgpack(value: &impl Serialize) -> Vec<u8> {
     let mut serializer = rmp_serde::Serializer::new(&mut bytes).with_struct_map().with_human_readable();
     value.serialize(&mut serializer).expect("server messages always serialise to MessagePack");
     bytes
-}
-
-/// Where an auction's sequence of events stands: the `seq` and how far its
-/// lifecycle has gone. Every event moves it forward (a bid raises `seq`; start,
-/// end and cancel raise the stage at the same `seq`), so a subscriber drops any
-/// event not past what it has already been shown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Version {
-    pub seq: u64,
-    pub stage: u8,
-}
-
-impl Version {
-    pub fn of(seq: u64, status: Status) -> Version {
-        let stage = match status {
-            Status::Scheduled => 0,
-            Status::Active => 1,
-            Status::Ended | Status::Cancelled => 2,
-        };
-        Version { seq, stage }
-    }
 }
 
 enum Body {
