@@ -78,6 +78,18 @@ fn fenced(current: &HashMap<i32, (String, i64)>, node_id: &str, named: &[(u32, i
         .collect()
 }
 
+/// The verdict on a fenced batch from the current rows (shard, owner, epoch)
+/// of the leases it names.
+fn fenced_by(rows: Result<Vec<(i32, String, i64)>, sqlx::Error>, node_id: &str, named: &[(u32, i64)]) -> StoreError {
+    match rows {
+        Ok(rows) => {
+            let current = rows.into_iter().map(|(shard, owner, epoch)| (shard, (owner, epoch))).collect();
+            StoreError::Fenced { shards: fenced(&current, node_id, named) }
+        }
+        Err(error) => StoreError::Unavailable(error.to_string()),
+    }
+}
+
 /// Which of the batch's leases moved on (after the commit's own check found one that did).
 async fn fenced_sqlite(writer: &SqlitePool, node_id: &str, batch: &[Write]) -> StoreError {
     let named = leases_named(batch);
@@ -87,13 +99,7 @@ async fn fenced_sqlite(writer: &SqlitePool, node_id: &str, batch: &[Write]) -> S
             .bind(format!("[{shards}]"))
             .fetch_all(writer)
             .await;
-    match rows {
-        Ok(rows) => {
-            let current = rows.into_iter().map(|(shard, owner, epoch)| (shard, (owner, epoch))).collect();
-            StoreError::Fenced { shards: fenced(&current, node_id, &named) }
-        }
-        Err(error) => StoreError::Unavailable(error.to_string()),
-    }
+    fenced_by(rows, node_id, &named)
 }
 
 /// Which of the batch's leases moved on (after `write_postgres` found one that did).
@@ -105,13 +111,7 @@ async fn fenced_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) ->
             .bind(&shards)
             .fetch_all(pool)
             .await;
-    match rows {
-        Ok(rows) => {
-            let current = rows.into_iter().map(|(shard, owner, epoch)| (shard, (owner, epoch))).collect();
-            StoreError::Fenced { shards: fenced(&current, node_id, &named) }
-        }
-        Err(error) => StoreError::Unavailable(error.to_string()),
-    }
+    fenced_by(rows, node_id, &named)
 }
 
 /// The last state of each auction in the batch, in first-seen order.
@@ -645,20 +645,20 @@ mod tests {
             }
         }
 
-        async fn scalar(&self, sql: &str, id: Uuid) -> i64 {
-            let Db::Sqlite { writer, .. } = &self.db else { unreachable!() };
-            sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).bind(id).fetch_one(writer).await.unwrap()
+        fn writer(&self) -> &sqlx::SqlitePool {
+            let Db::Sqlite { writer, .. } = &self.db else { unreachable!("the scene is on SQLite") };
+            writer
         }
 
         /// A bidder's (bid count, maximum) on an auction.
         async fn participation(&self, auction: &AuctionState, user: &UserRef) -> (i64, i64) {
-            let Db::Sqlite { writer, .. } = &self.db else { unreachable!() };
             let sql = "SELECT bid_count, max_amount FROM participations WHERE auction_id = $1 AND user_id = $2";
-            sqlx::query_as(sql).bind(auction.id).bind(user.id).fetch_one(writer).await.unwrap()
+            sqlx::query_as(sql).bind(auction.id).bind(user.id).fetch_one(self.writer()).await.unwrap()
         }
 
         async fn bids_of(&self, auction: &AuctionState) -> i64 {
-            self.scalar("SELECT count(*) FROM bids WHERE auction_id = $1", auction.id).await
+            let sql = "SELECT count(*) FROM bids WHERE auction_id = $1";
+            sqlx::query_scalar(sql).bind(auction.id).fetch_one(self.writer()).await.unwrap()
         }
     }
 
@@ -702,10 +702,9 @@ mod tests {
             other = scene.auction().await;
         }
         let shard = shard_of(fenced_auction.id);
-        let Db::Sqlite { writer, .. } = &scene.db else { unreachable!() };
         sqlx::query("UPDATE shard_leases SET owner = 'node-b', epoch = epoch + 1 WHERE shard = $1")
             .bind(shard as i64)
-            .execute(writer)
+            .execute(scene.writer())
             .await
             .unwrap();
         let batch =
