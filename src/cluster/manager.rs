@@ -214,23 +214,22 @@ impl Cluster {
         self.stopping.store(true, Ordering::Release);
         self.stopped.notify_one();
         let me = self.settings.node_id.as_str();
-        if let Err(error) = store.leave(me).await {
-            warn!(%error, "leaving the cluster failed; the other nodes wait for the leases to expire");
-        }
         let held = self.node.leases.held();
         for lease in &held {
             self.node.leases.revoke(lease.shard);
-            if let Err(error) = store.release(me, *lease).await {
-                warn!(shard = lease.shard, %error, "releasing a lease failed; it expires instead");
-            }
         }
-        metrics::counter!(telemetry::SHARD_MOVES_TOTAL, "kind" => "released").increment(held.len() as u64);
+        match store.leave(me, &held).await {
+            Ok(released) => {
+                metrics::counter!(telemetry::SHARD_MOVES_TOTAL, "kind" => "released").increment(released.len() as u64);
+                info!(shards = released.len(), "left the cluster and released every shard");
+            }
+            Err(error) => warn!(%error, "leaving the cluster failed; the other nodes wait for the leases to expire"),
+        }
         let others: Vec<String> =
             self.members().into_iter().filter(|member| member.node_id != me).map(|m| m.advertise_url).collect();
         for url in &others {
             self.poke(url).await;
         }
-        info!(shards = held.len(), "left the cluster and released every shard");
     }
 
     fn poke_others(self: &Arc<Self>, members: &[String]) {

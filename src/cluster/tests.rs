@@ -26,10 +26,13 @@ struct Tables {
     leases: HashMap<u32, LeaseRow>,
 }
 
-/// `storage/leases.rs`'s rules, in memory, on a clock the test moves.
+/// `storage/leases.rs`'s rules, in memory, on a clock the test moves. Each
+/// call answers after `round_trip` (zero unless a test sets it; on tokio's
+/// clock, which a test may pause).
 struct MemoryLeases {
     now_ms: AtomicI64,
     tables: Mutex<Tables>,
+    round_trip: Mutex<Duration>,
 }
 
 impl MemoryLeases {
@@ -40,6 +43,7 @@ impl MemoryLeases {
         Arc::new(MemoryLeases {
             now_ms: AtomicI64::new(1_000_000),
             tables: Mutex::new(Tables { members: HashMap::new(), leases }),
+            round_trip: Mutex::new(Duration::ZERO),
         })
     }
 
@@ -59,10 +63,17 @@ impl MemoryLeases {
     fn epoch(&self, shard: u32) -> i64 {
         self.tables.lock().unwrap().leases[&shard].epoch
     }
-}
 
-fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, Result<T, LeaseStoreError>> {
-    Box::pin(async move { Ok(value) })
+    /// The answer to a call, after one round trip.
+    fn answer<T: Send + 'static>(&self, value: T) -> BoxFuture<'static, Result<T, LeaseStoreError>> {
+        let round_trip = *self.round_trip.lock().unwrap();
+        Box::pin(async move {
+            if !round_trip.is_zero() {
+                tokio::time::sleep(round_trip).await;
+            }
+            Ok(value)
+        })
+    }
 }
 
 impl LeaseStore for MemoryLeases {
@@ -75,14 +86,14 @@ impl LeaseStore for MemoryLeases {
         let member =
             MemberRow { node_id: node_id.to_owned(), advertise_url: advertise_url.to_owned(), last_seen_ms: now };
         self.tables.lock().unwrap().members.insert(node_id.to_owned(), member);
-        ready(now)
+        self.answer(now)
     }
 
     fn read(&self) -> BoxFuture<'_, Result<ClusterRows, LeaseStoreError>> {
         let tables = self.tables.lock().unwrap();
         let mut leases: Vec<LeaseRow> = tables.leases.values().cloned().collect();
         leases.sort_by_key(|row| row.shard);
-        ready(ClusterRows { now_ms: self.now(), members: tables.members.values().cloned().collect(), leases })
+        self.answer(ClusterRows { now_ms: self.now(), members: tables.members.values().cloned().collect(), leases })
     }
 
     fn renew<'a>(
@@ -101,7 +112,7 @@ impl LeaseStore for MemoryLeases {
                 renewed.push(lease.shard);
             }
         }
-        ready(renewed)
+        self.answer(renewed)
     }
 
     fn take<'a>(
@@ -122,7 +133,7 @@ impl LeaseStore for MemoryLeases {
                 taken.push(ShardLease { shard: *shard, epoch: row.epoch });
             }
         }
-        ready(taken)
+        self.answer(taken)
     }
 
     fn release<'a>(&'a self, node_id: &'a str, lease: ShardLease) -> BoxFuture<'a, Result<bool, LeaseStoreError>> {
@@ -132,19 +143,32 @@ impl LeaseStore for MemoryLeases {
         if held {
             row.expires_at_ms = 0;
         }
-        ready(held)
+        self.answer(held)
     }
 
-    fn leave<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
-        self.tables.lock().unwrap().members.remove(node_id);
-        ready(())
+    fn leave<'a>(
+        &'a self,
+        node_id: &'a str,
+        held: &'a [ShardLease],
+    ) -> BoxFuture<'a, Result<Vec<u32>, LeaseStoreError>> {
+        let mut tables = self.tables.lock().unwrap();
+        tables.members.remove(node_id);
+        let mut released = Vec::new();
+        for lease in held {
+            let row = tables.leases.get_mut(&lease.shard).unwrap();
+            if row.owner == node_id && row.epoch == lease.epoch {
+                row.expires_at_ms = 0;
+                released.push(lease.shard);
+            }
+        }
+        self.answer(released)
     }
 
     fn owner_of(&self, shard: u32) -> BoxFuture<'_, Result<Option<ShardOwner>, LeaseStoreError>> {
         let tables = self.tables.lock().unwrap();
         let lease = tables.leases[&shard].clone();
         let owner = tables.members.get(&lease.owner).cloned();
-        ready(Some(ShardOwner { now_ms: self.now(), lease, owner }))
+        self.answer(Some(ShardOwner { now_ms: self.now(), lease, owner }))
     }
 }
 
@@ -247,4 +271,29 @@ async fn join_handover_takeover_and_a_paused_node_waking_up() {
     b.leave().await;
     tick(&a, &store).await;
     assert_eq!(store.owned_by("node-a"), 256, "a leaving node's shards move without waiting for expiry");
+}
+
+/// A node leaving under load hands every shard over within a few round trips
+/// of its lease store, however many shards it holds: with a round trip per
+/// lease, a loaded node took ten seconds to let its shards go.
+#[tokio::test(start_paused = true)]
+async fn leaving_releases_every_lease_in_one_round_trip() {
+    let store = MemoryLeases::new();
+    let a = node("node-a", &store).await;
+    tick(&a, &store).await;
+    let b = node("node-b", &store).await;
+    tick(&b, &store).await;
+    assert_eq!(a.node.leases.held_count(), 256);
+
+    *store.round_trip.lock().unwrap() = Duration::from_millis(100);
+    let started = tokio::time::Instant::now();
+    a.leave().await;
+    let took = started.elapsed();
+    assert!(took <= Duration::from_millis(300), "leaving took {took:?} at 100 ms per round trip");
+    assert_eq!(a.node.leases.held_count(), 0, "a leaving node stops writing under its leases");
+    assert_eq!(store.owned_by("node-a"), 0, "every lease released");
+
+    *store.round_trip.lock().unwrap() = Duration::ZERO;
+    tick(&b, &store).await;
+    assert_eq!(store.owned_by("node-b"), 256, "the other node takes them at once");
 }

@@ -141,8 +141,12 @@ impl LeaseStore for PgLeases {
         Box::pin(async move { Ok(PgLeases::release(self, node_id, lease).await?) })
     }
 
-    fn leave<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<(), LeaseStoreError>> {
-        Box::pin(async move { Ok(PgLeases::leave(self, node_id).await?) })
+    fn leave<'a>(
+        &'a self,
+        node_id: &'a str,
+        held: &'a [ShardLease],
+    ) -> BoxFuture<'a, Result<Vec<u32>, LeaseStoreError>> {
+        Box::pin(async move { Ok(PgLeases::leave(self, node_id, held).await?) })
     }
 
     fn owner_of(&self, shard: u32) -> BoxFuture<'_, Result<Option<ShardOwner>, LeaseStoreError>> {
@@ -231,10 +235,23 @@ impl PgLeases {
         Ok(result.rows_affected() == 1)
     }
 
-    /// Leaves the cluster: this node is no longer counted when shards are spread.
-    pub async fn leave(&self, node_id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM cluster_nodes WHERE node_id = $1").bind(node_id).execute(&self.pool).await?;
-        Ok(())
+    /// Leaves the cluster in one transaction: this node is no longer counted
+    /// when shards are spread, and every lease of `held` still its own at that
+    /// epoch expires now. Returns the shards released.
+    pub async fn leave(&self, node_id: &str, held: &[ShardLease]) -> Result<Vec<u32>, sqlx::Error> {
+        let sql = "UPDATE shard_leases s SET expires_at_ms = 0 FROM UNNEST($2::int4[], $3::int8[]) AS h(shard, epoch) \
+                   WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1 RETURNING s.shard";
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM cluster_nodes WHERE node_id = $1").bind(node_id).execute(&mut *tx).await?;
+        lock_in_shard_order(&mut tx, held.iter().map(|lease| lease.shard), LeaseLock::Renewal).await?;
+        let shards: Vec<i32> = sqlx::query_scalar(sql)
+            .bind(node_id)
+            .bind(held.iter().map(|lease| lease.shard as i32).collect::<Vec<_>>())
+            .bind(held.iter().map(|lease| lease.epoch).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(shards.into_iter().map(|shard| shard as u32).collect())
     }
 
     /// One shard's lease as the store has it now, with its owner's address.
