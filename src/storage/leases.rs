@@ -22,7 +22,7 @@ enum LeaseLock {
     /// A change of owner or epoch: waits for the commits in flight on those
     /// shards (they hold the rows `FOR KEY SHARE`), and they for it.
     Takeover,
-    /// A renewal, which changes only the expiry: no commit waits for it, nor
+    /// A renewal or a release, which changes only the expiry: no commit waits for it, nor
     /// it for a commit (`FOR NO KEY UPDATE` and `FOR KEY SHARE` do not conflict).
     Renewal,
 }
@@ -44,6 +44,29 @@ async fn lock_in_shard_order(
     };
     sqlx::query(sql).bind(shards).execute(&mut **tx).await?;
     Ok(())
+}
+
+/// Runs `sql`, an update of the lease rows `node_id` holds at the epochs of
+/// `held` (`$1` the node, `$2` and `$3` the shards and epochs, `$4` the lease
+/// length if given) after locking them in shard order; returns the shards
+/// it updated.
+async fn update_held(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    sql: &'static str,
+    node_id: &str,
+    held: &[ShardLease],
+    lease_ms: Option<i64>,
+) -> Result<Vec<u32>, sqlx::Error> {
+    lock_in_shard_order(tx, held.iter().map(|lease| lease.shard), LeaseLock::Renewal).await?;
+    let mut query = sqlx::query_scalar(sql)
+        .bind(node_id)
+        .bind(held.iter().map(|lease| lease.shard as i32).collect::<Vec<_>>())
+        .bind(held.iter().map(|lease| lease.epoch).collect::<Vec<_>>());
+    if let Some(lease_ms) = lease_ms {
+        query = query.bind(lease_ms);
+    }
+    let shards: Vec<i32> = query.fetch_all(&mut **tx).await?;
+    Ok(shards.into_iter().map(|shard| shard as u32).collect())
 }
 
 /// The database's clock in milliseconds since the Unix epoch.
@@ -188,20 +211,13 @@ impl PgLeases {
         let sql = concat!(
             "UPDATE shard_leases s SET expires_at_ms = ",
             now_ms!(),
-            " + $2 FROM UNNEST($3::int4[], $4::int8[]) AS h(shard, epoch) ",
+            " + $4 FROM UNNEST($2::int4[], $3::int8[]) AS h(shard, epoch) ",
             "WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1 RETURNING s.shard"
         );
         let mut tx = self.pool.begin().await?;
-        lock_in_shard_order(&mut tx, held.iter().map(|lease| lease.shard), LeaseLock::Renewal).await?;
-        let shards: Vec<i32> = sqlx::query_scalar(sql)
-            .bind(node_id)
-            .bind(lease_ms)
-            .bind(held.iter().map(|lease| lease.shard as i32).collect::<Vec<_>>())
-            .bind(held.iter().map(|lease| lease.epoch).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
-            .await?;
+        let renewed = update_held(&mut tx, sql, node_id, held, Some(lease_ms)).await?;
         tx.commit().await?;
-        Ok(shards.into_iter().map(|shard| shard as u32).collect())
+        Ok(renewed)
     }
 
     /// Takes each of `shards` that is free (expired, released, never owned) or
@@ -243,15 +259,9 @@ impl PgLeases {
                    WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1 RETURNING s.shard";
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM cluster_nodes WHERE node_id = $1").bind(node_id).execute(&mut *tx).await?;
-        lock_in_shard_order(&mut tx, held.iter().map(|lease| lease.shard), LeaseLock::Renewal).await?;
-        let shards: Vec<i32> = sqlx::query_scalar(sql)
-            .bind(node_id)
-            .bind(held.iter().map(|lease| lease.shard as i32).collect::<Vec<_>>())
-            .bind(held.iter().map(|lease| lease.epoch).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
-            .await?;
+        let released = update_held(&mut tx, sql, node_id, held, None).await?;
         tx.commit().await?;
-        Ok(shards.into_iter().map(|shard| shard as u32).collect())
+        Ok(released)
     }
 
     /// One shard's lease as the store has it now, with its owner's address.
