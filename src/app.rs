@@ -76,7 +76,7 @@ impl Application {
         };
         let database_id = db.database_id().await.context("reading the database id")?;
         let leases = Arc::new(Leases::none());
-        if db.cluster_leases().is_none() {
+        if db.backend_name() == "sqlite" {
             // The embedded node is a cluster of one: every shard, no expiry.
             for lease in db.acquire_all_shards(&node_id).await.context("taking the shard leases")? {
                 leases.grant(lease.shard, lease.epoch);
@@ -134,7 +134,9 @@ impl Application {
             forward_timeout: FORWARD_TIMEOUT,
             secret: config.cluster_secret.clone().unwrap_or_else(|| auth::derive_cluster_secret(&secret)),
         };
-        let lease_store = db.cluster_leases().map(|store| Arc::new(store) as Arc<dyn crate::cluster::LeaseStore>);
+        let lease_store = db
+            .cluster_leases(ClusterSettings::idle_in_transaction_limit(lease))
+            .map(|store| Arc::new(store) as Arc<dyn crate::cluster::LeaseStore>);
         let cluster = Cluster::new(cluster_settings, lease_store, node.clone(), read_cache.clone())
             .context("starting the cluster client")?;
         let manager = cluster.join().await.context("joining the cluster")?;

@@ -55,6 +55,14 @@ impl ClusterSettings {
         (lease / 5).clamp(Duration::from_millis(200), Duration::from_secs(1))
     }
 
+    /// How long the lease store lets a session sit inside a transaction
+    /// before it ends it. A live node runs a tick's statements back to back;
+    /// one stopped between them holds lease rows locked, and the others'
+    /// takeover waits at most this much past the lease's expiry.
+    pub fn idle_in_transaction_limit(lease: Duration) -> Duration {
+        (lease / 3).max(Duration::from_millis(250))
+    }
+
     /// A node that has not been seen for this long gets no forwarded writes:
     /// they fail fast instead of waiting on a process that stopped answering.
     fn silence(&self) -> Duration {

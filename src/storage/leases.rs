@@ -11,7 +11,10 @@
 //! without expiry (`acquire_all_shards`).
 
 use gavel_actors::ports::{BoxFuture, SHARD_COUNT, ShardLease};
+use std::time::Duration;
+
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 
 use super::Db;
 use crate::cluster::{ClusterRows, LeaseRow, LeaseStore, LeaseStoreError, MemberRow, ShardOwner};
@@ -109,15 +112,34 @@ impl Db {
     }
 
     /// The cluster's leases and membership, when the store is shared (Postgres).
-    pub fn cluster_leases(&self) -> Option<PgLeases> {
+    pub fn cluster_leases(&self, idle_in_transaction_limit: Duration) -> Option<PgLeases> {
         match self {
-            Db::Postgres { pool, .. } => Some(PgLeases { pool: pool.clone() }),
+            Db::Postgres { pool, .. } => {
+                let limit = idle_in_transaction_limit.as_millis().max(1).to_string();
+                let options = (*pool.connect_options())
+                    .clone()
+                    .options([("idle_in_transaction_session_timeout", limit.as_str())]);
+                let pool = PgPoolOptions::new()
+                    .max_connections(LEASE_CONNECTIONS)
+                    .acquire_timeout(super::ACQUIRE_TIMEOUT)
+                    .connect_lazy_with(options);
+                Some(PgLeases { pool })
+            }
             Db::Sqlite { .. } => None,
         }
     }
 }
 
-/// Leases and membership of a cluster on Postgres.
+/// Connections of the lease store's own pool: its ticks never wait behind
+/// the node's reads and writes under load.
+const LEASE_CONNECTIONS: u32 = 4;
+
+/// Leases and membership of a cluster on Postgres, on a pool of their own
+/// whose sessions Postgres ends when they sit in a transaction for longer than
+/// `idle_in_transaction_limit`: a node stopped (`SIGSTOP`, a VM paused) between
+/// the statements of a renewal keeps its connections open and its lease rows
+/// locked, and every other node's takeover would wait on those locks for as
+/// long as it stays stopped.
 #[derive(Clone)]
 pub struct PgLeases {
     pool: PgPool,
@@ -284,5 +306,62 @@ impl PgLeases {
             };
             ShardOwner { now_ms, lease: LeaseRow { shard, owner, epoch, expires_at_ms }, owner: member }
         }))
+    }
+}
+
+/// The lease store on a database of its own in the machine's Postgres
+/// (`GAVEL_TEST_POSTGRES`, default `postgres://postgres@127.0.0.1:5432`).
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use gavel_actors::ports::SHARD_COUNT;
+    use sqlx::Connection;
+
+    use super::{LeaseLock, lock_in_shard_order};
+    use crate::storage::Db;
+
+    async fn fresh_database() -> String {
+        let base =
+            std::env::var("GAVEL_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+        let name = format!("gavel_test_{}", uuid::Uuid::now_v7().simple());
+        let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.expect("Postgres runs");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
+        format!("{base}/{name}")
+    }
+
+    /// A node stopped (SIGSTOP) in the middle of a renewal keeps its session
+    /// open inside a transaction that holds its lease rows. Postgres ends that
+    /// session after the store's limit, so another node takes the shards once
+    /// the leases expire instead of waiting for the stopped node to wake up.
+    #[tokio::test]
+    async fn a_node_stopped_inside_a_renewal_does_not_hold_off_the_takeover() {
+        let db = Db::open_postgres(&fresh_database().await).await.unwrap();
+        let limit = Duration::from_millis(300);
+        let (a, b) = (db.cluster_leases(limit).unwrap(), db.cluster_leases(limit).unwrap());
+        let shards: Vec<u32> = (0..SHARD_COUNT).collect();
+        a.heartbeat("node-a", "http://a").await.unwrap();
+        assert_eq!(a.take("node-a", &shards, 200).await.unwrap().len(), shards.len());
+
+        // Node A stops after locking its rows for a renewal, before the update.
+        let mut stopped = a.pool.begin().await.unwrap();
+        lock_in_shard_order(&mut stopped, shards.iter().copied(), LeaseLock::Renewal).await.unwrap();
+
+        // B takes them once they expire (200 ms), within the limit after that.
+        let started = Instant::now();
+        loop {
+            let attempt = tokio::time::timeout(Duration::from_millis(500), b.take("node-b", &shards, 10_000)).await;
+            if let Ok(Ok(taken)) = &attempt
+                && taken.len() == shards.len()
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "node B took nothing in 5 s while node A sat in a transaction: {attempt:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(stopped.commit().await.is_err(), "the stopped node's session was ended");
     }
 }
