@@ -21,7 +21,11 @@
 //! stopped, and how long they took to get there.
 //!
 //! `--results PATH` appends one JSON row per scenario (labelled `--design`,
-//! `--backend`); `table` prints them side by side.
+//! `--backend`, and `--label` for the scenario's name in the row, when a run
+//! is not the scenario's usual one: `scripts/bench` labels the open-model runs
+//! at half the closed-loop rate `hot_auction_half_rate` and
+//! `many_auctions_half_rate`; such a row also says `offered_per_s`); `table`
+//! prints them side by side.
 
 mod http;
 mod table;
@@ -62,9 +66,12 @@ struct Options {
     /// hot_auction_uncoordinated (set by the scenario): each connection bids
     /// its own rising amounts instead of the next value of a shared counter.
     uncoordinated: bool,
-    /// Labels of the JSON rows, and where to append them.
+    /// Labels of the JSON rows, and where to append them. `label` names the
+    /// row's scenario instead of the scenario run (`hot_auction_half_rate`
+    /// for `hot_auction --rate R`).
     design: String,
     backend: String,
+    label: Option<String>,
     results: Option<String>,
 }
 
@@ -87,6 +94,7 @@ fn parse_options() -> Options {
         uncoordinated: false,
         design: "gavel".to_owned(),
         backend: "sqlite".to_owned(),
+        label: None,
         results: None,
     };
     while let Some(flag) = args.next() {
@@ -114,6 +122,7 @@ fn parse_options() -> Options {
             "--zipf" => options.zipf = value.parse().unwrap_or_else(|_| usage()),
             "--design" => options.design = value,
             "--backend" => options.backend = value,
+            "--label" => options.label = Some(value),
             "--results" => options.results = Some(value),
             _ => usage(),
         }
@@ -138,7 +147,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: gavel-bench hot_auction|hot_auction_uncoordinated|many_auctions|reads|http_ceiling|ws_fanout|ws_fanout_cross_node|ws_idle|forward_cost|overload|live_actors [--target HOST:PORT] [--targets HOST:PORT,...] \
          [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] \
-         [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--results PATH]\n       \
+         [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--label SCENARIO] [--results PATH]\n       \
          gavel-bench table RESULTS.jsonl [--json PATH]"
     );
     std::process::exit(2)
@@ -1097,7 +1106,8 @@ fn finish(
     let ms = |quantile: f64| report.latency.value_at_quantile(quantile) as f64 / 1000.0;
     let requests: u64 = report.statuses.values().sum();
     let mut row = json!({
-        "design": options.design, "backend": options.backend, "scenario": scenario,
+        "design": options.design, "backend": options.backend,
+        "scenario": options.label.as_deref().unwrap_or(scenario),
         "throughput_per_s": throughput.round(), "p50_ms": ms(0.5), "p99_ms": ms(0.99),
         "errors": report.error_count(),
         "accepted": report.count(201), "decided_per_s": (report.decided() as f64 / elapsed.as_secs_f64()).round(),
@@ -1111,6 +1121,9 @@ fn finish(
     if scenario == "many_auctions" {
         row["auctions"] = json!(options.auctions);
         row["zipf"] = json!(options.zipf);
+    }
+    if options.rate > 0 {
+        row["offered_per_s"] = json!(options.rate);
     }
     if let Some(verdict) = verdict {
         row["correct"] = json!(verdict.ok);

@@ -5,8 +5,16 @@
 
 use serde_json::Value;
 
-const SCENARIOS: [&str; 6] =
-    ["hot_auction", "hot_auction_uncoordinated", "many_auctions", "reads", "http_ceiling", "ws_fanout"];
+const SCENARIOS: [&str; 8] = [
+    "hot_auction",
+    "hot_auction_half_rate",
+    "hot_auction_uncoordinated",
+    "many_auctions",
+    "many_auctions_half_rate",
+    "reads",
+    "http_ceiling",
+    "ws_fanout",
+];
 
 pub fn print(results: &str, json: Option<&str>) {
     let text = std::fs::read_to_string(results).unwrap_or_else(|error| panic!("read {results}: {error}"));

@@ -142,6 +142,11 @@ async fn every_design_runs_every_scenario_correctly() {
         }
     }
     bench(&address, "gavel", "ws_fanout", &results, &["--watchers", "20", "--probes", "5", "--rate", "200"]).await;
+    // An open-model run under a label of its own, as `scripts/bench` runs each design at half its rate.
+    bench(&address, "gavel", "hot_auction", &results, &["--rate", "200", "--label", "hot_auction_half_rate"]).await;
+    let row = last_row(&results);
+    assert_eq!(row["scenario"], "hot_auction_half_rate", "{row}");
+    assert_eq!(row["offered_per_s"], 200, "{row}");
     let _ = stop.send(());
     server.await.expect("server task").expect("gavel stops cleanly");
 
@@ -172,13 +177,16 @@ async fn every_design_runs_every_scenario_correctly() {
         .lines()
         .map(|line| serde_json::from_str(line).expect("a JSON row"))
         .collect();
-    assert_eq!(rows.len(), SCENARIOS.len() + 1 + 3 * SCENARIOS.len(), "{rows:#?}");
+    assert_eq!(rows.len(), SCENARIOS.len() + 2 + 3 * SCENARIOS.len(), "{rows:#?}");
     for row in &rows {
         assert!(row["throughput_per_s"].as_f64().unwrap() > 0.0, "{row}");
         assert_eq!(row["errors"], 0, "{row}");
         // The bid scenarios check every auction's history; the others have no verdict.
         let scenario = row["scenario"].as_str().unwrap();
-        if matches!(scenario, "hot_auction" | "hot_auction_uncoordinated" | "many_auctions" | "ws_fanout") {
+        if matches!(
+            scenario,
+            "hot_auction" | "hot_auction_half_rate" | "hot_auction_uncoordinated" | "many_auctions" | "ws_fanout"
+        ) {
             assert_eq!(row["correct"], true, "{row}");
         }
     }
