@@ -76,7 +76,7 @@ impl Application {
         };
         let database_id = db.database_id().await.context("reading the database id")?;
         let leases = Arc::new(Leases::none());
-        if db.backend_name() == "sqlite" {
+        if matches!(db, Db::Sqlite { .. }) {
             // The embedded node is a cluster of one: every shard, no expiry.
             for lease in db.acquire_all_shards(&node_id).await.context("taking the shard leases")? {
                 leases.grant(lease.shard, lease.epoch);
