@@ -10,9 +10,9 @@
 //! The embedded node (SQLite) has no cluster: it takes every shard at start-up
 //! without expiry (`acquire_all_shards`).
 
-use gavel_actors::ports::{BoxFuture, SHARD_COUNT, ShardLease};
 use std::time::Duration;
 
+use gavel_actors::ports::{BoxFuture, SHARD_COUNT, ShardLease};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
