@@ -120,6 +120,22 @@ fn last_row(results: &Path) -> Value {
     serde_json::from_str(text.lines().last().expect("a row")).expect("a JSON row")
 }
 
+/// `gavel-bench table RESULTS --json LIST`: what it prints, and the list.
+fn run_table(results: &Path) -> (String, Vec<Value>) {
+    let list = results.with_extension("list.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gavel-bench"))
+        .arg("table")
+        .arg(results)
+        .arg("--json")
+        .arg(&list)
+        .output()
+        .expect("run the table");
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).expect("UTF-8");
+    let list = serde_json::from_str(&std::fs::read_to_string(&list).expect("the JSON list")).expect("JSON");
+    (printed, list)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("address").port()
 }
@@ -191,20 +207,10 @@ async fn every_design_runs_every_scenario_correctly() {
         }
     }
 
-    let list = dir.path().join("rows.json");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gavel-bench"))
-        .arg("table")
-        .arg(&results)
-        .arg("--json")
-        .arg(&list)
-        .output()
-        .expect("run the table");
-    assert!(output.status.success());
-    let table = String::from_utf8(output.stdout).expect("UTF-8");
+    let (table, list) = run_table(&results);
     for design in ["gavel", "pg_row_lock", "redis_lock", "redis_lua"] {
         assert!(table.lines().any(|line| line.starts_with(design)), "{design} in\n{table}");
     }
-    let list: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&list).expect("the JSON list")).expect("JSON");
     assert_eq!(list.len(), rows.len());
     for row in &list {
         for key in ["design", "backend", "scenario"] {
@@ -213,6 +219,36 @@ async fn every_design_runs_every_scenario_correctly() {
         for key in ["throughput_per_s", "p50_ms", "p99_ms", "errors"] {
             assert!(row[key].is_number(), "{key} in {row}");
         }
+    }
+
+    // The same rows as two rounds of `scripts/bench --rounds 2`, the second
+    // at twice the throughput: one row each, the lower (median) round, both
+    // rounds' figures beside it, the errors of both.
+    let rounds = dir.path().join("rounds.jsonl");
+    let mut text = String::new();
+    for (round, factor) in [(1, 1.0), (2, 2.0)] {
+        for row in &rows {
+            let mut row = row.clone();
+            row["round"] = round.into();
+            row["throughput_per_s"] = (row["throughput_per_s"].as_f64().unwrap() * factor).into();
+            text += &format!("{row}\n");
+        }
+    }
+    std::fs::write(&rounds, text).expect("write the rounds");
+    let (table, list) = run_table(&rounds);
+    assert!(table.lines().next().unwrap().contains("throughput/s of each round"), "{table}");
+    assert_eq!(list.len(), rows.len());
+    for row in &list {
+        let original = rows
+            .iter()
+            .find(|first| (&first["design"], &first["scenario"]) == (&row["design"], &row["scenario"]))
+            .expect("every design and scenario");
+        let figure = original["throughput_per_s"].as_f64().unwrap();
+        assert_eq!(row["rounds"], 2, "{row}");
+        assert_eq!(row["round"], 1, "{row}");
+        assert_eq!(row["throughput_per_s"].as_f64().unwrap(), figure, "{row}");
+        assert_eq!(row["throughput_per_s_rounds"], serde_json::json!([figure, figure * 2.0]), "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
     }
 }
 
