@@ -35,7 +35,7 @@ pub fn print(results: &str, json: Option<&str>) {
     let reference = |scenario: &str| {
         rows.iter()
             .find(|row| row["design"] == "gavel" && row["backend"] == "postgres" && row["scenario"] == scenario)
-            .and_then(|row| row["throughput_per_s"].as_f64())
+            .map(throughput)
     };
     let several_rounds = rows.iter().any(|row| row["rounds"].as_u64().unwrap_or(1) > 1);
     println!(
@@ -53,9 +53,9 @@ pub fn print(results: &str, json: Option<&str>) {
     );
     for row in &rows {
         let scenario = row["scenario"].as_str().unwrap_or("?");
-        let throughput = row["throughput_per_s"].as_f64().unwrap_or(0.0);
+        let figure = throughput(row);
         let ratio = match reference(scenario) {
-            Some(gavel) if gavel > 0.0 => format!("{:.2}×", throughput / gavel),
+            Some(gavel) if gavel > 0.0 => format!("{:.2}×", figure / gavel),
             _ => "–".to_owned(),
         };
         let correct = match row.get("correct").and_then(Value::as_bool) {
@@ -79,7 +79,7 @@ pub fn print(results: &str, json: Option<&str>) {
             row["design"].as_str().unwrap_or("?"),
             row["backend"].as_str().unwrap_or("?"),
             scenario,
-            thousands(throughput),
+            thousands(figure),
             row["decided_per_s"].as_f64().map_or_else(|| "–".to_owned(), thousands),
             row["p50_ms"].as_f64().unwrap_or(0.0),
             row["p99_ms"].as_f64().unwrap_or(0.0),
@@ -117,12 +117,9 @@ fn medians(rows: &[Value]) -> Vec<Value> {
         .into_iter()
         .map(|(_, mut members)| {
             members.sort_by_key(|row| row["round"].as_u64().unwrap_or(1));
-            let each: Vec<f64> = members.iter().map(|row| row["throughput_per_s"].as_f64().unwrap_or(0.0)).collect();
+            let each: Vec<f64> = members.iter().map(|row| throughput(row)).collect();
             let mut by_throughput = members.clone();
-            by_throughput.sort_by(|a, b| {
-                let figure = |row: &Value| row["throughput_per_s"].as_f64().unwrap_or(0.0);
-                figure(a).total_cmp(&figure(b))
-            });
+            by_throughput.sort_by(|a, b| throughput(a).total_cmp(&throughput(b)));
             let mut median = by_throughput[(by_throughput.len() - 1) / 2].clone();
             median["rounds"] = json!(members.len());
             median["throughput_per_s_rounds"] = json!(each);
@@ -144,6 +141,10 @@ fn medians(rows: &[Value]) -> Vec<Value> {
     };
     out.sort_by_key(order);
     out
+}
+
+fn throughput(row: &Value) -> f64 {
+    row["throughput_per_s"].as_f64().unwrap_or(0.0)
 }
 
 fn thousands(value: f64) -> String {
