@@ -10,8 +10,12 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 
-# The dependency layer: the workspace's manifests and empty targets.
+# The dependency layer: the workspace's manifests and empty targets, and
+# cargo's configuration (the `tokio_unstable` cfg gavel's runtime needs to keep
+# requests in arrival order; see .cargo/config.toml), which every crate is
+# built with.
 COPY Cargo.toml Cargo.lock build.rs rustfmt.toml ./
+COPY .cargo/config.toml .cargo/
 COPY actors/Cargo.toml actors/
 COPY benches/Cargo.toml benches/
 RUN mkdir -p src actors/src benches/src migrations/sqlite migrations/postgres \

@@ -173,6 +173,13 @@ async fn the_dockerfile_lints_clean_and_builds_a_slim_non_root_image() {
         first_build < position("COPY src src").expect("the sources")
             && first_build > position("COPY Cargo.toml").unwrap()
     );
+    // Every crate is built with cargo's configuration: without it the
+    // runtime is built without `tokio_unstable` and keeps its LIFO slot, and
+    // a burst of bids reaches an auction out of order (src/main.rs).
+    let config = position("COPY .cargo/config.toml").expect("cargo's configuration is copied");
+    assert!(config < first_build, "cargo's configuration comes before the first build");
+    let ignored = std::fs::read_to_string(repo(".dockerignore")).unwrap();
+    assert!(ignored.lines().any(|line| line == "!.cargo/config.toml"), "the build context holds it");
     // Runs as a numbered user that is not root.
     let user = instructions.iter().rev().find_map(|line| line.strip_prefix("USER ")).expect("a USER");
     assert!(!user.starts_with("0") && !user.starts_with("root"), "USER {user}");
