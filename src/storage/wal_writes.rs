@@ -197,6 +197,9 @@ unsafe extern "C" fn wal_write(file: *mut ffi::sqlite3_file, data: *const c_void
         let Ok(length) = usize::try_from(amount) else {
             return ffi::SQLITE_IOERR_WRITE;
         };
+        if length == 0 {
+            return ffi::SQLITE_OK;
+        }
         let continues = offset == wal.start + wal.buffer.len() as i64;
         if !wal.buffer.is_empty() && continues && wal.buffer.len() + length <= BUFFER_LIMIT {
             wal.buffer.extend_from_slice(std::slice::from_raw_parts(data.cast::<u8>(), length));
