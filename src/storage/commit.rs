@@ -579,8 +579,8 @@ mod tests {
     use gavel_actors::{AuctionState, BidCommand, Command, Event, Money, Status, UserRef};
     use uuid::Uuid;
 
-    use super::commit;
-    use crate::storage::{Db, NewAuction};
+    use super::{POSTGRES_COMMIT, commit};
+    use crate::storage::{Db, NewAuction, committer_options, fresh_postgres_database};
 
     const NODE: &str = "node-a";
 
@@ -758,5 +758,55 @@ mod tests {
         }
         assert_eq!(scene.bids_of(&state).await, 20);
         scene.db.insert_user(Uuid::now_v7(), "carol", "not a hash", 0).await.expect("other writes go on too");
+    }
+
+    /// Postgres keeps a generic plan for the commit after its first runs,
+    /// planned for the tables as they were then. Made while `auctions` held
+    /// one row, it must still find the batch's auctions by key when the table
+    /// holds thousands: before the commit's connections offered only keyed
+    /// plans (`committer_options`), it read and hashed the whole table, and
+    /// every commit of a many-auctions load read all 10,000 rows.
+    #[tokio::test]
+    async fn the_postgres_commit_planned_on_a_near_empty_database_finds_auctions_by_key() {
+        use sqlx::Connection;
+        let db = Db::open_postgres(&fresh_postgres_database().await).await.unwrap();
+        let Db::Postgres { pool, .. } = &db else { unreachable!("opened on Postgres") };
+        let seller = Uuid::now_v7();
+        db.insert_user(seller, "seller", "not a hash", 0).await.unwrap();
+        let add_auctions = |count: i32| {
+            sqlx::query(
+                "INSERT INTO auctions (id, shard, seller_id, title, description, currency, starting_price, \
+                 min_increment, soft_close_secs, start_at_ms, end_at_ms, status, current_price, bid_count, seq, \
+                 created_at_ms) \
+                 SELECT gen_random_uuid(), 0, $1, 'a lamp', '', 'EUR', 1000, 100, 0, 0, 1000000, 'active', 1000, \
+                 0, 0, 0 FROM generate_series(1, $2)",
+            )
+            .bind(seller)
+            .bind(count)
+            .execute(pool)
+        };
+        add_auctions(1).await.unwrap();
+
+        // The commit's connection, made to keep the generic plan from its first run.
+        let options = committer_options(&pool.connect_options()).options([("plan_cache_mode", "force_generic_plan")]);
+        let mut connection = sqlx::PgConnection::connect_with(&options).await.unwrap();
+        let prepare = format!("PREPARE gavel_commit AS {POSTGRES_COMMIT}");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(prepare)).execute(&mut connection).await.unwrap();
+        let mut arguments = vec!["'{}'"; 34];
+        arguments[2] = "'node-a'";
+        let explain = format!("EXPLAIN EXECUTE gavel_commit({})", arguments.join(", "));
+        async fn plan(connection: &mut sqlx::PgConnection, explain: &str) -> String {
+            let explain = sqlx::AssertSqlSafe(explain.to_owned());
+            let lines: Vec<String> = sqlx::query_scalar(explain).fetch_all(connection).await.unwrap();
+            lines.join("\n")
+        }
+        let first = plan(&mut connection, &explain).await;
+        add_auctions(5_000).await.unwrap();
+        let later = plan(&mut connection, &explain).await;
+        assert_eq!(first, later, "the plan made on one auction is the one kept");
+        assert!(
+            later.contains("Index Scan using auctions_pkey on auctions") && !later.contains("Seq Scan"),
+            "the commit reads auctions by key, whatever their number when it was planned:\n{later}"
+        );
     }
 }

@@ -316,19 +316,9 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use gavel_actors::ports::SHARD_COUNT;
-    use sqlx::Connection;
 
     use super::{LeaseLock, lock_in_shard_order};
-    use crate::storage::Db;
-
-    async fn fresh_database() -> String {
-        let base =
-            std::env::var("GAVEL_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
-        let name = format!("gavel_test_{}", uuid::Uuid::now_v7().simple());
-        let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.expect("Postgres runs");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap();
-        format!("{base}/{name}")
-    }
+    use crate::storage::{Db, fresh_postgres_database};
 
     /// A node stopped (SIGSTOP) in the middle of a renewal keeps its session
     /// open inside a transaction that holds its lease rows. Postgres ends that
@@ -336,7 +326,7 @@ mod tests {
     /// the leases expire instead of waiting for the stopped node to wake up.
     #[tokio::test]
     async fn a_node_stopped_inside_a_renewal_does_not_hold_off_the_takeover() {
-        let db = Db::open_postgres(&fresh_database().await).await.unwrap();
+        let db = Db::open_postgres(&fresh_postgres_database().await).await.unwrap();
         let limit = Duration::from_millis(300);
         let (a, b) = (db.cluster_leases(limit).unwrap(), db.cluster_leases(limit).unwrap());
         let shards: Vec<u32> = (0..SHARD_COUNT).collect();
