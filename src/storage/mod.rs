@@ -85,13 +85,13 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The group commit's connections: the pool's settings, and no plan but
 /// nested loops over index lookups. The commit is one prepared statement,
-/// and after five runs Postgres keeps a generic plan for it, planned for the
-/// tables as they were then. A node that starts on a near-empty database
-/// (or whose first commits name one auction) gets a plan that reads the whole
-/// `auctions` table and hashes it, which is cheapest for a table of a few
-/// rows, and keeps it as the table grows, until an `ANALYZE` comes along:
-/// measured, every commit of a many-auctions load read all 10,000 auction
-/// rows. Every statement on these connections touches rows by key, so the
+/// and after five runs Postgres may switch to a generic plan for it, planned
+/// for the tables as they were then, and keep it. A node that starts on a
+/// near-empty database (or whose first commits name one auction) gets a
+/// plan that reads the whole `auctions` table into a hash, cheapest for a
+/// few rows, and keeps it as the table grows, until an `ANALYZE` replaces
+/// it: measured, every commit of a many-auctions load read all 10,000
+/// auction rows. Every statement on these connections touches rows by key, so the
 /// plan that stays right at any size is the only one offered.
 pub(super) fn committer_options(pool_options: &PgConnectOptions) -> PgConnectOptions {
     pool_options.clone().options([("enable_seqscan", "off"), ("enable_hashjoin", "off"), ("enable_mergejoin", "off")])
