@@ -91,8 +91,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// plan that reads the whole `auctions` table into a hash, cheapest for a
 /// few rows, and keeps it as the table grows, until an `ANALYZE` replaces
 /// it: measured, every commit of a many-auctions load read all 10,000
-/// auction rows. Every statement on these connections touches rows by key, so the
-/// plan that stays right at any size is the only one offered.
+/// auction rows. Every statement on these connections touches rows by key,
+/// so the plan that stays right at any size is the only one offered.
 pub(super) fn committer_options(pool_options: &PgConnectOptions) -> PgConnectOptions {
     pool_options.clone().options([("enable_seqscan", "off"), ("enable_hashjoin", "off"), ("enable_mergejoin", "off")])
 }
