@@ -99,19 +99,40 @@ pub struct Auth {
     decoding: DecodingKey,
     validation: Validation,
     database_id: String,
+    /// Tokens already verified, by their exact text: a client sends the same
+    /// token with every request, and checking its signature and decoding its
+    /// JSON cost more of a rejected bid's time than anything else the node
+    /// does for it. At most `VERIFIED_TOKENS_KEPT`; expiry is checked on every use.
+    verified: std::sync::Mutex<std::collections::HashMap<Box<str>, Verified>>,
 }
+
+/// A verified token's user and its expiry (seconds since the epoch).
+struct Verified {
+    user: AuthUser,
+    exp: i64,
+}
+
+/// Verified tokens remembered at most; when full, they are forgotten all at
+/// once (each is verified again when next sent). Some 400 bytes each.
+const VERIFIED_TOKENS_KEPT: usize = 16_384;
+
+/// Seconds a token is still taken after its `exp` (clocks differ a little).
+const EXPIRY_LEEWAY_SECS: i64 = 5;
 
 impl Auth {
     pub fn new(secret: &Secret, database_id: &str) -> Auth {
         // Only HS256: a token naming another algorithm (or `none`) is refused.
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
+        // Expiry is checked against the node's clock (`verify`'s `now_secs`),
+        // for a remembered token as for a new one.
+        validation.validate_exp = false;
         Auth {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
             validation,
             database_id: database_id.to_owned(),
+            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -127,12 +148,34 @@ impl Auth {
             .expect("HS256 signing with a valid key cannot fail")
     }
 
-    pub fn verify(&self, token: &str) -> Option<AuthUser> {
+    /// The user `token` names, if it is one of ours (signed with this node's
+    /// secret, for this database) and not expired at `now_secs`.
+    pub fn verify(&self, token: &str, now_secs: i64) -> Option<AuthUser> {
+        let unexpired = |exp: i64| now_secs <= exp.saturating_add(EXPIRY_LEEWAY_SECS);
+        if let Some(known) = self.remembered().get(token) {
+            return unexpired(known.exp).then(|| known.user.clone());
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
-        if data.claims.db != self.database_id {
+        if data.claims.db != self.database_id || !unexpired(data.claims.exp) {
             return None;
         }
-        Some(AuthUser { id: data.claims.sub, username: data.claims.name })
+        let user = AuthUser { id: data.claims.sub, username: data.claims.name };
+        let mut remembered = self.remembered();
+        if remembered.len() >= VERIFIED_TOKENS_KEPT {
+            remembered.clear();
+        }
+        remembered.insert(token.into(), Verified { user: user.clone(), exp: data.claims.exp });
+        Some(user)
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Box<str>, Verified>> {
+        self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many verified tokens are remembered (for the tests).
+    #[cfg(test)]
+    fn remembered_count(&self) -> usize {
+        self.remembered().len()
     }
 }
 
@@ -248,11 +291,46 @@ mod tests {
         let id = Uuid::now_v7();
         let now = chrono::Utc::now().timestamp();
         let token = auth.issue(id, "alice", now);
-        assert_eq!(auth.verify(&token).map(|user| user.id), Some(id));
-        assert!(other.verify(&token).is_none(), "signed with another secret");
-        assert!(other_database.verify(&token).is_none(), "issued for another database");
-        assert!(auth.verify(&auth.issue(id, "alice", now - 2 * TOKEN_LIFETIME_SECS)).is_none(), "expired");
+        assert_eq!(auth.verify(&token, now).map(|user| user.id), Some(id));
+        assert!(other.verify(&token, now).is_none(), "signed with another secret");
+        assert!(other_database.verify(&token, now).is_none(), "issued for another database");
+        assert!(auth.verify(&auth.issue(id, "alice", now - 2 * TOKEN_LIFETIME_SECS), now).is_none(), "expired");
         assert!(format!("{:?}", Secret::new("hunter2".to_owned())).find("hunter2").is_none());
+    }
+
+    /// A token verified once is remembered, and still refused from the moment
+    /// it expires; a token that differs from it in any way is checked afresh;
+    /// the memory stays within its bound.
+    #[test]
+    fn remembered_tokens_expire_on_time_and_stay_bounded() {
+        let auth = Auth::new(&Secret::new("a".repeat(64)), "db-1");
+        let id = Uuid::now_v7();
+        let issued_at = 1_800_000_000;
+        let token = auth.issue(id, "alice", issued_at);
+        assert_eq!(auth.verify(&token, issued_at).map(|user| user.id), Some(id));
+        assert_eq!(auth.remembered_count(), 1);
+        let last_second = issued_at + TOKEN_LIFETIME_SECS + EXPIRY_LEEWAY_SECS;
+        let remembered = auth.verify(&token, last_second).expect("valid until its expiry and the leeway");
+        assert_eq!((remembered.id, remembered.username.as_str()), (id, "alice"));
+        assert!(auth.verify(&token, last_second + 1).is_none(), "expired, though remembered");
+        assert_eq!(auth.remembered_count(), 1, "the refusal above came from the remembered token");
+
+        // The same token with its signature altered, or another database's.
+        let mut forged = token.clone();
+        let last = forged.pop().expect("a token has text");
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(auth.verify(&forged, issued_at).is_none(), "a forged signature");
+        let elsewhere = Auth::new(&Secret::new("a".repeat(64)), "db-2").issue(id, "alice", issued_at);
+        assert!(auth.verify(&elsewhere, issued_at).is_none(), "another database's token");
+        assert_eq!(auth.remembered_count(), 1, "refused tokens are not remembered");
+
+        for user in 0..VERIFIED_TOKENS_KEPT {
+            let token = auth.issue(Uuid::from_u128(user as u128), "bob", issued_at);
+            assert!(auth.verify(&token, issued_at).is_some());
+            assert!(auth.remembered_count() <= VERIFIED_TOKENS_KEPT);
+        }
+        assert!(auth.remembered_count() < VERIFIED_TOKENS_KEPT, "forgotten all at once when full, then filled again");
+        assert_eq!(auth.verify(&token, issued_at).map(|user| user.id), Some(id), "verified again once forgotten");
     }
 
     #[test]

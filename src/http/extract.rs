@@ -120,7 +120,7 @@ impl FromRequestParts<ApiContext> for AuthUser {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(ApiError::Unauthenticated);
         }
-        context.auth.verify(token.trim()).ok_or(ApiError::Unauthenticated)
+        context.auth.verify(token.trim(), context.now_ms() / 1000).ok_or(ApiError::Unauthenticated)
     }
 }
 

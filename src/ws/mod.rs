@@ -110,7 +110,7 @@ async fn upgrade(
         }
     };
     let user = match params.token {
-        Some(token) => Some(context.auth.verify(&token).ok_or(ApiError::Unauthenticated)?),
+        Some(token) => Some(context.auth.verify(&token, context.now_ms() / 1000).ok_or(ApiError::Unauthenticated)?),
         None => None,
     };
     let on_upgrade = request
@@ -628,7 +628,7 @@ impl Connection {
                         .reply(ServerMessage::error("INVALID_REQUEST", "this connection is authenticated"))
                         .await;
                 }
-                match self.context.auth.verify(&token) {
+                match self.context.auth.verify(&token, self.context.now_ms() / 1000) {
                     Some(user) => {
                         let view = UserView { id: user.id, username: user.username.clone() };
                         self.authenticate(user);
