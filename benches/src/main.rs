@@ -1,7 +1,8 @@
 //! gavel's load generator. Closed loop: each of N connections (one user each)
 //! sends its next request as soon as the previous one is answered. Open model
 //! (`--rate`): requests at a fixed arrival rate, latency counted from each
-//! request's intended send time (no coordinated omission).
+//! request's intended send time (no coordinated omission). Either way the
+//! load and its clock start once every connection is open.
 //!
 //! ```text
 //! gavel-bench hot_auction   --target 127.0.0.1:8080 --connections 64 --seconds 10
@@ -681,15 +682,22 @@ impl Random {
 
 /// Every bidder on its own connection, closed loop or paced (`--rate`); each
 /// request bids on one of `auctions` (the first, or one chosen by `zipf`).
+///
+/// The load starts once every connection is open and its report made (the
+/// open model's clock too): a connection still opening, or a generator still
+/// zeroing its histograms, is not the server's latency.
 async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], zipf: Option<Arc<Zipf>>) -> Report {
     let paths: Arc<Vec<String>> = Arc::new(auctions.iter().map(|id| format!("/api/v1/auctions/{id}/bids")).collect());
     let counters: Arc<Vec<AtomicI64>> = Arc::new(auctions.iter().map(|_| AtomicI64::new(1)).collect());
-    let deadline = Instant::now() + Duration::from_secs(options.seconds);
+    let ready = Arc::new(tokio::sync::Barrier::new(tokens.len() + 1));
+    let (start_sender, start) = tokio::sync::watch::channel::<Option<Instant>>(None);
+    let seconds = Duration::from_secs(options.seconds);
     let mut tasks = Vec::new();
     let mut ticket_senders = Vec::new();
     for (index, token) in tokens.into_iter().enumerate() {
         let target = options.target_for(index);
         let (paths, counters, zipf) = (paths.clone(), counters.clone(), zipf.clone());
+        let (ready, mut start) = (ready.clone(), start.clone());
         let (ticket_sender, mut tickets) = tokio::sync::mpsc::unbounded_channel::<Instant>();
         ticket_senders.push(ticket_sender);
         let open_model = options.rate > 0;
@@ -699,7 +707,12 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
             // Uncoordinated: this connection's next amount.
             let mut own_next: i64 = 1;
             let mut random = Random::seeded(index as u64 + 1);
-            let mut connection = Connection::open(&target).await.expect("connect");
+            let connection = Connection::open(&target).await;
+            // Past the barrier even when the connection failed, so that the others are not held.
+            ready.wait().await;
+            let mut connection = connection.expect("connect");
+            let began = start.wait_for(Option::is_some).await.map(|began| began.expect("is some"));
+            let deadline = began.expect("the load's start is sent after every connection is ready") + seconds;
             loop {
                 // Open model: the pacer names each request's send time;
                 // latency counts from that time, so a late send is not forgiven
@@ -774,8 +787,11 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
             report
         }));
     }
+    ready.wait().await;
+    let began = Instant::now();
+    start_sender.send_replace(Some(began));
     if options.rate > 0 {
-        spawn_pacer(options.rate, deadline, ticket_senders);
+        spawn_pacer(options.rate, began + seconds, ticket_senders);
     } else {
         drop(ticket_senders);
     }
