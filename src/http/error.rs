@@ -10,7 +10,7 @@ use gavel_actors::{Money, Rejection, Status};
 
 use crate::bidding::WriteFailure;
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 #[derive(Debug)]
@@ -141,27 +141,6 @@ impl ApiError {
         }
     }
 
-    fn extra(&self) -> Map<String, Value> {
-        let mut extra = Map::new();
-        match self {
-            ApiError::AuctionNotActive { status } => {
-                extra.insert("status".to_owned(), json!(status.as_str()));
-            }
-            ApiError::BidTooLow { min_bid, current_price } => {
-                extra.insert("min_bid".to_owned(), json!(min_bid.minor_units()));
-                extra.insert("current_price".to_owned(), json!(current_price.minor_units()));
-            }
-            ApiError::RateLimited { retry_after_secs, .. } => {
-                extra.insert("retry_after_secs".to_owned(), json!(retry_after_secs));
-            }
-            ApiError::Unavailable { outcome_unknown: true, .. } => {
-                extra.insert("outcome".to_owned(), json!("unknown"));
-            }
-            _ => {}
-        }
-        extra
-    }
-
     pub fn internal(context: &str, error: impl std::fmt::Display) -> ApiError {
         tracing::error!(%error, context, "internal failure");
         ApiError::Unavailable { reason: "storage unavailable".to_owned(), outcome_unknown: false }
@@ -171,10 +150,10 @@ impl ApiError {
         ApiError::Unavailable { reason: reason.into(), outcome_unknown: false }
     }
 
-    /// The error's fields, serialized straight to the response body: the same
-    /// bytes as `detail()` (its keys in their order, a JSON object's sorted
-    /// keys), without first building a map of values, which took a rejected
-    /// bid's answer more time than the rest of its body.
+    /// The error's fields, `code`, `message` and the extra ones some codes
+    /// carry: serialized straight to the response body, without first building
+    /// a map of values (which took a rejected bid's answer more time than the
+    /// rest of its body).
     fn detail_out(&self) -> DetailOut {
         let mut out = DetailOut {
             code: self.code(),
@@ -200,10 +179,7 @@ impl ApiError {
 
     /// The body as the WebSocket and tests want it: `{code, message, ...extra}`.
     pub fn detail(&self) -> Value {
-        let mut detail = self.extra();
-        detail.insert("code".to_owned(), json!(self.code()));
-        detail.insert("message".to_owned(), json!(self.message()));
-        Value::Object(detail)
+        serde_json::to_value(self.detail_out()).expect("an error's fields serialize")
     }
 }
 
@@ -245,7 +221,8 @@ impl From<WriteFailure> for ApiError {
     }
 }
 
-/// An error response's body, `{"error": {...}}`; the fields in `detail()`'s key order.
+/// An error response's body, `{"error": {...}}`. The fields are in
+/// alphabetical order, as they were when the body was a map of values.
 #[derive(Serialize)]
 struct ErrorOut {
     error: DetailOut,
@@ -288,41 +265,62 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
-    /// Every error's body, written straight from its fields, is byte for
-    /// byte the `{"error": detail()}` the contract's tests and the WebSocket use.
+    /// Every error's body is `{"error": {code, message}}` plus exactly the
+    /// extra fields docs/API.md gives its code, keys in alphabetical order as
+    /// they always were; the WebSocket's `detail()` is the same object.
     #[test]
-    fn every_error_body_is_its_detail_under_error() {
+    fn every_error_body_carries_its_code_message_and_extra_fields() {
         let money = |minor| Money::parse(minor).expect("a valid amount");
         let errors = [
-            ApiError::InvalidRequest("limit must be 1 to 100 \"quoted\"".to_owned()),
-            ApiError::PayloadTooLarge,
-            ApiError::BodyTimeout,
-            ApiError::Unauthenticated,
-            ApiError::InvalidCredentials,
-            ApiError::Forbidden,
-            ApiError::UsernameTaken,
-            ApiError::AuctionNotFound,
-            ApiError::NoBids,
-            ApiError::RouteNotFound,
-            ApiError::MethodNotAllowed,
-            ApiError::AuctionNotActive { status: Status::Ended },
-            ApiError::SellerCannotBid,
-            ApiError::BidTooLow { min_bid: money(12_600), current_price: money(12_500) },
-            ApiError::AlreadyLeading,
-            ApiError::AuctionHasBids,
-            ApiError::InvalidAmount("amount must be at least 1".to_owned()),
-            ApiError::IdempotencyKeyReused,
-            ApiError::RateLimited { retry_after_secs: 7, of: Limited::Bids },
-            ApiError::RateLimited { retry_after_secs: 60, of: Limited::SignIns },
-            ApiError::Unavailable { reason: "the auction is busy".to_owned(), outcome_unknown: false },
-            ApiError::Unavailable { reason: "timed out".to_owned(), outcome_unknown: true },
+            (ApiError::InvalidRequest("limit must be 1 to 100 \"quoted\"".to_owned()), json!({})),
+            (ApiError::PayloadTooLarge, json!({})),
+            (ApiError::BodyTimeout, json!({})),
+            (ApiError::Unauthenticated, json!({})),
+            (ApiError::InvalidCredentials, json!({})),
+            (ApiError::Forbidden, json!({})),
+            (ApiError::UsernameTaken, json!({})),
+            (ApiError::AuctionNotFound, json!({})),
+            (ApiError::NoBids, json!({})),
+            (ApiError::RouteNotFound, json!({})),
+            (ApiError::MethodNotAllowed, json!({})),
+            (ApiError::AuctionNotActive { status: Status::Ended }, json!({"status": "ended"})),
+            (ApiError::SellerCannotBid, json!({})),
+            (
+                ApiError::BidTooLow { min_bid: money(12_600), current_price: money(12_500) },
+                json!({"min_bid": 12_600, "current_price": 12_500}),
+            ),
+            (ApiError::AlreadyLeading, json!({})),
+            (ApiError::AuctionHasBids, json!({})),
+            (ApiError::InvalidAmount("amount must be at least 1".to_owned()), json!({})),
+            (ApiError::IdempotencyKeyReused, json!({})),
+            (ApiError::RateLimited { retry_after_secs: 7, of: Limited::Bids }, json!({"retry_after_secs": 7})),
+            (ApiError::RateLimited { retry_after_secs: 60, of: Limited::SignIns }, json!({"retry_after_secs": 60})),
+            (ApiError::Unavailable { reason: "the auction is busy".to_owned(), outcome_unknown: false }, json!({})),
+            (
+                ApiError::Unavailable { reason: "timed out".to_owned(), outcome_unknown: true },
+                json!({"outcome": "unknown"}),
+            ),
         ];
-        for error in errors {
+        for (error, extra) in errors {
+            let mut expected = extra;
+            expected["code"] = json!(error.code());
+            expected["message"] = json!(error.message());
             let written = serde_json::to_string(&ErrorOut { error: error.detail_out() }).expect("serializes");
-            let expected = serde_json::to_string(&json!({ "error": error.detail() })).expect("serializes");
-            assert_eq!(written, expected, "{error:?}");
+            let body: Value = serde_json::from_str(&written).expect("JSON");
+            assert_eq!(body, json!({ "error": expected }), "{error:?}");
+            assert_eq!(error.detail(), expected, "{error:?}");
         }
+        let too_low = ApiError::BidTooLow { min_bid: money(12_600), current_price: money(12_500) };
+        assert_eq!(
+            serde_json::to_string(&ErrorOut { error: too_low.detail_out() }).expect("serializes"),
+            format!(
+                r#"{{"error":{{"code":"BID_TOO_LOW","current_price":12500,"message":"{}","min_bid":12600}}}}"#,
+                too_low.message()
+            )
+        );
     }
 }
