@@ -103,7 +103,7 @@ pub struct Auth {
     /// token with every request, and checking its signature and decoding its
     /// JSON cost more of a rejected bid's time than anything else the node
     /// does for it. At most `VERIFIED_TOKENS_KEPT`; expiry is checked on every use.
-    verified: std::sync::Mutex<std::collections::HashMap<Box<str>, Verified>>,
+    verified: std::sync::RwLock<std::collections::HashMap<Box<str>, Verified>>,
 }
 
 /// A verified token's user and its expiry (seconds since the epoch).
@@ -132,7 +132,7 @@ impl Auth {
             decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
             validation,
             database_id: database_id.to_owned(),
-            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
+            verified: std::sync::RwLock::new(std::collections::HashMap::new()),
         }
     }
 
@@ -152,7 +152,8 @@ impl Auth {
     /// secret, for this database) and not expired at `now_secs`.
     pub fn verify(&self, token: &str, now_secs: i64) -> Option<AuthUser> {
         let unexpired = |exp: i64| now_secs <= exp.saturating_add(EXPIRY_LEEWAY_SECS);
-        if let Some(known) = self.remembered().get(token) {
+        // Read on every request (shared), written once per token.
+        if let Some(known) = self.verified.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(token) {
             return unexpired(known.exp).then(|| known.user.clone());
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
@@ -160,7 +161,7 @@ impl Auth {
             return None;
         }
         let user = AuthUser { id: data.claims.sub, username: data.claims.name };
-        let mut remembered = self.remembered();
+        let mut remembered = self.verified.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         if remembered.len() >= VERIFIED_TOKENS_KEPT {
             remembered.clear();
         }
@@ -168,14 +169,10 @@ impl Auth {
         Some(user)
     }
 
-    fn remembered(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Box<str>, Verified>> {
-        self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// How many verified tokens are remembered (for the tests).
     #[cfg(test)]
     fn remembered_count(&self) -> usize {
-        self.remembered().len()
+        self.verified.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 }
 
