@@ -711,8 +711,8 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
             // Past the barrier even when the connection failed, so that the others are not held.
             ready.wait().await;
             let mut connection = connection.expect("connect");
-            let began = start.wait_for(Option::is_some).await.map(|began| began.expect("is some"));
-            let deadline = began.expect("the load's start is sent after every connection is ready") + seconds;
+            let began = start.wait_for(Option::is_some).await.ok().and_then(|began| *began);
+            let deadline = began.expect("the load's start is sent once every connection is ready") + seconds;
             loop {
                 // Open model: the pacer names each request's send time;
                 // latency counts from that time, so a late send is not forgiven
