@@ -70,6 +70,12 @@ impl Application {
                 .await
                 .with_context(|| format!("opening SQLite in {}", config.data_dir.display()))?,
         };
+        settings.persistence.hedge_after = match db {
+            Db::Postgres { .. } if config.commit_hedge_after_ms > 0 => {
+                Some(std::time::Duration::from_millis(config.commit_hedge_after_ms))
+            }
+            _ => None,
+        };
         let secret = match &config.jwt_secret {
             Some(secret) => secret.clone(),
             None => auth::load_or_create_secret(&config.data_dir).context("creating the JWT secret")?,

@@ -57,6 +57,11 @@ pub struct Config {
     /// batch is whatever arrived during the previous commit).
     #[arg(long, env = "GAVEL_COMMIT_DELAY_US", default_value_t = 0)]
     pub commit_delay_us: u64,
+    /// On Postgres: when a group commit has taken this many milliseconds, a
+    /// second starts beside it for the queued writes of the other auctions. 0:
+    /// one commit at a time. SQLite has one writer and always commits one at a time.
+    #[arg(long, env = "GAVEL_COMMIT_HEDGE_AFTER_MS", default_value_t = 5)]
+    pub commit_hedge_after_ms: u64,
     /// Registrations and sign-ins a minute from one client address (bursts
     /// of as many); 0: no limit.
     #[arg(long, env = "GAVEL_SIGN_INS_PER_ADDRESS", default_value_t = 60)]

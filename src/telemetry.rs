@@ -101,6 +101,11 @@ fn describe() {
     describe_histogram!(actor_names::COMMIT_BATCH_SIZE, Unit::Count, "Writes per group-commit transaction.");
     describe_histogram!(actor_names::COMMIT_LATENCY_SECONDS, Unit::Seconds, "Time one group commit takes.");
     describe_counter!(actor_names::COMMIT_FAILURES_TOTAL, Unit::Count, "Commit attempts that failed and were retried.");
+    describe_counter!(
+        actor_names::COMMIT_HEDGES_TOTAL,
+        Unit::Count,
+        "Commits started beside one that had run past --commit-hedge-after-ms."
+    );
     describe_gauge!(PERSISTENCE_QUEUE_DEPTH, Unit::Count, "Writes accepted but not yet durable.");
     describe_gauge!(actor_names::LIVE_AUCTIONS, Unit::Count, "Auction actors running on this node.");
     describe_gauge!(
@@ -165,6 +170,7 @@ fn describe() {
         metrics::counter!(BIDS_TOTAL, "outcome" => *outcome).absolute(0);
     }
     metrics::counter!(actor_names::COMMIT_FAILURES_TOTAL).absolute(0);
+    metrics::counter!(actor_names::COMMIT_HEDGES_TOTAL).absolute(0);
     describe_counter!(
         actor_names::WRITES_REFUSED_TOTAL,
         Unit::Count,

@@ -4,6 +4,8 @@
 pub const COMMIT_BATCH_SIZE: &str = "gavel_commit_batch_size";
 pub const COMMIT_LATENCY_SECONDS: &str = "gavel_commit_latency_seconds";
 pub const COMMIT_FAILURES_TOTAL: &str = "gavel_commit_failures_total";
+/// Commits started beside an overdue one (`PersistenceSettings::hedge_after`).
+pub const COMMIT_HEDGES_TOTAL: &str = "gavel_commit_hedges_total";
 pub const LIVE_AUCTIONS: &str = "gavel_live_auctions";
 /// Bid and cancel calls admitted to auction actors and not answered yet.
 pub const ACTOR_MAILBOX_DEPTH: &str = "gavel_actor_mailbox_depth";

@@ -22,8 +22,17 @@
 //!   writes were not made, are not retried, their auctions are told to stop,
 //!   and the shard is dropped from the node's leases (no auction of it takes
 //!   another write; the lease manager finds out who owns it now).
+//!
+//! One commit is in flight at a time, run by the actor itself, except as a
+//! hedge (`hedge_after`, on a store that can run two transactions at once):
+//! a commit still running after that long (a lock, a paused CPU under its
+//! database backend) is left to finish in a task of its own, and the actor
+//! commits the next writes of every auction not in it beside it. An
+//! auction's writes still go one commit at a time, in order: those of an
+//! auction with a commit in flight wait for it, so a failed or refused
+//! commit holds back exactly its own auctions' later writes, as above.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,6 +92,11 @@ pub struct PersistenceSettings {
     /// One commit attempt's time limit.
     pub commit_timeout: Duration,
     pub max_backoff: Duration,
+    /// When the commit in flight has taken this long, a second one starts
+    /// beside it with the queued writes of auctions not in the first, so one
+    /// stalled commit does not hold up every auction. `None`: one commit at a
+    /// time (a store with one writer gains nothing from a second).
+    pub hedge_after: Option<Duration>,
 }
 
 impl Default for PersistenceSettings {
@@ -92,6 +106,7 @@ impl Default for PersistenceSettings {
             max_batch_writes: 1024,
             commit_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(1),
+            hedge_after: None,
         }
     }
 }
@@ -108,8 +123,19 @@ pub enum PersistenceMsg {
     Flush,
     /// Commits everything sent before it, then answers (graceful shutdown).
     Drain(RpcReplyPort<()>),
+    /// A commit finished: its writes are durable, or refused and their
+    /// auctions told. `refused` lists the auctions whose writes the store
+    /// refused as invalid, from which write on.
+    Committed {
+        commit: u64,
+        refused: Vec<(ActorId, u64)>,
+    },
+    /// A commit's task failed (a panic: a bug).
+    CommitFailed(String),
 }
 
+/// The group commit. Cloned into each commit's task (every field is shared).
+#[derive(Clone)]
 pub struct PersistenceActor {
     pub store: Arc<dyn Store>,
     /// Slots reserved by auction actors for each write; freed after commit.
@@ -122,14 +148,29 @@ pub struct PersistenceActor {
     pub failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// A commit that overran `hedge_after`, finishing in a task of its own.
+struct InFlight {
+    commit: u64,
+    /// tokio's clock, which tests can pause and move.
+    started: tokio::time::Instant,
+    /// Its auction actors: their queued writes wait for it.
+    auctions: HashSet<ActorId>,
+}
+
 pub struct PersistenceState {
     /// Auction actors with a write refused as invalid, and from which write
     /// on: their later writes, still on the way here, are refused too.
     refused: HashMap<ActorId, u64>,
+    /// Writes not yet in a commit, in the order they came.
     writes: Vec<Write>,
     origins: Vec<Origin>,
     spans: Vec<tracing::Span>,
+    /// Commits left to finish in a task of their own (see `commit_next`):
+    /// at most one, and then the actor may run a second beside it.
+    in_flight: Vec<InFlight>,
+    detached_commits: u64,
     flush_scheduled: bool,
+    drains: Vec<RpcReplyPort<()>>,
 }
 
 impl Actor for PersistenceActor {
@@ -143,7 +184,10 @@ impl Actor for PersistenceActor {
             writes: Vec::new(),
             origins: Vec::new(),
             spans: Vec::new(),
+            in_flight: Vec::new(),
+            detached_commits: 0,
             flush_scheduled: false,
+            drains: Vec::new(),
         })
     }
 
@@ -155,16 +199,18 @@ impl Actor for PersistenceActor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             PersistenceMsg::Write { write, from, write_no, span } => {
+                // A write whose auction has a commit in flight cannot go before it ends.
+                let may_go = self.may_start(state) && !state.has_commit_in_flight(from.actor_id());
                 state.writes.push(*write);
                 state.origins.push((from, write_no));
                 if let Some(span) = span {
                     state.spans.push(span);
                 }
-                if state.writes.len() >= self.settings.max_batch_writes {
-                    self.commit_batch(state).await;
-                } else if !state.flush_scheduled {
+                if state.writes.len() >= self.settings.max_batch_writes && may_go {
+                    self.commit_next(&myself, state).await;
+                } else if !state.flush_scheduled && may_go {
                     state.flush_scheduled = true;
-                    if self.settings.batch_delay.is_zero() {
+                    if self.settings.batch_delay.is_zero() || !state.in_flight.is_empty() {
                         // The flush queues behind every write already in the mailbox:
                         // the batch is whatever arrived while the last commit ran.
                         let _ = myself.send_message(PersistenceMsg::Flush);
@@ -175,10 +221,26 @@ impl Actor for PersistenceActor {
             }
             PersistenceMsg::Flush => {
                 state.flush_scheduled = false;
-                self.commit_batch(state).await;
+                self.commit_next(&myself, state).await;
             }
             PersistenceMsg::Drain(reply) => {
-                self.commit_batch(state).await;
+                state.drains.push(reply);
+                self.commit_next(&myself, state).await;
+            }
+            PersistenceMsg::Committed { commit, refused } => {
+                state.in_flight.retain(|in_flight| in_flight.commit != commit);
+                for (actor, from_write_no) in refused {
+                    state.refuse(actor, from_write_no);
+                }
+                // What queued behind it goes now: it has waited a commit already.
+                self.commit_next(&myself, state).await;
+            }
+            PersistenceMsg::CommitFailed(reason) => {
+                return Err(format!("a commit's task failed: {reason}").into());
+            }
+        }
+        if !state.drains.is_empty() && state.in_flight.is_empty() && state.writes.is_empty() {
+            for reply in state.drains.drain(..) {
                 let _ = reply.send(());
             }
         }
@@ -194,31 +256,127 @@ impl PersistenceState {
         }
         self.refused.insert(actor, from_write_no);
     }
+
+    fn has_commit_in_flight(&self, actor: ActorId) -> bool {
+        self.in_flight.iter().any(|in_flight| in_flight.auctions.contains(&actor))
+    }
 }
 
 impl PersistenceActor {
-    async fn commit_batch(&self, state: &mut PersistenceState) {
-        if state.writes.is_empty() {
+    /// Whether a commit may start now: none is in flight, or (hedging) the
+    /// one in flight on its own has taken `hedge_after` already.
+    fn may_start(&self, state: &PersistenceState) -> bool {
+        match (state.in_flight.as_slice(), self.settings.hedge_after) {
+            ([], _) => true,
+            ([only], Some(after)) => only.started.elapsed() >= after,
+            _ => false,
+        }
+    }
+
+    /// Commits the queued writes of every auction with no commit in flight
+    /// (at most `max_batch_writes`, in the order they came), when a commit
+    /// may start. A later write of an auction never commits before an
+    /// earlier one: while an auction has a commit in flight, its queued
+    /// writes wait for it.
+    ///
+    /// The commit runs here, in the actor, so a normal commit costs no hop to
+    /// another task and back. With hedging, a commit still running after
+    /// `hedge_after` is left to finish in a task of its own (it reports
+    /// `Committed`), and the actor goes back to its mailbox: the next writes
+    /// of other auctions commit beside it.
+    async fn commit_next(&self, myself: &ActorRef<PersistenceMsg>, state: &mut PersistenceState) {
+        if state.writes.is_empty() || !self.may_start(state) {
             return;
         }
-        let commit_span = tracing::debug_span!("commit", writes = state.writes.len());
+        let (writes, origins) = self.take_batch(state);
+        let (writes, origins) = drop_refused(&self.queue, writes, origins, &state.refused);
+        if writes.is_empty() {
+            return;
+        }
+        let hedge = !state.in_flight.is_empty();
+        if hedge {
+            metrics::counter!(names::COMMIT_HEDGES_TOTAL).increment(1);
+            debug!(writes = writes.len(), "the commit in flight is overdue; committing other auctions beside it");
+        }
+        let commit_span = tracing::debug_span!("commit", writes = writes.len(), hedge);
         for span in state.spans.drain(..) {
             commit_span.follows_from(&span);
         }
-        self.commit_writes(state).instrument(commit_span).await;
+        let (mut commit, auctions) = {
+            let auctions: Vec<ActorId> = match self.settings.hedge_after {
+                Some(_) if !hedge => origins.iter().map(|(actor, _)| actor.actor_id()).collect(),
+                _ => Vec::new(),
+            };
+            let committer = self.clone();
+            let commit = async move { committer.commit_writes(writes, origins).await }.instrument(commit_span);
+            (Box::pin(commit), auctions)
+        };
+        let refused = match self.settings.hedge_after {
+            Some(after) if !hedge => {
+                let started = tokio::time::Instant::now();
+                tokio::select! {
+                    biased;
+                    refused = &mut commit => refused,
+                    () = tokio::time::sleep(after) => {
+                        state.detached_commits += 1;
+                        let id = state.detached_commits;
+                        state.in_flight.push(InFlight { commit: id, started, auctions: auctions.into_iter().collect() });
+                        let task = tokio::spawn(commit);
+                        let myself = myself.clone();
+                        tokio::spawn(async move {
+                            let done = match task.await {
+                                Ok(refused) => PersistenceMsg::Committed { commit: id, refused },
+                                Err(error) => PersistenceMsg::CommitFailed(error.to_string()),
+                            };
+                            let _ = myself.send_message(done);
+                        });
+                        return;
+                    }
+                }
+            }
+            _ => commit.await,
+        };
+        for (actor, from_write_no) in refused {
+            state.refuse(actor, from_write_no);
+        }
+        if !state.writes.is_empty() && !state.flush_scheduled {
+            // Left over (past the batch's bound, or behind a commit in flight).
+            state.flush_scheduled = true;
+            let _ = myself.send_message(PersistenceMsg::Flush);
+        }
     }
 
-    async fn commit_writes(&self, state: &mut PersistenceState) {
-        let writes = std::mem::take(&mut state.writes);
-        let origins = std::mem::take(&mut state.origins);
+    /// Takes the next batch out of the queued writes.
+    fn take_batch(&self, state: &mut PersistenceState) -> (Vec<Write>, Vec<Origin>) {
+        let max = self.settings.max_batch_writes;
+        if state.in_flight.is_empty() && state.writes.len() <= max {
+            return (std::mem::take(&mut state.writes), std::mem::take(&mut state.origins));
+        }
+        let mut taken = (Vec::new(), Vec::new());
+        let mut kept = (Vec::new(), Vec::new());
+        let in_flight = &state.in_flight;
+        for (write, origin) in state.writes.drain(..).zip(state.origins.drain(..)) {
+            let actor = origin.0.actor_id();
+            let waits = taken.0.len() >= max || in_flight.iter().any(|commit| commit.auctions.contains(&actor));
+            let side = if waits { &mut kept } else { &mut taken };
+            side.0.push(write);
+            side.1.push(origin);
+        }
+        (state.writes, state.origins) = kept;
+        taken
+    }
+
+    /// Commits a batch: normally in one transaction. One the store refuses as
+    /// invalid is split in halves, in order, until the write at fault is alone:
+    /// it and the later writes of its auction (they were applied on top of it)
+    /// are refused, every other write is committed. Returns the auctions
+    /// refused so, and from which write on.
+    async fn commit_writes(&self, writes: Vec<Write>, origins: Vec<Origin>) -> Vec<(ActorId, u64)> {
         metrics::histogram!(names::COMMIT_BATCH_SIZE).record(writes.len() as f64);
-        // Normally one batch. One the store refuses as invalid is split in
-        // halves, in order, until the write at fault is alone: it and the
-        // later writes of its auction (they were applied on top of it) are
-        // refused, every other write is committed.
+        let mut refused: HashMap<ActorId, u64> = HashMap::new();
         let mut parts: VecDeque<(Vec<Write>, Vec<Origin>)> = VecDeque::from([(writes, origins)]);
         while let Some((writes, origins)) = parts.pop_front() {
-            let (mut writes, mut origins) = self.drop_refused(writes, origins, &state.refused);
+            let (mut writes, mut origins) = drop_refused(&self.queue, writes, origins, &refused);
             if writes.is_empty() {
                 continue;
             }
@@ -238,7 +396,7 @@ impl PersistenceActor {
                     );
                     metrics::counter!(names::WRITES_REFUSED_TOTAL).increment(1);
                     self.queue.release(1);
-                    state.refuse(actor.actor_id(), write_no);
+                    refused.insert(actor.actor_id(), write_no);
                     actor.refused(write_no, why);
                 }
                 Committed::Invalid(..) => {
@@ -249,6 +407,7 @@ impl PersistenceActor {
                 }
             }
         }
+        refused.into_iter().collect()
     }
 
     /// Commits `writes`, retrying in order while the store is unavailable and
@@ -299,31 +458,6 @@ impl PersistenceActor {
         }
     }
 
-    /// Takes out the writes of auctions that had a write refused as invalid
-    /// (from that write on: they were applied on top of it).
-    fn drop_refused(
-        &self,
-        writes: Vec<Write>,
-        origins: Vec<Origin>,
-        refused: &HashMap<ActorId, u64>,
-    ) -> (Vec<Write>, Vec<Origin>) {
-        if refused.is_empty() {
-            return (writes, origins);
-        }
-        let mut kept = (Vec::with_capacity(writes.len()), Vec::with_capacity(origins.len()));
-        let mut dropped = 0;
-        for (write, (actor, write_no)) in writes.into_iter().zip(origins) {
-            if refused.get(&actor.actor_id()).is_some_and(|from| write_no >= *from) {
-                dropped += 1;
-            } else {
-                kept.0.push(write);
-                kept.1.push((actor, write_no));
-            }
-        }
-        self.queue.release(dropped);
-        kept
-    }
-
     /// Takes out the writes of fenced shards, tells their auctions, and returns the rest.
     fn refuse_fenced(
         &self,
@@ -353,6 +487,31 @@ impl PersistenceActor {
         }
         (kept_writes, kept_origins)
     }
+}
+
+/// Takes out the writes of auctions that had a write refused as invalid
+/// (from that write on: they were applied on top of it), freeing their slots.
+fn drop_refused(
+    queue: &Admission,
+    writes: Vec<Write>,
+    origins: Vec<Origin>,
+    refused: &HashMap<ActorId, u64>,
+) -> (Vec<Write>, Vec<Origin>) {
+    if refused.is_empty() {
+        return (writes, origins);
+    }
+    let mut kept = (Vec::with_capacity(writes.len()), Vec::with_capacity(origins.len()));
+    let mut dropped = 0;
+    for (write, (actor, write_no)) in writes.into_iter().zip(origins) {
+        if refused.get(&actor.actor_id()).is_some_and(|from| write_no >= *from) {
+            dropped += 1;
+        } else {
+            kept.0.push(write);
+            kept.1.push((actor, write_no));
+        }
+    }
+    queue.release(dropped);
+    kept
 }
 
 /// Tells each auction actor, once, the last of its writes in this batch.

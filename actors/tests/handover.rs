@@ -44,6 +44,10 @@ struct MemoryStore {
     panic_next: std::sync::atomic::AtomicBool,
     /// Any batch with a bid of this user is refused as invalid (a deleted user).
     invalid_bidder: Mutex<Option<Uuid>>,
+    /// A commit with a write of this auction waits for a permit of
+    /// `held_gate` (a stalled commit: a row lock, a paused database backend).
+    held_auction: Mutex<Option<AuctionId>>,
+    held_gate: Semaphore,
 }
 
 impl MemoryStore {
@@ -57,6 +61,8 @@ impl MemoryStore {
             commits: AtomicUsize::new(0),
             panic_next: std::sync::atomic::AtomicBool::new(false),
             invalid_bidder: Mutex::new(None),
+            held_auction: Mutex::new(None),
+            held_gate: Semaphore::new(0),
         })
     }
 
@@ -73,6 +79,10 @@ impl Store for MemoryStore {
 
     fn commit<'a>(&'a self, batch: &'a [Write]) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
+            let held = *self.held_auction.lock().unwrap();
+            if batch.iter().any(|write| Some(write.auction.id) == held) {
+                let _held = self.held_gate.acquire().await.expect("gate open");
+            }
             let _permit = self.gate.acquire().await.expect("gate open");
             assert!(!self.panic_next.swap(false, Ordering::AcqRel), "a bug in the store adapter");
             if self.failures_left.load(Ordering::Acquire) > 0 {
@@ -145,6 +155,10 @@ fn open_auction(auction_id: AuctionId) -> AuctionState {
 }
 
 async fn harness() -> Harness {
+    harness_with(NodeSettings { call_timeout: Duration::from_secs(5), ..NodeSettings::default() }).await
+}
+
+async fn harness_with(settings: NodeSettings) -> Harness {
     let store = MemoryStore::new();
     let auction_id = Uuid::now_v7();
     let shard = shard_of(auction_id);
@@ -152,7 +166,6 @@ async fn harness() -> Harness {
     store.epochs.lock().unwrap().insert(shard, 1);
     let leases = Arc::new(Leases::none());
     leases.grant(shard, 1);
-    let settings = NodeSettings { call_timeout: Duration::from_secs(5), ..NodeSettings::default() };
     let clock = Arc::new(FixedClock(AtomicI64::new(NOW_MS)));
     let node = Node::start(settings, clock.clone(), store.clone(), Arc::new(NoEvents), leases.clone()).await.unwrap();
     Harness { clock, store, leases, node, auction_id, shard }
@@ -169,6 +182,28 @@ impl Harness {
         let auction_id = self.auction_id;
         tokio::spawn(async move {
             let command = BidCommand { bidder: user("bidder"), amount: money(amount), max_amount: None };
+            node.place_bid(auction_id, command, None).await
+        })
+    }
+
+    /// A second auction, open for bids, under a lease of this node.
+    fn another_auction(&self) -> AuctionId {
+        let id = Uuid::now_v7();
+        self.store.auctions.lock().unwrap().insert(id, open_auction(id));
+        self.store.epochs.lock().unwrap().insert(shard_of(id), 1);
+        self.leases.grant(shard_of(id), 1);
+        id
+    }
+
+    fn spawn_bid_on(
+        &self,
+        auction_id: AuctionId,
+        bidder: UserRef,
+        amount: i64,
+    ) -> tokio::task::JoinHandle<Result<WriteOutcome, NodeError>> {
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let command = BidCommand { bidder, amount: money(amount), max_amount: None };
             node.place_bid(auction_id, command, None).await
         })
     }
@@ -398,4 +433,71 @@ async fn a_bid_just_after_the_end_is_refused_even_when_the_timer_is_late() {
     assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1]);
     let stored = harness.store.auctions.lock().unwrap()[&harness.auction_id].clone();
     assert_eq!(stored.status, Status::Ended, "the end itself was written");
+}
+
+/// Settings with hedged commits: a second commit starts beside one that has
+/// taken 10 ms.
+fn hedging() -> NodeSettings {
+    let mut settings = NodeSettings { call_timeout: Duration::from_secs(5), ..NodeSettings::default() };
+    settings.persistence.hedge_after = Some(Duration::from_millis(10));
+    settings
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_commit_holds_back_only_its_own_auction_and_keeps_its_order() {
+    let harness = harness_with(hedging()).await;
+    let other_id = harness.another_auction();
+    *harness.store.held_auction.lock().unwrap() = Some(harness.auction_id);
+
+    let first = harness.spawn_bid(100);
+    settle().await;
+    let second = harness.spawn_bid(200);
+    settle().await;
+    let elsewhere = harness.spawn_bid_on(other_id, user("carol"), 100);
+    // Past `hedge_after` on the paused clock: the held commit is overdue.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(elsewhere.is_finished(), "the other auction's write is committed beside the held commit");
+    assert_eq!(accepted_seq(&elsewhere.await.unwrap()), Some(1));
+    assert_eq!(harness.store.stored_seqs(other_id), vec![1]);
+    assert!(!first.is_finished() && !second.is_finished());
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), Vec::<u64>::new());
+
+    *harness.store.held_auction.lock().unwrap() = None;
+    harness.store.held_gate.add_permits(GATE_PERMITS as usize);
+    assert_eq!(accepted_seq(&first.await.unwrap()), Some(1));
+    assert_eq!(accepted_seq(&second.await.unwrap()), Some(2));
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2], "in the order applied");
+    assert_eq!(harness.node.persistence_queue.in_use(), 0);
+}
+
+/// A write refused in the held commit refuses its auction's later write too,
+/// though that one waited outside it, while the hedge commits the rest.
+#[tokio::test(start_paused = true)]
+async fn a_write_refused_in_a_stalled_commit_refuses_its_auctions_later_writes_too() {
+    let harness = harness_with(hedging()).await;
+    let other_id = harness.another_auction();
+    let poison = user("deleted");
+    *harness.store.invalid_bidder.lock().unwrap() = Some(poison.id);
+    *harness.store.held_auction.lock().unwrap() = Some(harness.auction_id);
+
+    let bad = harness.spawn_bid_on(harness.auction_id, poison, 100);
+    settle().await;
+    let after = harness.spawn_bid(200);
+    settle().await;
+    let elsewhere = harness.spawn_bid_on(other_id, user("carol"), 100);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(accepted_seq(&elsewhere.await.unwrap()), Some(1));
+
+    *harness.store.held_auction.lock().unwrap() = None;
+    harness.store.held_gate.add_permits(GATE_PERMITS as usize);
+    assert_eq!(bad.await.unwrap(), Ok(WriteOutcome::Unavailable(Unavailable::WriteInvalid)));
+    assert_eq!(
+        after.await.unwrap(),
+        Ok(WriteOutcome::Unavailable(Unavailable::WriteInvalid)),
+        "applied on top of the refused write, so refused with it"
+    );
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), Vec::<u64>::new());
+    assert_eq!(harness.store.stored_seqs(other_id), vec![1]);
+    settle().await;
+    assert_eq!(harness.node.persistence_queue.in_use(), 0, "every refused write freed its slot");
 }

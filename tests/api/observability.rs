@@ -58,6 +58,7 @@ const REQUIRED_SERIES: &[&str] = &[
     "gavel_commit_batch_size",
     "gavel_commit_latency_seconds",
     "gavel_commit_failures_total",
+    "gavel_commit_hedges_total",
     "gavel_persistence_queue_depth",
     "gavel_live_auctions",
     "gavel_actor_mailbox_depth",

@@ -775,3 +775,78 @@ async fn a_lease_renewal_does_not_hold_up_commits_and_a_takeover_fences_them() {
     assert_eq!(seqs, vec![1], "only the first bid is in the store");
     app.stop().await;
 }
+
+/// A commit held up on Postgres (here by a row lock another client holds on
+/// one auction) holds up only its own auction: once it has taken
+/// `--commit-hedge-after-ms`, a second commit takes the other auctions' bids
+/// and they are answered. The held auction's next bid waits behind its first,
+/// and both land, in order, once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_commit_holds_up_only_its_own_auction() {
+    let app =
+        TestApp::spawn_with(Backend::Postgres, |config| config.commit_hedge_after_ms = 20, NodeSettings::default())
+            .await;
+    let api = app.api();
+    let (seller, bidders, held) = api.scene(&["bob", "carol"], json!({})).await;
+    let (bob, carol) = (&bidders[0], &bidders[1]);
+    let other = api.create_auction(&seller, auction_body(json!({}))).await["id"].as_str().unwrap().to_owned();
+    for id in [&held, &other] {
+        assert_eq!(api.bid(bob, id, 10_000, None).await.0, StatusCode::CREATED);
+    }
+
+    let url = app.database_url.clone().expect("Postgres");
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT id FROM auctions WHERE id = $1 FOR UPDATE")
+        .bind(held.parse::<uuid::Uuid>().unwrap())
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let bid_in_background = |bidder: &crate::helpers::User, amount: i64| {
+        let (client, token) = (app.client.clone(), bidder.token.clone());
+        let url = app.url(&format!("/api/v1/auctions/{held}/bids"));
+        tokio::spawn(async move {
+            let response = client.post(url).bearer_auth(token).json(&json!({"amount": amount})).send().await.unwrap();
+            response.status()
+        })
+    };
+    let first = bid_in_background(carol, 11_000);
+    let watcher = sqlx::PgPool::connect(&url).await.unwrap();
+    eventually(Duration::from_secs(10), "the held auction's commit to wait for the lock", || {
+        let watcher = watcher.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&watcher)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    let second = bid_in_background(bob, 12_000);
+    eventually(Duration::from_secs(3), "the held auction's second bid to be queued", || {
+        let queued = app.node.persistence_queue.in_use();
+        async move { (queued == 2).then_some(()) }
+    })
+    .await;
+
+    // Well inside the commit's own time limit (5 s), so the held commit is still waiting.
+    let (status, body) = tokio::time::timeout(Duration::from_secs(3), api.bid(carol, &other, 11_000, None))
+        .await
+        .expect("the other auction's bid is answered while the held commit waits");
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert!(!first.is_finished() && !second.is_finished(), "the held auction's bids wait for its commit");
+    assert!(crate::helpers::metric(&app, "gavel_commit_hedges_total").await >= 1.0);
+
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    assert_eq!(first.await.unwrap(), StatusCode::CREATED);
+    assert_eq!(second.await.unwrap(), StatusCode::CREATED);
+    let amounts = |history: Vec<serde_json::Value>| -> Vec<(i64, i64)> {
+        history.iter().map(|bid| (bid["seq"].as_i64().unwrap(), bid["amount"].as_i64().unwrap())).collect()
+    };
+    assert_eq!(amounts(api.history(&held).await), vec![(1, 10_000), (2, 11_000), (3, 12_000)]);
+    assert_eq!(amounts(api.history(&other).await), vec![(1, 10_000), (2, 11_000)]);
+    app.stop().await;
+}
