@@ -501,3 +501,23 @@ async fn a_write_refused_in_a_stalled_commit_refuses_its_auctions_later_writes_t
     settle().await;
     assert_eq!(harness.node.persistence_queue.in_use(), 0, "every refused write freed its slot");
 }
+
+/// Shutting down while a commit that overran `hedge_after` is still held:
+/// the drain waits for it, so the write it carries is durable and answered
+/// before the node stops.
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_a_commit_left_to_finish_on_its_own() {
+    let harness = harness_with(hedging()).await;
+    *harness.store.held_auction.lock().unwrap() = Some(harness.auction_id);
+    let held = harness.spawn_bid(100);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let node = harness.node.clone();
+    let shutdown = tokio::spawn(async move { node.shutdown().await });
+    settle().await;
+    assert!(!shutdown.is_finished(), "the drain waits for the held commit");
+
+    harness.store.held_gate.add_permits(GATE_PERMITS as usize);
+    shutdown.await.unwrap();
+    assert_eq!(accepted_seq(&held.await.unwrap()), Some(1));
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1]);
+}
