@@ -28,7 +28,10 @@ pub struct KeyRecord {
 /// accepted bid if it was one, and the idempotency key that asked for it.
 /// Applying the same `Write` twice leaves the store as applying it once (rows
 /// are keyed by auction and seq, the auction row gets absolute values), which
-/// makes retrying a commit of unknown outcome safe.
+/// makes retrying a commit of unknown outcome safe. The store moves an
+/// auction row only forward (to a later seq, or at the same seq to a later
+/// stage: scheduled, active, ended or cancelled), so an attempt given up on
+/// that still runs later, after newer writes, changes nothing.
 #[derive(Clone, Debug)]
 pub struct Write {
     pub lease: ShardLease,

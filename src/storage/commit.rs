@@ -244,6 +244,13 @@ pub(super) const SQLITE_CREATE_COMMIT_CHECKS: &str = "CREATE TEMP TABLE IF NOT E
      leases_held INTEGER NOT NULL DEFAULT 1 CONSTRAINT leases_held CHECK (leases_held), \
      keys_unchanged INTEGER NOT NULL DEFAULT 1 CONSTRAINT keys_unchanged CHECK (keys_unchanged))";
 
+/// An auction's stage of life, stored and new (the first update's 9th value,
+/// the second's 2nd): a row moves only to a later `(seq, stage)`, as on
+/// Postgres (`POSTGRES_COMMIT`), so an attempt that runs late changes nothing.
+const SQLITE_STAGE: &str = "CASE auctions.status WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END";
+const SQLITE_NEW_STAGE_9: &str = "CASE u.column9 WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END";
+const SQLITE_NEW_STAGE_2: &str = "CASE u.column2 WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END";
+
 /// The error text of a commit whose leases moved on, and of one with a key
 /// stored for another write: the names of the checks that failed.
 const SQLITE_LEASES_MOVED: &str = "leases_held";
@@ -309,15 +316,17 @@ fn sqlite_commit_sql(shape: &SqliteCommitShape) -> String {
         sql += &format!(
             "UPDATE auctions SET current_price = u.column2, leader_id = u.column3, leader_max = u.column4, \
              bid_count = u.column5, seq = u.column6, winner_id = u.column7, final_price = u.column8 \
-             FROM (VALUES {}) AS u WHERE auctions.id = u.column1;\n",
-            sqlite_values("(?, ?, ?, ?, ?, ?, ?, ?)", rows)
+             FROM (VALUES {}) AS u WHERE auctions.id = u.column1 \
+             AND (auctions.seq, {SQLITE_STAGE}) <= (u.column6, {SQLITE_NEW_STAGE_9});\n",
+            sqlite_values("(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         );
     }
     for &rows in &shape.auctions {
         sql += &format!(
             "UPDATE auctions SET status = u.column2, end_at_ms = u.column3 FROM (VALUES {}) AS u \
-             WHERE auctions.id = u.column1 AND (auctions.status <> u.column2 OR auctions.end_at_ms <> u.column3);\n",
-            sqlite_values("(?, ?, ?)", rows)
+             WHERE auctions.id = u.column1 AND (auctions.status <> u.column2 OR auctions.end_at_ms <> u.column3) \
+             AND (auctions.seq, {SQLITE_STAGE}) <= (u.column4, {SQLITE_NEW_STAGE_2});\n",
+            sqlite_values("(?, ?, ?, ?)", rows)
         );
     }
     for &rows in &shape.keys {
@@ -385,10 +394,11 @@ fn sqlite_commit(node_id: &str, batch: &[Write]) -> SqliteQuery {
             .bind(state.bid_count as i64)
             .bind(state.seq as i64)
             .bind(state.winner.as_ref().map(|winner| winner.id))
-            .bind(state.final_price.map(|price| price.minor_units()));
+            .bind(state.final_price.map(|price| price.minor_units()))
+            .bind(state.status.as_str());
     }
     for state in state_chunks.iter().flatten() {
-        query = query.bind(state.id).bind(state.status.as_str()).bind(state.end_at_ms);
+        query = query.bind(state.id).bind(state.status.as_str()).bind(state.end_at_ms).bind(state.seq as i64);
     }
     for key in key_chunks.iter().flatten() {
         query = query
@@ -467,6 +477,15 @@ const KEY_REUSED: &str = "idempotency key reused";
 /// batch names is still this node's at its epoch. Columns are bound as arrays.
 /// Returns whether the leases held (nothing was written otherwise).
 ///
+/// An auction row is only ever moved forward: to a later `seq`, or at the
+/// same `seq` to a later stage of its life (scheduled, active, then ended or
+/// cancelled). A commit attempt given up on when its time ran out can still
+/// run later in its backend (paused, or its statement held up on the way),
+/// after the retry on the other connection and after the auction's next
+/// writes; its auction rows are then older than the stored ones and are left
+/// as they are (its bids, keys and participations are already there, and
+/// skipped or kept by their own guards).
+///
 /// An idempotency key already stored for another write (the same key sent at
 /// once to two auctions, even through two nodes: the insert waits for the
 /// other transaction's row) makes the statement fail with a cast of
@@ -491,7 +510,9 @@ new_states AS ( \
     FROM UNNEST($13::uuid[], $14::text[], $15::int8[], $16::uuid[], $17::int8[], $18::int8[], $19::int8[], \
                 $20::int8[], $21::uuid[], $22::int8[]) \
         AS u(id, status, current_price, leader_id, leader_max, bid_count, seq, end_at_ms, winner_id, final_price) \
-    WHERE a.id = u.id AND (SELECT ok FROM verdict)), \
+    WHERE a.id = u.id AND (SELECT ok FROM verdict) \
+      AND (a.seq, CASE a.status WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END) \
+       <= (u.seq, CASE u.status WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END)), \
 new_keys AS ( \
     INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
     SELECT k.* FROM UNNEST($23::uuid[], $24::text[], $25::int8[], $26::text[], $27::uuid[], $28::int8[], \
@@ -596,6 +617,15 @@ mod tests {
         async fn new() -> Scene {
             let dir = tempfile::tempdir().unwrap();
             let db = Db::open_sqlite(dir.path()).await.unwrap();
+            Scene::on(db, dir).await
+        }
+
+        async fn postgres() -> Scene {
+            let db = Db::open_postgres(&fresh_postgres_database().await).await.unwrap();
+            Scene::on(db, tempfile::tempdir().unwrap()).await
+        }
+
+        async fn on(db: Db, dir: tempfile::TempDir) -> Scene {
             let leases = db.acquire_all_shards(NODE).await.unwrap();
             let mut users = Vec::new();
             for name in ["seller", "alice", "bob"] {
@@ -688,6 +718,42 @@ mod tests {
                 assert_eq!(scene.participation(state, &scene.bob).await, (1, 1_500), "run {run}");
             }
         }
+    }
+
+    /// A commit attempt given up on (its time ran out) can still run later in
+    /// its Postgres backend: here, while the backend was paused, the retry on
+    /// the other connection and the auction's next writes went first. Run
+    /// then, it must not take the auction row back to an older state: a later
+    /// activation would load it and give the next bid a `seq` that is taken.
+    /// SQLite's one writer connection should finish an abandoned attempt
+    /// before the next starts; its rows are guarded the same way all the same.
+    #[tokio::test]
+    async fn a_late_attempt_of_an_older_write_leaves_the_newer_state() {
+        for scene in [Scene::new().await, Scene::postgres().await] {
+            a_late_attempt_changes_nothing(scene).await;
+        }
+    }
+
+    async fn a_late_attempt_changes_nothing(scene: Scene) {
+        let mut state = scene.auction().await;
+        let first = scene.bid(&mut state, &scene.alice, 1_000, None);
+        let second = scene.bid(&mut state, &scene.bob, 1_500, None);
+        commit(&scene.db, NODE, std::slice::from_ref(&first)).await.unwrap();
+        commit(&scene.db, NODE, std::slice::from_ref(&second)).await.unwrap();
+        commit(&scene.db, NODE, std::slice::from_ref(&first)).await.unwrap();
+        let stored = scene.db.load(state.id).await.unwrap().unwrap().state;
+        assert_eq!(stored, state, "{}: the row keeps the second bid's state", scene.db.backend_name());
+
+        // The auction ends at the same seq: a late write of it while active does not reopen it.
+        let Ok(Event::Ended { .. }) = state.apply(Command::End, 2_000_000) else {
+            panic!("the auction ends");
+        };
+        let end = Write { at_ms: 2_000_000, auction: state.clone(), bid: None, key: None, ..second.clone() };
+        commit(&scene.db, NODE, &[end]).await.unwrap();
+        commit(&scene.db, NODE, &[second]).await.unwrap();
+        let stored = scene.db.load(state.id).await.unwrap().unwrap().state;
+        assert_eq!((stored.status, stored.winner.clone()), (Status::Ended, Some(scene.bob.clone())));
+        assert_eq!(stored, state, "{}: the row stays ended", scene.db.backend_name());
     }
 
     /// A lease that moved on (another process took the database file) fences
