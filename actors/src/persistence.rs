@@ -123,9 +123,10 @@ pub enum PersistenceMsg {
     Flush,
     /// Commits everything sent before it, then answers (graceful shutdown).
     Drain(RpcReplyPort<()>),
-    /// A commit finished: its writes are durable, or refused and their
-    /// auctions told. `refused` lists the auctions whose writes the store
-    /// refused as invalid, from which write on.
+    /// A commit left to finish in a task of its own (`hedge_after`) finished:
+    /// its writes are durable, or refused and their auctions told. `refused`
+    /// lists the auctions whose writes the store refused as invalid, from
+    /// which write on.
     Committed {
         commit: u64,
         refused: Vec<(ActorId, u64)>,
@@ -134,7 +135,8 @@ pub enum PersistenceMsg {
     CommitFailed(String),
 }
 
-/// The group commit. Cloned into each commit's task (every field is shared).
+/// The group commit. Cloned into each commit, which may finish in a task of
+/// its own (every field is shared).
 #[derive(Clone)]
 pub struct PersistenceActor {
     pub store: Arc<dyn Store>,
@@ -302,15 +304,14 @@ impl PersistenceActor {
         for span in state.spans.drain(..) {
             commit_span.follows_from(&span);
         }
-        let (mut commit, auctions) = {
-            let auctions: Vec<ActorId> = match self.settings.hedge_after {
-                Some(_) if !hedge => origins.iter().map(|(actor, _)| actor.actor_id()).collect(),
-                _ => Vec::new(),
-            };
-            let committer = self.clone();
-            let commit = async move { committer.commit_writes(writes, origins).await }.instrument(commit_span);
-            (Box::pin(commit), auctions)
+        // Known before the writes go into the commit, in case it is left to finish on its own.
+        let auctions: Vec<ActorId> = match self.settings.hedge_after {
+            Some(_) if !hedge => origins.iter().map(|(actor, _)| actor.actor_id()).collect(),
+            _ => Vec::new(),
         };
+        let committer = self.clone();
+        let mut commit =
+            Box::pin(async move { committer.commit_writes(writes, origins).await }.instrument(commit_span));
         let refused = match self.settings.hedge_after {
             Some(after) if !hedge => {
                 let started = tokio::time::Instant::now();

@@ -244,12 +244,14 @@ pub(super) const SQLITE_CREATE_COMMIT_CHECKS: &str = "CREATE TEMP TABLE IF NOT E
      leases_held INTEGER NOT NULL DEFAULT 1 CONSTRAINT leases_held CHECK (leases_held), \
      keys_unchanged INTEGER NOT NULL DEFAULT 1 CONSTRAINT keys_unchanged CHECK (keys_unchanged))";
 
-/// An auction's stage of life, stored and new (the first update's 9th value,
-/// the second's 2nd): a row moves only to a later `(seq, stage)`, as on
-/// Postgres (`POSTGRES_COMMIT`), so an attempt that runs late changes nothing.
-const SQLITE_STAGE: &str = "CASE auctions.status WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END";
-const SQLITE_NEW_STAGE_9: &str = "CASE u.column9 WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END";
-const SQLITE_NEW_STAGE_2: &str = "CASE u.column2 WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END";
+/// An auction's stage of life from its `status` column: a row moves only to a
+/// later `(seq, stage)`, as on Postgres (`POSTGRES_COMMIT`), so an attempt
+/// that runs late changes nothing.
+macro_rules! sqlite_stage {
+    ($status:literal) => {
+        concat!("CASE ", $status, " WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END")
+    };
+}
 
 /// The error text of a commit whose leases moved on, and of one with a key
 /// stored for another write: the names of the checks that failed.
@@ -317,16 +319,20 @@ fn sqlite_commit_sql(shape: &SqliteCommitShape) -> String {
             "UPDATE auctions SET current_price = u.column2, leader_id = u.column3, leader_max = u.column4, \
              bid_count = u.column5, seq = u.column6, winner_id = u.column7, final_price = u.column8 \
              FROM (VALUES {}) AS u WHERE auctions.id = u.column1 \
-             AND (auctions.seq, {SQLITE_STAGE}) <= (u.column6, {SQLITE_NEW_STAGE_9});\n",
-            sqlite_values("(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+             AND (auctions.seq, {}) <= (u.column6, {});\n",
+            sqlite_values("(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows),
+            sqlite_stage!("auctions.status"),
+            sqlite_stage!("u.column9")
         );
     }
     for &rows in &shape.auctions {
         sql += &format!(
             "UPDATE auctions SET status = u.column2, end_at_ms = u.column3 FROM (VALUES {}) AS u \
              WHERE auctions.id = u.column1 AND (auctions.status <> u.column2 OR auctions.end_at_ms <> u.column3) \
-             AND (auctions.seq, {SQLITE_STAGE}) <= (u.column4, {SQLITE_NEW_STAGE_2});\n",
-            sqlite_values("(?, ?, ?, ?)", rows)
+             AND (auctions.seq, {}) <= (u.column4, {});\n",
+            sqlite_values("(?, ?, ?, ?)", rows),
+            sqlite_stage!("auctions.status"),
+            sqlite_stage!("u.column2")
         );
     }
     for &rows in &shape.keys {
