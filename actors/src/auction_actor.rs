@@ -255,18 +255,34 @@ impl Actor for AuctionActor {
             }
             AuctionMsg::WriteRefused { from_write_no, why } => {
                 warn!(auction_id = %state.auction.id, from_write_no, ?why, "writes refused, stopping the auction actor");
-                let (first, reason) = match why {
+                let refused = |reason| WriteOutcome::Unavailable(reason);
+                match why {
                     Refusal::Fenced => {
-                        (WriteOutcome::Unavailable(Unavailable::WriteRefused), Unavailable::WriteRefused)
+                        self.fail_pending_with(state, from_write_no, |_| refused(Unavailable::WriteRefused));
+                    }
+                    // Those the lost attempt carried may stand; the later ones were not made.
+                    Refusal::FencedAfterLostAnswer { through_write_no } => {
+                        self.fail_pending_with(state, from_write_no, |write_no| {
+                            if write_no <= through_write_no {
+                                WriteOutcome::Unknown
+                            } else {
+                                refused(Unavailable::WriteRefused)
+                            }
+                        });
                     }
                     Refusal::Invalid => {
-                        (WriteOutcome::Unavailable(Unavailable::WriteInvalid), Unavailable::WriteInvalid)
+                        self.fail_pending_with(state, from_write_no, |_| refused(Unavailable::WriteInvalid));
                     }
                     // The write's key went to another write first: the documented
                     // 422 for it; the writes applied on top of it are not accepted.
-                    Refusal::KeyReused => (WriteOutcome::KeyReused, Unavailable::WriteInvalid),
-                };
-                self.fail_pending_with(state, from_write_no, first, reason);
+                    Refusal::KeyReused => self.fail_pending_with(state, from_write_no, |write_no| {
+                        if write_no == from_write_no {
+                            WriteOutcome::KeyReused
+                        } else {
+                            refused(Unavailable::WriteInvalid)
+                        }
+                    }),
+                }
                 // Its state is ahead of the store now: it must not take another write.
                 state.retiring.get_or_insert_with(Vec::new);
                 finish_retiring(&myself, state);
@@ -433,8 +449,7 @@ impl AuctionActor {
             // next request reloads from the store.
             warn!(auction_id = %state.auction.id, "persistence actor gone, stopping");
             self.env.persistence_queue.release(1);
-            let gone = Unavailable::PersistenceGone;
-            self.fail_pending_with(state, write_no, WriteOutcome::Unavailable(gone), gone);
+            self.fail_pending_with(state, write_no, |_| WriteOutcome::Unavailable(Unavailable::PersistenceGone));
             myself.stop(Some("persistence gone".to_owned()));
         }
     }
@@ -472,27 +487,26 @@ impl AuctionActor {
         }
     }
 
-    /// Answers 503 to every pending write from `from_write_no` on; the actor
-    /// stops afterwards, since its state is ahead of the store.
-    /// The write `from_write_no` gets `first`, the ones after it `Unavailable(reason)`.
+    /// Answers every pending write from `from_write_no` on with
+    /// `outcome_of(its write_no)`: not accepted, or not known to be; the
+    /// actor stops afterwards, since its state is ahead of the store.
     fn fail_pending_with(
         &self,
         state: &mut AuctionActorState,
         from_write_no: u64,
-        first: WriteOutcome,
-        reason: Unavailable,
+        outcome_of: impl Fn(u64) -> WriteOutcome,
     ) {
         state.pending.retain_mut(|pending| {
             if pending.write_no < from_write_no {
                 return true;
             }
-            let outcome =
-                if pending.write_no == from_write_no { first.clone() } else { WriteOutcome::Unavailable(reason) };
+            let outcome = outcome_of(pending.write_no);
             if let Some(reply) = pending.reply.take() {
                 let _ = reply.send(outcome.clone());
             }
-            // Not written: a retry with this key must be decided anew (by the
-            // next owner), and duplicates waiting on it get the same answer.
+            // Not written, or not known to be: a retry with this key must be
+            // decided anew from the store (by the next owner), and duplicates
+            // waiting on it get the same answer.
             if let Some(key) = &pending.key
                 && let Some(KeyState::Waiting(waiters)) = state.recent_keys.remove(key)
             {

@@ -25,6 +25,11 @@ pub enum WriteOutcome {
     KeyReused,
     /// Not accepted: the node cannot make it durable now.
     Unavailable(Unavailable),
+    /// Handed to the store, but whether it was made cannot be known here: the
+    /// answer to its commit was lost, and before a retry could tell, the
+    /// auction's shard moved to another node. It may stand; a retry with its
+    /// idempotency key learns the outcome from the store (through the new owner).
+    Unknown,
 }
 
 /// Why a write was not taken. Every case means "not accepted": nothing of the

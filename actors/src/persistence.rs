@@ -19,9 +19,12 @@
 //!   503 and stops, so the auction reloads from the store. Every other write
 //!   is committed: one bad write never stops the others.
 //! - A batch refused for a stale lease epoch is the other exception: those
-//!   writes were not made, are not retried, their auctions are told to stop,
-//!   and the shard is dropped from the node's leases (no auction of it takes
-//!   another write; the lease manager finds out who owns it now).
+//!   writes are not retried, their auctions are told to stop, and the shard
+//!   is dropped from the node's leases (no auction of it takes another
+//!   write; the lease manager finds out who owns it now). They were not
+//!   made, unless an earlier attempt at the same commit lost its answer: it
+//!   may have committed before the lease moved, and their auctions are told
+//!   so (`Refusal::FencedAfterLostAnswer`) instead of "not made".
 //!
 //! One commit is in flight at a time, run by the actor itself, except as a
 //! hedge (`hedge_after`, on a store that can run two transactions at once):
@@ -51,8 +54,14 @@ pub trait WriteOrigin: Send + Sync + 'static {
 /// Why writes were refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// The shard's lease moved to another node.
+    /// The shard's lease moved to another node: the writes were not made.
     Fenced,
+    /// The shard's lease moved to another node after an attempt at this
+    /// commit whose answer was lost (a timeout, a broken connection). That
+    /// attempt may have committed before the lease moved (a takeover waits
+    /// for a commit holding the lease rows), so the writes it carried, up to
+    /// `through_write_no`, may stand; the later ones were not made.
+    FencedAfterLostAnswer { through_write_no: u64 },
     /// The store refuses the write itself (a constraint, a value it does not take).
     Invalid,
     /// Its idempotency key was stored for another write (sent at once elsewhere).
@@ -416,6 +425,8 @@ impl PersistenceActor {
     async fn commit_retrying(&self, writes: &mut Vec<Write>, origins: &mut Vec<Origin>) -> Committed {
         let mut backoff = Duration::from_millis(5);
         let mut attempt: u32 = 0;
+        // Whether an attempt failed without a verdict: it may have committed all the same.
+        let mut answer_lost = false;
         loop {
             attempt += 1;
             let started = Instant::now();
@@ -432,7 +443,7 @@ impl PersistenceActor {
                 Err(StoreError::Fenced { shards }) => {
                     warn!(?shards, "lease lost, refusing the writes of these shards");
                     let (kept_writes, kept_origins) =
-                        self.refuse_fenced(std::mem::take(writes), std::mem::take(origins), &shards);
+                        self.refuse_fenced(std::mem::take(writes), std::mem::take(origins), &shards, answer_lost);
                     *writes = kept_writes;
                     *origins = kept_origins;
                     if writes.is_empty() {
@@ -449,6 +460,7 @@ impl PersistenceActor {
                     return Committed::Invalid(Refusal::KeyReused, "idempotency key reused".to_owned());
                 }
                 Err(StoreError::Unavailable(reason)) => {
+                    answer_lost = true;
                     self.failing.store(true, std::sync::atomic::Ordering::Release);
                     metrics::counter!(names::COMMIT_FAILURES_TOTAL).increment(1);
                     warn!(attempt, writes = writes.len(), error = %reason, "commit failed, retrying");
@@ -459,16 +471,20 @@ impl PersistenceActor {
         }
     }
 
-    /// Takes out the writes of fenced shards, tells their auctions, and returns the rest.
+    /// Takes out the writes of fenced shards, tells their auctions, and
+    /// returns the rest. `answer_lost`: an earlier attempt at these writes
+    /// failed without a verdict, so they may stand.
     fn refuse_fenced(
         &self,
         writes: Vec<Write>,
         origins: Vec<Origin>,
         fenced_shards: &[u32],
+        answer_lost: bool,
     ) -> (Vec<Write>, Vec<Origin>) {
         let mut kept_writes = Vec::with_capacity(writes.len());
         let mut kept_origins = Vec::with_capacity(origins.len());
-        let mut first_refused: HashMap<ActorId, Origin> = HashMap::new();
+        // Per auction: its first and last write among the refused.
+        let mut refused_range: HashMap<ActorId, (Arc<dyn WriteOrigin>, u64, u64)> = HashMap::new();
         let mut refused = 0;
         for (write, (actor, write_no)) in writes.into_iter().zip(origins) {
             if fenced_shards.contains(&write.lease.shard) {
@@ -476,15 +492,16 @@ impl PersistenceActor {
                 if self.leases.epoch_of(write.lease.shard) == Some(write.lease.epoch) {
                     self.leases.revoke(write.lease.shard);
                 }
-                first_refused.entry(actor.actor_id()).or_insert((actor, write_no));
+                refused_range.entry(actor.actor_id()).or_insert((actor, write_no, write_no)).2 = write_no;
             } else {
                 kept_writes.push(write);
                 kept_origins.push((actor, write_no));
             }
         }
         self.queue.release(refused);
-        for (actor, from_write_no) in first_refused.into_values() {
-            actor.refused(from_write_no, Refusal::Fenced);
+        for (actor, from_write_no, through_write_no) in refused_range.into_values() {
+            let why = if answer_lost { Refusal::FencedAfterLostAnswer { through_write_no } } else { Refusal::Fenced };
+            actor.refused(from_write_no, why);
         }
         (kept_writes, kept_origins)
     }

@@ -48,6 +48,9 @@ struct MemoryStore {
     /// `held_gate` (a stalled commit: a row lock, a paused database backend).
     held_auction: Mutex<Option<AuctionId>>,
     held_gate: Semaphore,
+    /// The next commit is made, but its answer is lost (a broken connection)
+    /// and another node takes over the batch's shards before any retry.
+    lose_answer_then_move_leases: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -63,6 +66,7 @@ impl MemoryStore {
             invalid_bidder: Mutex::new(None),
             held_auction: Mutex::new(None),
             held_gate: Semaphore::new(0),
+            lose_answer_then_move_leases: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -103,6 +107,7 @@ impl Store for MemoryStore {
                 fenced.dedup();
                 return Err(StoreError::Fenced { shards: fenced });
             }
+            drop(epochs);
             for write in batch {
                 self.auctions.lock().unwrap().insert(write.auction.id, write.auction.clone());
                 if let Some(bid) = &write.bid {
@@ -110,6 +115,14 @@ impl Store for MemoryStore {
                 }
             }
             self.commits.fetch_add(1, Ordering::AcqRel);
+            if self.lose_answer_then_move_leases.swap(false, Ordering::AcqRel) {
+                let shards: std::collections::HashSet<u32> = batch.iter().map(|write| write.lease.shard).collect();
+                let mut epochs = self.epochs.lock().unwrap();
+                for shard in shards {
+                    *epochs.entry(shard).or_default() += 1;
+                }
+                return Err(StoreError::Unavailable("connection reset by peer".to_owned()));
+            }
             Ok(())
         })
     }
@@ -283,6 +296,36 @@ async fn writes_under_a_stale_epoch_are_refused_and_never_acknowledged() {
         Err(NodeError::Unavailable(Unavailable::NotOwner { shard: harness.shard })),
         "no auction of the shard takes another write"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_whose_commit_lost_its_answer_before_the_lease_moved_is_answered_unknown_not_refused() {
+    let harness = harness().await;
+    assert_eq!(accepted_seq(&harness.bid(100).await), Some(1));
+    // The next commit is made but its answer is lost, and another node takes
+    // the shard over before the retry, which the store then fences.
+    harness.store.lose_answer_then_move_leases.store(true, Ordering::Release);
+    let lost = harness.spawn_bid(200);
+    settle().await;
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2], "the attempt that lost its answer was made");
+    // Applied while the commit waits for its retry: it goes in the next commit.
+    let behind = harness.spawn_bid(300);
+    settle().await;
+    assert_eq!(
+        lost.await.unwrap(),
+        Ok(WriteOutcome::Unknown),
+        "it stands in the store: its bidder must not be told it was not accepted"
+    );
+    assert_eq!(
+        behind.await.unwrap(),
+        Ok(WriteOutcome::Unavailable(Unavailable::WriteRefused)),
+        "never in an attempt that could have been made: not accepted"
+    );
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2]);
+    settle().await;
+    assert_eq!(harness.node.live_auctions(), 0, "its state was ahead of the store: the actor stopped");
+    assert_eq!(harness.node.persistence_queue.in_use(), 0, "every write freed its queue slot");
+    assert_eq!(harness.leases.epoch_of(harness.shard), None, "the node dropped the shard");
 }
 
 #[tokio::test(start_paused = true)]

@@ -204,6 +204,7 @@ impl Bidding {
             WriteOutcome::Rejected(rejection) => Err(WriteFailure::Rejected(rejection)),
             WriteOutcome::KeyReused => Err(WriteFailure::KeyReused),
             WriteOutcome::Unavailable(reason) => Err(WriteFailure::Unavailable(Unavailable::Node(reason))),
+            WriteOutcome::Unknown => Err(WriteFailure::OutcomeUnknown),
         }
     }
 
@@ -218,6 +219,7 @@ impl Bidding {
             WriteOutcome::Rejected(rejection) => Err(WriteFailure::Rejected(rejection)),
             WriteOutcome::KeyReused => Err(WriteFailure::KeyReused),
             WriteOutcome::Unavailable(reason) => Err(WriteFailure::Unavailable(Unavailable::Node(reason))),
+            WriteOutcome::Unknown => Err(WriteFailure::OutcomeUnknown),
         }
     }
 

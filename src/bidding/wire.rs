@@ -88,8 +88,9 @@ pub enum WriteFailure {
     },
     /// Not accepted; retrying is safe.
     Unavailable(Unavailable),
-    /// Handed to the auction but not confirmed in time: it may yet be
-    /// accepted. Retrying with the same idempotency key is safe.
+    /// Handed to the auction but not confirmed: not in time, or not at all
+    /// (its commit's answer was lost, then its shard moved). It may yet be
+    /// accepted, or stand. Retrying with the same idempotency key is safe.
     OutcomeUnknown,
 }
 

@@ -214,7 +214,7 @@ impl From<WriteFailure> for ApiError {
             }
             WriteFailure::Unavailable(reason) => ApiError::unavailable(reason.to_string()),
             WriteFailure::OutcomeUnknown => ApiError::Unavailable {
-                reason: "the write was not confirmed in time".to_owned(),
+                reason: "the write's outcome could not be confirmed".to_owned(),
                 outcome_unknown: true,
             },
         }

@@ -429,3 +429,124 @@ pub fn start_storm(
         })
         .collect()
 }
+
+/// A TCP proxy in front of Postgres that can lose the database's answers on
+/// the way back, as a network can: while `lose_answers` is on, a connection
+/// that sends an Execute gets nothing back from then on, though the statement
+/// is carried out (statements being prepared still get their answers, so the
+/// one that executes is the one whose answer is lost). `cut_lossy` then closes
+/// every connection that lost answers (a client cannot read on past a gap);
+/// new connections go through whole. Speaks enough of the protocol to find
+/// the Execute messages, so the client must not use TLS (the node's sqlx is
+/// built without it).
+pub struct LossyProxy {
+    pub address: std::net::SocketAddr,
+    losing: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyProxy {
+    pub async fn start(upstream: &str) -> LossyProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let address = listener.local_addr().expect("proxy address");
+        let losing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (upstream, task_losing, task_cut) = (upstream.to_owned(), losing.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                tokio::spawn(Self::relay(client, server, task_losing.clone(), task_cut.subscribe()));
+            }
+        });
+        LossyProxy { address, losing, cut, task }
+    }
+
+    async fn relay(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        losing: Arc<std::sync::atomic::AtomicBool>,
+        mut cut: tokio::sync::watch::Receiver<u64>,
+    ) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let answers_lost = AtomicBool::new(false);
+        let requests = Self::forward_requests(&mut client_read, &mut server_write, &losing, &answers_lost);
+        let answers = async {
+            let mut buffer = vec![0u8; 16 * 1024];
+            loop {
+                let read = server_read.read(&mut buffer).await?;
+                if read == 0 {
+                    return Ok::<(), std::io::Error>(());
+                }
+                if !answers_lost.load(Ordering::Acquire) {
+                    client_write.write_all(&buffer[..read]).await?;
+                }
+            }
+        };
+        let cut_if_lossy = async {
+            while cut.changed().await.is_ok() {
+                if answers_lost.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        // Either side closing, or a cut, ends the connection (both sockets drop).
+        tokio::select! {
+            _ = requests => {}
+            _ = answers => {}
+            () = cut_if_lossy => {}
+        }
+    }
+
+    /// Client to server, message by message: the untyped start-up messages (an
+    /// SSL request, the start-up) until the start-up itself, then a type byte
+    /// each. Marks the connection's answers lost at an Execute sent while losing.
+    async fn forward_requests(
+        client: &mut tokio::net::tcp::OwnedReadHalf,
+        server: &mut tokio::net::tcp::OwnedWriteHalf,
+        losing: &std::sync::atomic::AtomicBool,
+        answers_lost: &std::sync::atomic::AtomicBool,
+    ) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let mut typed = false;
+        loop {
+            let mut head = [0u8; 5];
+            let head = if typed { &mut head[..] } else { &mut head[1..] };
+            client.read_exact(head).await?;
+            let length = u32::from_be_bytes(head[head.len() - 4..].try_into().expect("four bytes")) as usize;
+            let mut body = vec![0u8; length.saturating_sub(4)];
+            client.read_exact(&mut body).await?;
+            if typed && head[0] == b'E' && losing.load(Ordering::Acquire) {
+                answers_lost.store(true, Ordering::Release);
+            }
+            // Protocol 3.0 in a start-up message: typed messages follow.
+            typed |= body.starts_with(&[0, 3, 0, 0]);
+            server.write_all(head).await?;
+            server.write_all(&body).await?;
+        }
+    }
+
+    /// From now on, a connection that sends an Execute gets no answer back.
+    pub fn lose_answers(&self) {
+        self.losing.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Answers go through again; the connections that lost some are closed.
+    pub fn cut_lossy(&self) {
+        self.losing.store(false, std::sync::atomic::Ordering::Release);
+        self.cut.send_modify(|generation| *generation += 1);
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

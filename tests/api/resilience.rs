@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::Connection;
 
-use crate::helpers::{Backend, HasApi, TestApp, auction_body, eventually, postgres_base_url};
+use crate::helpers::{Backend, HasApi, LossyProxy, TestApp, auction_body, eventually, postgres_base_url};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -145,6 +145,68 @@ async fn a_stale_lease_epoch_is_refused_inside_the_commit(backend: Backend) {
         assert_eq!((after["bid_count"].as_i64(), after["current_price"].as_i64()), (Some(1), Some(10_000)));
         app.stop().await;
     }
+}
+
+/// Postgres makes a commit but its answer is lost on the network, and another
+/// node takes the shard over before the node's retry: the retry is fenced,
+/// yet the bid stands (the takeover waited for the commit that held the lease
+/// rows). Its bidder must hear "outcome unknown, retry with the key", not the
+/// 503 that means "not accepted".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bid_whose_commit_answer_was_lost_before_the_shard_moved_is_answered_outcome_unknown() {
+    let direct = crate::helpers::fresh_postgres_database().await;
+    let base = postgres_base_url();
+    let upstream = base.trim_start_matches("postgres://").rsplit('@').next().unwrap().to_owned();
+    let proxy = LossyProxy::start(&upstream).await;
+    let through_proxy = direct.replacen(&upstream, &proxy.address.to_string(), 1);
+    let app = TestApp::spawn_with(
+        Backend::Postgres,
+        |config| config.database_url = Some(through_proxy),
+        NodeSettings::default(),
+    )
+    .await;
+    let api = app.api();
+    let (_seller, bidders, id) = api.scene(&["bob"], json!({})).await;
+    let bob = &bidders[0];
+    assert_eq!(api.bid(bob, &id, 10_000, None).await.0, StatusCode::CREATED);
+
+    // Without an idempotency key and by a user it has just seen, the bid's
+    // first statement on the database is its commit.
+    proxy.lose_answers();
+    let bid = {
+        let (client, token) = (app.client.clone(), bob.token.clone());
+        let url = app.url(&format!("/api/v1/auctions/{id}/bids"));
+        tokio::spawn(async move {
+            let response = client.post(url).bearer_auth(token).json(&json!({"amount": 11_000})).send().await.unwrap();
+            (response.status(), response.json::<serde_json::Value>().await.unwrap())
+        })
+    };
+    let store = sqlx::PgPool::connect(&direct).await.unwrap();
+    let auction_id: uuid::Uuid = id.parse().unwrap();
+    let second_bid = || {
+        let store = store.clone();
+        async move {
+            sqlx::query_as::<_, (i64, i64)>("SELECT seq, amount FROM bids WHERE auction_id = $1 AND seq = 2")
+                .bind(auction_id)
+                .fetch_optional(&store)
+                .await
+                .unwrap()
+        }
+    };
+    eventually(Duration::from_secs(10), "the bid's commit to be made in Postgres", second_bid).await;
+    let an_hour_on = chrono::Utc::now().timestamp_millis() + 3_600_000;
+    sqlx::query("UPDATE shard_leases SET owner = 'another-node', epoch = epoch + 1, expires_at_ms = $1")
+        .bind(an_hour_on)
+        .execute(&store)
+        .await
+        .unwrap();
+    proxy.cut_lossy();
+
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), bid).await.expect("answered").unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["outcome"], "unknown", "the bid stands: not a plain 'not accepted' {body}");
+    assert_eq!(second_bid().await, Some((2, 11_000)), "it stands in the store");
+    app.stop().await;
 }
 
 /// The persistence actor re-runs a batch whose commit's outcome it could not
