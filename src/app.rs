@@ -58,6 +58,7 @@ impl Application {
 
     pub async fn build_with(config: Config, mut settings: NodeSettings) -> anyhow::Result<Application> {
         settings.persistence.batch_delay = std::time::Duration::from_micros(config.commit_delay_us);
+        settings.max_live_auctions = config.max_live_auctions as usize;
         let metrics = telemetry::metrics();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         // The default node id hashes the data directory's canonical path: it must exist first.

@@ -62,6 +62,13 @@ pub struct Config {
     /// one commit at a time. SQLite has one writer and always commits one at a time.
     #[arg(long, env = "GAVEL_COMMIT_HEDGE_AFTER_MS", default_value_t = 5)]
     pub commit_hedge_after_ms: u64,
+    /// Auction actors kept live at most (some 10 KB each). Past it, each
+    /// activation asks an idle one to passivate: of a few sampled, the one
+    /// written to least recently. Its auction stays open; its next write
+    /// reloads it from the store.
+    #[arg(long, env = "GAVEL_MAX_LIVE_AUCTIONS", default_value_t = 40_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_live_auctions: u64,
     /// Registrations and sign-ins a minute from one client address (bursts
     /// of as many); 0: no limit.
     #[arg(long, env = "GAVEL_SIGN_INS_PER_ADDRESS", default_value_t = 60)]

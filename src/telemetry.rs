@@ -40,6 +40,8 @@ pub const SHARD_MOVE_KINDS: &[&str] = &["acquired", "released", "lost"];
 /// `outcome` of a write forwarded to its owner: its answer relayed, the owner
 /// said it no longer owns the shard, unreachable, or no answer in time.
 pub const FORWARD_OUTCOMES: &[&str] = &["relayed", "not_owner", "unreachable", "outcome_unknown"];
+/// The `reason` label values of `gavel_passivations_total`.
+pub const PASSIVATION_REASONS: &[&str] = &["idle", "room"];
 
 /// Every outcome a bid can have, as the `outcome` label.
 pub const BID_OUTCOMES: &[&str] = &[
@@ -108,6 +110,11 @@ fn describe() {
     );
     describe_gauge!(PERSISTENCE_QUEUE_DEPTH, Unit::Count, "Writes accepted but not yet durable.");
     describe_gauge!(actor_names::LIVE_AUCTIONS, Unit::Count, "Auction actors running on this node.");
+    describe_counter!(
+        actor_names::PASSIVATIONS_TOTAL,
+        Unit::Count,
+        "Auction actors stopped while their auction stays open, by reason: idle, or room (past --max-live-auctions)."
+    );
     describe_gauge!(
         actor_names::ACTOR_MAILBOX_DEPTH,
         Unit::Count,
@@ -171,6 +178,9 @@ fn describe() {
     }
     metrics::counter!(actor_names::COMMIT_FAILURES_TOTAL).absolute(0);
     metrics::counter!(actor_names::COMMIT_HEDGES_TOTAL).absolute(0);
+    for reason in PASSIVATION_REASONS {
+        metrics::counter!(actor_names::PASSIVATIONS_TOTAL, "reason" => *reason).absolute(0);
+    }
     describe_counter!(
         actor_names::WRITES_REFUSED_TOTAL,
         Unit::Count,

@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -96,14 +96,28 @@ pub enum AuctionMsg {
         generation: u64,
     },
     IdleCheck,
+    /// Stop if idle (nothing in flight or queued), whenever it last took a
+    /// write: the node has too many live actors, and of those it sampled this
+    /// one was written to least recently (`NodeSettings::max_live_auctions`).
+    MakeRoom,
 }
 
-/// What callers hold: the actor and its admission counter.
+/// What callers hold: the actor and what the node reads of it without asking.
 #[derive(Clone)]
 pub struct AuctionHandle {
     pub actor: ActorRef<AuctionMsg>,
+    pub activity: Arc<Activity>,
+}
+
+/// What the node reads of an auction actor without asking it (shared by the
+/// actor and its handle): its admission counter, and how recently it was
+/// written to, to choose which actor makes room when too many are live.
+#[derive(Debug, Default)]
+pub struct Activity {
     /// Bid and cancel messages sent but not yet handled.
-    pub mailbox: Arc<AtomicUsize>,
+    pub queued: AtomicUsize,
+    /// When it last took a bid or a cancel, or started (the node's clock).
+    pub last_write_ms: AtomicI64,
 }
 
 pub struct AuctionActor {
@@ -113,7 +127,7 @@ pub struct AuctionActor {
 pub struct AuctionArgs {
     pub loaded: LoadedAuction,
     pub lease: ShardLease,
-    pub mailbox: Arc<AtomicUsize>,
+    pub activity: Arc<Activity>,
 }
 
 enum KeyState {
@@ -159,16 +173,21 @@ pub struct AuctionActorState {
     pending: VecDeque<PendingWrite>,
     next_write_no: u64,
     recent_keys: RecentKeys<KeyState>,
-    mailbox: Arc<AtomicUsize>,
+    activity: Arc<Activity>,
     /// How the persistence actor tells this actor about its writes.
     origin: Arc<dyn WriteOrigin>,
     /// Set once the actor takes no more writes: who waits for it to finish.
     retiring: Option<Vec<RpcReplyPort<()>>>,
     timer: Option<(u64, TimestampMs, crate::timers::TimerKey)>,
     timer_generation: u64,
-    /// When it last took a bid or a cancel; the node asks every actor now and
-    /// then (`IdleCheck`, sent by `Node::spawn_idle_checks`) whether it is idle.
-    last_activity_ms: TimestampMs,
+}
+
+impl AuctionActorState {
+    /// Nothing in flight, nothing queued: stopping it loses nothing, and the
+    /// next write reloads the auction from the store.
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.activity.queued.load(Ordering::Acquire) == 0
+    }
 }
 
 impl Actor for AuctionActor {
@@ -200,13 +219,13 @@ impl Actor for AuctionActor {
             pending: VecDeque::new(),
             next_write_no: 1,
             recent_keys,
-            mailbox: args.mailbox,
+            activity: args.activity,
             origin: Arc::new(myself.clone()),
             retiring: None,
             timer: None,
             timer_generation: 0,
-            last_activity_ms: now,
         };
+        state.activity.last_write_ms.store(now, Ordering::Relaxed);
         self.schedule_timer(&myself, &mut state, now);
         metrics::gauge!(crate::metrics_names::LIVE_AUCTIONS).increment(1.0);
         debug!(auction_id = %state.auction.id, status = state.auction.status.as_str(), "auction activated");
@@ -239,14 +258,14 @@ impl Actor for AuctionActor {
         let now = self.env.clock.now_ms();
         match message {
             AuctionMsg::Bid { command, key, reply, span } => {
-                state.mailbox.fetch_sub(1, Ordering::AcqRel);
-                state.last_activity_ms = now;
+                state.activity.queued.fetch_sub(1, Ordering::AcqRel);
+                state.activity.last_write_ms.store(now, Ordering::Relaxed);
                 let span = (!span.is_disabled()).then_some(span);
                 self.handle_write(&myself, state, Command::PlaceBid(command), key, Origin { reply, span }, now);
             }
             AuctionMsg::Cancel { by, key, reply } => {
-                state.mailbox.fetch_sub(1, Ordering::AcqRel);
-                state.last_activity_ms = now;
+                state.activity.queued.fetch_sub(1, Ordering::AcqRel);
+                state.activity.last_write_ms.store(now, Ordering::Relaxed);
                 self.handle_write(&myself, state, Command::Cancel { by }, key, Origin { reply, span: None }, now);
             }
             AuctionMsg::Durable { through_write_no } => {
@@ -312,11 +331,18 @@ impl Actor for AuctionActor {
                 } else {
                     self.env.settings.idle_after
                 };
-                let idle_ms = now - state.last_activity_ms;
-                let nothing_waiting = state.pending.is_empty() && state.mailbox.load(Ordering::Acquire) == 0;
-                if nothing_waiting && idle_ms >= idle_after.as_millis() as i64 {
+                let idle_ms = now - state.activity.last_write_ms.load(Ordering::Relaxed);
+                if state.is_idle() && idle_ms >= idle_after.as_millis() as i64 {
                     debug!(auction_id = %state.auction.id, idle_ms, "passivating idle auction");
+                    metrics::counter!(crate::metrics_names::PASSIVATIONS_TOTAL, "reason" => "idle").increment(1);
                     myself.stop(Some("idle".to_owned()));
+                }
+            }
+            AuctionMsg::MakeRoom => {
+                if state.is_idle() && state.retiring.is_none() {
+                    debug!(auction_id = %state.auction.id, "passivating to make room for another auction");
+                    metrics::counter!(crate::metrics_names::PASSIVATIONS_TOTAL, "reason" => "room").increment(1);
+                    myself.stop(Some("making room".to_owned()));
                 }
             }
         }

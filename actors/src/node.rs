@@ -10,7 +10,7 @@
 //! `leases` and calls `retire_shard` when one is handed over or lost.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, MessagingErr, SupervisionEvent, rpc::CallResult};
@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 use crate::admission::Admission;
 use crate::auction::state::{AuctionId, AuctionState, BidCommand, UserId};
 use crate::auction_actor::{
-    AuctionActor, AuctionArgs, AuctionEnv, AuctionHandle, AuctionMsg, AuctionSettings, KeyedRequest, Unavailable,
-    WriteOutcome,
+    Activity, AuctionActor, AuctionArgs, AuctionEnv, AuctionHandle, AuctionMsg, AuctionSettings, KeyedRequest,
+    Unavailable, WriteOutcome,
 };
 use crate::persistence::{PersistenceActor, PersistenceMsg, PersistenceSettings};
 use crate::ports::{Clock, EventSink, LoadedAuction, Store};
@@ -45,6 +45,12 @@ pub struct NodeSettings {
     /// The sweeper activates auctions whose start or end falls within this horizon.
     pub sweep_interval: Duration,
     pub sweep_horizon: Duration,
+    /// Live auction actors past which each activation asks an idle one to
+    /// passivate (of a few sampled, the one written to least recently): the
+    /// bound on the memory live auctions take. Soft: an actor with writes in
+    /// flight stays, and the count may pass the bound by the activations
+    /// under way.
+    pub max_live_auctions: usize,
 }
 
 impl NodeSettings {
@@ -72,9 +78,14 @@ impl Default for NodeSettings {
             load_timeout: Duration::from_secs(5),
             sweep_interval: Duration::from_millis(500),
             sweep_horizon: Duration::from_secs(2),
+            // Some 10 KB each: about 400 MB of live auctions.
+            max_live_auctions: 40_000,
         }
     }
 }
+
+/// Live actors `make_room` compares to choose the one to passivate.
+const ROOM_SAMPLE: usize = 16;
 
 /// Counts one call in `gavel_actor_mailbox_depth` while it lives.
 struct AdmissionGauge<'a>(&'a metrics::Gauge);
@@ -235,6 +246,11 @@ impl Node {
         self.registry.len()
     }
 
+    /// Whether the auction has an actor on this node now.
+    pub fn is_live(&self, auction_id: AuctionId) -> bool {
+        self.registry.live_handle(auction_id).is_some()
+    }
+
     pub fn is_accepting(&self) -> bool {
         self.accepting.load(Ordering::Acquire) && !self.persistence_failed()
     }
@@ -269,8 +285,8 @@ impl Node {
         // no effect then, so one retry on a fresh actor is safe.
         for _attempt in 0..3 {
             let handle = self.activate(auction_id).await?;
-            if handle.mailbox.fetch_add(1, Ordering::AcqRel) >= self.settings.auction_mailbox_capacity {
-                handle.mailbox.fetch_sub(1, Ordering::AcqRel);
+            if handle.activity.queued.fetch_add(1, Ordering::AcqRel) >= self.settings.auction_mailbox_capacity {
+                handle.activity.queued.fetch_sub(1, Ordering::AcqRel);
                 return Err(NodeError::Unavailable(Unavailable::Saturated));
             }
             let answered = {
@@ -308,7 +324,7 @@ impl Node {
                 }
             }
             Err(MessagingErr::SendErr(_) | MessagingErr::ChannelClosed | MessagingErr::InvalidActorType) => {
-                handle.mailbox.fetch_sub(1, Ordering::AcqRel);
+                handle.activity.queued.fetch_sub(1, Ordering::AcqRel);
                 Err(CallFailure::Gone)
             }
         }
@@ -368,15 +384,37 @@ impl Node {
             Some(loaded) => loaded,
             None => self.load(auction_id).await?,
         };
-        let mailbox = Arc::new(AtomicUsize::new(0));
-        let args = AuctionArgs { loaded, lease, mailbox: mailbox.clone() };
+        self.make_room(auction_id);
+        let activity = Arc::new(Activity::default());
+        let args = AuctionArgs { loaded, lease, activity: activity.clone() };
         let actor = AuctionActor { env: self.env.clone() };
         match Actor::spawn(None, actor, args).await {
-            Ok((actor, _)) => Ok(AuctionHandle { actor, mailbox }),
+            Ok((actor, _)) => Ok(AuctionHandle { actor, activity }),
             Err(error) => {
                 warn!(%auction_id, %error, "spawning auction actor failed");
                 Err(NodeError::Unavailable(Unavailable::ActorFailedToStart))
             }
+        }
+    }
+
+    /// With `max_live_auctions` live (counting the one about to start), asks
+    /// the idle actor written to least recently, of a few sampled from the
+    /// shards `auction_id` leads to, to passivate. Sampling, not a full order
+    /// of every actor by use, so that a bid costs one clock store and an
+    /// activation a few lookups; an actor with writes in flight or queued
+    /// declines, and the next activation tries others.
+    fn make_room(&self, auction_id: AuctionId) {
+        if self.registry.len() <= self.settings.max_live_auctions {
+            return;
+        }
+        let victim = self
+            .registry
+            .sample(auction_id.as_u128() as u64, ROOM_SAMPLE)
+            .into_iter()
+            .filter(|handle| handle.activity.queued.load(Ordering::Acquire) == 0)
+            .min_by_key(|handle| handle.activity.last_write_ms.load(Ordering::Relaxed));
+        if let Some(victim) = victim {
+            let _ = victim.actor.cast(AuctionMsg::MakeRoom);
         }
     }
 

@@ -7,6 +7,8 @@
 //! callers activating the same auction at once start one actor between them.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ractor::ActorId;
@@ -20,13 +22,18 @@ pub type Slot = Arc<OnceCell<AuctionHandle>>;
 
 pub struct Registry {
     shards: Vec<Mutex<HashMap<AuctionId, Slot>>>,
+    /// Entries over all shards: actors started or starting.
+    len: AtomicUsize,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry { shards: (0..SHARD_COUNT).map(|_| Mutex::new(HashMap::new())).collect() }
+        Registry { shards: (0..SHARD_COUNT).map(|_| Mutex::new(HashMap::new())).collect(), len: AtomicUsize::new(0) }
     }
 }
+
+/// Entries `sample` takes from each shard it visits.
+const SAMPLE_PER_SHARD: usize = 4;
 
 impl Registry {
     fn shard(&self, shard: u32) -> MutexGuard<'_, HashMap<AuctionId, Slot>> {
@@ -35,7 +42,13 @@ impl Registry {
 
     /// The auction's slot, made empty if there was none.
     pub fn slot(&self, auction_id: AuctionId) -> Slot {
-        self.shard(shard_of(auction_id)).entry(auction_id).or_default().clone()
+        match self.shard(shard_of(auction_id)).entry(auction_id) {
+            Entry::Occupied(entry) => entry.get().clone(),
+            Entry::Vacant(entry) => {
+                self.len.fetch_add(1, Ordering::AcqRel);
+                entry.insert(Slot::default()).clone()
+            }
+        }
     }
 
     /// The running actor of the auction, if one has started.
@@ -48,6 +61,7 @@ impl Registry {
         let mut shard = self.shard(shard_of(auction_id));
         if shard.get(&auction_id).is_some_and(|existing| Arc::ptr_eq(existing, slot) && existing.get().is_none()) {
             shard.remove(&auction_id);
+            self.len.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -58,6 +72,7 @@ impl Registry {
             shard.get(&auction_id).and_then(|slot| slot.get()).is_some_and(|handle| handle.actor.get_id() == actor);
         if is_this_actor {
             shard.remove(&auction_id);
+            self.len.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -72,7 +87,30 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        (0..SHARD_COUNT).map(|shard| self.shard(shard).len()).sum()
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Up to `count` running actors, a few from each of the shards visited,
+    /// chosen by `seed` (any random number): where the visit starts, the
+    /// stride over the shards, and where in each shard it looks.
+    pub fn sample(&self, seed: u64, count: usize) -> Vec<AuctionHandle> {
+        let mut sampled = Vec::with_capacity(count);
+        let start = seed as u32 % SHARD_COUNT;
+        // Odd, so the visit reaches every shard (their count is a power of two).
+        let stride = ((seed >> 32) as u32 % SHARD_COUNT) | 1;
+        for visit in 0..SHARD_COUNT {
+            if sampled.len() >= count {
+                break;
+            }
+            let shard = self.shard(start.wrapping_add(visit.wrapping_mul(stride)) % SHARD_COUNT);
+            if shard.is_empty() {
+                continue;
+            }
+            let skip = (seed >> 16) as usize % shard.len();
+            let wanted = SAMPLE_PER_SHARD.min(count - sampled.len());
+            sampled.extend(shard.values().skip(skip).filter_map(|slot| slot.get().cloned()).take(wanted));
+        }
+        sampled
     }
 
     pub fn is_empty(&self) -> bool {

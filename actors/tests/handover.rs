@@ -328,6 +328,53 @@ async fn a_write_whose_commit_lost_its_answer_before_the_lease_moved_is_answered
     assert_eq!(harness.leases.epoch_of(harness.shard), None, "the node dropped the shard");
 }
 
+/// Past `max_live_auctions`, each activation passivates an idle actor, the
+/// one written to least recently; its auction takes its next bid from the
+/// store's state. An actor with a write in flight stays until it is durable.
+#[tokio::test(start_paused = true)]
+async fn past_the_live_bound_the_actor_written_to_least_recently_makes_room() {
+    let settings =
+        NodeSettings { max_live_auctions: 2, call_timeout: Duration::from_secs(5), ..NodeSettings::default() };
+    let harness = harness_with(settings).await;
+    let (first, second, third) = (harness.auction_id, harness.another_auction(), harness.another_auction());
+    let bid_on = |auction_id, amount| harness.spawn_bid_on(auction_id, user("bidder"), amount);
+    let later = || harness.clock.0.fetch_add(1_000, Ordering::Relaxed);
+    assert_eq!(accepted_seq(&bid_on(first, 100).await.unwrap()), Some(1));
+    later();
+    assert_eq!(accepted_seq(&bid_on(second, 100).await.unwrap()), Some(1));
+    later();
+    assert_eq!(accepted_seq(&bid_on(third, 100).await.unwrap()), Some(1));
+    settle().await;
+    assert_eq!(harness.node.live_auctions(), 2);
+    assert!(!harness.node.is_live(first), "the actor written to least recently made room");
+
+    later();
+    assert_eq!(accepted_seq(&bid_on(first, 200).await.unwrap()), Some(2), "reloaded from the store, it goes on");
+    settle().await;
+    assert_eq!(harness.node.live_auctions(), 2);
+    assert!(!harness.node.is_live(second) && harness.node.is_live(third) && harness.node.is_live(first));
+
+    // A write in flight keeps its actor, past the bound if need be.
+    let held = harness.hold_commits().await;
+    later();
+    let in_flight = bid_on(first, 300);
+    settle().await;
+    later();
+    let other = bid_on(third, 200);
+    settle().await;
+    later();
+    let waking = bid_on(second, 200);
+    settle().await;
+    assert!(harness.node.is_live(first) && harness.node.is_live(third), "both have a write in flight");
+    assert_eq!(harness.node.live_auctions(), 3, "the bound is soft: nothing idle to passivate");
+    drop(held);
+    assert_eq!(accepted_seq(&in_flight.await.unwrap()), Some(3));
+    assert_eq!(accepted_seq(&other.await.unwrap()), Some(2));
+    assert_eq!(accepted_seq(&waking.await.unwrap()), Some(2));
+    assert_eq!(harness.store.stored_seqs(first), vec![1, 2, 3]);
+    assert_eq!(harness.node.persistence_queue.in_use(), 0, "nothing waits for a commit");
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_commits_are_retried_in_order_until_durable() {
     let harness = harness().await;

@@ -448,8 +448,10 @@ async fn live_actors(options: &Options) {
         accepted as f64 / bid_in.as_secs_f64(),
     );
     if let (Some(before), Some(after), Some(per)) = (before, after, per_auction_bytes) {
+        // Fewer live actors than open auctions when the node passivates some to stay under its bound.
+        let per_live_actor = after.saturating_sub(before) as f64 * 1024.0 / live.max(1.0);
         println!(
-            "  node RSS {} MiB before, {} MiB after: {per:.0} bytes per live auction",
+            "  node RSS {} MiB before, {} MiB after: {per:.0} bytes per open auction, {per_live_actor:.0} per live actor",
             before / 1024,
             after / 1024
         );

@@ -61,6 +61,7 @@ const REQUIRED_SERIES: &[&str] = &[
     "gavel_commit_hedges_total",
     "gavel_persistence_queue_depth",
     "gavel_live_auctions",
+    "gavel_passivations_total",
     "gavel_actor_mailbox_depth",
     "gavel_ws_connections",
     "gavel_http_connections",

@@ -14,6 +14,7 @@ use crate::on_both_backends;
 on_both_backends!(
     a_stale_lease_epoch_is_refused_inside_the_commit,
     idle_auctions_passivate_and_come_back,
+    live_auctions_stay_within_their_bound_and_each_takes_its_next_bid,
     a_batch_committed_twice_counts_its_bids_once,
     an_auction_open_from_creation_has_its_actor_started,
     a_deleted_users_bids_are_refused_and_never_stop_other_writes,
@@ -318,6 +319,39 @@ async fn idle_auctions_passivate_and_come_back(backend: Backend) {
         (placed["seq"].as_i64(), placed["leading"].as_bool(), placed["current_price"].as_i64()),
         (Some(2), Some(false), Some(15_500))
     );
+    app.stop().await;
+}
+
+/// `--max-live-auctions`: past it, activations passivate idle actors, so the
+/// node keeps at most that many (plus a few starting), while every auction
+/// stays open and each takes its next bid from the stored state.
+async fn live_auctions_stay_within_their_bound_and_each_takes_its_next_bid(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |config| config.max_live_auctions = 2, NodeSettings::default()).await;
+    let api = app.api();
+    let (seller, bidders, first) = api.scene(&["bob", "carol"], json!({})).await;
+    let (bob, carol) = (&bidders[0], &bidders[1]);
+    let mut auctions = vec![first];
+    for _ in 0..4 {
+        auctions.push(api.create_auction(&seller, auction_body(json!({}))).await["id"].as_str().unwrap().to_owned());
+    }
+    for id in &auctions {
+        assert_eq!(api.bid(bob, id, 10_000, Some(20_000)).await.0, StatusCode::CREATED);
+    }
+    eventually(Duration::from_secs(10), "the live actors to be back within the bound", || {
+        let live = app.node.live_auctions();
+        async move { (live <= 2).then_some(()) }
+    })
+    .await;
+    assert!(crate::helpers::metric(&app, "gavel_passivations_total{reason=\"room\"}").await >= 3.0);
+    // Each reloaded from the store where needed: Bob's secret maximum kept, seq goes on.
+    for id in &auctions {
+        let (status, placed) = api.bid(carol, id, 15_000, None).await;
+        assert_eq!(status, StatusCode::CREATED, "{placed}");
+        assert_eq!(
+            (placed["seq"].as_i64(), placed["leading"].as_bool(), placed["current_price"].as_i64()),
+            (Some(2), Some(false), Some(15_500))
+        );
+    }
     app.stop().await;
 }
 
