@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -118,6 +118,10 @@ pub struct Activity {
     pub queued: AtomicUsize,
     /// When it last took a bid or a cancel, or started (the node's clock).
     pub last_write_ms: AtomicI64,
+    /// Set as it stops in order (`post_stop`): a call it then drops was never
+    /// read. An actor that stopped without it (a panic, a kill) may have taken
+    /// a write it never answered.
+    pub stopped_in_order: AtomicBool,
 }
 
 pub struct AuctionActor {
@@ -233,6 +237,7 @@ impl Actor for AuctionActor {
     }
 
     async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        state.activity.stopped_in_order.store(true, Ordering::Release);
         if let Some((_, _, timer)) = state.timer.take() {
             self.env.timers.cancel(timer);
         }

@@ -313,11 +313,13 @@ impl Node {
         match handle.actor.call(message, Some(self.settings.call_timeout)).await {
             Ok(CallResult::Success(outcome)) => Ok(outcome),
             Ok(CallResult::Timeout) => Err(CallFailure::Timeout),
-            // The reply port was dropped unanswered. If the actor stopped, the
-            // message was dropped unread and had no effect: try a fresh actor.
-            // If it still runs, something else went wrong; the write may stand.
+            // The reply port was dropped unanswered. If the actor stopped in
+            // order, the message was dropped unread and had no effect: try a
+            // fresh actor. If it failed (a panic), it may have taken the write
+            // and sent it to the store; if it still runs, something else went
+            // wrong: either way the write may stand.
             Ok(CallResult::SenderError) => {
-                if matches!(handle.actor.get_status(), ActorStatus::Stopping | ActorStatus::Stopped) {
+                if handle.activity.stopped_in_order.load(Ordering::Acquire) {
                     Err(CallFailure::Gone)
                 } else {
                     Err(CallFailure::Timeout)
@@ -360,6 +362,11 @@ impl Node {
             let handle = slot.get_or_try_init(|| self.spawn_actor(auction_id, preloaded.take())).await;
             match handle {
                 Ok(handle) if handle.actor.get_status() == ActorStatus::Stopped => {
+                    if !handle.activity.stopped_in_order.load(Ordering::Acquire) {
+                        // It failed: what it sent the store goes first, so the
+                        // next actor loads a state that holds it.
+                        self.settle_writes_of(handle.actor.get_id()).await?;
+                    }
                     self.registry.forget(auction_id, handle.actor.get_id());
                 }
                 Ok(handle) => return Ok(handle.clone()),
@@ -415,6 +422,23 @@ impl Node {
             .min_by_key(|handle| handle.activity.last_write_ms.load(Ordering::Relaxed));
         if let Some(victim) = victim {
             let _ = victim.actor.cast(AuctionMsg::MakeRoom);
+        }
+    }
+
+    /// Waits until the persistence actor holds none of the writes `actor`
+    /// sent, each committed or refused: `actor` stopped without finishing (a
+    /// panic), and its auction's state must not be loaded again before then
+    /// (a write still on its way would come after the new actor's, under
+    /// the same `seq`).
+    async fn settle_writes_of(&self, actor: ractor::ActorId) -> Result<(), NodeError> {
+        let settled = self
+            .persistence
+            .call(|reply| PersistenceMsg::Settled { actor, reply }, Some(self.settings.call_timeout))
+            .await;
+        match settled {
+            Ok(CallResult::Success(())) => Ok(()),
+            Ok(CallResult::Timeout) => Err(NodeError::Unavailable(Unavailable::StoreTimedOut)),
+            _ => Err(NodeError::Unavailable(Unavailable::PersistenceGone)),
         }
     }
 

@@ -132,6 +132,14 @@ pub enum PersistenceMsg {
     Flush,
     /// Commits everything sent before it, then answers (graceful shutdown).
     Drain(RpcReplyPort<()>),
+    /// Answers once no write of this auction actor is queued or being
+    /// committed (each is committed or refused): the actor stopped without
+    /// finishing (a panic), and its auction must not be loaded again before
+    /// the store holds what it sent.
+    Settled {
+        actor: ActorId,
+        reply: RpcReplyPort<()>,
+    },
     /// A commit left to finish in a task of its own (`hedge_after`) finished:
     /// its writes are durable, or refused and their auctions told. `refused`
     /// lists the auctions whose writes the store refused as invalid, from
@@ -182,6 +190,8 @@ pub struct PersistenceState {
     detached_commits: u64,
     flush_scheduled: bool,
     drains: Vec<RpcReplyPort<()>>,
+    /// `Settled` calls waiting for the writes of their actor.
+    settling: Vec<(ActorId, RpcReplyPort<()>)>,
 }
 
 impl Actor for PersistenceActor {
@@ -199,6 +209,7 @@ impl Actor for PersistenceActor {
             detached_commits: 0,
             flush_scheduled: false,
             drains: Vec::new(),
+            settling: Vec::new(),
         })
     }
 
@@ -238,6 +249,7 @@ impl Actor for PersistenceActor {
                 state.drains.push(reply);
                 self.commit_next(&myself, state).await;
             }
+            PersistenceMsg::Settled { actor, reply } => state.settling.push((actor, reply)),
             PersistenceMsg::Committed { commit, refused } => {
                 state.in_flight.retain(|in_flight| in_flight.commit != commit);
                 for (actor, from_write_no) in refused {
@@ -255,6 +267,16 @@ impl Actor for PersistenceActor {
                 let _ = reply.send(());
             }
         }
+        if !state.settling.is_empty() {
+            let settling = std::mem::take(&mut state.settling);
+            for (actor, reply) in settling {
+                if state.holds_writes_of(actor) {
+                    state.settling.push((actor, reply));
+                } else {
+                    let _ = reply.send(());
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -266,6 +288,12 @@ impl PersistenceState {
             self.refused.clear();
         }
         self.refused.insert(actor, from_write_no);
+    }
+
+    /// Whether a write of `actor` is queued or in a commit left to finish on
+    /// its own (between messages, the actor runs no commit itself).
+    fn holds_writes_of(&self, actor: ActorId) -> bool {
+        self.origins.iter().any(|(origin, _)| origin.actor_id() == actor) || self.has_commit_in_flight(actor)
     }
 
     fn has_commit_in_flight(&self, actor: ActorId) -> bool {

@@ -375,6 +375,32 @@ async fn past_the_live_bound_the_actor_written_to_least_recently_makes_room() {
     assert_eq!(harness.node.persistence_queue.in_use(), 0, "nothing waits for a commit");
 }
 
+/// An auction actor that fails (killed here; a panic is the same to the
+/// node) with writes on their way to the store: its callers hear that the
+/// outcome is unknown, where they were once tried again on a fresh actor
+/// that had loaded the auction without those writes (applying each twice),
+/// and the next actor loads the auction only once those writes are stored.
+#[tokio::test(start_paused = true)]
+async fn writes_of_a_failed_actor_are_not_applied_twice_and_its_successor_loads_after_them() {
+    let harness = harness().await;
+    assert_eq!(accepted_seq(&harness.bid(100).await), Some(1));
+    let held = harness.hold_commits().await;
+    let first = harness.spawn_bid(200);
+    settle().await;
+    let second = harness.spawn_bid(300);
+    settle().await;
+    harness.node.activate(harness.auction_id).await.unwrap().actor.kill();
+    settle().await;
+    assert_eq!(first.await.unwrap(), Err(NodeError::OutcomeUnknown), "taken, and on its way to the store");
+    assert_eq!(second.await.unwrap(), Err(NodeError::OutcomeUnknown));
+    let next = harness.spawn_bid(400);
+    settle().await;
+    assert!(!next.is_finished(), "the next actor waits for the failed one's writes");
+    drop(held);
+    assert_eq!(accepted_seq(&next.await.unwrap()), Some(4), "loaded with both writes, it goes on from them");
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2, 3, 4], "each write once");
+}
+
 #[tokio::test(start_paused = true)]
 async fn failed_commits_are_retried_in_order_until_durable() {
     let harness = harness().await;
