@@ -186,6 +186,14 @@ pub struct AuctionActorState {
     timer_generation: u64,
 }
 
+/// Stops an idle actor while its auction stays open (the next write
+/// reloads it); `reason` is the stop's and the metric's (`idle` or `room`).
+fn passivate(myself: &ActorRef<AuctionMsg>, state: &AuctionActorState, reason: &'static str) {
+    debug!(auction_id = %state.auction.id, reason, "passivating");
+    metrics::counter!(crate::metrics_names::PASSIVATIONS_TOTAL, "reason" => reason).increment(1);
+    myself.stop(Some(reason.to_owned()));
+}
+
 impl AuctionActorState {
     /// Nothing in flight, nothing queued: stopping it loses nothing, and the
     /// next write reloads the auction from the store.
@@ -338,16 +346,12 @@ impl Actor for AuctionActor {
                 };
                 let idle_ms = now - state.activity.last_write_ms.load(Ordering::Relaxed);
                 if state.is_idle() && idle_ms >= idle_after.as_millis() as i64 {
-                    debug!(auction_id = %state.auction.id, idle_ms, "passivating idle auction");
-                    metrics::counter!(crate::metrics_names::PASSIVATIONS_TOTAL, "reason" => "idle").increment(1);
-                    myself.stop(Some("idle".to_owned()));
+                    passivate(&myself, state, "idle");
                 }
             }
             AuctionMsg::MakeRoom => {
                 if state.is_idle() && state.retiring.is_none() {
-                    debug!(auction_id = %state.auction.id, "passivating to make room for another auction");
-                    metrics::counter!(crate::metrics_names::PASSIVATIONS_TOTAL, "reason" => "room").increment(1);
-                    myself.stop(Some("making room".to_owned()));
+                    passivate(&myself, state, "room");
                 }
             }
         }
