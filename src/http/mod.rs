@@ -6,6 +6,7 @@
 pub mod auctions;
 pub mod bids;
 pub mod cluster;
+pub mod edge;
 pub mod error;
 pub mod extract;
 pub mod internal;
@@ -14,12 +15,9 @@ pub mod users;
 pub mod views;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::DefaultBodyLimit;
 use gavel_actors::node::Node;
 use gavel_actors::ports::Clock;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -33,7 +31,6 @@ use crate::auth::Auth;
 use crate::bidding::Bidding;
 use crate::cluster::Cluster;
 use crate::storage::Db;
-use crate::telemetry;
 use error::ApiError;
 
 /// Everything a handler may use; cheap to clone.
@@ -112,9 +109,6 @@ impl ApiContext {
     }
 }
 
-/// A request slower than this is answered 503 (a bid's own wait is shorter).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(35);
-
 #[derive(OpenApi)]
 #[openapi(
     info(title = "gavel", description = "A real-time auction server. Money is integer minor units of the auction's currency."),
@@ -172,104 +166,14 @@ pub fn router(context: ApiContext, body_timeout: extract::BodyTimeout, websocket
         .merge(SwaggerUi::new("/api/docs").url("/api/openapi.json", openapi))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(context.clone(), cors))
-        .layer(middleware::from_fn_with_state(context.clone(), observe))
+        .layer(edge::EdgeLayer::new(context.clone()))
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(axum::Extension(body_timeout))
         .with_state(context)
 }
 
-/// The `Gavel-Node` header: the node that answered.
+/// The `Gavel-Node` header: the node that answered (set in `edge`).
 pub const NODE_HEADER: &str = "gavel-node";
-
-/// Time limit, request metrics by matched route (never the raw URL), bid
-/// outcome counting, and `Gavel-Node` on every response.
-async fn observe(State(context): State<ApiContext>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |path| intern_route(path.as_str()));
-    let is_write = request.method() == axum::http::Method::POST;
-    let is_bid = is_write && route == "/api/v1/auctions/{id}/bids";
-    let mut response = match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
-        Ok(response) => response,
-        // A write may have been handed over already and still become durable.
-        Err(_) => {
-            ApiError::Unavailable { reason: "request timed out".to_owned(), outcome_unknown: is_write }.into_response()
-        }
-    };
-    let elapsed = started.elapsed().as_secs_f64();
-    let status = status_label(response.status().as_u16());
-    metrics::counter!(telemetry::HTTP_REQUESTS_TOTAL, "route" => route, "status" => status).increment(1);
-    metrics::histogram!(telemetry::HTTP_REQUEST_DURATION_SECONDS, "route" => route).record(elapsed);
-    if is_bid {
-        let outcome = response.extensions().get::<BidOutcomeLabel>().map_or("accepted", |label| label.0);
-        metrics::counter!(telemetry::BIDS_TOTAL, "outcome" => outcome).increment(1);
-        metrics::histogram!(telemetry::BID_LATENCY_SECONDS).record(elapsed);
-    }
-    response.headers_mut().insert(NODE_HEADER, context.node_header.clone());
-    response
-}
-
-/// CORS for the origins of `--cors-origins` (none by default): a preflight
-/// (`OPTIONS` with `Access-Control-Request-Method`) from one of them is
-/// answered `204` with what it may send; every answer to one of them says it
-/// may read it, and which of our headers. Any other origin gets no CORS
-/// header, so browsers keep their same-origin rule.
-async fn cors(State(context): State<ApiContext>, request: Request, next: Next) -> Response {
-    use axum::http::{HeaderValue, Method, StatusCode, header};
-    let origin = request.headers().get(header::ORIGIN).cloned().filter(|origin| {
-        origin
-            .to_str()
-            .is_ok_and(|origin| context.cors_origins.iter().any(|allowed| allowed == "*" || allowed == origin))
-    });
-    let Some(origin) = origin else {
-        return next.run(request).await;
-    };
-    let preflight =
-        request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let mut response = if preflight { StatusCode::NO_CONTENT.into_response() } else { next.run(request).await };
-    let headers = response.headers_mut();
-    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    headers.append(header::VARY, HeaderValue::from_static("Origin"));
-    if preflight {
-        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("authorization, content-type, idempotency-key"),
-        );
-        headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-    } else {
-        headers.insert(
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            HeaderValue::from_static("gavel-node, gavel-owner, retry-after"),
-        );
-    }
-    response
-}
-
-/// Route labels as `&'static str`, so labelling a request allocates nothing.
-/// Only matched route templates arrive here: the set is the router's, bounded.
-fn intern_route(route: &str) -> &'static str {
-    static ROUTES: std::sync::OnceLock<std::sync::RwLock<std::collections::HashSet<&'static str>>> =
-        std::sync::OnceLock::new();
-    let routes = ROUTES.get_or_init(Default::default);
-    // Every route is seen once and read ever after: a shared read lock, no contention.
-    if let Some(known) = routes.read().expect("route label lock").get(route) {
-        return known;
-    }
-    let mut routes = routes.write().expect("route label lock");
-    if let Some(known) = routes.get(route) {
-        return known;
-    }
-    let leaked: &'static str = Box::leak(route.to_owned().into_boxed_str());
-    routes.insert(leaked);
-    leaked
-}
-
-fn status_label(status: u16) -> &'static str {
-    static LABELS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let labels = LABELS.get_or_init(|| (0..600).map(|code: u16| code.to_string()).collect());
-    labels.get(status as usize).map_or("other", String::as_str)
-}
 
 /// Set on error responses so the metrics layer can count bids by rejection code.
 #[derive(Clone, Copy)]
