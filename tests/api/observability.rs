@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 
 use gavel_actors::node::NodeSettings;
 
-use crate::helpers::{Backend, HasApi, TestApp, eventually, free_port, metric};
+use crate::helpers::{Backend, HasApi, ServerProcess, TestApp, eventually, free_port, metric};
 use crate::ws_client::WsClient;
 
 fn repo(path: &str) -> PathBuf {
@@ -280,4 +280,85 @@ async fn the_mailbox_gauge_returns_to_zero_when_callers_give_up() {
     eventually(Duration::from_secs(10), "the gauge back at zero", || async { (depth().await == 0.0).then_some(()) })
         .await;
     app.stop().await;
+}
+
+/// The value of the series `name` whose labels include every one of `labels`
+/// (0 when no such series is exported yet).
+fn labelled(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<f64> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|rest| rest.split_once("} "))
+        .filter(|(found, _)| {
+            labels.iter().all(|(key, value)| found.split(',').any(|pair| pair == format!("{key}=\"{value}\"")))
+        })
+        .map(|(_, value)| value.trim().parse().expect("a number"))
+        .collect();
+    assert!(matching.len() <= 1, "{name} {labels:?} names one series: {matching:?}");
+    matching.first().copied().unwrap_or(0.0)
+}
+
+/// Every request is counted once, under its route's template (never the raw
+/// path) and its status; every bid once more under its outcome; a CORS
+/// preflight, answered before the routes, is counted too; every answer names
+/// the node. A node in a process of its own, so that its counts hold only
+/// this test's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_is_counted_once_under_its_route_and_status_and_each_bid_under_its_outcome() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let cors = ["--cors-origins".to_owned(), "https://shop.example".to_owned()];
+    let server = ServerProcess::start_with(data_dir.path(), None, free_port(), &cors).await;
+    let api = server.api();
+    let (_seller, bidders, auction_id) = api.scene(&["ann", "bob"], json!({})).await;
+    let bids_route = "/api/v1/auctions/{id}/bids";
+    let scrape = || async {
+        server.client.get(format!("{}/metrics", server.address)).send().await.unwrap().text().await.unwrap()
+    };
+    let before = scrape().await;
+    assert_eq!(labelled(&before, "gavel_http_requests_total", &[("route", bids_route)]), 0.0, "no bid yet");
+
+    // Starting price 10,000, increment 500.
+    assert_eq!(api.bid(&bidders[0], &auction_id, 10_000, None).await.0, StatusCode::CREATED);
+    assert_eq!(api.bid(&bidders[1], &auction_id, 10_000, None).await.0, StatusCode::CONFLICT);
+    assert_eq!(api.bid(&bidders[1], &auction_id, 11_000, None).await.0, StatusCode::CREATED);
+    let unknown = "/api/v1/auctions/00000000-0000-7000-8000-000000000000";
+    for _ in 0..2 {
+        assert_eq!(api.get(unknown, None).await.0, StatusCode::NOT_FOUND);
+    }
+    let preflight = server
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/api/v1/auctions/{auction_id}/bids", server.address))
+        .header("Origin", "https://shop.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), StatusCode::NO_CONTENT);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "https://shop.example");
+    assert!(preflight.headers().contains_key("gavel-node"), "a preflight names the node too");
+    let nowhere = server.client.get(format!("{}/nowhere/{auction_id}", server.address)).send().await.unwrap();
+    assert_eq!(nowhere.status(), StatusCode::NOT_FOUND);
+    assert!(nowhere.headers().contains_key("gavel-node"), "an unmatched path's answer names the node");
+
+    let after = scrape().await;
+    let requests = |route: &str, status: &str| {
+        labelled(&after, "gavel_http_requests_total", &[("route", route), ("status", status)])
+            - labelled(&before, "gavel_http_requests_total", &[("route", route), ("status", status)])
+    };
+    assert_eq!(requests(bids_route, "201"), 2.0);
+    assert_eq!(requests(bids_route, "409"), 1.0);
+    assert_eq!(requests(bids_route, "204"), 1.0, "the preflight");
+    assert_eq!(requests("/api/v1/auctions/{id}", "404"), 2.0);
+    assert_eq!(requests("unmatched", "404"), 1.0);
+    assert!(!after.contains(&auction_id), "no raw path in a label");
+    assert_eq!(labelled(&after, "gavel_bids_total", &[("outcome", "accepted")]), 2.0);
+    assert_eq!(labelled(&after, "gavel_bids_total", &[("outcome", "BID_TOO_LOW")]), 1.0);
+    let bid_latencies = after
+        .lines()
+        .find_map(|line| line.strip_prefix("gavel_bid_latency_seconds_count "))
+        .map(|value| value.trim().parse::<f64>().unwrap());
+    assert_eq!(bid_latencies, Some(3.0), "one latency per bid, none for the preflight");
+    let timed = labelled(&after, "gavel_http_request_duration_seconds_count", &[("route", bids_route)]);
+    assert_eq!(timed, 4.0, "three bids and the preflight");
+    server.terminate().await;
 }
