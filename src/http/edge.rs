@@ -28,7 +28,7 @@ use super::{ApiContext, BidOutcomeLabel, NODE_HEADER};
 use crate::telemetry;
 
 /// A request slower than this is answered 503 (a bid's own wait is shorter).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(35);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(35);
 
 /// The route whose `POST`s are bids, counted by outcome.
 const BID_ROUTE: &str = "/api/v1/auctions/{id}/bids";
@@ -195,36 +195,44 @@ struct RouteMetrics {
 impl RouteMetrics {
     fn of(route: &str) -> &'static RouteMetrics {
         static ROUTES: OnceLock<RwLock<HashMap<&'static str, &'static RouteMetrics>>> = OnceLock::new();
-        let routes = ROUTES.get_or_init(Default::default);
-        // Every route is seen once and read ever after: a shared read lock, no contention.
-        if let Some(known) = routes.read().expect("route metrics lock").get(route) {
-            return known;
-        }
-        let mut routes = routes.write().expect("route metrics lock");
-        if let Some(known) = routes.get(route) {
-            return known;
-        }
-        let label: &'static str = Box::leak(route.to_owned().into_boxed_str());
-        let made: &'static RouteMetrics = Box::leak(Box::new(RouteMetrics {
-            label,
-            duration: metrics::histogram!(telemetry::HTTP_REQUEST_DURATION_SECONDS, "route" => label),
-            by_status: RwLock::default(),
-        }));
-        routes.insert(label, made);
-        made
+        kept(ROUTES.get_or_init(Default::default), route, || {
+            let label: &'static str = Box::leak(route.to_owned().into_boxed_str());
+            let made = RouteMetrics {
+                label,
+                duration: metrics::histogram!(telemetry::HTTP_REQUEST_DURATION_SECONDS, "route" => label),
+                by_status: RwLock::default(),
+            };
+            (label, made)
+        })
     }
 
     fn requests(&self, status: u16) -> &'static metrics::Counter {
-        if let Some(counter) = self.by_status.read().expect("route metrics lock").get(&status) {
-            return counter;
-        }
-        self.by_status.write().expect("route metrics lock").entry(status).or_insert_with(|| {
+        kept(&self.by_status, &status, || {
             let label = status_label(status);
-            Box::leak(Box::new(
-                metrics::counter!(telemetry::HTTP_REQUESTS_TOTAL, "route" => self.label, "status" => label),
-            ))
+            (status, metrics::counter!(telemetry::HTTP_REQUESTS_TOTAL, "route" => self.label, "status" => label))
         })
     }
+}
+
+/// The value kept for `key`, made (and kept for the process) the first time
+/// `key` is seen. Keys come from bounded sets (routes, status codes, error
+/// codes); after the first sight of each, only the shared read lock is taken.
+fn kept<K, Q, V>(map: &RwLock<HashMap<K, &'static V>>, key: &Q, make: impl FnOnce() -> (K, V)) -> &'static V
+where
+    K: std::borrow::Borrow<Q> + Eq + std::hash::Hash,
+    Q: Eq + std::hash::Hash + ?Sized,
+{
+    if let Some(known) = map.read().expect("metric handles lock").get(key) {
+        return known;
+    }
+    let mut map = map.write().expect("metric handles lock");
+    if let Some(known) = map.get(key) {
+        return known;
+    }
+    let (key, value) = make();
+    let value: &'static V = Box::leak(Box::new(value));
+    map.insert(key, value);
+    value
 }
 
 fn status_label(status: u16) -> &'static str {
@@ -236,15 +244,9 @@ fn status_label(status: u16) -> &'static str {
 /// `gavel_bids_total` by outcome: "accepted" or an error code (a bounded set).
 fn bid_outcomes(outcome: &'static str) -> &'static metrics::Counter {
     static BY_OUTCOME: OnceLock<RwLock<HashMap<&'static str, &'static metrics::Counter>>> = OnceLock::new();
-    let by_outcome = BY_OUTCOME.get_or_init(Default::default);
-    if let Some(counter) = by_outcome.read().expect("bid metrics lock").get(outcome) {
-        return counter;
-    }
-    by_outcome
-        .write()
-        .expect("bid metrics lock")
-        .entry(outcome)
-        .or_insert_with(|| Box::leak(Box::new(metrics::counter!(telemetry::BIDS_TOTAL, "outcome" => outcome))))
+    kept(BY_OUTCOME.get_or_init(Default::default), outcome, || {
+        (outcome, metrics::counter!(telemetry::BIDS_TOTAL, "outcome" => outcome))
+    })
 }
 
 fn bid_latency() -> &'static metrics::Histogram {
