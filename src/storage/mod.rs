@@ -12,6 +12,7 @@
 //! `Db` for everything else (users, listings, history).
 
 mod commit;
+mod page_cache;
 mod rows;
 mod wal_writes;
 
@@ -151,6 +152,9 @@ impl Db {
     /// `synchronous=FULL`: a commit is on disk when it returns.
     pub async fn open_sqlite(data_dir: &Path) -> Result<Db, sqlx::Error> {
         std::fs::create_dir_all(data_dir).map_err(sqlx::Error::Io)?;
+        // SQLite takes a page cache only before it starts, which registering
+        // the VFS below does.
+        page_cache::install();
         let options = SqliteConnectOptions::new()
             .filename(data_dir.join("gavel.db"))
             .create_if_missing(true)

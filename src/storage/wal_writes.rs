@@ -317,14 +317,14 @@ static WAL_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
 };
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
     use sqlx::{ConnectOptions, Connection};
 
     use super::wal_write_counts;
     use crate::storage::Db;
 
-    fn writer(db: &Db) -> &sqlx::SqlitePool {
+    pub(in crate::storage) fn writer(db: &Db) -> &sqlx::SqlitePool {
         match db {
             Db::Sqlite { writer, .. } => writer,
             Db::Postgres { .. } => unreachable!("a SQLite store"),
@@ -332,7 +332,7 @@ mod tests {
     }
 
     /// A store in a new directory, with a table for `commit_scattered_rows`.
-    async fn store_with_a_table() -> (tempfile::TempDir, Db) {
+    pub(in crate::storage) async fn store_with_a_table() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open_sqlite(dir.path()).await.unwrap();
         sqlx::query("CREATE TABLE scattered (key INTEGER PRIMARY KEY, round INTEGER NOT NULL, body BLOB NOT NULL)")
@@ -344,7 +344,7 @@ mod tests {
 
     /// 200 rows of 600 bytes at random places: some 150 pages changed, each a
     /// frame of two writes.
-    async fn commit_scattered_rows(pool: &sqlx::SqlitePool, round: i64) {
+    pub(in crate::storage) async fn commit_scattered_rows(pool: &sqlx::SqlitePool, round: i64) {
         let mut transaction = pool.begin().await.unwrap();
         for row in 0..200_i64 {
             let key = (row * 7_919 + round * 104_729) % 1_000_003;
