@@ -420,4 +420,43 @@ pub(super) mod tests {
         let integrity: String = sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&mut reopened).await.unwrap();
         assert_eq!(integrity, "ok");
     }
+
+    /// The two sync calls, counted for this test binary: these definitions
+    /// take the C library's place for everything linked into it, the bundled
+    /// SQLite included, and make the same system calls.
+    static SYNCS: [std::sync::atomic::AtomicU64; 2] =
+        [std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)];
+
+    #[unsafe(no_mangle)]
+    extern "C" fn fsync(fd: std::ffi::c_int) -> std::ffi::c_int {
+        SYNCS[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the system call fsync(2) itself, with the caller's descriptor.
+        unsafe { libc::syscall(libc::SYS_fsync, fd) as std::ffi::c_int }
+    }
+
+    #[unsafe(no_mangle)]
+    extern "C" fn fdatasync(fd: std::ffi::c_int) -> std::ffi::c_int {
+        SYNCS[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the system call fdatasync(2) itself, with the caller's descriptor.
+        unsafe { libc::syscall(libc::SYS_fdatasync, fd) as std::ffi::c_int }
+    }
+
+    /// SQLite syncs with fdatasync(2), which leaves out the file's times
+    /// (the bundled build calls fsync(2) unless `HAVE_FDATASYNC` is set, in
+    /// `.cargo/config.toml`): every commit syncs the WAL, and none calls fsync.
+    #[tokio::test]
+    async fn a_commit_syncs_the_wal_with_fdatasync() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (_dir, db) = store_with_a_table().await;
+        let pool = writer(&db);
+        commit_scattered_rows(pool, 0).await;
+        let before = [SYNCS[0].load(Relaxed), SYNCS[1].load(Relaxed)];
+        for round in 1..=5 {
+            commit_scattered_rows(pool, round).await;
+        }
+        let (fsyncs, fdatasyncs) = (SYNCS[0].load(Relaxed) - before[0], SYNCS[1].load(Relaxed) - before[1]);
+        assert_eq!(fsyncs, 0, "fsync(2) called {fsyncs} times in five commits");
+        assert!(fdatasyncs >= 5, "fdatasync(2) called {fdatasyncs} times in five commits");
+        db.close().await;
+    }
 }
