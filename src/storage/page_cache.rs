@@ -297,7 +297,7 @@ mod tests {
         assert_eq!(cache.max_key, 9, "the parking place is not a page of the database");
         // Truncating from 0 empties any cache.
         assert!(cache.may_hold_from(0));
-        let mut empty = super::Cache { parked: false, max_key: 0, ..cache };
+        let mut empty = Cache { parked: false, max_key: 0, ..cache };
         assert!(empty.may_hold_from(0));
         empty.entered(1);
         assert!(!empty.may_hold_from(2));

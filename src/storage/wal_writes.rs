@@ -318,6 +318,10 @@ static WAL_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use std::ffi::c_int;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::Ordering::Relaxed;
+
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
     use sqlx::{ConnectOptions, Connection};
 
@@ -424,21 +428,21 @@ pub(super) mod tests {
     /// The two sync calls, counted for this test binary: these definitions
     /// take the C library's place for everything linked into it, the bundled
     /// SQLite included, and make the same system calls.
-    static SYNCS: [std::sync::atomic::AtomicU64; 2] =
-        [std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)];
+    static FSYNCS: AtomicU64 = AtomicU64::new(0);
+    static FDATASYNCS: AtomicU64 = AtomicU64::new(0);
 
     #[unsafe(no_mangle)]
-    extern "C" fn fsync(fd: std::ffi::c_int) -> std::ffi::c_int {
-        SYNCS[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    extern "C" fn fsync(fd: c_int) -> c_int {
+        FSYNCS.fetch_add(1, Relaxed);
         // SAFETY: the system call fsync(2) itself, with the caller's descriptor.
-        unsafe { libc::syscall(libc::SYS_fsync, fd) as std::ffi::c_int }
+        unsafe { libc::syscall(libc::SYS_fsync, fd) as c_int }
     }
 
     #[unsafe(no_mangle)]
-    extern "C" fn fdatasync(fd: std::ffi::c_int) -> std::ffi::c_int {
-        SYNCS[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    extern "C" fn fdatasync(fd: c_int) -> c_int {
+        FDATASYNCS.fetch_add(1, Relaxed);
         // SAFETY: the system call fdatasync(2) itself, with the caller's descriptor.
-        unsafe { libc::syscall(libc::SYS_fdatasync, fd) as std::ffi::c_int }
+        unsafe { libc::syscall(libc::SYS_fdatasync, fd) as c_int }
     }
 
     /// SQLite syncs with fdatasync(2), which leaves out the file's times
@@ -446,15 +450,14 @@ pub(super) mod tests {
     /// `.cargo/config.toml`): every commit syncs the WAL, and none calls fsync.
     #[tokio::test]
     async fn a_commit_syncs_the_wal_with_fdatasync() {
-        use std::sync::atomic::Ordering::Relaxed;
         let (_dir, db) = store_with_a_table().await;
         let pool = writer(&db);
         commit_scattered_rows(pool, 0).await;
-        let before = [SYNCS[0].load(Relaxed), SYNCS[1].load(Relaxed)];
+        let (fsyncs_before, fdatasyncs_before) = (FSYNCS.load(Relaxed), FDATASYNCS.load(Relaxed));
         for round in 1..=5 {
             commit_scattered_rows(pool, round).await;
         }
-        let (fsyncs, fdatasyncs) = (SYNCS[0].load(Relaxed) - before[0], SYNCS[1].load(Relaxed) - before[1]);
+        let (fsyncs, fdatasyncs) = (FSYNCS.load(Relaxed) - fsyncs_before, FDATASYNCS.load(Relaxed) - fdatasyncs_before);
         assert_eq!(fsyncs, 0, "fsync(2) called {fsyncs} times in five commits");
         assert!(fdatasyncs >= 5, "fdatasync(2) called {fdatasyncs} times in five commits");
         db.close().await;
