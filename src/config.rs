@@ -62,6 +62,14 @@ pub struct Config {
     /// one commit at a time. SQLite has one writer and always commits one at a time.
     #[arg(long, env = "GAVEL_COMMIT_HEDGE_AFTER_MS", default_value_t = 5)]
     pub commit_hedge_after_ms: u64,
+    /// Threads that run requests, auction actors and commits (the runtime's
+    /// workers). Default: one fewer than the machine's cores, at least one, so
+    /// that the threads outside them (SQLite's writer, the WebSocket hub's, a
+    /// database on the same host) have a core of their own rather than taking
+    /// turns with a worker, and a bid's hops stay on one awake worker instead
+    /// of waking a parked one (README, "Performance").
+    #[arg(long, env = "GAVEL_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Auction actors kept live at most (some 10 KB each). Past it, each
     /// activation asks an idle one to passivate: of a few sampled, the one
     /// written to least recently. Its auction stays open; its next write
@@ -177,6 +185,14 @@ impl Config {
         Config::parse_from(["gavel", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap_or("./data")])
     }
 
+    /// `--worker-threads`, or one fewer than `cores` (at least one).
+    pub fn worker_threads(&self, cores: usize) -> usize {
+        match self.worker_threads {
+            Some(threads) => usize::from(threads),
+            None => cores.saturating_sub(1).max(1),
+        }
+    }
+
     pub fn ws_settings(&self) -> crate::ws::WsSettings {
         crate::ws::WsSettings {
             buffer_events: self.ws_buffer_events as usize,
@@ -222,6 +238,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_default_to_one_fewer_than_the_cores_and_take_the_flag() {
+        let default = Config::parse_from(["gavel"]);
+        assert_eq!(default.worker_threads(1), 1);
+        assert_eq!(default.worker_threads(2), 1);
+        assert_eq!(default.worker_threads(16), 15);
+        let given = Config::parse_from(["gavel", "--worker-threads", "3"]);
+        assert_eq!(given.worker_threads(2), 3);
+        assert!(Config::try_parse_from(["gavel", "--worker-threads", "0"]).is_err());
+    }
 
     #[test]
     fn default_node_ids_differ_by_data_directory_and_survive_a_restart() {

@@ -16,22 +16,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init_tracing(config.log_format == LogFormat::Json);
-    runtime()?.block_on(async {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    app::runtime(config.worker_threads(cores))?.block_on(async {
         let application = Application::build(config).await?;
         application.run_until_stopped(app::shutdown_signal()).await
     })
-}
-
-/// A multi-threaded runtime without the LIFO slot. That slot runs the most
-/// recently woken task first, so of a burst of requests arriving together the
-/// last one reaches its auction first; in a hot auction every earlier bid of
-/// the burst is then rejected as too low. Without it, bids reach the auction in
-/// the order their sockets became readable (as near as two workers allow):
-/// fairer to bidders, and several times more bids accepted under load.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name("gavel");
-    #[cfg(tokio_unstable)]
-    builder.disable_lifo_slot();
-    builder.build()
 }
