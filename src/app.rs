@@ -156,6 +156,7 @@ impl Application {
             store = db.backend_name(),
             node_id,
             shards = node.leases.held_count(),
+            workers = tokio::runtime::Handle::current().metrics().num_workers(),
             "gavel node ready"
         );
         let bidding = Arc::new(Bidding {

@@ -334,3 +334,41 @@ async fn sigterm_answers_every_bid_it_holds_on_its_own_connection(backend: Backe
     }
     server.terminate().await;
 }
+
+/// The workers the binary's ready line reports, started with `extra` flags.
+async fn ready_workers(extra: &[&str]) -> u64 {
+    use tokio::io::AsyncBufReadExt;
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gavel"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--log-format", "json", "--data-dir"])
+        .arg(data_dir.path())
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn gavel");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("the node's log") {
+            let line: Value = serde_json::from_str(&line).expect("a JSON log line");
+            if line["fields"]["message"] == "gavel node ready" {
+                return line;
+            }
+        }
+        panic!("the node exited before it was ready");
+    })
+    .await
+    .expect("the node is ready within 30 s");
+    child.kill().await.unwrap();
+    ready["fields"]["workers"].as_u64().expect("the ready line names its workers")
+}
+
+#[tokio::test]
+async fn the_node_runs_one_worker_fewer_than_the_cores_unless_told() {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as u64;
+    assert_eq!(ready_workers(&[]).await, cores.saturating_sub(1).max(1));
+    assert_eq!(ready_workers(&["--worker-threads", "3"]).await, 3);
+}
