@@ -67,7 +67,7 @@ pub struct Config {
     /// that the threads outside them (SQLite's writer, the WebSocket hub's, a
     /// database on the same host) have a core of their own rather than taking
     /// turns with a worker, and a bid's hops stay on one awake worker instead
-    /// of waking a parked one (README, "Performance").
+    /// of waking a parked one (README, "The path of a bid").
     #[arg(long, env = "GAVEL_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// Auction actors kept live at most (some 10 KB each). Past it, each

@@ -344,6 +344,7 @@ async fn ready_workers(extra: &[&str]) -> u64 {
         .arg(data_dir.path())
         .args(extra)
         .env("RUST_LOG", "info")
+        .env_remove("GAVEL_WORKER_THREADS")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
