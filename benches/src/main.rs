@@ -26,8 +26,11 @@
 //! is not the scenario's usual one: `scripts/bench` labels the open-model runs
 //! at half the closed-loop rate `hot_auction_half_rate` and
 //! `many_auctions_half_rate`; such a row also says `offered_per_s`); `table`
-//! prints them side by side.
+//! prints them side by side. With `--server-pid PID`, and `--store-process
+//! NAME` for the store's processes, an HTTP scenario's row also says what a
+//! request cost them in CPU time while the load ran (`cpu.rs`).
 
+mod cpu;
 mod http;
 mod table;
 mod ws;
@@ -59,8 +62,12 @@ struct Options {
     probes: usize,
     /// ws_fanout, ws_idle: offer `permessage-deflate`, as browsers do.
     deflate: bool,
-    /// ws_idle: the server process, to read its resident memory.
+    /// The server process: ws_idle and live_actors read its resident
+    /// memory; the HTTP scenarios its CPU time per request (`cpu.rs`).
     server_pid: Option<u32>,
+    /// The HTTP scenarios: processes of these names, comma-separated (the
+    /// store's: `postgres`), whose CPU time per request the row reports too.
+    store_process: Option<String>,
     /// many_auctions: how many auctions, and the Zipf exponent of their popularity.
     auctions: usize,
     zipf: f64,
@@ -90,6 +97,7 @@ fn parse_options() -> Options {
         probes: 100,
         deflate: false,
         server_pid: None,
+        store_process: None,
         auctions: 10_000,
         zipf: 1.0,
         uncoordinated: false,
@@ -119,6 +127,7 @@ fn parse_options() -> Options {
                 }
             }
             "--server-pid" => options.server_pid = Some(value.parse().unwrap_or_else(|_| usage())),
+            "--store-process" => options.store_process = Some(value),
             "--auctions" => options.auctions = value.parse().unwrap_or_else(|_| usage()),
             "--zipf" => options.zipf = value.parse().unwrap_or_else(|_| usage()),
             "--design" => options.design = value,
@@ -147,7 +156,7 @@ impl Options {
 fn usage() -> ! {
     eprintln!(
         "usage: gavel-bench hot_auction|hot_auction_uncoordinated|many_auctions|reads|http_ceiling|ws_fanout|ws_fanout_cross_node|ws_idle|forward_cost|overload|live_actors [--target HOST:PORT] [--targets HOST:PORT,...] \
-         [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] \
+         [--connections N] [--seconds S] [--rate PER_SECOND] [--watchers W] [--probes P] [--compression none|deflate] [--server-pid PID] [--store-process NAME[,NAME]] \
          [--auctions N] [--zipf S] [--design NAME] [--backend NAME] [--label SCENARIO] [--results PATH]\n       \
          gavel-bench table RESULTS.jsonl [--json PATH]"
     );
@@ -176,6 +185,9 @@ struct Report {
     acknowledged_at_us: Vec<i64>,
     /// Error codes of the non-2xx answers.
     codes: BTreeMap<String, u64>,
+    /// CPU time the server and the store spent while the load ran, when
+    /// asked (`--server-pid`, `--store-process`).
+    cpu: Option<cpu::Spent>,
 }
 
 impl Report {
@@ -190,6 +202,7 @@ impl Report {
             accepted: Vec::new(),
             acknowledged_at_us: Vec::new(),
             codes: BTreeMap::new(),
+            cpu: None,
         }
     }
 
@@ -335,8 +348,10 @@ async fn get_load(options: &Options, path: String) -> (Report, Duration) {
             report
         }));
     }
+    let watch = cpu::Watch::start(options.server_pid, options.store_process.as_deref());
     let started = Instant::now();
-    let report = collect(tasks).await;
+    let mut report = collect(tasks).await;
+    report.cpu = watch.map(cpu::Watch::stop);
     (report, started.elapsed())
 }
 
@@ -790,6 +805,7 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
         }));
     }
     ready.wait().await;
+    let watch = cpu::Watch::start(options.server_pid, options.store_process.as_deref());
     let began = Instant::now();
     start_sender.send_replace(Some(began));
     if options.rate > 0 {
@@ -797,7 +813,9 @@ async fn bid_load(options: &Options, tokens: Vec<String>, auctions: &[String], z
     } else {
         drop(ticket_senders);
     }
-    collect(tasks).await
+    let mut report = collect(tasks).await;
+    report.cpu = watch.map(cpu::Watch::stop);
+    report
 }
 
 /// W watchers on one auction while bids arrive at `--rate`; delivery latency
@@ -1099,6 +1117,11 @@ fn print_report(scenario: &str, report: &Report, elapsed: Duration, verdict: Opt
         ms(0.999),
         report.latency.max() as f64 / 1000.0
     );
+    if let Some(spent) = &report.cpu {
+        let (server, store) = spent.per_request_us(requests);
+        let shown = |us: Option<f64>| us.map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"));
+        println!("  cpu µs per request: server {}, store {}", shown(server), shown(store));
+    }
     if let Some(verdict) = verdict {
         println!("  correctness: {}", verdict.text);
         if verdict.not_durable_at_stop > 0 {
@@ -1142,6 +1165,12 @@ fn finish(
     }
     if options.rate > 0 {
         row["offered_per_s"] = json!(options.rate);
+    }
+    if let Some(spent) = &report.cpu {
+        let (server, store) = spent.per_request_us(requests);
+        let rounded = |us: Option<f64>| us.map(|us| (us * 10.0).round() / 10.0);
+        row["server_cpu_us_per_request"] = json!(rounded(server));
+        row["store_cpu_us_per_request"] = json!(rounded(store));
     }
     if let Some(verdict) = verdict {
         row["correct"] = json!(verdict.ok);

@@ -1,7 +1,9 @@
 //! `gavel-bench table RESULTS.jsonl [--json PATH]`: the rows that scenario
 //! runs appended, side by side: design × scenario → throughput, p99, errors,
-//! and the ratio to gavel on Postgres in the same scenario (the baselines all
-//! keep their data in Postgres). `--json` writes the rows as one JSON list.
+//! the ratio to gavel on Postgres in the same scenario (the baselines all
+//! keep their data in Postgres), and where the rows measured it, the CPU time
+//! a request cost the server and its store. `--json` writes the rows as one
+//! JSON list.
 //!
 //! A run of several rounds (`scripts/bench --rounds N`: every design runs its
 //! scenarios once per round) has rows that say their `round`. The table then
@@ -39,7 +41,7 @@ pub fn print(results: &str, json: Option<&str>) {
     };
     let several_rounds = rows.iter().any(|row| row["rounds"].as_u64().unwrap_or(1) > 1);
     println!(
-        "{:<12} {:<11} {:<26} {:>13} {:>11} {:>9} {:>9} {:>7} {:>13}  correct{}",
+        "{:<12} {:<11} {:<26} {:>13} {:>11} {:>9} {:>9} {:>7} {:>13} {:>13}  correct{}",
         "design",
         "backend",
         "scenario",
@@ -49,6 +51,7 @@ pub fn print(results: &str, json: Option<&str>) {
         "p99 ms",
         "errors",
         "÷ gavel (pg)",
+        "cpu µs/req",
         if several_rounds { "  throughput/s of each round" } else { "" }
     );
     for row in &rows {
@@ -75,7 +78,7 @@ pub fn print(results: &str, json: Option<&str>) {
             _ => String::new(),
         };
         println!(
-            "{:<12} {:<11} {:<26} {:>13} {:>11} {:>9.2} {:>9.2} {:>7} {:>13}  {correct}{each_round}",
+            "{:<12} {:<11} {:<26} {:>13} {:>11} {:>9.2} {:>9.2} {:>7} {:>13} {:>13}  {correct}{each_round}",
             row["design"].as_str().unwrap_or("?"),
             row["backend"].as_str().unwrap_or("?"),
             scenario,
@@ -85,6 +88,7 @@ pub fn print(results: &str, json: Option<&str>) {
             row["p99_ms"].as_f64().unwrap_or(0.0),
             row["errors"].as_u64().unwrap_or(0),
             ratio,
+            cpu_cell(row),
         );
     }
     if let Some(path) = json {
@@ -147,6 +151,18 @@ fn throughput(row: &Value) -> f64 {
     row["throughput_per_s"].as_f64().unwrap_or(0.0)
 }
 
+/// The CPU time a request cost, server + store, in µs (`server_cpu_us_per_request`
+/// and `store_cpu_us_per_request`): "31+24", "18" with no store process, "–" unmeasured.
+fn cpu_cell(row: &Value) -> String {
+    let figure = |key: &str| row.get(key).and_then(Value::as_f64).map(|us| format!("{us:.0}"));
+    match (figure("server_cpu_us_per_request"), figure("store_cpu_us_per_request")) {
+        (Some(server), Some(store)) => format!("{server}+{store}"),
+        (Some(server), None) => server,
+        (None, Some(store)) => format!("–+{store}"),
+        (None, None) => "–".to_owned(),
+    }
+}
+
 fn thousands(value: f64) -> String {
     let digits = format!("{:.0}", value.max(0.0));
     let mut out = String::new();
@@ -195,6 +211,18 @@ mod tests {
         assert_eq!(lua["throughput_per_s"], 200.0);
         assert_eq!(lua["errors"], 2);
         assert_eq!(lua["correct"], false, "one round was not correct");
+    }
+
+    #[test]
+    fn the_cpu_cell_shows_the_server_and_the_store_where_measured() {
+        let cell = |extra: Value| {
+            let mut row = row("gavel", "hot_auction", 1, 5.0, 0, true);
+            row.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            cpu_cell(&row)
+        };
+        assert_eq!(cell(json!({"server_cpu_us_per_request": 30.6, "store_cpu_us_per_request": 23.7})), "31+24");
+        assert_eq!(cell(json!({"server_cpu_us_per_request": 18.2, "store_cpu_us_per_request": null})), "18");
+        assert_eq!(cell(json!({})), "–");
     }
 
     #[test]

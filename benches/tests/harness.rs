@@ -283,3 +283,37 @@ async fn live_actors_keeps_every_auction_live() {
     assert!(row["opened_per_s"].as_f64().unwrap() > 0.0 && row["first_bids_per_s"].as_f64().unwrap() > 0.0, "{row}");
     assert!(row["bytes_per_auction"].is_number(), "{row}");
 }
+
+/// With `--server-pid` and `--store-process`, a scenario's row says what a
+/// request cost each in CPU time while the load ran; without them it says
+/// nothing of it. gavel runs in this process here, so this process is the
+/// server, and, named by its own name, the store as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_tells_the_cpu_a_request_cost_when_asked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let results = dir.path().join("results.jsonl");
+    let (address, stop, server) = start_gavel(dir.path()).await;
+    let pid = std::process::id().to_string();
+    let name = std::fs::read_to_string("/proc/self/comm").expect("this process's name");
+    let cpu_flags = ["--server-pid", pid.as_str(), "--store-process", name.trim_end()];
+    bench(&address, "gavel", "hot_auction", &results, &cpu_flags).await;
+    let watched = last_row(&results);
+    bench(&address, "gavel", "http_ceiling", &results, &[]).await;
+    let unwatched = last_row(&results);
+    let _ = stop.send(());
+    server.await.expect("server task").expect("gavel stops cleanly");
+
+    let server_us = watched["server_cpu_us_per_request"].as_f64().expect("the server's figure");
+    let store_us = watched["store_cpu_us_per_request"].as_f64().expect("the store's figure");
+    // Every request cost this process something, and no more than every core
+    // for the whole run (and a clock tick) could give it.
+    let seconds = watched["seconds"].as_f64().unwrap();
+    let requests = watched["requests_per_s"].as_f64().unwrap() * seconds;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let most_us = cores * (seconds + 0.01) * 1e6 / requests;
+    for figure in [server_us, store_us] {
+        assert!(figure > 0.0 && figure <= most_us, "{figure} µs per request (at most {most_us:.0}): {watched}");
+    }
+    assert!(unwatched.get("server_cpu_us_per_request").is_none(), "{unwatched}");
+    assert!(unwatched.get("store_cpu_us_per_request").is_none(), "{unwatched}");
+}
