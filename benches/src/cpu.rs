@@ -2,10 +2,10 @@
 //! read from Linux's `/proc`: the server (`--server-pid`) and, with
 //! `--store-process NAME[,NAME]`, every process of those names (Postgres runs
 //! one per connection besides its background writers; a design on Redis and
-//! Postgres names both). Divided by the requests
-//! answered in the same window, it is what a request costs each of them: the
-//! figure to compare between two builds when the machine's speed drifts from
-//! one run to the next, as a shared machine's does.
+//! Postgres names both). Divided by the requests answered in the same window,
+//! it is what a request costs each of them: the figure to compare between two
+//! builds when the machine's speed drifts from one run to the next, as a
+//! shared machine's does.
 //!
 //! A store process that exits during the window takes its time with it; one
 //! that starts in it counts from zero. Times are in the kernel's clock ticks
