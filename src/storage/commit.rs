@@ -1,6 +1,7 @@
 //! The group commit: one transaction per batch of writes from any number of
 //! auctions. Inside it, first the fencing check (every lease epoch the batch
-//! names is still this node's), then the bids, the auctions' new state, the
+//! names is still this node's), then the bids (each with its auction's state
+//! after it), the rows of the auctions whose status or end changed, the
 //! idempotency keys and each bidder's participation. Re-running a batch whose
 //! first commit's outcome was lost leaves the same rows (bids and keys skip
 //! existing keys, auction rows get absolute values, participations count a
@@ -114,20 +115,28 @@ async fn fenced_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) ->
     fenced_by(rows, node_id, &named)
 }
 
-/// The last state of each auction in the batch, in first-seen order.
-fn final_states(batch: &[Write]) -> Vec<&AuctionState> {
+/// The auction rows the batch writes: the last state of each auction with a
+/// write that changes its status or its end (a start, an end, a
+/// cancellation, a bid that soft close moved the end for), in first-seen
+/// order. Any other bid leaves its auction's row as it is: the bid's own row
+/// carries the auction's state after it, and readers take an auction's latest
+/// bid where it is newer than the row (`AUCTION_SELECT`), so that a bid costs
+/// one row written, not two. The row keeps what lists are ordered and
+/// filtered by (status, end) current, and is whole again once the auction ends.
+fn changed_rows(batch: &[Write]) -> Vec<&AuctionState> {
     let mut index: HashMap<Uuid, usize> = HashMap::new();
-    let mut states: Vec<&AuctionState> = Vec::new();
+    let mut states: Vec<Option<&AuctionState>> = Vec::new();
     for write in batch {
-        match index.get(&write.auction.id) {
-            Some(&position) => states[position] = &write.auction,
-            None => {
-                index.insert(write.auction.id, states.len());
-                states.push(&write.auction);
-            }
+        let position = *index.entry(write.auction.id).or_insert_with(|| {
+            states.push(None);
+            states.len() - 1
+        });
+        let changes_row = write.bid.as_ref().is_none_or(|bid| bid.extended);
+        if changes_row || states[position].is_some() {
+            states[position] = Some(&write.auction);
         }
     }
-    states
+    states.into_iter().flatten().collect()
 }
 
 struct KeyInsert<'a> {
@@ -195,7 +204,7 @@ fn participations(batch: &[Write]) -> Vec<Participation> {
 }
 
 /// A batch's rows of one table go in multi-row statements of at most this
-/// many rows; 64 rows of 9 columns stay far below SQLite's limit of 32,766
+/// many rows; 64 rows of 11 columns stay far below SQLite's limit of 32,766
 /// parameters.
 const SQLITE_MAX_ROWS_PER_STATEMENT: usize = 64;
 
@@ -282,8 +291,8 @@ struct SqliteCommitShape {
 ///   several bids on one auction update the row the first inserted; a bid
 ///   whose `seq` the row already counts (a batch run again, a padding copy)
 ///   adds nothing.
-/// - The auctions' state, the last of each auction in the batch, as absolute
-///   values; `status` and `end_at_ms` apart, only where they changed: SQLite
+/// - The rows of the auctions whose status or end changed (`changed_rows`):
+///   the last state of each in the batch, as absolute values; `status` and `end_at_ms` apart, only where they changed: SQLite
 ///   rewrites an index entry of every updated row whenever the `SET` names
 ///   one of the index's columns, changed or not, and naming both for every
 ///   row would dirty a page of each of the two listing indexes per auction.
@@ -301,8 +310,8 @@ fn sqlite_commit_sql(shape: &SqliteCommitShape) -> String {
     for &rows in &shape.bids {
         sql += &format!(
             "INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, \
-             leader_id, end_at_ms) VALUES {} ON CONFLICT (auction_id, seq) DO NOTHING;\n",
-            sqlite_values("(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+             leader_id, end_at_ms, leader_max, bid_count) VALUES {} ON CONFLICT (auction_id, seq) DO NOTHING;\n",
+            sqlite_values("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         );
     }
     for &rows in &shape.bids {
@@ -362,7 +371,7 @@ fn sqlite_commit(node_id: &str, batch: &[Write]) -> SqliteQuery {
     let leases = named.iter().map(|(shard, epoch)| format!("[{shard},{epoch}]")).collect::<Vec<_>>().join(",");
     let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
     let bid_chunks = sqlite_chunks(&all_bids);
-    let states = final_states(batch);
+    let states = changed_rows(batch);
     let state_chunks = sqlite_chunks(&states);
     let keys = keys(batch);
     let key_chunks = sqlite_chunks(&keys);
@@ -385,7 +394,9 @@ fn sqlite_commit(node_id: &str, batch: &[Write]) -> SqliteQuery {
             .bind(bid.placed_at_ms)
             .bind(bid.current_price.minor_units())
             .bind(bid.leader.id)
-            .bind(bid.end_at_ms);
+            .bind(bid.end_at_ms)
+            .bind(bid.leader_max.minor_units())
+            .bind(bid.bid_count as i64);
     }
     for (auction_id, bid) in bid_chunks.iter().flatten() {
         query = query.bind(bid.bidder.id).bind(*auction_id).bind(bid.bidder_max.minor_units()).bind(bid.seq as i64);
@@ -504,9 +515,10 @@ held AS (SELECT s.shard FROM shard_leases s JOIN named n ON n.shard = s.shard AN
          WHERE s.owner = $3 ORDER BY s.shard FOR KEY SHARE OF s), \
 verdict AS (SELECT count(*) = cardinality($1::int4[]) AS ok FROM held), \
 new_bids AS ( \
-    INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, leader_id, end_at_ms) \
+    INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, leader_id, end_at_ms, \
+                      leader_max, bid_count) \
     SELECT b.* FROM UNNEST($4::uuid[], $5::int8[], $6::uuid[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], \
-                           $11::uuid[], $12::int8[]) AS b \
+                           $11::uuid[], $12::int8[], $35::int8[], $36::int8[]) AS b \
     WHERE (SELECT ok FROM verdict) \
     ON CONFLICT (auction_id, seq) DO NOTHING), \
 new_states AS ( \
@@ -548,7 +560,7 @@ FROM verdict";
 async fn write_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) -> Result<bool, sqlx::Error> {
     let named = leases_named(batch);
     let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
-    let states = final_states(batch);
+    let states = changed_rows(batch);
     let keys = keys(batch);
     let participations = participations(batch);
     sqlx::query_scalar(POSTGRES_COMMIT)
@@ -591,6 +603,8 @@ async fn write_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) -> 
         .bind(participations.iter().map(|p| p.max_amount).collect::<Vec<_>>())
         .bind(participations.iter().map(|p| p.bid_count).collect::<Vec<_>>())
         .bind(participations.iter().map(|p| p.last_seq).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.leader_max.minor_units()).collect::<Vec<_>>())
+        .bind(all_bids.iter().map(|(_, bid)| bid.bid_count as i64).collect::<Vec<_>>())
         .fetch_one(pool)
         .await
 }
@@ -645,6 +659,12 @@ mod tests {
 
         /// A new active auction, as the store loads it.
         async fn auction(&self) -> AuctionState {
+            self.auction_closing_softly(0).await
+        }
+
+        /// A new active auction ending at 1,000,000 ms, whose end soft close
+        /// moves by `soft_close_secs`, as the store loads it.
+        async fn auction_closing_softly(&self, soft_close_secs: u32) -> AuctionState {
             let id = Uuid::now_v7();
             let seller = self.db.user_by_name("seller").await.unwrap().unwrap().id;
             let auction = NewAuction {
@@ -656,7 +676,7 @@ mod tests {
                 starting_price: 1_000,
                 reserve_price: None,
                 min_increment: 100,
-                soft_close_secs: 0,
+                soft_close_secs,
                 start_at_ms: 0,
                 end_at_ms: 1_000_000,
                 status: Status::Active,
@@ -667,14 +687,26 @@ mod tests {
 
         /// Applies a bid to `state` and returns its write.
         fn bid(&self, state: &mut AuctionState, bidder: &UserRef, amount: i64, key: Option<&str>) -> Write {
+            self.bid_at(state, bidder, amount, key, 10)
+        }
+
+        /// Applies a bid made at `now_ms` to `state` and returns its write.
+        fn bid_at(
+            &self,
+            state: &mut AuctionState,
+            bidder: &UserRef,
+            amount: i64,
+            key: Option<&str>,
+            now_ms: i64,
+        ) -> Write {
             let command =
                 BidCommand { bidder: bidder.clone(), amount: Money::parse(amount).unwrap(), max_amount: None };
-            let Ok(Event::BidPlaced(bid)) = state.apply(Command::PlaceBid(command), 10) else {
+            let Ok(Event::BidPlaced(bid)) = state.apply(Command::PlaceBid(command), now_ms) else {
                 panic!("the bid of {amount} is accepted");
             };
             Write {
                 lease: self.leases[shard_of(state.id) as usize],
-                at_ms: 10,
+                at_ms: now_ms,
                 auction: state.clone(),
                 bid: Some(bid),
                 key: key.map(|key| KeyRecord { user_id: bidder.id, key: key.to_owned(), fingerprint: 7 }),
@@ -690,6 +722,32 @@ mod tests {
         async fn participation(&self, auction: &AuctionState, user: &UserRef) -> (i64, i64) {
             let sql = "SELECT bid_count, max_amount FROM participations WHERE auction_id = $1 AND user_id = $2";
             sqlx::query_as(sql).bind(auction.id).bind(user.id).fetch_one(self.writer()).await.unwrap()
+        }
+
+        /// The auction's own row, as stored: (seq, bid_count, current_price, end_at_ms, status).
+        async fn stored_row(&self, auction: &AuctionState) -> (i64, i64, i64, i64, String) {
+            let sql = "SELECT seq, bid_count, current_price, end_at_ms, status FROM auctions WHERE id = $1";
+            match &self.db {
+                Db::Sqlite { writer, .. } => sqlx::query_as(sql).bind(auction.id).fetch_one(writer).await.unwrap(),
+                Db::Postgres { pool, .. } => sqlx::query_as(sql).bind(auction.id).fetch_one(pool).await.unwrap(),
+            }
+        }
+
+        /// What every reader of the store sees of the auction: activation's
+        /// load, the listing, a bidder's own list, the version snapshots are
+        /// checked against. Each must be `state`.
+        async fn assert_read_as(&self, state: &AuctionState, bidder: &UserRef, context: &str) {
+            let backend = self.db.backend_name();
+            let loaded = self.db.load(state.id).await.unwrap().unwrap().state;
+            assert_eq!(loaded, *state, "{backend}, {context}: loaded");
+            let listed = self.db.list_auctions(state.status, None, 100).await.unwrap();
+            let listed = listed.into_iter().find(|row| row.id == state.id).expect("listed");
+            assert_eq!(listed.to_state().unwrap(), *state, "{backend}, {context}: listed");
+            let mine = self.db.bids_of_user(bidder.id, 100).await.unwrap();
+            let mine = mine.into_iter().find(|row| row.auction.id == state.id).expect("in the bidder's list");
+            assert_eq!(mine.auction.to_state().unwrap(), *state, "{backend}, {context}: in the bidder's list");
+            let version = self.db.auction_version(state.id).await.unwrap();
+            assert_eq!(version, Some((state.seq as i64, state.status.as_str().to_owned())), "{backend}, {context}");
         }
 
         async fn bids_of(&self, auction: &AuctionState) -> i64 {
@@ -724,6 +782,44 @@ mod tests {
                 assert_eq!(scene.participation(state, &scene.bob).await, (1, 1_500), "run {run}");
             }
         }
+    }
+
+    /// A bid that changes neither the auction's status nor its end is written
+    /// as its own row only (which carries the auction's state after it); the
+    /// auction's row is written when soft close moves the end and when the
+    /// auction ends. Every reader sees the auction as it stands throughout.
+    #[tokio::test]
+    async fn a_bid_writes_its_own_row_and_the_auction_row_follows_status_and_end() {
+        for scene in [Scene::new().await, Scene::postgres().await] {
+            bids_and_the_auction_row(scene).await;
+        }
+    }
+
+    async fn bids_and_the_auction_row(scene: Scene) {
+        let backend = scene.db.backend_name();
+        let mut state = scene.auction_closing_softly(60).await;
+        let created = scene.stored_row(&state).await;
+        let batch = [scene.bid(&mut state, &scene.alice, 1_000, None), scene.bid(&mut state, &scene.bob, 1_500, None)];
+        commit(&scene.db, NODE, &batch).await.unwrap();
+        assert_eq!(scene.stored_row(&state).await, created, "{backend}: two bids left the auction's row alone");
+        scene.assert_read_as(&state, &scene.bob, "after two bids").await;
+
+        // 50 s before the end: soft close moves it, and the row follows.
+        let extending = scene.bid_at(&mut state, &scene.alice, 2_000, None, 950_000);
+        assert!(extending.bid.as_ref().unwrap().extended);
+        commit(&scene.db, NODE, &[extending]).await.unwrap();
+        let row = (3, 3, state.current_price.minor_units(), 1_010_000, "active".to_owned());
+        assert_eq!(scene.stored_row(&state).await, row, "{backend}: the moved end is in the row");
+        scene.assert_read_as(&state, &scene.alice, "after soft close").await;
+
+        let Ok(Event::Ended { .. }) = state.apply(Command::End, 2_000_000) else {
+            panic!("the auction ends");
+        };
+        let end = Write { at_ms: 2_000_000, auction: state.clone(), bid: None, key: None, ..batch[0].clone() };
+        commit(&scene.db, NODE, &[end]).await.unwrap();
+        let row = (3, 3, state.current_price.minor_units(), 1_010_000, "ended".to_owned());
+        assert_eq!(scene.stored_row(&state).await, row, "{backend}: the ended auction's row is whole");
+        scene.assert_read_as(&state, &scene.alice, "ended").await;
     }
 
     /// A commit attempt given up on (its time ran out) can still run later in
@@ -866,7 +962,7 @@ mod tests {
         let mut connection = sqlx::PgConnection::connect_with(&options).await.unwrap();
         let prepare = format!("PREPARE gavel_commit AS {POSTGRES_COMMIT}");
         sqlx::raw_sql(sqlx::AssertSqlSafe(prepare)).execute(&mut connection).await.unwrap();
-        let mut arguments = vec!["'{}'"; 34];
+        let mut arguments = vec!["'{}'"; 36];
         arguments[2] = "'node-a'";
         let explain = format!("EXPLAIN EXECUTE gavel_commit({})", arguments.join(", "));
         async fn plan(connection: &mut sqlx::PgConnection, explain: &str) -> String {

@@ -110,12 +110,24 @@ pub(crate) async fn fresh_postgres_database() -> String {
     format!("{base}/{name}")
 }
 
+/// An auction as it stands: its row, overlaid with its latest bid's row where
+/// that is newer (a higher `seq`). A bid that changes neither the auction's
+/// status nor its end is written only as its own row, which carries the
+/// auction's price, leader, leader's maximum and bid count after it (see
+/// `commit::changed_rows`); the auction's row is written when its status or
+/// end changes. The latest bid is found by the bids' primary key, on both
+/// backends (a correlated `max` that Postgres and SQLite answer from the
+/// index's last entry for the auction).
 const AUCTION_SELECT: &str = "SELECT a.id, a.seller_id, s.username AS seller_username, a.title, a.description, \
      a.currency, a.starting_price, a.reserve_price, a.min_increment, a.soft_close_secs, a.start_at_ms, \
-     a.end_at_ms, a.status, a.current_price, a.leader_id, l.username AS leader_username, a.leader_max, \
-     a.bid_count, a.seq, a.winner_id, w.username AS winner_username, a.final_price \
+     a.end_at_ms, a.status, COALESCE(lb.current_price, a.current_price) AS current_price, \
+     COALESCE(lb.leader_id, a.leader_id) AS leader_id, l.username AS leader_username, \
+     COALESCE(lb.leader_max, a.leader_max) AS leader_max, COALESCE(lb.bid_count, a.bid_count) AS bid_count, \
+     COALESCE(lb.seq, a.seq) AS seq, a.winner_id, w.username AS winner_username, a.final_price \
      FROM auctions a JOIN users s ON s.id = a.seller_id \
-     LEFT JOIN users l ON l.id = a.leader_id LEFT JOIN users w ON w.id = a.winner_id";
+     LEFT JOIN bids lb ON lb.auction_id = a.id AND lb.seq > a.seq \
+         AND lb.seq = (SELECT max(b.seq) FROM bids b WHERE b.auction_id = a.id) \
+     LEFT JOIN users l ON l.id = COALESCE(lb.leader_id, a.leader_id) LEFT JOIN users w ON w.id = a.winner_id";
 
 /// How often the WAL's committed pages are copied back to the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
@@ -359,9 +371,11 @@ impl Db {
         reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)
     }
 
-    /// The auction's `seq` and status: which committed state it is at.
+    /// The auction's `seq` and status: which committed state it is at (its
+    /// latest bid's `seq` where that is newer than its row, as in `AUCTION_SELECT`).
     pub async fn auction_version(&self, id: AuctionId) -> Result<Option<(i64, String)>, sqlx::Error> {
-        let sql = "SELECT seq, status FROM auctions WHERE id = $1";
+        let sql = "SELECT COALESCE((SELECT max(b.seq) FROM bids b WHERE b.auction_id = a.id AND b.seq > a.seq), a.seq), \
+                   a.status FROM auctions a WHERE a.id = $1";
         reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)
     }
 
