@@ -872,8 +872,10 @@ async fn a_lease_renewal_does_not_hold_up_commits_and_a_takeover_fences_them() {
     app.stop().await;
 }
 
-/// A commit held up on Postgres (here by a row lock another client holds on
-/// one auction) holds up only its own auction: once it has taken
+/// A commit held up on Postgres (here by another client's transaction that
+/// inserted the row of one auction's next bid and neither commits nor rolls
+/// back: the commit's insert of that bid waits to learn whether the key is
+/// taken) holds up only its own auction: once it has taken
 /// `--commit-hedge-after-ms`, a second commit takes the other auctions' bids
 /// and they are answered. The held auction's next bid waits behind its first,
 /// and both land, in order, once the lock goes.
@@ -893,11 +895,15 @@ async fn a_stalled_commit_holds_up_only_its_own_auction() {
     let url = app.database_url.clone().expect("Postgres");
     let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT id FROM auctions WHERE id = $1 FOR UPDATE")
-        .bind(held.parse::<uuid::Uuid>().unwrap())
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO bids (auction_id, seq, bidder_id, amount, max_amount, placed_at_ms, current_price, leader_id, \
+         end_at_ms) SELECT auction_id, seq + 1, bidder_id, amount, max_amount, placed_at_ms, current_price, \
+         leader_id, end_at_ms FROM bids WHERE auction_id = $1 ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(held.parse::<uuid::Uuid>().unwrap())
+    .execute(&mut holder)
+    .await
+    .unwrap();
     let bid_in_background = |bidder: &crate::helpers::User, amount: i64| {
         let (client, token) = (app.client.clone(), bidder.token.clone());
         let url = app.url(&format!("/api/v1/auctions/{held}/bids"));
@@ -936,7 +942,7 @@ async fn a_stalled_commit_holds_up_only_its_own_auction() {
     assert!(!first.is_finished() && !second.is_finished(), "the held auction's bids wait for its commit");
     assert!(crate::helpers::metric(&app, "gavel_commit_hedges_total").await >= 1.0);
 
-    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
     assert_eq!(first.await.unwrap(), StatusCode::CREATED);
     assert_eq!(second.await.unwrap(), StatusCode::CREATED);
     let amounts = |history: Vec<serde_json::Value>| -> Vec<(i64, i64)> {
