@@ -292,8 +292,9 @@ struct SqliteCommitShape {
 ///   whose `seq` the row already counts (a batch run again, a padding copy)
 ///   adds nothing.
 /// - The rows of the auctions whose status or end changed (`changed_rows`):
-///   the last state of each in the batch, as absolute values; `status` and `end_at_ms` apart, only where they changed: SQLite
-///   rewrites an index entry of every updated row whenever the `SET` names
+///   the last state of each in the batch, as absolute values; `status` and
+///   `end_at_ms` apart, only where they changed: SQLite rewrites an index
+///   entry of every updated row whenever the `SET` names
 ///   one of the index's columns, changed or not, and naming both for every
 ///   row would dirty a page of each of the two listing indexes per auction.
 ///   A row of `FROM (VALUES …)` twice for one auction is the same values.
@@ -620,7 +621,7 @@ mod tests {
     use gavel_actors::{AuctionState, BidCommand, Command, Event, Money, Status, UserRef};
     use uuid::Uuid;
 
-    use super::{POSTGRES_COMMIT, commit};
+    use super::{POSTGRES_COMMIT, changed_rows, commit};
     use crate::storage::{Db, NewAuction, committer_options, fresh_postgres_database};
 
     const NODE: &str = "node-a";
@@ -820,6 +821,32 @@ mod tests {
         let row = (3, 3, state.current_price.minor_units(), 1_010_000, "ended".to_owned());
         assert_eq!(scene.stored_row(&state).await, row, "{backend}: the ended auction's row is whole");
         scene.assert_read_as(&state, &scene.alice, "ended").await;
+    }
+
+    /// The rows a batch writes: an auction whose writes are all bids that left
+    /// its end alone has none; one with a bid that moved its end, or with an
+    /// end, has its state after its last write in the batch, in the order the
+    /// auctions came.
+    #[tokio::test]
+    async fn a_batch_writes_the_rows_of_the_auctions_it_changed_at_their_last_write() {
+        let scene = Scene::new().await;
+        let mut plain = scene.auction_closing_softly(60).await;
+        let mut extended = scene.auction_closing_softly(60).await;
+        let mut ended = scene.auction().await;
+        let mut batch = vec![
+            scene.bid(&mut plain, &scene.alice, 1_000, None),
+            scene.bid(&mut extended, &scene.alice, 1_000, None),
+            scene.bid(&mut ended, &scene.bob, 1_000, None),
+            scene.bid_at(&mut extended, &scene.bob, 1_500, None, 950_000),
+            scene.bid(&mut plain, &scene.bob, 1_500, None),
+        ];
+        batch.push(scene.bid_at(&mut extended, &scene.alice, 2_000, None, 950_001));
+        let Ok(Event::Ended { .. }) = ended.apply(Command::End, 2_000_000) else {
+            panic!("the auction ends");
+        };
+        batch.push(Write { at_ms: 2_000_000, auction: ended.clone(), bid: None, key: None, ..batch[2].clone() });
+        let rows: Vec<AuctionState> = changed_rows(&batch).into_iter().cloned().collect();
+        assert_eq!(rows, vec![extended, ended]);
     }
 
     /// A commit attempt given up on (its time ran out) can still run later in
