@@ -77,6 +77,9 @@ impl Application {
             }
             _ => None,
         };
+        // Postgres answers over a socket: the commits get a thread of their
+        // own (measured under "The path of a bid"). SQLite's writer is one already.
+        settings.persistence.own_thread = matches!(db, Db::Postgres { .. });
         let secret = match &config.jwt_secret {
             Some(secret) => secret.clone(),
             None => auth::load_or_create_secret(&config.data_dir).context("creating the JWT secret")?,

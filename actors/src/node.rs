@@ -131,6 +131,9 @@ pub struct Node {
     /// Set while commits fail and are being retried.
     commits_failing: Arc<AtomicBool>,
     supervisor: ActorRef<()>,
+    /// Where the persistence actor runs when it has a thread of its own
+    /// (`PersistenceSettings::own_thread`); stopped with the node.
+    _commit_runtime: Option<CommitRuntime>,
     /// `gavel_actor_mailbox_depth`, registered once: the bid path only adds to it.
     mailbox_depth: metrics::Gauge,
 }
@@ -161,7 +164,17 @@ impl Node {
         let persistence_failed = Arc::new(AtomicBool::new(false));
         let supervisor_actor = PersistenceSupervisor { failed: persistence_failed.clone() };
         let (supervisor, _) = Actor::spawn(None, supervisor_actor, ()).await?;
-        let (persistence, _) = Actor::spawn_linked(None, persistence_actor, (), supervisor.get_cell()).await?;
+        let commit_runtime = match settings.persistence.own_thread {
+            true => Some(CommitRuntime::start().map_err(|error| ractor::SpawnErr::StartupFailed(error.into()))?),
+            false => None,
+        };
+        let spawn = Actor::spawn_linked(None, persistence_actor, (), supervisor.get_cell());
+        let (persistence, _) = match &commit_runtime {
+            Some(runtime) => {
+                runtime.spawn(spawn).await.map_err(|error| ractor::SpawnErr::StartupFailed(error.into()))??
+            }
+            None => spawn.await?,
+        };
         let registry = Arc::new(Registry::default());
         let env = Arc::new(AuctionEnv {
             settings: settings.auction(),
@@ -186,6 +199,7 @@ impl Node {
             persistence_failed,
             commits_failing,
             supervisor,
+            _commit_runtime: commit_runtime,
             mailbox_depth: metrics::gauge!(crate::metrics_names::ACTOR_MAILBOX_DEPTH),
         });
         Node::spawn_idle_checks(Arc::downgrade(&node));
@@ -546,6 +560,41 @@ impl Node {
         self.supervisor.stop(Some("shutdown".to_owned()));
         self.env.timers.stop();
         info!(auctions = handles.len(), "node stopped");
+    }
+}
+
+/// The persistence actor's own thread: a runtime of one worker
+/// (`PersistenceSettings::own_thread`). Its commits' sockets are registered
+/// with it, so a commit's answer wakes this thread, which tells the auction
+/// actors (on the node's workers) and sends the next batch without waiting
+/// for a worker. Dropped with the node: the thread stops (after
+/// `Node::shutdown`, nothing is left on it).
+struct CommitRuntime(Option<tokio::runtime::Runtime>);
+
+impl CommitRuntime {
+    fn start() -> std::io::Result<CommitRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("gavel-commit")
+            .enable_all()
+            .build()?;
+        Ok(CommitRuntime(Some(runtime)))
+    }
+
+    fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0.as_ref().expect("the runtime lives as long as the node").spawn(future)
+    }
+}
+
+impl Drop for CommitRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

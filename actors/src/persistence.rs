@@ -106,6 +106,14 @@ pub struct PersistenceSettings {
     /// stalled commit does not hold up every auction. `None`: one commit at a
     /// time (a store with one writer gains nothing from a second).
     pub hedge_after: Option<Duration>,
+    /// Run the actor, and so every commit, on a thread of its own rather
+    /// than on the node's runtime workers. For a store across a socket
+    /// (Postgres): the answer of a commit is taken, its bidders' auctions
+    /// told and the next batch sent the moment it arrives, instead of when
+    /// the one worker of a small machine gets round to it, after the requests
+    /// queued there. A store that commits on a thread of its own already
+    /// (SQLite's writer) gains nothing and pays a hop. See `CommitRuntime`.
+    pub own_thread: bool,
 }
 
 impl Default for PersistenceSettings {
@@ -116,6 +124,7 @@ impl Default for PersistenceSettings {
             commit_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(1),
             hedge_after: None,
+            own_thread: false,
         }
     }
 }

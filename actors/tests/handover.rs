@@ -51,6 +51,8 @@ struct MemoryStore {
     /// The next commit is made, but its answer is lost (a broken connection)
     /// and another node takes over the batch's shards before any retry.
     lose_answer_then_move_leases: std::sync::atomic::AtomicBool,
+    /// The name of the thread each commit ran on, in order.
+    commit_threads: Mutex<Vec<Option<String>>>,
 }
 
 impl MemoryStore {
@@ -67,6 +69,7 @@ impl MemoryStore {
             held_auction: Mutex::new(None),
             held_gate: Semaphore::new(0),
             lose_answer_then_move_leases: std::sync::atomic::AtomicBool::new(false),
+            commit_threads: Mutex::default(),
         })
     }
 
@@ -83,6 +86,7 @@ impl Store for MemoryStore {
 
     fn commit<'a>(&'a self, batch: &'a [Write]) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
+            self.commit_threads.lock().unwrap().push(std::thread::current().name().map(str::to_owned));
             let held = *self.held_auction.lock().unwrap();
             if batch.iter().any(|write| Some(write.auction.id) == held) {
                 let _held = self.held_gate.acquire().await.expect("gate open");
@@ -636,4 +640,39 @@ async fn shutdown_waits_for_a_commit_left_to_finish_on_its_own() {
     shutdown.await.unwrap();
     assert_eq!(accepted_seq(&held.await.unwrap()), Some(1));
     assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1]);
+}
+
+/// With a thread of its own (`PersistenceSettings::own_thread`, as on
+/// Postgres) the persistence actor commits there, a bid is answered only after
+/// its commit, in the order applied, and the node's shutdown drains it. By
+/// default the commits run where the node's tasks do.
+#[tokio::test]
+async fn on_a_thread_of_its_own_the_persistence_actor_commits_there_and_answers_after_each_commit() {
+    let mut settings = NodeSettings { call_timeout: Duration::from_secs(5), ..NodeSettings::default() };
+    settings.persistence.own_thread = true;
+    let harness = harness_with(settings).await;
+
+    let held = harness.hold_commits().await;
+    let first = harness.spawn_bid(100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while harness.store.commit_threads.lock().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the write reaches a commit within 10 s");
+        tokio::task::yield_now().await;
+    }
+    assert!(!first.is_finished(), "not answered while its commit is held");
+    assert!(harness.store.stored_seqs(harness.auction_id).is_empty());
+    drop(held);
+    assert_eq!(accepted_seq(&first.await.unwrap()), Some(1));
+    assert_eq!(accepted_seq(&harness.bid(110).await), Some(2));
+    assert_eq!(accepted_seq(&harness.bid(120).await), Some(3));
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2, 3], "in the order applied");
+    let threads = harness.store.commit_threads.lock().unwrap().clone();
+    assert!(threads.iter().all(|name| name.as_deref() == Some("gavel-commit")), "commit threads: {threads:?}");
+    harness.node.shutdown().await;
+    assert_eq!(harness.node.persistence_queue.in_use(), 0);
+
+    let default = harness_with(NodeSettings { call_timeout: Duration::from_secs(5), ..NodeSettings::default() }).await;
+    assert_eq!(accepted_seq(&default.bid(100).await), Some(1));
+    let threads = default.store.commit_threads.lock().unwrap().clone();
+    assert_eq!(threads, vec![std::thread::current().name().map(str::to_owned)], "on the test's own runtime");
 }

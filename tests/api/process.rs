@@ -373,3 +373,33 @@ async fn the_node_runs_one_worker_fewer_than_the_cores_unless_told() {
     assert_eq!(ready_workers(&[]).await, cores.saturating_sub(1).max(1));
     assert_eq!(ready_workers(&["--worker-threads", "3"]).await, 3);
 }
+
+/// The names of a process's threads (`/proc/PID/task/*/comm`).
+fn thread_names(pid: i32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the node's threads");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .collect()
+}
+
+/// On Postgres the group commit runs on a thread of its own (`gavel-commit`),
+/// through which bids are committed and answered; on SQLite, whose writer is
+/// a thread of its own already, the commits stay on the node's workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commits_get_a_thread_of_their_own_on_postgres_only() {
+    for (backend, own_thread) in [(Backend::Postgres, true), (Backend::Sqlite, false)] {
+        let storage = Storage::new(backend).await;
+        let server = storage.start(free_port()).await;
+        let api = server.api();
+        let (_seller, bidders, auction_id) = setup_auction(&api, 2).await;
+        for (bidder, amount) in bidders.iter().zip([1_000, 1_001]) {
+            let (status, body) = api.bid(bidder, &auction_id, amount, None).await;
+            assert_eq!(status, StatusCode::CREATED, "{backend:?}: {body}");
+        }
+        assert_eq!(check_consistent(&api, &auction_id).await.len(), 2);
+        let names = thread_names(server.pid());
+        assert_eq!(names.iter().any(|name| name == "gavel-commit"), own_thread, "{backend:?}: threads {names:?}");
+        assert!(server.terminate().await.success(), "{backend:?}: a graceful exit");
+    }
+}
