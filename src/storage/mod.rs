@@ -93,9 +93,17 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// few rows, and keeps it as the table grows, until an `ANALYZE` replaces
 /// it: measured, every commit of a many-auctions load read all 10,000
 /// auction rows. Every statement on these connections touches rows by key,
-/// so the plan that stays right at any size is the only one offered.
+/// so the plan that stays right at any size is the only one offered, and it
+/// is kept from the first run (`force_generic_plan`): left to choose, Postgres
+/// went on planning the commit afresh at every run on a node some seconds
+/// old (measured under "The path of a bid").
 pub(super) fn committer_options(pool_options: &PgConnectOptions) -> PgConnectOptions {
-    pool_options.clone().options([("enable_seqscan", "off"), ("enable_hashjoin", "off"), ("enable_mergejoin", "off")])
+    pool_options.clone().options([
+        ("enable_seqscan", "off"),
+        ("enable_hashjoin", "off"),
+        ("enable_mergejoin", "off"),
+        ("plan_cache_mode", "force_generic_plan"),
+    ])
 }
 
 /// A new, empty database in the machine's Postgres for one test
