@@ -164,9 +164,10 @@ impl Node {
         let persistence_failed = Arc::new(AtomicBool::new(false));
         let supervisor_actor = PersistenceSupervisor { failed: persistence_failed.clone() };
         let (supervisor, _) = Actor::spawn(None, supervisor_actor, ()).await?;
-        let commit_runtime = match settings.persistence.own_thread {
-            true => Some(CommitRuntime::start().map_err(|error| ractor::SpawnErr::StartupFailed(error.into()))?),
-            false => None,
+        let commit_runtime = if settings.persistence.own_thread {
+            Some(CommitRuntime::start().map_err(|error| ractor::SpawnErr::StartupFailed(error.into()))?)
+        } else {
+            None
         };
         let spawn = Actor::spawn_linked(None, persistence_actor, (), supervisor.get_cell());
         let (persistence, _) = match &commit_runtime {
