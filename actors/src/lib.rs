@@ -19,5 +19,6 @@ pub mod outcome;
 pub mod persistence;
 pub mod ports;
 pub mod registry;
+pub mod runtime;
 pub mod shards;
 pub mod timers;

@@ -25,6 +25,7 @@ use crate::auction_actor::{
 use crate::persistence::{PersistenceActor, PersistenceMsg, PersistenceSettings};
 use crate::ports::{Clock, EventSink, LoadedAuction, Store};
 use crate::registry::Registry;
+use crate::runtime::OwnedRuntime;
 use crate::shards::{Leases, SHARD_COUNT, shard_of};
 
 #[derive(Clone, Debug)]
@@ -132,8 +133,8 @@ pub struct Node {
     commits_failing: Arc<AtomicBool>,
     supervisor: ActorRef<()>,
     /// Where the persistence actor runs when it has a thread of its own
-    /// (`PersistenceSettings::own_thread`); stopped with the node.
-    _commit_runtime: Option<CommitRuntime>,
+    /// (`PersistenceSettings::own_thread`, `commit_runtime`); stopped with the node.
+    _commit_runtime: Option<OwnedRuntime>,
     /// `gavel_actor_mailbox_depth`, registered once: the bid path only adds to it.
     mailbox_depth: metrics::Gauge,
 }
@@ -165,7 +166,7 @@ impl Node {
         let supervisor_actor = PersistenceSupervisor { failed: persistence_failed.clone() };
         let (supervisor, _) = Actor::spawn(None, supervisor_actor, ()).await?;
         let commit_runtime = if settings.persistence.own_thread {
-            Some(CommitRuntime::start().map_err(|error| ractor::SpawnErr::StartupFailed(error.into()))?)
+            Some(commit_runtime().map_err(|error| ractor::SpawnErr::StartupFailed(error.into()))?)
         } else {
             None
         };
@@ -570,33 +571,13 @@ impl Node {
 /// actors (on the node's workers) and sends the next batch without waiting
 /// for a worker. Dropped with the node: the thread stops (after
 /// `Node::shutdown`, nothing is left on it).
-struct CommitRuntime(Option<tokio::runtime::Runtime>);
-
-impl CommitRuntime {
-    fn start() -> std::io::Result<CommitRuntime> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("gavel-commit")
-            .enable_all()
-            .build()?;
-        Ok(CommitRuntime(Some(runtime)))
-    }
-
-    fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.0.as_ref().expect("the runtime lives as long as the node").spawn(future)
-    }
-}
-
-impl Drop for CommitRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
+fn commit_runtime() -> std::io::Result<OwnedRuntime> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("gavel-commit")
+        .enable_all()
+        .build()?;
+    Ok(OwnedRuntime::new(runtime))
 }
 
 /// Supervises the persistence actor. A failure (a panic: a bug) cannot be

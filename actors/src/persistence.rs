@@ -112,7 +112,7 @@ pub struct PersistenceSettings {
     /// told and the next batch sent the moment it arrives, instead of when
     /// the one worker of a small machine gets round to it, after the requests
     /// queued there. A store that commits on a thread of its own already
-    /// (SQLite's writer) gains nothing and pays a hop. See `CommitRuntime`.
+    /// (SQLite's writer) gains nothing and pays a hop. See `node::commit_runtime`.
     pub own_thread: bool,
 }
 

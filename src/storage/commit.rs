@@ -1006,6 +1006,7 @@ mod tests {
             "the commit reads auctions by key, whatever their number when it was planned:\n{later}"
         );
     }
+
     /// Every commit on a connection runs the one plan made at its first: none
     /// is planned again for its values. Left to choose (`plan_cache_mode`
     /// `auto`), Postgres plans the first five runs for their values, and

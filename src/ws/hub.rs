@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use gavel_actors::ports::EventSink;
+use gavel_actors::runtime::OwnedRuntime;
 use gavel_actors::{AuctionId, AuctionState, Event, UserId};
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -134,19 +135,8 @@ pub struct Hub {
     shutdown: watch::Sender<bool>,
     /// Open connections, so shutdown can wait for them to close.
     open: watch::Sender<usize>,
-    runtime: FanoutRuntime,
-}
-
-/// The connections' runtime. Dropped from anywhere (even async code), it
-/// stops in the background.
-struct FanoutRuntime(Option<tokio::runtime::Runtime>);
-
-impl Drop for FanoutRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
+    /// The connections' runtime.
+    runtime: OwnedRuntime,
 }
 
 /// How much lower the fan-out threads' priority is (`nice` steps).
@@ -176,7 +166,7 @@ impl Hub {
     pub fn new(settings: WsSettings) -> std::io::Result<Arc<Hub>> {
         let (shutdown, _) = watch::channel(false);
         let (open, _) = watch::channel(0);
-        let runtime = FanoutRuntime(Some(fanout_runtime()?));
+        let runtime = OwnedRuntime::new(fanout_runtime()?);
         Ok(Arc::new(Hub {
             settings,
             remote_viewers: std::sync::OnceLock::new(),
@@ -196,7 +186,7 @@ impl Hub {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.runtime.0.as_ref().expect("the runtime lives as long as the hub").spawn(future)
+        self.runtime.spawn(future)
     }
 
     /// Sends waiting batches every `batch_interval`, and viewer counts (and
