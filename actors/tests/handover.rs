@@ -246,6 +246,16 @@ async fn settle() {
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
+/// Lets tasks run until `condition` holds, for at most 10 s of the paused
+/// clock (an actor's passivation finishes some turns after it is asked for).
+async fn settle_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within 10 s");
+        settle().await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_handed_over_shard_answers_its_writes_in_flight_then_stops() {
     let harness = harness().await;
@@ -348,13 +358,13 @@ async fn past_the_live_bound_the_actor_written_to_least_recently_makes_room() {
     assert_eq!(accepted_seq(&bid_on(second, 100).await.unwrap()), Some(1));
     later();
     assert_eq!(accepted_seq(&bid_on(third, 100).await.unwrap()), Some(1));
-    settle().await;
+    settle_until("room made", || harness.node.live_auctions() == 2).await;
     assert_eq!(harness.node.live_auctions(), 2);
     assert!(!harness.node.is_live(first), "the actor written to least recently made room");
 
     later();
     assert_eq!(accepted_seq(&bid_on(first, 200).await.unwrap()), Some(2), "reloaded from the store, it goes on");
-    settle().await;
+    settle_until("room made again", || !harness.node.is_live(second) && harness.node.live_auctions() == 2).await;
     assert_eq!(harness.node.live_auctions(), 2);
     assert!(!harness.node.is_live(second) && harness.node.is_live(third) && harness.node.is_live(first));
 
