@@ -6,7 +6,8 @@
 //! first commit's outcome was lost leaves the same rows (bids and keys skip
 //! existing keys, auction rows get absolute values, participations count a
 //! batch's bids only past the `last_seq` they hold), so the persistence actor
-//! may retry blindly.
+//! may retry blindly. (On Postgres the bids go in plainly, and a batch one of
+//! whose bids is stored goes again at once past them: `postgres_commit_sql`.)
 
 use std::collections::HashMap;
 
