@@ -300,7 +300,14 @@ impl Node {
         // A passivating actor may stop with our message unread; the message had
         // no effect then, so one retry on a fresh actor is safe.
         for _attempt in 0..3 {
-            let handle = self.activate(auction_id).await?;
+            let handle = match self.registry.live_handle(auction_id) {
+                Some(handle) if handle.actor.get_status() != ActorStatus::Stopped => handle,
+                // Starting an actor (the store's read, the actor's spawn) is
+                // rare next to a call on a running one, and its future is
+                // large: boxed, a write's own future stays small, and every
+                // layer above a bid (handler, routing, span) moves it whole.
+                _ => Box::pin(self.activate(auction_id)).await?,
+            };
             if handle.activity.queued.fetch_add(1, Ordering::AcqRel) >= self.settings.auction_mailbox_capacity {
                 handle.activity.queued.fetch_sub(1, Ordering::AcqRel);
                 return Err(NodeError::Unavailable(Unavailable::Saturated));

@@ -87,7 +87,8 @@ impl Bidding {
             Ok(KeyCheck::Fresh) => {}
             Ok(KeyCheck::Reused) => return self.here(Err(WriteFailure::KeyReused)),
             Ok(KeyCheck::Replay(stored)) => {
-                let replayed = self.replay(stored.auction_id, stored.seq.unwrap_or(0) as u64).await;
+                // Boxed, as the rare paths below: a store read's future is large.
+                let replayed = Box::pin(self.replay(stored.auction_id, stored.seq.unwrap_or(0) as u64)).await;
                 return self.here(replayed);
             }
             Err(error) => return self.here(Err(storage_failure("read idempotency key", error))),
@@ -135,7 +136,7 @@ impl Bidding {
         loop {
             let decided = match self.cluster.route(shard) {
                 Route::Local => self.here(self.decide_here(request.clone()).await),
-                Route::Remote { owner, url } => match self.cluster.forward(&url, &request).await {
+                Route::Remote { owner, url } => match Box::pin(self.cluster.forward(&url, &request)).await {
                     Ok(reply) => Decided { decided_by: Some(reply.owner), result: reply.result },
                     Err(ForwardError::TimedOut) => self.here(Err(WriteFailure::OutcomeUnknown)),
                     Err(ForwardError::Unreachable(reason)) => {
@@ -157,7 +158,7 @@ impl Bidding {
                 return decided;
             }
             refreshed = true;
-            self.cluster.refresh(shard).await;
+            Box::pin(self.cluster.refresh(shard)).await;
         }
     }
 
@@ -200,7 +201,7 @@ impl Bidding {
                 placed_at_ms: placed.placed_at_ms,
             }),
             WriteOutcome::Accepted { .. } => Err(WriteFailure::Unavailable(Unavailable::Storage)),
-            WriteOutcome::Replay { seq } => self.replay(request.auction_id, seq).await,
+            WriteOutcome::Replay { seq } => Box::pin(self.replay(request.auction_id, seq)).await,
             WriteOutcome::Rejected(rejection) => Err(WriteFailure::Rejected(rejection)),
             WriteOutcome::KeyReused => Err(WriteFailure::KeyReused),
             WriteOutcome::Unavailable(reason) => Err(WriteFailure::Unavailable(Unavailable::Node(reason))),
