@@ -830,36 +830,19 @@ mod tests {
         /// A bidder's (bid count, maximum) on an auction.
         async fn participation(&self, auction: &AuctionState, user: &UserRef) -> (i64, i64) {
             let sql = "SELECT bid_count, max_amount FROM participations WHERE auction_id = $1 AND user_id = $2";
-            match &self.db {
-                Db::Sqlite { writer, .. } => {
-                    sqlx::query_as(sql).bind(auction.id).bind(user.id).fetch_one(writer).await.unwrap()
-                }
-                Db::Postgres { pool, .. } => {
-                    sqlx::query_as(sql).bind(auction.id).bind(user.id).fetch_one(pool).await.unwrap()
-                }
-            }
+            writing!(&self.db, pool => sqlx::query_as(sql).bind(auction.id).bind(user.id).fetch_one(pool).await.unwrap())
         }
 
         /// The write an idempotency key is stored for: (kind, auction, seq).
         async fn key_stored(&self, user: &UserRef, key: &str) -> Option<(String, Uuid, Option<i64>)> {
             let sql = "SELECT kind, auction_id, seq FROM idempotency_keys WHERE user_id = $1 AND key = $2";
-            match &self.db {
-                Db::Sqlite { writer, .. } => {
-                    sqlx::query_as(sql).bind(user.id).bind(key).fetch_optional(writer).await.unwrap()
-                }
-                Db::Postgres { pool, .. } => {
-                    sqlx::query_as(sql).bind(user.id).bind(key).fetch_optional(pool).await.unwrap()
-                }
-            }
+            writing!(&self.db, pool => sqlx::query_as(sql).bind(user.id).bind(key).fetch_optional(pool).await.unwrap())
         }
 
         /// The auction's own row, as stored: (seq, bid_count, current_price, end_at_ms, status).
         async fn stored_row(&self, auction: &AuctionState) -> (i64, i64, i64, i64, String) {
             let sql = "SELECT seq, bid_count, current_price, end_at_ms, status FROM auctions WHERE id = $1";
-            match &self.db {
-                Db::Sqlite { writer, .. } => sqlx::query_as(sql).bind(auction.id).fetch_one(writer).await.unwrap(),
-                Db::Postgres { pool, .. } => sqlx::query_as(sql).bind(auction.id).fetch_one(pool).await.unwrap(),
-            }
+            writing!(&self.db, pool => sqlx::query_as(sql).bind(auction.id).fetch_one(pool).await.unwrap())
         }
 
         /// What every reader of the store sees of the auction: activation's
@@ -881,10 +864,7 @@ mod tests {
 
         async fn bids_of(&self, auction: &AuctionState) -> i64 {
             let sql = "SELECT count(*) FROM bids WHERE auction_id = $1";
-            match &self.db {
-                Db::Sqlite { writer, .. } => sqlx::query_scalar(sql).bind(auction.id).fetch_one(writer).await.unwrap(),
-                Db::Postgres { pool, .. } => sqlx::query_scalar(sql).bind(auction.id).fetch_one(pool).await.unwrap(),
-            }
+            writing!(&self.db, pool => sqlx::query_scalar(sql).bind(auction.id).fetch_one(pool).await.unwrap())
         }
     }
 

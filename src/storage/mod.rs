@@ -11,7 +11,6 @@
 //! commit a batch, find due auctions); the HTTP edge reads through the same
 //! `Db` for everything else (users, listings, history).
 
-mod commit;
 mod page_cache;
 mod rows;
 mod wal_writes;
@@ -79,6 +78,8 @@ macro_rules! writing {
     };
 }
 
+// After the macros above, which they use.
+mod commit;
 mod leases;
 pub use leases::PgLeases;
 
