@@ -54,14 +54,13 @@ pub(super) async fn commit(db: &Db, node_id: &str, batch: &[Write]) -> Result<()
     match db {
         Db::Sqlite { writer, .. } => commit_sqlite(writer, node_id, batch).await,
         Db::Postgres { committer: pool, .. } => {
-            let shape = PostgresCommitShape::of(batch);
-            let leases_held = match write_postgres(pool, node_id, batch, shape).await {
+            let leases_held = match write_postgres(pool, node_id, batch, false).await {
                 // A bid of the batch is stored already: an earlier attempt
                 // whose answer was lost committed it. Again, passing over the
                 // stored bids (see `postgres_commit_sql`).
                 Err(error) if is_stored_bid(&error) => {
                     tracing::debug!("a bid of the batch is stored already; committing it again past the stored ones");
-                    write_postgres(pool, node_id, batch, PostgresCommitShape { skip_stored_bids: true, ..shape }).await
+                    write_postgres(pool, node_id, batch, true).await
                 }
                 outcome => outcome,
             }
@@ -571,17 +570,6 @@ struct PostgresCommitShape {
     skip_stored_bids: bool,
 }
 
-impl PostgresCommitShape {
-    /// The shape of a first attempt at `batch`.
-    fn of(batch: &[Write]) -> PostgresCommitShape {
-        PostgresCommitShape {
-            states: !changed_rows(batch).is_empty(),
-            keys: batch.iter().any(|write| write.key.is_some()),
-            skip_stored_bids: false,
-        }
-    }
-}
-
 /// Whether a commit failed because a bid of its batch is stored already.
 fn is_stored_bid(error: &sqlx::Error) -> bool {
     error
@@ -661,17 +649,20 @@ SELECT CASE WHEN (SELECT n FROM reused) > 0 \
             ELSE ok END \
 FROM verdict";
 
+/// One attempt at `batch` in the text of its shape (`postgres_commit_sql`);
+/// `skip_stored_bids` after a first attempt met a stored bid.
 async fn write_postgres(
     executor: impl sqlx::PgExecutor<'_>,
     node_id: &str,
     batch: &[Write],
-    shape: PostgresCommitShape,
+    skip_stored_bids: bool,
 ) -> Result<bool, sqlx::Error> {
     let named = leases_named(batch);
     let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
     let states = changed_rows(batch);
     let keys = keys(batch);
     let participations = participations(batch);
+    let shape = PostgresCommitShape { states: !states.is_empty(), keys: !keys.is_empty(), skip_stored_bids };
     sqlx::query_scalar(postgres_commit_sql(shape))
         .bind(named.iter().map(|(shard, _)| *shard as i32).collect::<Vec<_>>())
         .bind(named.iter().map(|(_, epoch)| *epoch).collect::<Vec<_>>())
@@ -1084,7 +1075,8 @@ mod tests {
             let second = scene.bid_at(&mut state, &scene.bob, 1_500, key, now_ms);
             assert_eq!(second.bid.as_ref().unwrap().extended, states);
             let batch = [first, second];
-            assert_eq!(PostgresCommitShape::of(&batch), PostgresCommitShape { states, keys, skip_stored_bids: false });
+            let has_keys = batch.iter().any(|write| write.key.is_some());
+            assert_eq!((!changed_rows(&batch).is_empty(), has_keys), (states, keys), "the batch's shape");
             for run in 0..2 {
                 let context = format!("states {states}, keys {keys}, run {run}");
                 commit(&scene.db, NODE, &batch).await.unwrap_or_else(|error| panic!("{context}: {error:?}"));
@@ -1118,18 +1110,17 @@ mod tests {
         let scene = Scene::postgres().await;
         let mut state = scene.auction().await;
         let batch = [scene.bid(&mut state, &scene.alice, 1_000, None), scene.bid(&mut state, &scene.bob, 1_500, None)];
-        let shape = PostgresCommitShape::of(&batch);
         let Db::Postgres { pool, committer, .. } = &scene.db else { unreachable!("on Postgres") };
 
         // The earlier attempt, still running: its transaction holds the batch's rows.
         let mut earlier = pool.begin().await.unwrap();
-        assert!(super::write_postgres(&mut *earlier, NODE, &batch, shape).await.unwrap(), "the leases hold");
+        assert!(super::write_postgres(&mut *earlier, NODE, &batch, false).await.unwrap(), "the leases hold");
 
         // The plain text alone, with the earlier attempt then committed: it fails on the stored bid.
         let plain = {
             let committer = committer.clone();
             let batch = batch.clone();
-            tokio::spawn(async move { super::write_postgres(&committer, NODE, &batch, shape).await })
+            tokio::spawn(async move { super::write_postgres(&committer, NODE, &batch, false).await })
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
