@@ -197,6 +197,11 @@ impl Application {
         self.context.node.clone()
     }
 
+    /// What the bid endpoint and the WebSocket call to place a bid, for tests and embedding.
+    pub fn bidding(&self) -> Arc<Bidding> {
+        self.context.bidding.clone()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
     }

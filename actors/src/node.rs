@@ -333,7 +333,9 @@ impl Node {
     where
         F: Fn(ractor::RpcReplyPort<WriteOutcome>) -> AuctionMsg,
     {
-        match handle.actor.call(message, Some(self.settings.call_timeout)).await {
+        // Boxed: the call's future (the message, its timer, the reply port) is
+        // most of a bid's, and every layer above it moves what it holds.
+        match Box::pin(handle.actor.call(message, Some(self.settings.call_timeout))).await {
             Ok(CallResult::Success(outcome)) => Ok(outcome),
             Ok(CallResult::Timeout) => Err(CallFailure::Timeout),
             // The reply port was dropped unanswered. If the actor stopped in

@@ -23,13 +23,10 @@ pub enum KeyCheck {
 pub async fn check(
     db: &Db,
     user_id: Uuid,
-    key: Option<&str>,
+    key: &str,
     request_fingerprint: u64,
     kind: &str,
 ) -> Result<KeyCheck, sqlx::Error> {
-    let Some(key) = key else {
-        return Ok(KeyCheck::Fresh);
-    };
     Ok(match db.key(user_id, key).await? {
         None => KeyCheck::Fresh,
         Some(stored) if stored.fingerprint as u64 != request_fingerprint || stored.kind != kind => KeyCheck::Reused,

@@ -68,7 +68,11 @@ impl Bidding {
 
     /// `Unauthenticated` when the user a token names no longer exists.
     async fn check_user(&self, user_id: uuid::Uuid) -> Result<(), WriteFailure> {
-        match self.users.exists(&self.db, user_id).await {
+        if self.users.is_fresh(user_id) {
+            return Ok(());
+        }
+        // Boxed, as the rare paths below: a bidder is nearly always known.
+        match Box::pin(self.users.exists(&self.db, user_id)).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(WriteFailure::Unauthenticated),
             Err(error) => {
@@ -82,8 +86,15 @@ impl Bidding {
         if let Err(failure) = self.check_user(request.bidder_id).await {
             return self.here(Err(failure));
         }
-        let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
-        match keys::check(&self.db, request.bidder_id, request.key.as_deref(), fingerprint, "bid").await {
+        let checked = match request.key.as_deref() {
+            None => Ok(KeyCheck::Fresh),
+            Some(key) => {
+                let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
+                // Boxed: a store read's future is large, and most bids carry no key.
+                Box::pin(keys::check(&self.db, request.bidder_id, key, fingerprint, "bid")).await
+            }
+        };
+        match checked {
             Ok(KeyCheck::Fresh) => {}
             Ok(KeyCheck::Reused) => return self.here(Err(WriteFailure::KeyReused)),
             Ok(KeyCheck::Replay(stored)) => {
@@ -112,8 +123,13 @@ impl Bidding {
         if let Err(failure) = self.check_user(request.by).await {
             return self.here(Err(failure));
         }
-        let fingerprint = keys::cancel_fingerprint(request.auction_id);
-        match keys::check(&self.db, request.by, request.key.as_deref(), fingerprint, "cancel").await {
+        let checked = match request.key.as_deref() {
+            None => Ok(KeyCheck::Fresh),
+            Some(key) => {
+                keys::check(&self.db, request.by, key, keys::cancel_fingerprint(request.auction_id), "cancel").await
+            }
+        };
+        match checked {
             Ok(KeyCheck::Fresh) => {}
             Ok(KeyCheck::Reused) => return self.here(Err(WriteFailure::KeyReused)),
             Ok(KeyCheck::Replay(_)) => return self.here(Ok(())),
@@ -177,15 +193,15 @@ impl Bidding {
         if max_amount.is_some_and(|max| max < amount) {
             return Err(WriteFailure::InvalidAmount);
         }
-        let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
         let command = BidCommand {
             bidder: UserRef { id: request.bidder_id, username: request.bidder_username.as_str().into() },
             amount,
             max_amount,
         };
-        let keyed = request
-            .key
-            .map(|key| KeyedRequest { key: IdempotencyKey { user_id: request.bidder_id, key }, fingerprint });
+        let keyed = request.key.map(|key| KeyedRequest {
+            key: IdempotencyKey { user_id: request.bidder_id, key },
+            fingerprint: keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount),
+        });
         let outcome = self.node.place_bid(request.auction_id, command, keyed).await.map_err(node_failure)?;
         match outcome {
             WriteOutcome::Accepted { event: Event::BidPlaced(placed) } => Ok(BidReceipt {

@@ -36,13 +36,15 @@ impl KnownUsers {
         seen.insert(user_id, Instant::now());
     }
 
+    /// Whether `user_id` was found within `FRESH_FOR` (no store read).
+    pub fn is_fresh(&self, user_id: Uuid) -> bool {
+        let seen = self.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        seen.get(&user_id).is_some_and(|at| at.elapsed() < FRESH_FOR)
+    }
+
     /// Whether `user_id` exists: from the cache while fresh, else from the store.
     pub async fn exists(&self, db: &Db, user_id: Uuid) -> Result<bool, sqlx::Error> {
-        let fresh = {
-            let seen = self.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            seen.get(&user_id).is_some_and(|at| at.elapsed() < FRESH_FOR)
-        };
-        if fresh {
+        if self.is_fresh(user_id) {
             return Ok(true);
         }
         let found = db.user_by_id(user_id).await?.is_some();

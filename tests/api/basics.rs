@@ -308,3 +308,41 @@ async fn replays_of_a_create_and_a_cancel_return_the_first_body(backend: Backend
     assert_eq!((status, &again), (StatusCode::OK, &cancelled), "the first body, its server_time included");
     app.stop().await;
 }
+
+/// Every layer above a bid (the handler, the routing, the span) moves the
+/// future of the layer below it, so the paths a bid rarely takes are boxed:
+/// a store read for a user the node has not seen lately, and for an
+/// idempotency key. Each is taken here and still answers as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bid_future_is_small_and_its_store_reads_are_boxed() {
+    use gavel::bidding::{BidRequest, WriteFailure};
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let (_, bidders, auction_id) = app.api().scene(&["alice"], serde_json::json!({})).await;
+    let alice = &bidders[0];
+    let request = |amount: i64, bidder_id: &str, key: Option<&str>| BidRequest {
+        auction_id: auction_id.parse().expect("auction id"),
+        bidder_id: bidder_id.parse().expect("user id"),
+        bidder_username: alice.username.clone(),
+        amount,
+        max_amount: None,
+        key: key.map(str::to_owned),
+    };
+
+    // Alice registered on this node: known, no store read.
+    let place = app.bidding.place(request(10_000, &alice.id, None));
+    let size = std::mem::size_of_val(&place);
+    assert!(size <= 2_048, "a bid's future is {size} bytes");
+    let first = place.await.result.expect("the first bid is accepted");
+    assert_eq!(first.seq, 1);
+
+    // A user the node has not seen: read from the store (there is none).
+    let stranger = uuid::Uuid::now_v7().to_string();
+    let refused = app.bidding.place(request(10_500, &stranger, None)).await.result;
+    assert!(matches!(refused, Err(WriteFailure::Unauthenticated)), "{refused:?}");
+
+    // A key: looked up in the store first, then the same answer for its retry.
+    let keyed = app.bidding.place(request(11_000, &alice.id, Some("bid-2"))).await.result.expect("keyed bid");
+    let again = app.bidding.place(request(11_000, &alice.id, Some("bid-2"))).await.result.expect("its retry");
+    assert_eq!((keyed.seq, again.seq), (2, 2));
+    app.stop().await;
+}

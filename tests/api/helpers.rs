@@ -52,6 +52,7 @@ pub struct TestApp {
     pub data_dir: tempfile::TempDir,
     pub database_url: Option<String>,
     pub node: std::sync::Arc<gavel_actors::node::Node>,
+    pub bidding: std::sync::Arc<gavel::bidding::Bidding>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -82,6 +83,7 @@ impl TestApp {
         let application = Application::build_with(config, settings).await.expect("build the application");
         let address = format!("http://{}", application.local_addr());
         let node = application.node();
+        let bidding = application.bidding();
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(application.run_until_stopped(async move {
             let _ = stopped.await;
@@ -93,6 +95,7 @@ impl TestApp {
             data_dir,
             database_url,
             node,
+            bidding,
             shutdown: Some(shutdown),
             task: Some(task),
         }
