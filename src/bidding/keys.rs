@@ -23,10 +23,13 @@ pub enum KeyCheck {
 pub async fn check(
     db: &Db,
     user_id: Uuid,
-    key: &str,
+    key: Option<&str>,
     request_fingerprint: u64,
     kind: &str,
 ) -> Result<KeyCheck, sqlx::Error> {
+    let Some(key) = key else {
+        return Ok(KeyCheck::Fresh);
+    };
     Ok(match db.key(user_id, key).await? {
         None => KeyCheck::Fresh,
         Some(stored) if stored.fingerprint as u64 != request_fingerprint || stored.kind != kind => KeyCheck::Reused,

@@ -86,13 +86,12 @@ impl Bidding {
         if let Err(failure) = self.check_user(request.bidder_id).await {
             return self.here(Err(failure));
         }
-        let checked = match request.key.as_deref() {
-            None => Ok(KeyCheck::Fresh),
-            Some(key) => {
-                let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
-                // Boxed: a store read's future is large, and most bids carry no key.
-                Box::pin(keys::check(&self.db, request.bidder_id, key, fingerprint, "bid")).await
-            }
+        let checked = if request.key.is_none() {
+            Ok(KeyCheck::Fresh)
+        } else {
+            let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
+            // Boxed: a store read's future is large, and most bids carry no key.
+            Box::pin(keys::check(&self.db, request.bidder_id, request.key.as_deref(), fingerprint, "bid")).await
         };
         match checked {
             Ok(KeyCheck::Fresh) => {}
@@ -123,13 +122,8 @@ impl Bidding {
         if let Err(failure) = self.check_user(request.by).await {
             return self.here(Err(failure));
         }
-        let checked = match request.key.as_deref() {
-            None => Ok(KeyCheck::Fresh),
-            Some(key) => {
-                keys::check(&self.db, request.by, key, keys::cancel_fingerprint(request.auction_id), "cancel").await
-            }
-        };
-        match checked {
+        let fingerprint = keys::cancel_fingerprint(request.auction_id);
+        match keys::check(&self.db, request.by, request.key.as_deref(), fingerprint, "cancel").await {
             Ok(KeyCheck::Fresh) => {}
             Ok(KeyCheck::Reused) => return self.here(Err(WriteFailure::KeyReused)),
             Ok(KeyCheck::Replay(_)) => return self.here(Ok(())),

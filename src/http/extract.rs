@@ -168,9 +168,6 @@ pub async fn earlier_write(
     request_fingerprint: u64,
     kind: &str,
 ) -> Result<Option<crate::storage::KeyRow>, ApiError> {
-    let Some(key) = key else {
-        return Ok(None);
-    };
     match keys::check(&context.db, user_id, key, request_fingerprint, kind).await {
         Ok(KeyCheck::Fresh) => Ok(None),
         Ok(KeyCheck::Replay(stored)) => Ok(Some(stored)),
