@@ -13,7 +13,9 @@ use std::collections::HashMap;
 
 use gavel_actors::ports::{StoreError, Write};
 use gavel_actors::{AuctionState, BidPlaced};
-use sqlx::{Sqlite, SqlitePool};
+use sqlx::Sqlite;
+
+use super::SqliteWriter;
 use uuid::Uuid;
 
 use super::Db;
@@ -53,19 +55,22 @@ pub(super) async fn commit(db: &Db, node_id: &str, batch: &[Write]) -> Result<()
     let unavailable = classify;
     match db {
         Db::Sqlite { writer, .. } => commit_sqlite(writer, node_id, batch).await,
-        Db::Postgres { committer: pool, .. } => {
-            let leases_held = match write_postgres(pool, node_id, batch, false).await {
+        Db::Postgres { committer, .. } => {
+            let mut connection = committer.take().await.map_err(unavailable)?;
+            let leases_held = match write_postgres(&mut *connection, node_id, batch, false).await {
                 // A bid of the batch is stored already: an earlier attempt
                 // whose answer was lost committed it. Again, passing over the
                 // stored bids (see `postgres_commit_sql`).
                 Err(error) if is_stored_bid(&error) => {
                     tracing::debug!("a bid of the batch is stored already; committing it again past the stored ones");
-                    write_postgres(pool, node_id, batch, true).await
+                    write_postgres(&mut *connection, node_id, batch, true).await
                 }
                 outcome => outcome,
             }
             .map_err(unavailable)?;
-            if leases_held { Ok(()) } else { Err(fenced_postgres(pool, node_id, batch).await) }
+            let fenced = if leases_held { None } else { Some(fenced_postgres(&mut connection, node_id, batch).await) };
+            committer.keep(connection);
+            fenced.map_or(Ok(()), Err)
         }
     }
 }
@@ -103,7 +108,7 @@ fn fenced_by(rows: Result<Vec<(i32, String, i64)>, sqlx::Error>, node_id: &str, 
 }
 
 /// Which of the batch's leases moved on (after the commit's own check found one that did).
-async fn fenced_sqlite(writer: &SqlitePool, node_id: &str, batch: &[Write]) -> StoreError {
+async fn fenced_sqlite(writer: &mut sqlx::SqliteConnection, node_id: &str, batch: &[Write]) -> StoreError {
     let named = leases_named(batch);
     let shards = named.iter().map(|(shard, _)| shard.to_string()).collect::<Vec<_>>().join(",");
     let rows: Result<Vec<(i32, String, i64)>, sqlx::Error> =
@@ -115,13 +120,13 @@ async fn fenced_sqlite(writer: &SqlitePool, node_id: &str, batch: &[Write]) -> S
 }
 
 /// Which of the batch's leases moved on (after `write_postgres` found one that did).
-async fn fenced_postgres(pool: &sqlx::PgPool, node_id: &str, batch: &[Write]) -> StoreError {
+async fn fenced_postgres(connection: &mut sqlx::PgConnection, node_id: &str, batch: &[Write]) -> StoreError {
     let named = leases_named(batch);
     let shards: Vec<i32> = named.iter().map(|(shard, _)| *shard as i32).collect();
     let rows: Result<Vec<(i32, String, i64)>, sqlx::Error> =
         sqlx::query_as("SELECT shard, owner, epoch FROM shard_leases WHERE shard = ANY($1)")
             .bind(&shards)
-            .fetch_all(pool)
+            .fetch_all(connection)
             .await;
     fenced_by(rows, node_id, &named)
 }
@@ -445,46 +450,40 @@ fn sqlite_commit(node_id: &str, batch: &[Write]) -> SqliteQuery {
     query
 }
 
-/// The writer connection while a commit runs on it. Dropped before the commit
-/// settled (its time ran out), the connection is closed rather than returned
-/// to the pool: its thread may have stopped inside the transaction, and
-/// closing rolls back whatever did not commit.
-struct SqliteCommitConnection {
-    connection: sqlx::pool::PoolConnection<Sqlite>,
-    settled: bool,
-}
-
-impl Drop for SqliteCommitConnection {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.connection.close_on_drop();
-        }
-    }
-}
-
-async fn commit_sqlite(writer: &SqlitePool, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
+/// The commit on the writer connection (`SqliteWriter`: a commit dropped
+/// before it settled, its time run out, closes the connection rather than
+/// keep it, since its thread may have stopped inside the transaction and
+/// closing rolls back whatever did not commit).
+async fn commit_sqlite(writer: &SqliteWriter, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }
     let query = sqlite_commit(node_id, batch);
-    let mut commit = SqliteCommitConnection { connection: writer.acquire().await.map_err(classify)?, settled: false };
-    let Err(error) = query.execute(&mut *commit.connection).await else {
-        commit.settled = true;
+    let mut connection = writer.lock().await.map_err(classify)?;
+    let Err(error) = query.execute(&mut *connection).await else {
+        connection.finish();
         return Ok(());
     };
     // The statements stopped at the one that failed, inside the transaction.
-    match sqlx::query("ROLLBACK").execute(&mut *commit.connection).await {
-        Ok(_) => commit.settled = true,
+    match sqlx::query("ROLLBACK").execute(&mut *connection).await {
+        Ok(_) => {}
         // SQLite ends the transaction itself on some errors (I/O, memory).
-        Err(rollback) if rollback.to_string().contains("no transaction is active") => commit.settled = true,
+        Err(rollback) if rollback.to_string().contains("no transaction is active") => {}
         Err(rollback) => {
-            tracing::warn!(error = %rollback, "rollback of a failed commit failed, closing the connection")
+            tracing::warn!(error = %rollback, "rollback of a failed commit failed, closing the connection");
+            drop(connection);
+            connection = writer.lock().await.map_err(classify)?;
         }
     }
-    drop(commit);
     let message = error.to_string();
-    if message.contains(SQLITE_LEASES_MOVED) {
-        return Err(fenced_sqlite(writer, node_id, batch).await);
+    let fenced = if message.contains(SQLITE_LEASES_MOVED) {
+        Some(fenced_sqlite(&mut connection, node_id, batch).await)
+    } else {
+        None
+    };
+    connection.finish();
+    if let Some(fenced) = fenced {
+        return Err(fenced);
     }
     if message.contains(SQLITE_KEY_REUSED) {
         return Err(StoreError::KeyReused);
@@ -813,27 +812,22 @@ mod tests {
             }
         }
 
-        fn writer(&self) -> &sqlx::SqlitePool {
-            let Db::Sqlite { writer, .. } = &self.db else { unreachable!("the scene is on SQLite") };
-            writer
-        }
-
         /// A bidder's (bid count, maximum) on an auction.
         async fn participation(&self, auction: &AuctionState, user: &UserRef) -> (i64, i64) {
             let sql = "SELECT bid_count, max_amount FROM participations WHERE auction_id = $1 AND user_id = $2";
-            writing!(&self.db, pool => sqlx::query_as(sql).bind(auction.id).bind(user.id).fetch_one(pool).await.unwrap())
+            reading!(&self.db, pool => sqlx::query_as(sql).bind(auction.id).bind(user.id).fetch_one(pool).await.unwrap())
         }
 
         /// The write an idempotency key is stored for: (kind, auction, seq).
         async fn key_stored(&self, user: &UserRef, key: &str) -> Option<(String, Uuid, Option<i64>)> {
             let sql = "SELECT kind, auction_id, seq FROM idempotency_keys WHERE user_id = $1 AND key = $2";
-            writing!(&self.db, pool => sqlx::query_as(sql).bind(user.id).bind(key).fetch_optional(pool).await.unwrap())
+            reading!(&self.db, pool => sqlx::query_as(sql).bind(user.id).bind(key).fetch_optional(pool).await.unwrap())
         }
 
         /// The auction's own row, as stored: (seq, bid_count, current_price, end_at_ms, status).
         async fn stored_row(&self, auction: &AuctionState) -> (i64, i64, i64, i64, String) {
             let sql = "SELECT seq, bid_count, current_price, end_at_ms, status FROM auctions WHERE id = $1";
-            writing!(&self.db, pool => sqlx::query_as(sql).bind(auction.id).fetch_one(pool).await.unwrap())
+            reading!(&self.db, pool => sqlx::query_as(sql).bind(auction.id).fetch_one(pool).await.unwrap())
         }
 
         /// What every reader of the store sees of the auction: activation's
@@ -855,7 +849,7 @@ mod tests {
 
         async fn bids_of(&self, auction: &AuctionState) -> i64 {
             let sql = "SELECT count(*) FROM bids WHERE auction_id = $1";
-            writing!(&self.db, pool => sqlx::query_scalar(sql).bind(auction.id).fetch_one(pool).await.unwrap())
+            reading!(&self.db, pool => sqlx::query_scalar(sql).bind(auction.id).fetch_one(pool).await.unwrap())
         }
     }
 
@@ -1004,11 +998,14 @@ mod tests {
             other = scene.auction().await;
         }
         let shard = shard_of(fenced_auction.id);
+        let Db::Sqlite { writer, .. } = &scene.db else { unreachable!("the scene is on SQLite") };
+        let mut connection = writer.lock().await.unwrap();
         sqlx::query("UPDATE shard_leases SET owner = 'node-b', epoch = epoch + 1 WHERE shard = $1")
             .bind(shard as i64)
-            .execute(scene.writer())
+            .execute(&mut *connection)
             .await
             .unwrap();
+        connection.finish();
         let batch =
             [scene.bid(&mut other, &scene.alice, 1_000, None), scene.bid(&mut fenced_auction, &scene.bob, 1_000, None)];
         match commit(&scene.db, NODE, &batch).await {
@@ -1120,7 +1117,7 @@ mod tests {
         let plain = {
             let committer = committer.clone();
             let batch = batch.clone();
-            tokio::spawn(async move { super::write_postgres(&committer, NODE, &batch, false).await })
+            tokio::spawn(async move { super::write_postgres(committer.pool(), NODE, &batch, false).await })
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -1239,7 +1236,8 @@ mod tests {
             commit(&scene.db, NODE, &[scene.bid(&mut state, bidder, amount, None)]).await.unwrap();
         }
         let Db::Postgres { committer, .. } = &scene.db else { unreachable!("on Postgres") };
-        let mut connection = committer.acquire().await.unwrap();
+        // The connection kept between commits, which ran them all.
+        let mut connection = committer.take().await.unwrap();
         let (generic, custom): (i64, i64) = sqlx::query_as(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE 'WITH named AS%'",
         )
@@ -1247,7 +1245,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(custom, 0, "no commit planned for its values ({generic} on the kept plan)");
-        assert!(generic > 0, "the commits ran on this connection");
+        assert_eq!(generic, 8, "every commit ran on the connection kept between them");
         let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM bids WHERE auction_id = $1")
             .bind(state.id)
             .fetch_one(&mut *connection)

@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use gavel_actors::ports::{BoxFuture, SHARD_COUNT, ShardLease};
+use sqlx::Connection as _;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 

@@ -17,10 +17,12 @@ mod wal_writes;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gavel_actors::ports::{BoxFuture, KeyRecord, LoadedAuction, Store, StoreError, StoredKey, Write};
 use gavel_actors::{AuctionId, Status, TimestampMs, UserId};
+use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use uuid::Uuid;
@@ -30,16 +32,18 @@ pub use rows::{AuctionRow, BidRow, KeyRow, MyBidRow, UserRow};
 /// The database, whichever it is.
 #[derive(Clone)]
 pub enum Db {
-    /// One writer connection (SQLite has one writer anyway), a few readers,
-    /// which WAL mode lets read while the writer commits, and the connection
-    /// that checkpoints (`spawn_checkpoints`).
-    Sqlite { writer: SqlitePool, readers: SqlitePool, checkpointer: SqlitePool },
+    /// One writer connection (SQLite has one writer anyway), kept between
+    /// writes (`kept`), a few readers, which WAL mode lets read while the
+    /// writer commits, and the connection that checkpoints
+    /// (`spawn_checkpoints`).
+    Sqlite { writer: Arc<SqliteWriter>, readers: SqlitePool, checkpointer: SqlitePool },
     Postgres {
         pool: PgPool,
-        /// The group commit's own connections. They skip the liveness ping
-        /// before each use (a round trip per commit): a connection that died
-        /// fails its commit, which the persistence actor retries on a new one.
-        committer: PgPool,
+        /// The group commit's own connections, one kept between commits
+        /// (`kept`). They skip the liveness ping before each use (a round
+        /// trip per commit): a connection that died fails its commit, which
+        /// the persistence actor retries on a new one.
+        committer: Arc<PgCommitter>,
     },
 }
 
@@ -69,10 +73,19 @@ macro_rules! reading {
 }
 
 /// Runs `$body` with `$pool` bound to the pool that writes.
+/// On SQLite the body runs on the writer connection, its turn taken first
+/// (so the enclosing function returns a `Result` whose error converts from
+/// `sqlx::Error`), and `$pool` is that connection, for one use or a `begin`.
 macro_rules! writing {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
-            Db::Sqlite { writer: $pool, .. } => $body,
+            Db::Sqlite { writer, .. } => {
+                let mut guard = writer.lock().await?;
+                let $pool = &mut *guard;
+                let outcome = $body;
+                guard.finish();
+                outcome
+            }
             Db::Postgres { pool: $pool, .. } => $body,
         }
     };
@@ -80,7 +93,9 @@ macro_rules! writing {
 
 // After the macros above, which they use.
 mod commit;
+mod kept;
 mod leases;
+pub use kept::{PgCommitter, SqliteWriter};
 pub use leases::PgLeases;
 
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -229,6 +244,7 @@ impl Db {
             .connect_with(writer_options.statement_cache_capacity(commit::SQLITE_WRITER_STATEMENTS))
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
+        let writer = Arc::new(SqliteWriter::new(writer, ACQUIRE_TIMEOUT));
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -258,7 +274,7 @@ impl Db {
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
             .connect_lazy_with(committer_options(&pool.connect_options()));
-        Ok(Db::Postgres { pool, committer })
+        Ok(Db::Postgres { pool, committer: Arc::new(PgCommitter::new(committer)) })
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -289,13 +305,10 @@ impl Db {
     /// This database's identity, made at the first start and kept for good.
     pub async fn database_id(&self) -> Result<String, sqlx::Error> {
         let candidate = Uuid::now_v7().to_string();
-        writing!(self, pool => {
-            sqlx::query("INSERT INTO database_meta (key, value) VALUES ('database_id', $1) ON CONFLICT (key) DO NOTHING")
-                .bind(&candidate)
-                .execute(pool)
-                .await?;
-            sqlx::query_scalar("SELECT value FROM database_meta WHERE key = 'database_id'").fetch_one(pool).await
-        })
+        // The stored value, whether this call stored it or an earlier start did.
+        let sql = "INSERT INTO database_meta (key, value) VALUES ('database_id', $1) \
+                   ON CONFLICT (key) DO UPDATE SET value = database_meta.value RETURNING value";
+        writing!(self, pool => sqlx::query_scalar(sql).bind(&candidate).fetch_one(pool).await)
     }
 
     pub async fn insert_user(

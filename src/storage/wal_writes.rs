@@ -330,7 +330,7 @@ pub(super) mod tests {
 
     pub(in crate::storage) fn writer(db: &Db) -> &sqlx::SqlitePool {
         match db {
-            Db::Sqlite { writer, .. } => writer,
+            Db::Sqlite { writer, .. } => writer.pool(),
             Db::Postgres { .. } => unreachable!("a SQLite store"),
         }
     }
