@@ -146,7 +146,10 @@ impl PgCommitter {
 mod tests {
     use std::time::Duration;
 
-    use crate::storage::Db;
+    use gavel_actors::Status;
+    use uuid::Uuid;
+
+    use crate::storage::{Db, DbError, NewAuction};
 
     /// Writes take turns on one connection, kept between them; a write
     /// dropped inside its transaction (its time ran out) leaves nothing of
@@ -179,5 +182,42 @@ mod tests {
             .unwrap();
         assert_eq!(keys, vec!["kept".to_owned()]);
         tokio::time::timeout(Duration::from_secs(10), db.close()).await.expect("the store closes with its writer kept");
+    }
+
+    /// A write that fails inside its transaction (the auction is there
+    /// already) keeps the connection, warm, for the next write: only one
+    /// dropped before it ended closes it.
+    #[tokio::test]
+    async fn a_write_that_fails_keeps_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(dir.path()).await.unwrap();
+        let Db::Sqlite { writer, .. } = &db else { unreachable!("a SQLite store") };
+        let seller = Uuid::now_v7();
+        db.insert_user(seller, "seller", "not a hash", 0).await.unwrap();
+        let auction = NewAuction {
+            id: Uuid::now_v7(),
+            seller_id: seller,
+            title: "a lamp".to_owned(),
+            description: String::new(),
+            currency: "EUR".to_owned(),
+            starting_price: 1_000,
+            reserve_price: None,
+            min_increment: 100,
+            soft_close_secs: 0,
+            start_at_ms: 0,
+            end_at_ms: 1_000_000,
+            status: Status::Active,
+        };
+        db.insert_auction(&auction, None, 0).await.unwrap();
+        let mut marking = writer.lock().await.unwrap();
+        sqlx::query("CREATE TEMP TABLE marker (x)").execute(&mut *marking).await.unwrap();
+        marking.finish();
+        let again = db.insert_auction(&auction, None, 0).await;
+        assert!(matches!(again, Err(DbError::UniqueViolation)), "{again:?}");
+        let mut next = writer.lock().await.unwrap();
+        let marker = sqlx::query("SELECT count(*) FROM temp.marker").execute(&mut *next).await;
+        assert!(marker.is_ok(), "the write after a failed one runs on the same connection: {marker:?}");
+        next.finish();
+        db.close().await;
     }
 }

@@ -101,8 +101,8 @@ impl Db {
                     .await?;
                 leases.push(ShardLease { shard, epoch });
             }
-            tx.commit().await?;
-        });
+            tx.commit().await
+        })?;
         Ok(leases)
     }
 

@@ -76,17 +76,23 @@ macro_rules! reading {
 /// On SQLite the body runs on the writer connection, its turn taken first
 /// (so the enclosing function returns a `Result` whose error converts from
 /// `sqlx::Error`), and `$pool` is that connection, for one use or a `begin`.
+/// The body is a `Result` and its `?` ends the body, not the function: a
+/// write that fails (a name taken) keeps the connection, warm, for the next;
+/// only one dropped before it ended closes it (`kept::WriterGuard`).
 macro_rules! writing {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
             Db::Sqlite { writer, .. } => {
                 let mut guard = writer.lock().await?;
-                let $pool = &mut *guard;
-                let outcome = $body;
+                let outcome = async {
+                    let $pool = &mut *guard;
+                    $body
+                }
+                .await;
                 guard.finish();
                 outcome
             }
-            Db::Postgres { pool: $pool, .. } => $body,
+            Db::Postgres { pool: $pool, .. } => async { $body }.await,
         }
     };
 }
