@@ -720,7 +720,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::{PostgresCommitShape, changed_rows, commit, postgres_commit_sql};
-    use crate::storage::{Db, NewAuction, committer_options, fresh_postgres_database};
+    use crate::storage::{Db, committer_options, fresh_postgres_database, test_lamp};
 
     const NODE: &str = "node-a";
 
@@ -764,24 +764,10 @@ mod tests {
         /// A new active auction ending at 1,000,000 ms, whose end soft close
         /// moves by `soft_close_secs`, as the store loads it.
         async fn auction_closing_softly(&self, soft_close_secs: u32) -> AuctionState {
-            let id = Uuid::now_v7();
             let seller = self.db.user_by_name("seller").await.unwrap().unwrap().id;
-            let auction = NewAuction {
-                id,
-                seller_id: seller,
-                title: "a lamp".to_owned(),
-                description: String::new(),
-                currency: "EUR".to_owned(),
-                starting_price: 1_000,
-                reserve_price: None,
-                min_increment: 100,
-                soft_close_secs,
-                start_at_ms: 0,
-                end_at_ms: 1_000_000,
-                status: Status::Active,
-            };
+            let auction = test_lamp(seller, soft_close_secs);
             self.db.insert_auction(&auction, None, 0).await.unwrap();
-            self.db.load(id).await.unwrap().unwrap().state
+            self.db.load(auction.id).await.unwrap().unwrap().state
         }
 
         /// Applies a bid to `state` and returns its write.

@@ -146,10 +146,9 @@ impl PgCommitter {
 mod tests {
     use std::time::Duration;
 
-    use gavel_actors::Status;
     use uuid::Uuid;
 
-    use crate::storage::{Db, DbError, NewAuction};
+    use crate::storage::{Db, DbError, test_lamp};
 
     /// Writes take turns on one connection, kept between them; a write
     /// dropped inside its transaction (its time ran out) leaves nothing of
@@ -194,20 +193,7 @@ mod tests {
         let Db::Sqlite { writer, .. } = &db else { unreachable!("a SQLite store") };
         let seller = Uuid::now_v7();
         db.insert_user(seller, "seller", "not a hash", 0).await.unwrap();
-        let auction = NewAuction {
-            id: Uuid::now_v7(),
-            seller_id: seller,
-            title: "a lamp".to_owned(),
-            description: String::new(),
-            currency: "EUR".to_owned(),
-            starting_price: 1_000,
-            reserve_price: None,
-            min_increment: 100,
-            soft_close_secs: 0,
-            start_at_ms: 0,
-            end_at_ms: 1_000_000,
-            status: Status::Active,
-        };
+        let auction = test_lamp(seller, 0);
         db.insert_auction(&auction, None, 0).await.unwrap();
         let mut marking = writer.lock().await.unwrap();
         sqlx::query("CREATE TEMP TABLE marker (x)").execute(&mut *marking).await.unwrap();

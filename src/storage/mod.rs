@@ -140,6 +140,26 @@ pub(crate) async fn fresh_postgres_database() -> String {
     format!("{base}/{name}")
 }
 
+/// A new active auction for a test: a lamp from 10.00 EUR in steps of 1.00,
+/// ending at 1,000,000 ms, whose end soft close moves by `soft_close_secs`.
+#[cfg(test)]
+pub(crate) fn test_lamp(seller_id: UserId, soft_close_secs: u32) -> NewAuction {
+    NewAuction {
+        id: Uuid::now_v7(),
+        seller_id,
+        title: "a lamp".to_owned(),
+        description: String::new(),
+        currency: "EUR".to_owned(),
+        starting_price: 1_000,
+        reserve_price: None,
+        min_increment: 100,
+        soft_close_secs,
+        start_at_ms: 0,
+        end_at_ms: 1_000_000,
+        status: Status::Active,
+    }
+}
+
 /// An auction as it stands: its row, overlaid with its latest bid's row where
 /// that is newer (a higher `seq`). A bid that changes neither the auction's
 /// status nor its end is written only as its own row, which carries the
