@@ -14,11 +14,9 @@ use std::collections::HashMap;
 use gavel_actors::ports::{StoreError, Write};
 use gavel_actors::{AuctionState, BidPlaced};
 use sqlx::Sqlite;
-
-use super::SqliteWriter;
 use uuid::Uuid;
 
-use super::Db;
+use super::{Db, SqliteWriter};
 
 /// Whether a failed commit is worth retrying: a constraint the batch breaks, or
 /// a value the database refuses, fails the same way every time (`Invalid`);
