@@ -46,8 +46,8 @@ impl SqliteWriter {
         Ok(WriterGuard { kept, finished: false })
     }
 
-    /// The pool under the writer, for the migrations at start and for tests
-    /// that write beside the store.
+    /// The pool under the writer, for tests that write beside the store.
+    #[cfg(test)]
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
@@ -115,28 +115,32 @@ impl PgCommitter {
         PgCommitter { pool, kept: Mutex::new(None) }
     }
 
+    fn kept(&self) -> std::sync::MutexGuard<'_, Option<PoolConnection<Postgres>>> {
+        self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub async fn take(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
-        let kept = self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let kept = self.kept().take();
         match kept {
             Some(connection) => Ok(connection),
             None => self.pool.acquire().await,
         }
     }
 
-    /// After a commit that got its answer: kept for the next, unless one is kept already.
+    /// After a commit that got its answer: kept for the next, unless one is
+    /// kept already (then this one goes back to the pool).
     pub fn keep(&self, connection: PoolConnection<Postgres>) {
-        let mut kept = self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if kept.is_none() {
-            *kept = Some(connection);
-        }
+        self.kept().get_or_insert(connection);
     }
 
+    /// The pool under the committer, for tests that commit beside it.
+    #[cfg(test)]
     pub fn pool(&self) -> &sqlx::PgPool {
         &self.pool
     }
 
     pub async fn close(&self) {
-        let kept = self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let kept = self.kept().take();
         drop(kept);
         self.pool.close().await;
     }
