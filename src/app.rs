@@ -77,9 +77,11 @@ impl Application {
             }
             _ => None,
         };
-        // Postgres answers over a socket: the commits get a thread of their
-        // own (measured under "The path of a bid"). SQLite's writer is one already.
-        settings.persistence.own_thread = matches!(db, Db::Postgres { .. });
+        // The commits get a thread of their own: a commit's answer is taken
+        // and the next batch sent at once, not when the node's worker gets to
+        // it. On SQLite that thread runs the commit's statements itself
+        // (`storage::direct`). Both measured under "The path of a bid".
+        settings.persistence.own_thread = true;
         let secret = match &config.jwt_secret {
             Some(secret) => secret.clone(),
             None => auth::load_or_create_secret(&config.data_dir).context("creating the JWT secret")?,

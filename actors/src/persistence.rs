@@ -107,12 +107,12 @@ pub struct PersistenceSettings {
     /// time (a store with one writer gains nothing from a second).
     pub hedge_after: Option<Duration>,
     /// Run the actor, and so every commit, on a thread of its own rather
-    /// than on the node's runtime workers. For a store across a socket
-    /// (Postgres): the answer of a commit is taken, its bidders' auctions
-    /// told and the next batch sent the moment it arrives, instead of when
-    /// the one worker of a small machine gets round to it, after the requests
-    /// queued there. A store that commits on a thread of its own already
-    /// (SQLite's writer) gains nothing and pays a hop. See `node::commit_runtime`.
+    /// than on the node's runtime workers: the answer of a commit is taken,
+    /// its bidders' auctions told and the next batch sent the moment it
+    /// arrives, instead of when the one worker of a small machine gets round
+    /// to it, after the requests queued there. A store may then run its
+    /// commit on that thread without awaiting (gavel's SQLite store does;
+    /// nothing else runs there). See `node::commit_runtime`.
     pub own_thread: bool,
 }
 

@@ -10,12 +10,13 @@
 //! whose bids is stored goes again at once past them: `postgres_commit_sql`.)
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use gavel_actors::ports::{StoreError, Write};
 use gavel_actors::{AuctionState, BidPlaced};
-use sqlx::Sqlite;
 use uuid::Uuid;
 
+use super::direct::SqlValue;
 use super::{Db, SqliteWriter};
 
 /// Whether a failed commit is worth retrying: a constraint the batch breaks, or
@@ -288,6 +289,18 @@ struct SqliteCommitShape {
     keys: Vec<usize>,
 }
 
+impl SqliteCommitShape {
+    /// What names the shape's text among the prepared ones.
+    fn key(&self) -> Vec<usize> {
+        let mut key = self.bids.clone();
+        key.push(0);
+        key.extend(&self.auctions);
+        key.push(0);
+        key.extend(&self.keys);
+        key
+    }
+}
+
 /// The whole commit as one text of statements, run by the connection's thread
 /// in one go: sqlx hands each statement its own round trip (a message to the
 /// thread and one back, each waking a thread), and under load each trip waits
@@ -378,10 +391,18 @@ fn sqlite_commit_sql(shape: &SqliteCommitShape) -> String {
     sql
 }
 
-type SqliteQuery = sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments>;
+fn uuid_value(id: Uuid) -> SqlValue {
+    SqlValue::Uuid(*id.as_bytes())
+}
 
-/// The commit of `batch` as one query: `sqlite_commit_sql` with its parameters bound.
-fn sqlite_commit(node_id: &str, batch: &[Write]) -> SqliteQuery {
+fn optional<T>(value: Option<T>, into: impl FnOnce(T) -> SqlValue) -> SqlValue {
+    value.map_or(SqlValue::Null, into)
+}
+
+/// The commit of `batch`: the shape of its text (`sqlite_commit_sql`) and
+/// its parameters, in order across the text's statements.
+fn sqlite_commit_parts(node_id: &str, batch: &[Write]) -> (SqliteCommitShape, Vec<SqlValue>) {
+    use SqlValue::{Int, Text};
     let named = leases_named(batch);
     let leases = named.iter().map(|(shard, epoch)| format!("[{shard},{epoch}]")).collect::<Vec<_>>().join(",");
     let all_bids: Vec<(Uuid, &BidPlaced)> = bids(batch).collect();
@@ -395,86 +416,107 @@ fn sqlite_commit(node_id: &str, batch: &[Write]) -> SqliteQuery {
         auctions: state_chunks.iter().map(Vec::len).collect(),
         keys: key_chunks.iter().map(Vec::len).collect(),
     };
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sqlite_commit_sql(&shape)))
-        .bind(format!("[{leases}]"))
-        .bind(node_id.to_owned())
-        .bind(named.len() as i64);
+    let mut values = vec![Text(format!("[{leases}]")), Text(node_id.to_owned()), Int(named.len() as i64)];
     for (auction_id, bid) in bid_chunks.iter().flatten() {
-        query = query
-            .bind(*auction_id)
-            .bind(bid.seq as i64)
-            .bind(bid.bidder.id)
-            .bind(bid.amount.minor_units())
-            .bind(bid.bidder_max.minor_units())
-            .bind(bid.placed_at_ms)
-            .bind(bid.current_price.minor_units())
-            .bind(bid.leader.id)
-            .bind(bid.end_at_ms)
-            .bind(bid.leader_max.minor_units())
-            .bind(bid.bid_count as i64);
+        values.extend([
+            uuid_value(*auction_id),
+            Int(bid.seq as i64),
+            uuid_value(bid.bidder.id),
+            Int(bid.amount.minor_units()),
+            Int(bid.bidder_max.minor_units()),
+            Int(bid.placed_at_ms),
+            Int(bid.current_price.minor_units()),
+            uuid_value(bid.leader.id),
+            Int(bid.end_at_ms),
+            Int(bid.leader_max.minor_units()),
+            Int(bid.bid_count as i64),
+        ]);
     }
     for (auction_id, bid) in bid_chunks.iter().flatten() {
-        query = query.bind(bid.bidder.id).bind(*auction_id).bind(bid.bidder_max.minor_units()).bind(bid.seq as i64);
+        values.extend([
+            uuid_value(bid.bidder.id),
+            uuid_value(*auction_id),
+            Int(bid.bidder_max.minor_units()),
+            Int(bid.seq as i64),
+        ]);
     }
     for state in state_chunks.iter().flatten() {
         let leader = state.leader.as_ref();
-        query = query
-            .bind(state.id)
-            .bind(state.current_price.minor_units())
-            .bind(leader.map(|leader| leader.user.id))
-            .bind(leader.map(|leader| leader.max_amount.minor_units()))
-            .bind(state.bid_count as i64)
-            .bind(state.seq as i64)
-            .bind(state.winner.as_ref().map(|winner| winner.id))
-            .bind(state.final_price.map(|price| price.minor_units()))
-            .bind(state.status.as_str());
+        values.extend([
+            uuid_value(state.id),
+            Int(state.current_price.minor_units()),
+            optional(leader.map(|leader| leader.user.id), uuid_value),
+            optional(leader.map(|leader| leader.max_amount.minor_units()), Int),
+            Int(state.bid_count as i64),
+            Int(state.seq as i64),
+            optional(state.winner.as_ref().map(|winner| winner.id), uuid_value),
+            optional(state.final_price.map(|price| price.minor_units()), Int),
+            Text(state.status.as_str().to_owned()),
+        ]);
     }
     for state in state_chunks.iter().flatten() {
-        query = query.bind(state.id).bind(state.status.as_str()).bind(state.end_at_ms).bind(state.seq as i64);
+        values.extend([
+            uuid_value(state.id),
+            Text(state.status.as_str().to_owned()),
+            Int(state.end_at_ms),
+            Int(state.seq as i64),
+        ]);
     }
     for key in key_chunks.iter().flatten() {
-        query = query
-            .bind(key.user_id)
-            .bind(key.key.to_owned())
-            .bind(key.fingerprint)
-            .bind(key.kind)
-            .bind(key.auction_id)
-            .bind(key.seq)
-            .bind(key.created_at_ms);
+        values.extend([
+            uuid_value(key.user_id),
+            Text(key.key.to_owned()),
+            Int(key.fingerprint),
+            Text(key.kind.to_owned()),
+            uuid_value(key.auction_id),
+            optional(key.seq, Int),
+            Int(key.created_at_ms),
+        ]);
     }
     for key in key_chunks.iter().flatten() {
-        query = query.bind(key.user_id).bind(key.key.to_owned()).bind(key.kind).bind(key.auction_id).bind(key.seq);
+        values.extend([
+            uuid_value(key.user_id),
+            Text(key.key.to_owned()),
+            Text(key.kind.to_owned()),
+            uuid_value(key.auction_id),
+            optional(key.seq, Int),
+        ]);
     }
-    query
+    (shape, values)
 }
 
-/// The commit on the writer connection (`SqliteWriter`: a commit dropped
-/// before it settled, its time run out, closes the connection rather than
-/// keep it, since its thread may have stopped inside the transaction and
-/// closing rolls back whatever did not commit).
+/// How long a SQLite commit's statements may run before SQLite interrupts
+/// them (the commit is then retried), as Postgres's `statement_timeout`
+/// bounds its commit. The commit runs on the persistence actor's thread
+/// without awaiting (`direct`), so the actor's own time limit cannot stop it;
+/// waiting for SQLite's write lock is bounded apart, by its busy timeout.
+const SQLITE_COMMIT_LIMIT: Duration = Duration::from_secs(5);
+
+/// The commit on the writer connection, its statements run by this thread on
+/// the connection's handle (`direct`). One whose rollback failed, still in
+/// its transaction, closes the connection rather than keep it (closing rolls
+/// back whatever did not commit).
 async fn commit_sqlite(writer: &SqliteWriter, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let query = sqlite_commit(node_id, batch);
+    let (shape, values) = sqlite_commit_parts(node_id, batch);
     let mut connection = writer.lock().await.map_err(classify)?;
-    let Err(error) = query.execute(&mut *connection).await else {
-        connection.finish();
-        return Ok(());
-    };
-    // The statements stopped at the one that failed, inside the transaction.
-    match sqlx::query("ROLLBACK").execute(&mut *connection).await {
-        Ok(_) => {}
-        // SQLite ends the transaction itself on some errors (I/O, memory).
-        Err(rollback) if rollback.to_string().contains("no transaction is active") => {}
-        Err(rollback) => {
-            tracing::warn!(error = %rollback, "rollback of a failed commit failed, closing the connection");
-            drop(connection);
-            connection = writer.lock().await.map_err(classify)?;
+    let direct = connection.direct().await.map_err(classify)?;
+    let deadline = std::time::Instant::now() + SQLITE_COMMIT_LIMIT;
+    let failure = match direct.execute(&shape.key(), || sqlite_commit_sql(&shape), &values, deadline) {
+        Ok(()) => {
+            connection.finish();
+            return Ok(());
         }
+        Err(failure) => failure,
+    };
+    if failure.in_transaction {
+        tracing::warn!(error = %failure, "rollback of a failed commit failed, closing the connection");
+        drop(connection);
+        connection = writer.lock().await.map_err(classify)?;
     }
-    let message = error.to_string();
-    let fenced = if message.contains(SQLITE_LEASES_MOVED) {
+    let fenced = if failure.message.contains(SQLITE_LEASES_MOVED) {
         Some(fenced_sqlite(&mut connection, node_id, batch).await)
     } else {
         None
@@ -483,10 +525,15 @@ async fn commit_sqlite(writer: &SqliteWriter, node_id: &str, batch: &[Write]) ->
     if let Some(fenced) = fenced {
         return Err(fenced);
     }
-    if message.contains(SQLITE_KEY_REUSED) {
+    if failure.message.contains(SQLITE_KEY_REUSED) {
         return Err(StoreError::KeyReused);
     }
-    Err(classify(error))
+    // SQLite: 19 (SQLITE_CONSTRAINT and its extended codes end in 19), 20 (mismatch), 18 (too big).
+    if matches!(failure.code & 0xff, 18..=20) {
+        Err(StoreError::Invalid(failure.to_string()))
+    } else {
+        Err(StoreError::Unavailable(failure.to_string()))
+    }
 }
 
 /// What a commit says when one of its idempotency keys was stored for another write.
@@ -1128,6 +1175,40 @@ mod tests {
         assert_eq!(scene.participation(&state, &scene.alice).await, (1, 1_000));
         assert_eq!(scene.participation(&state, &scene.bob).await, (1, 1_500));
         scene.assert_read_as(&state, &scene.bob, "after the retry").await;
+    }
+
+    /// On SQLite the commits run on the writer connection's own handle
+    /// (`direct`), between the other writes, which run through sqlx on the
+    /// same connection: each hands it to the other, the connection is kept
+    /// throughout, and the store closes cleanly (SQLite refuses to close a
+    /// connection with the commits' statements left on it). Reopened, the
+    /// database holds every commit.
+    #[tokio::test]
+    async fn commits_and_other_writes_take_turns_on_the_sqlite_writer_and_it_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let scene = Scene::on(Db::open_sqlite(dir.path()).await.unwrap(), tempfile::tempdir().unwrap()).await;
+        let Db::Sqlite { writer, .. } = &scene.db else { unreachable!("the scene is on SQLite") };
+        let mut marking = writer.lock().await.unwrap();
+        sqlx::query("CREATE TEMP TABLE marker (x)").execute(&mut *marking).await.unwrap();
+        marking.finish();
+        let mut state = scene.auction().await;
+        let mut amount = 1_000;
+        for round in 0..3 {
+            for bidder in [&scene.alice, &scene.bob] {
+                commit(&scene.db, NODE, &[scene.bid(&mut state, bidder, amount, None)]).await.unwrap();
+                amount += 100;
+            }
+            scene.db.insert_user(Uuid::now_v7(), &format!("carol-{round}"), "not a hash", 0).await.unwrap();
+        }
+        let mut next = writer.lock().await.unwrap();
+        let marker = sqlx::query("SELECT count(*) FROM temp.marker").execute(&mut *next).await;
+        assert!(marker.is_ok(), "the same connection throughout: {marker:?}");
+        next.finish();
+        tokio::time::timeout(Duration::from_secs(10), scene.db.close()).await.expect("the store closes");
+        let reopened = Db::open_sqlite(dir.path()).await.unwrap();
+        let stored = reopened.load(state.id).await.unwrap().unwrap().state;
+        assert_eq!(stored, state, "every commit is in the database");
+        reopened.close().await;
     }
 
     /// A commit dropped while it runs (its time ran out) must not leave its

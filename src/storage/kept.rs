@@ -12,11 +12,14 @@
 //! each (README, "The path of a bid", has the before and after).
 
 use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Postgres, Sqlite, SqliteConnection, SqlitePool};
+
+use super::direct::Direct;
 
 /// SQLite's one writer connection, kept between writes. Every write takes it
 /// in turn (`lock`, first come first served, as the pool's queue did); a
@@ -25,9 +28,34 @@ use sqlx::{Postgres, Sqlite, SqliteConnection, SqlitePool};
 /// did not commit, and the next write opens a new one from the pool.
 pub struct SqliteWriter {
     pool: SqlitePool,
-    kept: tokio::sync::Mutex<Option<PoolConnection<Sqlite>>>,
+    kept: tokio::sync::Mutex<Option<KeptWriter>>,
     /// How long a write waits for its turn.
     wait: Duration,
+}
+
+/// The writer connection and, between sqlx commands, the group commit's
+/// statements on its raw handle (`direct`).
+struct KeptWriter {
+    connection: PoolConnection<Sqlite>,
+    /// The connection's raw handle, taken from sqlx once.
+    raw: Option<RawHandle>,
+    direct: Option<Direct>,
+}
+
+/// A connection's raw handle: only ever used by the holder of the writer's turn.
+#[derive(Clone, Copy)]
+struct RawHandle(NonNull<libsqlite3_sys::sqlite3>);
+
+// SAFETY: see `RawHandle`; `Direct` says how the turn is shared with sqlx.
+unsafe impl Send for RawHandle {}
+
+impl KeptWriter {
+    /// Closes the connection: the commit's statements go first (SQLite
+    /// refuses to close a connection with statements left).
+    fn close(mut self) {
+        self.direct = None;
+        self.connection.close_on_drop();
+    }
 }
 
 impl SqliteWriter {
@@ -41,7 +69,7 @@ impl SqliteWriter {
         let mut kept =
             tokio::time::timeout(self.wait, self.kept.lock()).await.map_err(|_| sqlx::Error::PoolTimedOut)?;
         if kept.is_none() {
-            *kept = Some(self.pool.acquire().await?);
+            *kept = Some(KeptWriter { connection: self.pool.acquire().await?, raw: None, direct: None });
         }
         Ok(WriterGuard { kept, finished: false })
     }
@@ -52,20 +80,25 @@ impl SqliteWriter {
         &self.pool
     }
 
-    /// Gives the connection back and closes the pool.
-    pub async fn close(&self) {
+    /// Closes the connection (the commits' statements on it first) and the pool.
+    pub async fn close(&self) -> Result<(), sqlx::Error> {
         let kept = self.kept.lock().await.take();
-        if let Some(connection) = kept {
-            let _ = connection.close().await;
-        }
+        let closed = match kept {
+            Some(mut kept) => {
+                kept.direct = None;
+                kept.connection.close().await
+            }
+            None => Ok(()),
+        };
         self.pool.close().await;
+        closed
     }
 }
 
 /// A turn on the writer connection. Call `finish` once the write is over,
 /// whatever it came to; dropped without, the connection is closed.
 pub struct WriterGuard<'a> {
-    kept: tokio::sync::MutexGuard<'a, Option<PoolConnection<Sqlite>>>,
+    kept: tokio::sync::MutexGuard<'a, Option<KeptWriter>>,
     finished: bool,
 }
 
@@ -74,28 +107,54 @@ impl WriterGuard<'_> {
     pub fn finish(mut self) {
         self.finished = true;
     }
+
+    /// The group commit's statements on the connection's raw handle, run by
+    /// this thread (`direct`). The first use on a connection asks sqlx for
+    /// its handle (one round trip to its thread).
+    pub(super) async fn direct(&mut self) -> Result<&mut Direct, sqlx::Error> {
+        let kept = self.kept.as_mut().expect("a guard holds the connection");
+        if kept.direct.is_none() {
+            let raw = match kept.raw {
+                Some(raw) => raw,
+                None => {
+                    let raw = RawHandle(kept.connection.lock_handle().await?.as_raw_handle());
+                    kept.raw = Some(raw);
+                    raw
+                }
+            };
+            // SAFETY: the writer's connection, open while it is kept; sqlx's
+            // thread uses it only for commands sent through this guard,
+            // which drops the `Direct` first (`deref_mut`).
+            kept.direct = Some(unsafe { Direct::new(raw.0) });
+        }
+        Ok(kept.direct.as_mut().expect("made above"))
+    }
 }
 
 impl Deref for WriterGuard<'_> {
     type Target = SqliteConnection;
 
     fn deref(&self) -> &SqliteConnection {
-        self.kept.as_ref().expect("a guard holds the connection")
+        &self.kept.as_ref().expect("a guard holds the connection").connection
     }
 }
 
 impl DerefMut for WriterGuard<'_> {
+    /// The connection for sqlx: the commit's statements on its raw handle
+    /// are finalized first, since sqlx's thread is about to use it.
     fn deref_mut(&mut self) -> &mut SqliteConnection {
-        self.kept.as_mut().expect("a guard holds the connection")
+        let kept = self.kept.as_mut().expect("a guard holds the connection");
+        kept.direct = None;
+        &mut kept.connection
     }
 }
 
 impl Drop for WriterGuard<'_> {
     fn drop(&mut self) {
         if !self.finished
-            && let Some(mut connection) = self.kept.take()
+            && let Some(kept) = self.kept.take()
         {
-            connection.close_on_drop();
+            kept.close();
         }
     }
 }
@@ -185,6 +244,21 @@ mod tests {
             .unwrap();
         assert_eq!(keys, vec!["kept".to_owned()]);
         tokio::time::timeout(Duration::from_secs(10), db.close()).await.expect("the store closes with its writer kept");
+    }
+
+    /// The writer closes with the group commit's statements prepared on its
+    /// connection: they are finalized first (SQLite refuses to close a
+    /// connection with statements left, and sqlx's thread then panics).
+    #[tokio::test]
+    async fn the_writer_closes_with_the_commits_statements_on_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_sqlite(dir.path()).await.unwrap();
+        let Db::Sqlite { writer, .. } = &db else { unreachable!("a SQLite store") };
+        let mut turn = writer.lock().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        turn.direct().await.unwrap().execute(&[1], || "SELECT 1;".to_owned(), &[], deadline).unwrap();
+        turn.finish();
+        writer.close().await.expect("closed without a statement left");
     }
 
     /// A write that fails inside its transaction (the auction is there

@@ -11,6 +11,7 @@
 //! commit a batch, find due auctions); the HTTP edge reads through the same
 //! `Db` for everything else (users, listings, history).
 
+mod direct;
 mod page_cache;
 mod rows;
 mod wal_writes;
@@ -315,7 +316,9 @@ impl Db {
             Db::Sqlite { writer, readers, checkpointer } => {
                 checkpointer.close().await;
                 readers.close().await;
-                writer.close().await;
+                if let Err(error) = writer.close().await {
+                    tracing::warn!(%error, "closing the SQLite writer connection");
+                }
             }
             Db::Postgres { pool, committer } => {
                 committer.close().await;
