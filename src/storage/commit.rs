@@ -226,12 +226,13 @@ const SQLITE_MAX_ROWS_PER_STATEMENT: usize = 64;
 /// Row counts a statement is made for. A chunk of rows is padded up to the
 /// next one by repeating its last row (every statement of the commit is
 /// unchanged by a row written twice, see `sqlite_commit_sql`), so that a
-/// commit's text, the key of the writer's statement cache, takes a few dozen
+/// commit's text, kept prepared on the writer connection (`direct`), takes a few dozen
 /// shapes (a dozen sizes of bids by a few of auctions, mostly) rather than
 /// one per mix of counts.
 const SQLITE_ROW_CLASSES: [usize; 12] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64];
 
-/// Commits the writer keeps prepared, and the few other statements it runs.
+/// Statements sqlx keeps prepared on the writer connection: the other
+/// writes' (the commits' are `direct`'s).
 pub(super) const SQLITE_WRITER_STATEMENTS: usize = 512;
 
 /// The row count a chunk of `rows` rows is padded to.

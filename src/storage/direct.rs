@@ -160,7 +160,13 @@ impl Direct {
         // SAFETY: a statement of this connection.
         let count = unsafe { ffi::sqlite3_bind_parameter_count(statement) };
         for index in 1..=count {
-            let value = values.next().unwrap_or(&SqlValue::Null);
+            let Some(value) = values.next() else {
+                return Err(SqliteFailure {
+                    code: ffi::SQLITE_RANGE,
+                    message: "the commit has fewer values than parameters".to_owned(),
+                    in_transaction: false,
+                });
+            };
             // SAFETY: as above; SQLite copies text and blobs (`SQLITE_TRANSIENT`).
             let code = unsafe {
                 match value {
