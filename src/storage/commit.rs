@@ -32,15 +32,19 @@ fn classify(error: sqlx::Error) -> StoreError {
     let constraint = !matches!(database_error.kind(), sqlx::error::ErrorKind::Other);
     let code = database_error.code().unwrap_or_default();
     // Postgres: class 22 (data exception), 23 (integrity constraint violation).
-    // SQLite: 19 (SQLITE_CONSTRAINT and its extended codes end in 19), 20 (mismatch), 18 (too big).
-    let invalid_value = code.starts_with("22")
-        || code.starts_with("23")
-        || code.parse::<i32>().is_ok_and(|number| matches!(number & 0xff, 18..=20));
+    let invalid_value =
+        code.starts_with("22") || code.starts_with("23") || code.parse::<i32>().is_ok_and(is_invalid_sqlite_code);
     if constraint || invalid_value {
         StoreError::Invalid(error.to_string())
     } else {
         StoreError::Unavailable(error.to_string())
     }
+}
+
+/// Whether a SQLite result code says the batch itself is at fault: 19
+/// (SQLITE_CONSTRAINT; its extended codes end in 19), 20 (mismatch), 18 (too big).
+fn is_invalid_sqlite_code(code: i32) -> bool {
+    matches!(code & 0xff, 18..=20)
 }
 
 pub(super) async fn commit(db: &Db, node_id: &str, batch: &[Write]) -> Result<(), StoreError> {
@@ -302,10 +306,10 @@ impl SqliteCommitShape {
     }
 }
 
-/// The whole commit as one text of statements, run by the connection's thread
-/// in one go: sqlx hands each statement its own round trip (a message to the
-/// thread and one back, each waking a thread), and under load each trip waits
-/// for a busy worker; a commit was seven of them. Anonymous `?` parameters are
+/// The whole commit as one text of statements, run in one go by the
+/// persistence actor's thread (`direct`); through sqlx each statement was a
+/// round trip to the connection's thread (a message there and one back, each
+/// waking a thread), and a commit was seven of them. Anonymous `?` parameters are
 /// taken in order across the statements (and SQLite looks named ones up by a
 /// linear scan for each bind).
 ///
@@ -529,8 +533,7 @@ async fn commit_sqlite(writer: &SqliteWriter, node_id: &str, batch: &[Write]) ->
     if failure.message.contains(SQLITE_KEY_REUSED) {
         return Err(StoreError::KeyReused);
     }
-    // SQLite: 19 (SQLITE_CONSTRAINT and its extended codes end in 19), 20 (mismatch), 18 (too big).
-    if matches!(failure.code & 0xff, 18..=20) {
+    if is_invalid_sqlite_code(failure.code) {
         Err(StoreError::Invalid(failure.to_string()))
     } else {
         Err(StoreError::Unavailable(failure.to_string()))

@@ -119,15 +119,19 @@ impl Direct {
         outcome
     }
 
+    /// Runs the shape's statements, rolling back what they began if one fails.
     fn run(&self, shape: &[usize], values: &[SqlValue]) -> Result<(), SqliteFailure> {
+        self.run_statements(shape, values).map_err(|mut failure| {
+            failure.in_transaction = !self.roll_back();
+            failure
+        })
+    }
+
+    fn run_statements(&self, shape: &[usize], values: &[SqlValue]) -> Result<(), SqliteFailure> {
         let mut values = values.iter();
-        let mut outcome = Ok(());
         for statement in &self.statements[shape] {
             let statement = statement.as_ptr();
-            if let Err(failure) = self.bind_all(statement, &mut values) {
-                outcome = Err(failure);
-                break;
-            }
+            self.bind_all(statement, &mut values)?;
             // SAFETY: a statement of this connection, prepared by `prepare`.
             let stepped = unsafe {
                 let mut code = ffi::sqlite3_step(statement);
@@ -140,15 +144,10 @@ impl Direct {
             // SAFETY: as above; text and blobs were bound as copies.
             unsafe { ffi::sqlite3_reset(statement) };
             if let Some(failure) = failed {
-                outcome = Err(failure);
-                break;
+                return Err(failure);
             }
         }
-        debug_assert!(outcome.is_err() || values.next().is_none(), "a commit bound more values than it has parameters");
-        if let Err(mut failure) = outcome {
-            failure.in_transaction = !self.roll_back();
-            return Err(failure);
-        }
+        debug_assert!(values.next().is_none(), "a commit bound more values than it has parameters");
         Ok(())
     }
 
