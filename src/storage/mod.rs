@@ -507,12 +507,20 @@ impl Db {
     }
 
     /// The auctions a user has bid on, most recently ending first, with the
-    /// user's highest maximum on each.
+    /// user's highest maximum on each and the number of their bids there.
+    /// SQLite keeps a row per (bidder, auction) for it, written with the
+    /// bids; Postgres sums the bidder's bids from its index of bids by bidder.
     pub async fn bids_of_user(&self, user_id: UserId, limit: u32) -> Result<Vec<MyBidRow>, sqlx::Error> {
+        let participations = match self {
+            Db::Sqlite { .. } => "SELECT auction_id, max_amount, bid_count FROM participations WHERE user_id = $1",
+            Db::Postgres { .. } => {
+                "SELECT auction_id, max(max_amount) AS max_amount, count(*) AS bid_count FROM bids \
+                 WHERE bidder_id = $1 GROUP BY auction_id"
+            }
+        };
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT x.*, p.max_amount AS your_max, p.bid_count AS your_bid_count FROM ({AUCTION_SELECT}) x \
-             JOIN participations p ON p.auction_id = x.id WHERE p.user_id = $1 \
-             ORDER BY x.end_at_ms DESC, x.id DESC LIMIT $2"
+             JOIN ({participations}) p ON p.auction_id = x.id ORDER BY x.end_at_ms DESC, x.id DESC LIMIT $2"
         ));
         reading!(self, pool => sqlx::query_as(sql).bind(user_id).bind(i64::from(limit)).fetch_all(pool).await)
     }
