@@ -561,10 +561,10 @@ const KEY_REUSED: &str = "idempotency key reused";
 ///   at once in the text that passes over stored bids (`skip_stored_bids`).
 /// - No participations: `/users/me/bids` sums a bidder's bids from the index
 ///   of bids by bidder (`bids_bidder`, which holds each bid's auction and
-///   maximum), one entry a bid, at the end of the bidder's run. An upsert of a row per (bidder, auction) searched its key
-///   before each insert, locked each row it updated and left a page to prune
-///   behind each update: a quarter of Postgres's CPU time a bid on many
-///   auctions, a third on one.
+///   maximum), one entry a bid, at the end of the bidder's run. An upsert of
+///   a row per (bidder, auction) searched its key before each insert, locked
+///   each row it updated and left a page to prune behind each update: a
+///   quarter of Postgres's CPU time a bid on many auctions, a third on one.
 ///
 /// Each text is prepared once on each of the commit's connections; a text
 /// binds every parameter, used or not.
