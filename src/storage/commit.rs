@@ -604,21 +604,20 @@ fn is_stored_bid(error: &sqlx::Error) -> bool {
         .is_some_and(|error| error.is_unique_violation() && error.constraint() == Some("bids_pkey"))
 }
 
+/// The parts a shape may leave out each begin with their comma.
 fn postgres_commit_text(shape: PostgresCommitShape) -> String {
     let mut sql = String::from(POSTGRES_COMMIT_LEASES_AND_BIDS);
     if shape.skip_stored_bids {
         sql += " ON CONFLICT (auction_id, seq) DO NOTHING";
     }
-    sql += "), ";
+    sql += ")";
     if shape.states {
         sql += POSTGRES_COMMIT_STATES;
     }
     if shape.keys {
         sql += POSTGRES_COMMIT_KEYS;
     }
-    // The last part named ends in a comma; the statement's own query follows.
-    sql.truncate(sql.trim_end().trim_end_matches(',').len());
-    sql.push(' ');
+    sql += " ";
     sql += if shape.keys { POSTGRES_COMMIT_VERDICT_AND_KEYS } else { "SELECT ok FROM verdict" };
     sql
 }
@@ -636,7 +635,7 @@ new_bids AS ( \
     WHERE (SELECT ok FROM verdict)";
 
 const POSTGRES_COMMIT_STATES: &str = "\
-new_states AS ( \
+, new_states AS ( \
     UPDATE auctions a SET status = u.status, current_price = u.current_price, leader_id = u.leader_id, \
         leader_max = u.leader_max, bid_count = u.bid_count, seq = u.seq, end_at_ms = u.end_at_ms, \
         winner_id = u.winner_id, final_price = u.final_price \
@@ -645,10 +644,10 @@ new_states AS ( \
         AS u(id, status, current_price, leader_id, leader_max, bid_count, seq, end_at_ms, winner_id, final_price) \
     WHERE a.id = u.id AND (SELECT ok FROM verdict) \
       AND (a.seq, CASE a.status WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END) \
-       <= (u.seq, CASE u.status WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END)), ";
+       <= (u.seq, CASE u.status WHEN 'scheduled' THEN 0 WHEN 'active' THEN 1 ELSE 2 END))";
 
 const POSTGRES_COMMIT_KEYS: &str = "\
-new_keys AS ( \
+, new_keys AS ( \
     INSERT INTO idempotency_keys (user_id, key, fingerprint, kind, auction_id, seq, created_at_ms) \
     SELECT k.* FROM UNNEST($23::uuid[], $24::text[], $25::int8[], $26::text[], $27::uuid[], $28::int8[], \
                            $29::int8[]) AS k \
@@ -659,7 +658,7 @@ reused AS ( \
     SELECT count(*) AS n FROM new_keys s \
     JOIN UNNEST($23::uuid[], $24::text[], $26::text[], $27::uuid[], $28::int8[]) AS k(user_id, key, kind, auction_id, seq) \
         ON s.user_id = k.user_id AND s.key = k.key \
-    WHERE s.kind <> k.kind OR s.auction_id <> k.auction_id OR s.seq IS DISTINCT FROM k.seq), ";
+    WHERE s.kind <> k.kind OR s.auction_id <> k.auction_id OR s.seq IS DISTINCT FROM k.seq)";
 
 const POSTGRES_COMMIT_VERDICT_AND_KEYS: &str = "\
 SELECT CASE WHEN (SELECT n FROM reused) > 0 \
