@@ -53,9 +53,11 @@ pub struct Config {
     #[arg(long, env = "GAVEL_BID_RATE_PER_USER", default_value_t = 20)]
     pub bid_rate_per_user: u32,
     /// How long the first write of a group commit waits for company, in
-    /// microseconds. 0: commit as soon as the writes already queued are in (the
-    /// batch is whatever arrived during the previous commit).
-    #[arg(long, env = "GAVEL_COMMIT_DELAY_US", default_value_t = 0)]
+    /// microseconds, in whole milliseconds (the runtime's timer counts
+    /// milliseconds: 300 would wait 1 to 2 ms), at most 10 s. 0: commit as
+    /// soon as the writes already queued are in (the batch is whatever
+    /// arrived during the previous commit).
+    #[arg(long, env = "GAVEL_COMMIT_DELAY_US", default_value_t = 0, value_parser = parse_commit_delay_us)]
     pub commit_delay_us: u64,
     /// On Postgres: when a group commit has taken this many milliseconds, a
     /// second starts beside it for the queued writes of the other auctions. 0:
@@ -172,6 +174,27 @@ fn parse_advertise_url(text: &str) -> Result<String, String> {
     Ok(trimmed.to_owned())
 }
 
+/// The longest `--commit-delay-us`: a bid's answer may wait that much longer.
+const MAX_COMMIT_DELAY_US: u64 = 10_000_000;
+
+/// `--commit-delay-us`: whole milliseconds, because the wait is a tokio timer,
+/// which fires on millisecond ticks (a shorter or finer value would wait
+/// another length than it says; measured under "Performance").
+fn parse_commit_delay_us(text: &str) -> Result<u64, String> {
+    let micros: u64 = text.trim().parse().map_err(|_| "the commit delay is a number of microseconds".to_owned())?;
+    if micros > MAX_COMMIT_DELAY_US {
+        return Err(format!("the commit delay is at most {MAX_COMMIT_DELAY_US} µs (10 s)"));
+    }
+    if !micros.is_multiple_of(1_000) {
+        return Err(format!(
+            "the commit delay is whole milliseconds (0, 1000, 2000, …): the commit's timer counts milliseconds, \
+             so {micros} µs would wait {} ms or more",
+            micros.div_ceil(1_000)
+        ));
+    }
+    Ok(micros)
+}
+
 fn parse_secret(text: &str) -> Result<Secret, String> {
     if text.len() < 32 {
         return Err("the JWT secret must be at least 32 characters".to_owned());
@@ -248,6 +271,22 @@ mod tests {
         let given = Config::parse_from(["gavel", "--worker-threads", "3"]);
         assert_eq!(given.worker_threads(2), 3);
         assert!(Config::try_parse_from(["gavel", "--worker-threads", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_commit_delay_is_whole_milliseconds_up_to_ten_seconds() {
+        let delay =
+            |value: &str| Config::try_parse_from(["gavel", "--commit-delay-us", value]).map(|c| c.commit_delay_us);
+        assert_eq!(Config::parse_from(["gavel"]).commit_delay_us, 0);
+        assert_eq!(delay("0").unwrap(), 0);
+        assert_eq!(delay("1000").unwrap(), 1_000);
+        assert_eq!(delay("2000000").unwrap(), 2_000_000);
+        assert_eq!(delay("10000000").unwrap(), 10_000_000);
+        for refused in ["300", "999", "1500", "10001000", "-1", "1ms"] {
+            assert!(delay(refused).is_err(), "{refused} µs was taken");
+        }
+        let message = delay("300").unwrap_err().to_string();
+        assert!(message.contains("whole milliseconds") && message.contains("1 ms or more"), "{message}");
     }
 
     #[test]
