@@ -53,10 +53,10 @@ pub struct Config {
     #[arg(long, env = "GAVEL_BID_RATE_PER_USER", default_value_t = 20)]
     pub bid_rate_per_user: u32,
     /// How long the first write of a group commit waits for company, in
-    /// microseconds, in whole milliseconds (the runtime's timer counts
-    /// milliseconds: 300 would wait 1 to 2 ms), at most 10 s. 0: commit as
-    /// soon as the writes already queued are in (the batch is whatever
-    /// arrived during the previous commit).
+    /// microseconds: whole milliseconds (the runtime's timer fires on
+    /// millisecond ticks, so 300 would wait 0.3 to 1.3 ms), at most 10 s. 0:
+    /// commit as soon as the writes already queued are in (the batch is
+    /// whatever arrived during the previous commit).
     #[arg(long, env = "GAVEL_COMMIT_DELAY_US", default_value_t = 0, value_parser = parse_commit_delay_us)]
     pub commit_delay_us: u64,
     /// On Postgres: when a group commit has taken this many milliseconds, a
@@ -187,9 +187,9 @@ fn parse_commit_delay_us(text: &str) -> Result<u64, String> {
     }
     if !micros.is_multiple_of(1_000) {
         return Err(format!(
-            "the commit delay is whole milliseconds (0, 1000, 2000, …): the commit's timer counts milliseconds, \
-             so {micros} µs would wait {} ms or more",
-            micros.div_ceil(1_000)
+            "the commit delay is whole milliseconds (0, 1000, 2000, …): the commit's timer fires on millisecond \
+             ticks, so {micros} µs would wait anywhere from {micros} to {} µs",
+            micros + 1_000
         ));
     }
     Ok(micros)
@@ -286,7 +286,7 @@ mod tests {
             assert!(delay(refused).is_err(), "{refused} µs was taken");
         }
         let message = delay("300").unwrap_err().to_string();
-        assert!(message.contains("whole milliseconds") && message.contains("1 ms or more"), "{message}");
+        assert!(message.contains("whole milliseconds") && message.contains("from 300 to 1300 µs"), "{message}");
     }
 
     #[test]
