@@ -901,6 +901,83 @@ mod tests {
         }
     }
 
+    /// The Postgres schema of the release before the index of bids by bidder
+    /// (`20261205000001`, `…000002`): no such index, and the participations
+    /// table its commits kept, as its own migration filled it from the bids.
+    const POSTGRES_RELEASE_BEFORE: &str = "\
+        DROP INDEX bids_bidder; \
+        CREATE TABLE participations (user_id UUID NOT NULL, auction_id UUID NOT NULL, max_amount BIGINT NOT NULL, \
+            bid_count BIGINT NOT NULL, last_seq BIGINT NOT NULL, PRIMARY KEY (user_id, auction_id)) \
+            WITH (fillfactor = 70); \
+        INSERT INTO participations (user_id, auction_id, max_amount, bid_count, last_seq) \
+            SELECT bidder_id, auction_id, MAX(max_amount), COUNT(*), MAX(seq) FROM bids GROUP BY bidder_id, auction_id; \
+        DELETE FROM _sqlx_migrations WHERE version >= 20261205000001";
+
+    /// A Postgres database of the release before upgrades in place: the node
+    /// that starts on it runs the migrations that drop its participations
+    /// for the index of bids by bidder, and every bidder's `/users/me/bids`
+    /// reads as it did (each auction once, with the bidder's own count and
+    /// maximum), its bids and auctions untouched.
+    #[tokio::test]
+    async fn a_postgres_database_of_the_release_before_upgrades_with_every_bidders_bids() {
+        let url = fresh_postgres_database().await;
+        let scene = Scene::on(Db::open_postgres(&url).await.unwrap(), tempfile::tempdir().unwrap()).await;
+        let mut batch = Vec::new();
+        let mut auctions = Vec::new();
+        for _ in 0..12 {
+            let mut state = scene.auction().await;
+            batch.push(scene.bid(&mut state, &scene.alice, 1_000, None));
+            batch.push(scene.bid(&mut state, &scene.bob, 1_500, None));
+            batch.push(scene.bid(&mut state, &scene.alice, 2_000, None));
+            auctions.push(state);
+        }
+        commit(&scene.db, NODE, &batch).await.unwrap();
+        let mine = |db: &Db, bidder: Uuid| {
+            let db = db.clone();
+            async move {
+                let mut rows: Vec<(Uuid, i64, i64)> = db
+                    .bids_of_user(bidder, 100)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|row| (row.auction.id, row.your_bid_count, row.your_max))
+                    .collect();
+                rows.sort_unstable();
+                rows
+            }
+        };
+        let alice = mine(&scene.db, scene.alice.id).await;
+        let bob = mine(&scene.db, scene.bob.id).await;
+        assert_eq!(alice.len(), auctions.len());
+        assert!(alice.iter().all(|&(_, count, max)| (count, max) == (2, 2_000)), "{alice:?}");
+        assert!(bob.iter().all(|&(_, count, max)| (count, max) == (1, 1_500)), "{bob:?}");
+
+        let Db::Postgres { pool, .. } = &scene.db else { unreachable!("a Postgres scene") };
+        sqlx::raw_sql(POSTGRES_RELEASE_BEFORE).execute(pool).await.unwrap();
+        let participations: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM participations").fetch_one(pool).await.unwrap();
+        assert_eq!(participations, 2 * auctions.len() as i64, "the release before's rows");
+        scene.db.close().await;
+
+        let upgraded = Db::open_postgres(&url).await.unwrap();
+        assert_eq!(mine(&upgraded, scene.alice.id).await, alice);
+        assert_eq!(mine(&upgraded, scene.bob.id).await, bob);
+        for state in &auctions {
+            assert_eq!(upgraded.load(state.id).await.unwrap().unwrap().state, *state);
+        }
+        let Db::Postgres { pool, .. } = &upgraded else { unreachable!("a Postgres database") };
+        let (table, index): (Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT to_regclass('participations')::text, \
+             (SELECT indexdef FROM pg_indexes WHERE indexname = 'bids_bidder')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(table, None, "the participations are gone");
+        assert!(index.is_some_and(|index| index.ends_with("(bidder_id) INCLUDE (auction_id, max_amount)")));
+        upgraded.close().await;
+    }
+
     /// A bid that changes neither the auction's status nor its end is written
     /// as its own row only (which carries the auction's state after it); the
     /// auction's row is written when soft close moves the end and when the
