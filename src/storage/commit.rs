@@ -870,16 +870,23 @@ mod tests {
         }
     }
 
-    async fn many_auctions_once(scene: Scene) {
+    /// `count` new auctions, and a batch of three bids on each: alice 1,000,
+    /// bob 1,500, alice 2,000.
+    async fn three_bids_on_each(scene: &Scene, count: usize) -> (Vec<Write>, Vec<AuctionState>) {
         let mut batch = Vec::new();
         let mut auctions = Vec::new();
-        for _ in 0..70 {
+        for _ in 0..count {
             let mut state = scene.auction().await;
             batch.push(scene.bid(&mut state, &scene.alice, 1_000, None));
             batch.push(scene.bid(&mut state, &scene.bob, 1_500, None));
             batch.push(scene.bid(&mut state, &scene.alice, 2_000, None));
             auctions.push(state);
         }
+        (batch, auctions)
+    }
+
+    async fn many_auctions_once(scene: Scene) {
+        let (batch, auctions) = three_bids_on_each(&scene, 70).await;
         for run in 0..2 {
             commit(&scene.db, NODE, &batch).await.unwrap();
             for state in &auctions {
@@ -922,15 +929,7 @@ mod tests {
     async fn a_postgres_database_of_the_release_before_upgrades_with_every_bidders_bids() {
         let url = fresh_postgres_database().await;
         let scene = Scene::on(Db::open_postgres(&url).await.unwrap(), tempfile::tempdir().unwrap()).await;
-        let mut batch = Vec::new();
-        let mut auctions = Vec::new();
-        for _ in 0..12 {
-            let mut state = scene.auction().await;
-            batch.push(scene.bid(&mut state, &scene.alice, 1_000, None));
-            batch.push(scene.bid(&mut state, &scene.bob, 1_500, None));
-            batch.push(scene.bid(&mut state, &scene.alice, 2_000, None));
-            auctions.push(state);
-        }
+        let (batch, auctions) = three_bids_on_each(&scene, 12).await;
         commit(&scene.db, NODE, &batch).await.unwrap();
         let mine = |db: &Db, bidder: Uuid| {
             let db = db.clone();
