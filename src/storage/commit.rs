@@ -908,17 +908,24 @@ mod tests {
         }
     }
 
-    /// The Postgres schema of the release before the index of bids by bidder
-    /// (`20261205000001`, `…000002`): no such index, and the participations
-    /// table its commits kept, as its own migration filled it from the bids.
-    const POSTGRES_RELEASE_BEFORE: &str = "\
-        DROP INDEX bids_bidder; \
-        CREATE TABLE participations (user_id UUID NOT NULL, auction_id UUID NOT NULL, max_amount BIGINT NOT NULL, \
-            bid_count BIGINT NOT NULL, last_seq BIGINT NOT NULL, PRIMARY KEY (user_id, auction_id)) \
-            WITH (fillfactor = 70); \
-        INSERT INTO participations (user_id, auction_id, max_amount, bid_count, last_seq) \
-            SELECT bidder_id, auction_id, MAX(max_amount), COUNT(*), MAX(seq) FROM bids GROUP BY bidder_id, auction_id; \
-        DELETE FROM _sqlx_migrations WHERE version >= 20261205000001";
+    /// Takes a Postgres database back to the schema of the release before the
+    /// index of bids by bidder (`20261205000001`, `…000002`): the migration
+    /// that made its participations (the table, filled from the bids as its
+    /// commits kept it, the index of bids by bidder dropped), those two
+    /// migrations unrecorded.
+    async fn back_to_the_release_before(pool: &sqlx::PgPool) {
+        let participations = include_str!("../../migrations/postgres/20261122000003_participations.sql");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(participations)).execute(pool).await.unwrap();
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version >= 20261205000001").execute(pool).await.unwrap();
+    }
+
+    /// A bidder's `/users/me/bids` as (auction, their bid count, their maximum), by auction.
+    async fn bids_of(db: &Db, bidder: Uuid) -> Vec<(Uuid, i64, i64)> {
+        let rows = db.bids_of_user(bidder, 100).await.unwrap();
+        let mut mine: Vec<_> = rows.into_iter().map(|row| (row.auction.id, row.your_bid_count, row.your_max)).collect();
+        mine.sort_unstable();
+        mine
+    }
 
     /// A Postgres database of the release before upgrades in place: the node
     /// that starts on it runs the migrations that drop its participations
@@ -931,36 +938,22 @@ mod tests {
         let scene = Scene::on(Db::open_postgres(&url).await.unwrap(), tempfile::tempdir().unwrap()).await;
         let (batch, auctions) = three_bids_on_each(&scene, 12).await;
         commit(&scene.db, NODE, &batch).await.unwrap();
-        let mine = |db: &Db, bidder: Uuid| {
-            let db = db.clone();
-            async move {
-                let mut rows: Vec<(Uuid, i64, i64)> = db
-                    .bids_of_user(bidder, 100)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|row| (row.auction.id, row.your_bid_count, row.your_max))
-                    .collect();
-                rows.sort_unstable();
-                rows
-            }
-        };
-        let alice = mine(&scene.db, scene.alice.id).await;
-        let bob = mine(&scene.db, scene.bob.id).await;
+        let alice = bids_of(&scene.db, scene.alice.id).await;
+        let bob = bids_of(&scene.db, scene.bob.id).await;
         assert_eq!(alice.len(), auctions.len());
         assert!(alice.iter().all(|&(_, count, max)| (count, max) == (2, 2_000)), "{alice:?}");
         assert!(bob.iter().all(|&(_, count, max)| (count, max) == (1, 1_500)), "{bob:?}");
 
         let Db::Postgres { pool, .. } = &scene.db else { unreachable!("a Postgres scene") };
-        sqlx::raw_sql(POSTGRES_RELEASE_BEFORE).execute(pool).await.unwrap();
+        back_to_the_release_before(pool).await;
         let participations: i64 =
             sqlx::query_scalar("SELECT count(*) FROM participations").fetch_one(pool).await.unwrap();
         assert_eq!(participations, 2 * auctions.len() as i64, "the release before's rows");
         scene.db.close().await;
 
         let upgraded = Db::open_postgres(&url).await.unwrap();
-        assert_eq!(mine(&upgraded, scene.alice.id).await, alice);
-        assert_eq!(mine(&upgraded, scene.bob.id).await, bob);
+        assert_eq!(bids_of(&upgraded, scene.alice.id).await, alice);
+        assert_eq!(bids_of(&upgraded, scene.bob.id).await, bob);
         for state in &auctions {
             assert_eq!(upgraded.load(state.id).await.unwrap().unwrap().state, *state);
         }
