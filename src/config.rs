@@ -179,7 +179,7 @@ const MAX_COMMIT_DELAY_US: u64 = 10_000_000;
 
 /// `--commit-delay-us`: whole milliseconds, because the wait is a tokio timer,
 /// which fires on millisecond ticks (a shorter or finer value would wait
-/// another length than it says; measured under "Performance").
+/// another length than it says; measured in README, "The path of a bid").
 fn parse_commit_delay_us(text: &str) -> Result<u64, String> {
     let micros: u64 = text.trim().parse().map_err(|_| "the commit delay is a number of microseconds".to_owned())?;
     if micros > MAX_COMMIT_DELAY_US {
