@@ -10,7 +10,7 @@
 //! `leases` and calls `retire_shard` when one is handed over or lost.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, ActorStatus, MessagingErr, SupervisionEvent, rpc::CallResult};
@@ -130,7 +130,7 @@ pub struct Node {
     /// become durable any more, so the node takes no writes and is not ready.
     persistence_failed: Arc<AtomicBool>,
     /// Set while commits fail and are being retried.
-    commits_failing: Arc<AtomicBool>,
+    commits_failing: Arc<AtomicUsize>,
     supervisor: ActorRef<()>,
     /// Where the persistence actor runs when it has a thread of its own
     /// (`PersistenceSettings::own_thread`, `commit_runtime`); stopped with the node.
@@ -154,7 +154,7 @@ impl Node {
         leases: Arc<Leases>,
     ) -> Result<Arc<Node>, ractor::SpawnErr> {
         let persistence_queue = Arc::new(Admission::new(settings.persistence_queue_capacity));
-        let commits_failing = Arc::new(AtomicBool::new(false));
+        let commits_failing = Arc::new(AtomicUsize::new(0));
         let persistence_actor = PersistenceActor {
             store: store.clone(),
             queue: persistence_queue.clone(),
@@ -271,10 +271,10 @@ impl Node {
         self.accepting.load(Ordering::Acquire) && !self.persistence_failed()
     }
 
-    /// Whether commits are failing right now (the store is unreachable or
-    /// refusing): writes wait, and `/ready` says so.
+    /// Whether a commit is failing right now (the store is unreachable or
+    /// refusing) and being retried: its writes wait, and `/ready` says so.
     pub fn commits_failing(&self) -> bool {
-        self.commits_failing.load(Ordering::Acquire)
+        self.commits_failing.load(Ordering::Acquire) > 0
     }
 
     /// Whether the persistence actor failed (a bug): the node can make nothing

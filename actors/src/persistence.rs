@@ -37,6 +37,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -86,7 +87,7 @@ use tracing::{debug, error, warn};
 use crate::admission::Admission;
 use crate::metrics_names as names;
 use crate::ports::{Store, StoreError, Write};
-use crate::shards::Leases;
+use crate::shards::{Leases, ShardLease};
 use tracing::Instrument;
 
 #[derive(Clone, Debug)]
@@ -172,8 +173,9 @@ pub struct PersistenceActor {
     /// The node's leases: a shard whose writes the store refused is dropped
     /// from them at once, so none of its auctions takes another write.
     pub leases: Arc<Leases>,
-    /// Set while commits fail and are retried (`/ready` says so).
-    pub failing: Arc<std::sync::atomic::AtomicBool>,
+    /// How many commits are failing and being retried (`/ready` says so while
+    /// any is: a hedge that commits does not make another's retries good).
+    pub failing: Arc<AtomicUsize>,
 }
 
 /// A commit that overran `hedge_after`, finishing in a task of its own.
@@ -377,7 +379,9 @@ impl PersistenceActor {
                             };
                             let _ = myself.send_message(done);
                         });
-                        return;
+                        // Its refusals come with `Committed`; what it left queued
+                        // (past the batch's bound) goes beside it, below.
+                        Vec::new()
                     }
                 }
             }
@@ -464,6 +468,8 @@ impl PersistenceActor {
         let mut attempt: u32 = 0;
         // Whether an attempt failed without a verdict: it may have committed all the same.
         let mut answer_lost = false;
+        // Counted among the failing commits from its first failure until it ends, however it ends.
+        let mut failing = Failing { count: &self.failing, counted: false };
         loop {
             attempt += 1;
             let started = Instant::now();
@@ -472,15 +478,14 @@ impl PersistenceActor {
                 .unwrap_or_else(|_| Err(StoreError::Unavailable("commit timed out".to_owned())));
             match result {
                 Ok(()) => {
-                    self.failing.store(false, std::sync::atomic::Ordering::Release);
                     metrics::histogram!(names::COMMIT_LATENCY_SECONDS).record(started.elapsed().as_secs_f64());
                     debug!(writes = writes.len(), attempt, "batch committed");
                     return Committed::All;
                 }
-                Err(StoreError::Fenced { shards }) => {
-                    warn!(?shards, "lease lost, refusing the writes of these shards");
+                Err(StoreError::Fenced { leases }) => {
+                    warn!(?leases, "lease lost, refusing the writes under it");
                     let (kept_writes, kept_origins) =
-                        self.refuse_fenced(std::mem::take(writes), std::mem::take(origins), &shards, answer_lost);
+                        self.refuse_fenced(std::mem::take(writes), std::mem::take(origins), &leases, answer_lost);
                     *writes = kept_writes;
                     *origins = kept_origins;
                     if writes.is_empty() {
@@ -498,7 +503,7 @@ impl PersistenceActor {
                 }
                 Err(StoreError::Unavailable(reason)) => {
                     answer_lost = true;
-                    self.failing.store(true, std::sync::atomic::Ordering::Release);
+                    failing.count_in();
                     metrics::counter!(names::COMMIT_FAILURES_TOTAL).increment(1);
                     warn!(attempt, writes = writes.len(), error = %reason, "commit failed, retrying");
                     tokio::time::sleep(backoff).await;
@@ -508,14 +513,15 @@ impl PersistenceActor {
         }
     }
 
-    /// Takes out the writes of fenced shards, tells their auctions, and
-    /// returns the rest. `answer_lost`: an earlier attempt at these writes
+    /// Takes out the writes under fenced leases, tells their auctions, and
+    /// returns the rest (an auction actor writes under one lease, so all its
+    /// writes go or none). `answer_lost`: an earlier attempt at these writes
     /// failed without a verdict, so they may stand.
     fn refuse_fenced(
         &self,
         writes: Vec<Write>,
         origins: Vec<Origin>,
-        fenced_shards: &[u32],
+        fenced: &[ShardLease],
         answer_lost: bool,
     ) -> (Vec<Write>, Vec<Origin>) {
         let mut kept_writes = Vec::with_capacity(writes.len());
@@ -524,7 +530,7 @@ impl PersistenceActor {
         let mut refused_range: HashMap<ActorId, (Arc<dyn WriteOrigin>, u64, u64)> = HashMap::new();
         let mut refused = 0;
         for (write, (actor, write_no)) in writes.into_iter().zip(origins) {
-            if fenced_shards.contains(&write.lease.shard) {
+            if fenced.contains(&write.lease) {
                 refused += 1;
                 if self.leases.epoch_of(write.lease.shard) == Some(write.lease.epoch) {
                     self.leases.revoke(write.lease.shard);
@@ -541,6 +547,30 @@ impl PersistenceActor {
             actor.refused(from_write_no, why);
         }
         (kept_writes, kept_origins)
+    }
+}
+
+/// A commit among `count` while it fails and is retried: counted in at its
+/// first failure, out when it ends (or is dropped midway).
+struct Failing<'a> {
+    count: &'a AtomicUsize,
+    counted: bool,
+}
+
+impl Failing<'_> {
+    fn count_in(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Failing<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 

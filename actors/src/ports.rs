@@ -58,10 +58,13 @@ pub struct LoadedAuction {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The writer no longer holds the lease epoch of these shards: nothing of
-    /// theirs was written, and nothing must be retried.
-    #[error("lease epoch no longer current for shards {shards:?}")]
-    Fenced { shards: Vec<u32> },
+    /// The writer no longer holds these leases (shard and epoch) of the
+    /// batch: nothing of the batch was written. Its writes under them must not
+    /// be retried; the others may be (a batch can hold writes under two
+    /// epochs of one shard: of a lease the node lost, and of the one it took
+    /// again since).
+    #[error("lease epochs no longer current: {leases:?}")]
+    Fenced { leases: Vec<ShardLease> },
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// The store refused the batch as invalid (a constraint or a value it does

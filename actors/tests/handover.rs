@@ -12,7 +12,7 @@ use std::time::Duration;
 use gavel_actors::node::{Node, NodeError, NodeSettings};
 use gavel_actors::outcome::{Unavailable, WriteOutcome};
 use gavel_actors::ports::{BoxFuture, Clock, LoadedAuction, NoEvents, Store, StoreError, Write};
-use gavel_actors::shards::{Leases, shard_of};
+use gavel_actors::shards::{Leases, ShardLease, shard_of};
 use gavel_actors::{AuctionId, AuctionState, BidCommand, Money, Status, Terms, TimestampMs, UserRef};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -89,7 +89,8 @@ impl Store for MemoryStore {
             self.commit_threads.lock().unwrap().push(std::thread::current().name().map(str::to_owned));
             let held = *self.held_auction.lock().unwrap();
             if batch.iter().any(|write| Some(write.auction.id) == held) {
-                let _held = self.held_gate.acquire().await.expect("gate open");
+                // One permit lets one held commit through (the permit is used up).
+                self.held_gate.acquire().await.expect("gate open").forget();
             }
             let _permit = self.gate.acquire().await.expect("gate open");
             assert!(!self.panic_next.swap(false, Ordering::AcqRel), "a bug in the store adapter");
@@ -102,14 +103,15 @@ impl Store for MemoryStore {
                 return Err(StoreError::Invalid("foreign key: no such user".to_owned()));
             }
             let epochs = self.epochs.lock().unwrap();
-            let mut fenced: Vec<u32> = batch
+            let mut fenced: Vec<ShardLease> = batch
                 .iter()
                 .filter(|write| epochs.get(&write.lease.shard) != Some(&write.lease.epoch))
-                .map(|write| write.lease.shard)
+                .map(|write| write.lease)
                 .collect();
             if !fenced.is_empty() {
+                fenced.sort_by_key(|lease| (lease.shard, lease.epoch));
                 fenced.dedup();
-                return Err(StoreError::Fenced { shards: fenced });
+                return Err(StoreError::Fenced { leases: fenced });
             }
             drop(epochs);
             for write in batch {
@@ -598,6 +600,148 @@ async fn a_stalled_commit_holds_back_only_its_own_auction_and_keeps_its_order() 
     assert_eq!(accepted_seq(&second.await.unwrap()), Some(2));
     assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2], "in the order applied");
     assert_eq!(harness.node.persistence_queue.in_use(), 0);
+}
+
+/// A batch can hold writes under two epochs of one shard: of an auction
+/// whose actor began under the lease the node lost, and of one whose actor
+/// began under the lease it took again since. Only the first are refused; the
+/// others commit, and the lease taken again stays.
+#[tokio::test(start_paused = true)]
+async fn only_the_writes_under_a_lost_epoch_are_refused_not_those_under_the_shards_new_one() {
+    let mut settings = NodeSettings { call_timeout: Duration::from_secs(5), ..NodeSettings::default() };
+    settings.persistence.batch_delay = Duration::from_millis(5);
+    let harness = harness_with(settings).await;
+    let sibling = loop {
+        let id = Uuid::now_v7();
+        if shard_of(id) == harness.shard {
+            break id;
+        }
+    };
+    harness.store.auctions.lock().unwrap().insert(sibling, open_auction(sibling));
+    let queued = |writes: usize| {
+        let queue = &harness.node.persistence_queue;
+        move || queue.in_use() == writes
+    };
+
+    // Applied under epoch 1, and waiting for its batch.
+    let under_lost = harness.spawn_bid(100);
+    yield_until("the first write queued", queued(1)).await;
+    // The shard moves on to epoch 2, and this node takes it again.
+    harness.store.epochs.lock().unwrap().insert(harness.shard, 2);
+    harness.leases.grant(harness.shard, 2);
+    let under_new = harness.spawn_bid_on(sibling, user("carol"), 100);
+    yield_until("the second write queued in the same batch", queued(2)).await;
+
+    assert_eq!(under_lost.await.unwrap(), Ok(WriteOutcome::Unavailable(Unavailable::WriteRefused)));
+    assert_eq!(accepted_seq(&under_new.await.unwrap()), Some(1), "committed under the lease held now");
+    assert_eq!(harness.store.stored_seqs(sibling), vec![1]);
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), Vec::<u64>::new());
+    assert_eq!(harness.leases.epoch_of(harness.shard), Some(2), "the lease taken again is kept");
+    assert_eq!(harness.store.commits.load(Ordering::Acquire), 1, "one commit: the refused batch retried without them");
+}
+
+/// Lets tasks run without the paused clock moving, until `condition` holds.
+async fn yield_until(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..10_000 {
+        if condition() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{what}: not within 10,000 turns");
+}
+
+/// A commit left to finish on its own with writes queued past the batch's
+/// bound: those of other auctions commit beside it at once, not when the
+/// stalled commit ends or another write happens to arrive.
+#[tokio::test(start_paused = true)]
+async fn writes_left_queued_by_a_stalled_commit_commit_beside_it() {
+    let mut settings = hedging();
+    settings.persistence.max_batch_writes = 2;
+    settings.persistence.batch_delay = Duration::from_millis(1);
+    let harness = harness_with(settings).await;
+    let other_id = harness.another_auction();
+    *harness.store.held_auction.lock().unwrap() = Some(other_id);
+
+    // One commit of both auctions' first bids, held past `hedge_after`.
+    let first = harness.spawn_bid(100);
+    let other_first = harness.spawn_bid_on(other_id, user("carol"), 100);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!first.is_finished() && !other_first.is_finished(), "the first commit is held");
+    // Queued behind it: two bids of the first auction, then one of the other.
+    let second = harness.spawn_bid(200);
+    settle().await;
+    let third = harness.spawn_bid(300);
+    settle().await;
+    let other_second = harness.spawn_bid_on(other_id, user("dave"), 200);
+    settle().await;
+
+    // The first commit ends; the next takes the first auction's two bids
+    // (the batch's bound) and is held in turn, leaving the other's queued.
+    *harness.store.held_auction.lock().unwrap() = Some(harness.auction_id);
+    harness.store.held_gate.add_permits(1);
+    assert_eq!(accepted_seq(&first.await.unwrap()), Some(1));
+    assert_eq!(accepted_seq(&other_first.await.unwrap()), Some(1));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(other_second.is_finished(), "the other auction's queued bid committed beside the held commit");
+    assert_eq!(accepted_seq(&other_second.await.unwrap()), Some(2));
+    assert_eq!(harness.store.stored_seqs(other_id), vec![1, 2]);
+    assert!(!second.is_finished() && !third.is_finished(), "the held commit's bids wait for it");
+
+    *harness.store.held_auction.lock().unwrap() = None;
+    harness.store.held_gate.add_permits(GATE_PERMITS as usize);
+    assert_eq!(accepted_seq(&second.await.unwrap()), Some(2));
+    assert_eq!(accepted_seq(&third.await.unwrap()), Some(3));
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2, 3], "in the order applied");
+    settle().await;
+    assert_eq!(harness.node.persistence_queue.in_use(), 0);
+}
+
+/// While a commit left to finish on its own fails and is retried, the node
+/// says commits are failing, though a hedge beside it commits; once it
+/// commits, no more.
+#[tokio::test(start_paused = true)]
+async fn commits_are_failing_while_any_commit_retries_though_a_hedge_commits() {
+    let harness = harness_with(hedging()).await;
+    let other_id = harness.another_auction();
+    *harness.store.held_auction.lock().unwrap() = Some(harness.auction_id);
+    let retried = harness.spawn_bid(100);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    // Its first attempt fails; the next waits out its backoff.
+    harness.store.failures_left.store(1, Ordering::Release);
+    *harness.store.held_auction.lock().unwrap() = None;
+    harness.store.held_gate.add_permits(1);
+    yield_until("the held commit failed", || harness.store.failures_left.load(Ordering::Acquire) == 0).await;
+    assert!(harness.node.commits_failing());
+
+    let beside = harness.spawn_bid_on(other_id, user("carol"), 100);
+    yield_until("the hedge committed", || beside.is_finished()).await;
+    assert_eq!(accepted_seq(&beside.await.unwrap()), Some(1));
+    assert!(!retried.is_finished(), "the failed commit waits for its retry");
+    assert!(harness.node.commits_failing(), "one commit is still failing");
+
+    assert_eq!(accepted_seq(&retried.await.unwrap()), Some(1), "its retry commits");
+    assert!(!harness.node.commits_failing());
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1]);
+}
+
+/// A commit that failed and then ends without committing (its lease moved
+/// on meanwhile) no longer counts as failing: `/ready` does not stay "commits
+/// are failing" until some later commit succeeds.
+#[tokio::test(start_paused = true)]
+async fn a_failed_commit_that_ends_fenced_no_longer_counts_as_failing() {
+    let harness = harness().await;
+    let held = harness.hold_commits().await;
+    let write = harness.spawn_bid(100);
+    settle().await;
+    harness.store.failures_left.store(1, Ordering::Release);
+    harness.store.epochs.lock().unwrap().insert(harness.shard, 2);
+    drop(held);
+    let outcome = write.await.unwrap();
+    assert_eq!(accepted_seq(&outcome), None, "not accepted: {outcome:?}");
+    assert_eq!(harness.store.failures_left.load(Ordering::Acquire), 0, "the first attempt failed");
+    assert!(!harness.node.commits_failing());
 }
 
 /// A write refused in the held commit refuses its auction's later write too,

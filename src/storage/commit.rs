@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use gavel_actors::ports::{StoreError, Write};
+use gavel_actors::shards::ShardLease;
 use gavel_actors::{AuctionState, BidPlaced};
 use uuid::Uuid;
 
@@ -87,7 +88,9 @@ fn leases_named(batch: &[Write]) -> Vec<(u32, i64)> {
     leases
 }
 
-fn fenced(current: &HashMap<i32, (String, i64)>, node_id: &str, named: &[(u32, i64)]) -> Vec<u32> {
+/// The leases of `named` that are not `node_id`'s current ones in `current`
+/// (shard → owner and epoch): a shard's other epoch in the same batch may be.
+fn fenced(current: &HashMap<i32, (String, i64)>, node_id: &str, named: &[(u32, i64)]) -> Vec<ShardLease> {
     named
         .iter()
         .filter(|(shard, epoch)| {
@@ -95,7 +98,7 @@ fn fenced(current: &HashMap<i32, (String, i64)>, node_id: &str, named: &[(u32, i
                 .get(&(*shard as i32))
                 .is_none_or(|(owner, current_epoch)| owner != node_id || current_epoch != epoch)
         })
-        .map(|(shard, _)| *shard)
+        .map(|&(shard, epoch)| ShardLease { shard, epoch })
         .collect()
 }
 
@@ -105,7 +108,7 @@ fn fenced_by(rows: Result<Vec<(i32, String, i64)>, sqlx::Error>, node_id: &str, 
     match rows {
         Ok(rows) => {
             let current = rows.into_iter().map(|(shard, owner, epoch)| (shard, (owner, epoch))).collect();
-            StoreError::Fenced { shards: fenced(&current, node_id, named) }
+            StoreError::Fenced { leases: fenced(&current, node_id, named) }
         }
         Err(error) => StoreError::Unavailable(error.to_string()),
     }
@@ -782,6 +785,20 @@ mod tests {
             self.db.load(auction.id).await.unwrap().unwrap().state
         }
 
+        /// Gives `shard`'s lease to `owner` at the next epoch (directly in the
+        /// SQLite file, as another process would).
+        async fn move_lease(&self, shard: u32, owner: &str) {
+            let Db::Sqlite { writer, .. } = &self.db else { unreachable!("the scene is on SQLite") };
+            let mut connection = writer.lock().await.unwrap();
+            sqlx::query("UPDATE shard_leases SET owner = $2, epoch = epoch + 1 WHERE shard = $1")
+                .bind(shard as i64)
+                .bind(owner)
+                .execute(&mut *connection)
+                .await
+                .unwrap();
+            connection.finish();
+        }
+
         /// Applies a bid to `state` and returns its write.
         fn bid(&self, state: &mut AuctionState, bidder: &UserRef, amount: i64, key: Option<&str>) -> Write {
             self.bid_at(state, bidder, amount, key, 10)
@@ -1070,6 +1087,34 @@ mod tests {
         assert_eq!(stored, state, "{}: the row stays ended", scene.db.backend_name());
     }
 
+    /// A batch with writes under two epochs of one shard (of a lease this
+    /// node lost, and of the one it took again since): the verdict names the
+    /// lost epoch alone, and nothing of the batch is written.
+    #[tokio::test]
+    async fn a_batch_under_two_epochs_of_a_shard_is_fenced_for_the_lost_one_only() {
+        let scene = Scene::new().await;
+        let mut lost = scene.auction().await;
+        let mut sibling = scene.auction().await;
+        while shard_of(sibling.id) != shard_of(lost.id) {
+            sibling = scene.auction().await;
+        }
+        let shard = shard_of(lost.id);
+        scene.move_lease(shard, NODE).await;
+        let old = scene.leases[shard as usize];
+        let mut under_new = scene.bid(&mut sibling, &scene.alice, 1_000, None);
+        under_new.lease.epoch = old.epoch + 1;
+        let batch = [scene.bid(&mut lost, &scene.bob, 1_000, None), under_new];
+        match commit(&scene.db, NODE, &batch).await {
+            Err(StoreError::Fenced { leases }) => assert_eq!(leases, vec![old], "the lost epoch alone"),
+            outcome => panic!("expected the batch to be fenced, got {outcome:?}"),
+        }
+        assert_eq!(scene.bids_of(&lost).await, 0, "nothing of a fenced batch is written");
+        assert_eq!(scene.bids_of(&sibling).await, 0);
+        let again = [batch[1].clone()];
+        commit(&scene.db, NODE, &again).await.expect("the write under the current epoch commits alone");
+        assert_eq!(scene.bids_of(&sibling).await, 1);
+    }
+
     /// A lease that moved on (another process took the database file) fences
     /// the whole batch: nothing of it is written, and the connection goes on
     /// to commit the next batch.
@@ -1082,18 +1127,11 @@ mod tests {
             other = scene.auction().await;
         }
         let shard = shard_of(fenced_auction.id);
-        let Db::Sqlite { writer, .. } = &scene.db else { unreachable!("the scene is on SQLite") };
-        let mut connection = writer.lock().await.unwrap();
-        sqlx::query("UPDATE shard_leases SET owner = 'node-b', epoch = epoch + 1 WHERE shard = $1")
-            .bind(shard as i64)
-            .execute(&mut *connection)
-            .await
-            .unwrap();
-        connection.finish();
+        scene.move_lease(shard, "node-b").await;
         let batch =
             [scene.bid(&mut other, &scene.alice, 1_000, None), scene.bid(&mut fenced_auction, &scene.bob, 1_000, None)];
         match commit(&scene.db, NODE, &batch).await {
-            Err(StoreError::Fenced { shards }) => assert_eq!(shards, vec![shard]),
+            Err(StoreError::Fenced { leases }) => assert_eq!(leases, vec![scene.leases[shard as usize]]),
             outcome => panic!("expected the batch to be fenced, got {outcome:?}"),
         }
         assert_eq!(scene.bids_of(&other).await, 0, "nothing of a fenced batch is written");
