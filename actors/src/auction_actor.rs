@@ -107,6 +107,8 @@ pub enum AuctionMsg {
 pub struct AuctionHandle {
     pub actor: ActorRef<AuctionMsg>,
     pub activity: Arc<Activity>,
+    /// The lease the actor writes under, from its start to its end.
+    pub lease: ShardLease,
 }
 
 /// What the node reads of an auction actor without asking it (shared by the

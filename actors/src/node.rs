@@ -26,7 +26,7 @@ use crate::persistence::{PersistenceActor, PersistenceMsg, PersistenceSettings};
 use crate::ports::{Clock, EventSink, LoadedAuction, Store};
 use crate::registry::Registry;
 use crate::runtime::OwnedRuntime;
-use crate::shards::{Leases, SHARD_COUNT, shard_of};
+use crate::shards::{Leases, SHARD_COUNT, ShardLease, shard_of};
 
 #[derive(Clone, Debug)]
 pub struct NodeSettings {
@@ -294,9 +294,9 @@ impl Node {
             return Err(NodeError::Unavailable(Unavailable::ShuttingDown));
         }
         let shard = shard_of(auction_id);
-        if self.leases.lease_for(shard).is_none() {
+        let Some(lease) = self.leases.lease_for(shard) else {
             return Err(NodeError::Unavailable(Unavailable::NotOwner { shard }));
-        }
+        };
         // A passivating actor may stop with our message unread; the message had
         // no effect then, so one retry on a fresh actor is safe.
         for _attempt in 0..3 {
@@ -308,6 +308,14 @@ impl Node {
                 // layer above a bid (handler, routing, span) moves it whole.
                 _ => Box::pin(self.activate(auction_id)).await?,
             };
+            if handle.lease != lease {
+                // An actor of a lease the node lost and has taken again since:
+                // it takes no more writes. Once it has finished those in flight
+                // and stopped, the auction starts afresh under the lease held now.
+                Box::pin(self.retire(&handle)).await?;
+                self.registry.forget(auction_id, handle.actor.get_id());
+                continue;
+            }
             if handle.activity.queued.fetch_add(1, Ordering::AcqRel) >= self.settings.auction_mailbox_capacity {
                 handle.activity.queued.fetch_sub(1, Ordering::AcqRel);
                 return Err(NodeError::Unavailable(Unavailable::Saturated));
@@ -421,7 +429,7 @@ impl Node {
         let args = AuctionArgs { loaded, lease, activity: activity.clone() };
         let actor = AuctionActor { env: self.env.clone() };
         match Actor::spawn(None, actor, args).await {
-            Ok((actor, _)) => Ok(AuctionHandle { actor, activity }),
+            Ok((actor, _)) => Ok(AuctionHandle { actor, activity, lease }),
             Err(error) => {
                 warn!(%auction_id, %error, "spawning auction actor failed");
                 Err(NodeError::Unavailable(Unavailable::ActorFailedToStart))
@@ -479,11 +487,30 @@ impl Node {
         }
     }
 
-    /// Tells every actor of `shard` to take no more writes, and waits (at most
-    /// `call_timeout`) until each has answered or refused what it had in flight
-    /// and stopped. Call after the shard's lease was revoked in `leases`.
-    pub async fn retire_shard(&self, shard: u32) {
-        let handles = self.registry.handles_of_shard(shard);
+    /// Tells `handle`'s actor to take no more writes, and waits (at most
+    /// `call_timeout` each) until it has answered or refused what it had in
+    /// flight, and until it has stopped.
+    /// Refused `StoreTimedOut` when it does not (its writes wait for a commit);
+    /// the write that asked has not been sent anywhere.
+    async fn retire(&self, handle: &AuctionHandle) -> Result<(), NodeError> {
+        let timeout = self.settings.call_timeout;
+        let timed_out = NodeError::Unavailable(Unavailable::StoreTimedOut);
+        // Answered once its writes in flight are; an actor stopped already drops it unread.
+        if let Ok(CallResult::Timeout) = handle.actor.call(AuctionMsg::Retire, Some(timeout)).await {
+            return Err(timed_out);
+        }
+        handle.actor.wait(Some(timeout)).await.map_err(|_| timed_out)
+    }
+
+    /// Tells every actor writing under `lease` to take no more writes, and
+    /// waits (at most `call_timeout`) until each has answered or refused what
+    /// it had in flight and stopped. Call after the lease was revoked in
+    /// `leases`. Actors of the shard under another epoch (the node took it
+    /// again since) go on.
+    pub async fn retire_shard(&self, lease: ShardLease) {
+        let shard = lease.shard;
+        let handles: Vec<AuctionHandle> =
+            self.registry.handles_of_shard(shard).into_iter().filter(|handle| handle.lease == lease).collect();
         if handles.is_empty() {
             return;
         }

@@ -272,7 +272,7 @@ async fn a_handed_over_shard_answers_its_writes_in_flight_then_stops() {
     assert_eq!(harness.leases.revoke(harness.shard), Some(1));
     let node = harness.node.clone();
     let shard = harness.shard;
-    let retiring = tokio::spawn(async move { node.retire_shard(shard).await });
+    let retiring = tokio::spawn(async move { node.retire_shard(ShardLease { shard, epoch: 1 }).await });
     settle().await;
     assert_eq!(
         harness.bid(300).await,
@@ -286,6 +286,54 @@ async fn a_handed_over_shard_answers_its_writes_in_flight_then_stops() {
     retiring.await.unwrap();
     assert_eq!(harness.node.live_auctions(), 0, "the auction's actor stopped");
     assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2]);
+}
+
+/// The node loses a shard and takes it again (a new epoch) while an
+/// auction's actor of the lost lease still has a write in flight: the next
+/// bid waits for that actor to finish and stop, and is taken by a fresh actor
+/// under the lease held now, rather than refused as if the node did not own
+/// the shard.
+#[tokio::test(start_paused = true)]
+async fn a_shard_taken_again_takes_bids_once_the_old_leases_actor_has_finished() {
+    let harness = harness().await;
+    let held = harness.hold_commits().await;
+    let in_flight = harness.spawn_bid(100);
+    settle().await;
+    // Lost, and retired in the background, as the lease manager does.
+    assert_eq!(harness.leases.revoke(harness.shard), Some(1));
+    let node = harness.node.clone();
+    let lost = ShardLease { shard: harness.shard, epoch: 1 };
+    let retiring = tokio::spawn(async move { node.retire_shard(lost).await });
+    settle().await;
+    // Taken again at the next epoch before the write in flight is settled.
+    harness.store.epochs.lock().unwrap().insert(harness.shard, 2);
+    harness.leases.grant(harness.shard, 2);
+    let next = harness.spawn_bid(200);
+    settle().await;
+    assert!(!next.is_finished(), "it waits for the old lease's actor");
+
+    drop(held);
+    assert_eq!(in_flight.await.unwrap(), Ok(WriteOutcome::Unavailable(Unavailable::WriteRefused)), "fenced");
+    assert_eq!(accepted_seq(&next.await.unwrap()), Some(1), "taken under the lease held now");
+    retiring.await.unwrap();
+    assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1]);
+    assert_eq!(harness.node.live_auctions(), 1, "the fresh actor goes on");
+    assert_eq!(accepted_seq(&harness.bid(300).await), Some(2));
+}
+
+/// Retiring a lost lease late, after the node took the shard again, leaves
+/// the actors of the new lease alone.
+#[tokio::test(start_paused = true)]
+async fn retiring_a_lost_lease_leaves_the_actors_of_the_shards_new_one() {
+    let harness = harness().await;
+    harness.store.epochs.lock().unwrap().insert(harness.shard, 2);
+    harness.leases.grant(harness.shard, 2);
+    assert_eq!(accepted_seq(&harness.bid(100).await), Some(1));
+
+    harness.node.retire_shard(ShardLease { shard: harness.shard, epoch: 1 }).await;
+    settle().await;
+    assert_eq!(harness.node.live_auctions(), 1, "the actor under epoch 2 goes on");
+    assert_eq!(accepted_seq(&harness.bid(200).await), Some(2));
 }
 
 #[tokio::test(start_paused = true)]

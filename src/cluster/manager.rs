@@ -176,7 +176,7 @@ impl Cluster {
             }
             self.read_cache.clear();
             let node = self.node.clone();
-            tokio::spawn(async move { node.retire_shard(lease.shard).await });
+            tokio::spawn(async move { node.retire_shard(lease).await });
         }
         Ok(())
     }
@@ -192,7 +192,7 @@ impl Cluster {
         metrics::counter!(telemetry::SHARD_MOVES_TOTAL, "kind" => "released").increment(1);
         let cluster = self.clone();
         tokio::spawn(async move {
-            cluster.node.retire_shard(lease.shard).await;
+            cluster.node.retire_shard(lease).await;
             match cluster.shared().release(&cluster.settings.node_id, lease).await {
                 Ok(_) => debug!(shard = lease.shard, "shard handed over"),
                 Err(error) => warn!(shard = lease.shard, %error, "releasing a lease failed; it expires instead"),
