@@ -171,6 +171,7 @@ impl Application {
             rate_limiter: RateLimiter::new(config.bid_rate_per_user),
             clock: clock.clone(),
             users: Default::default(),
+            keys_in_flight: Default::default(),
         });
         let node_header = axum::http::HeaderValue::from_str(&node_id).context("the node id as a header")?;
         let context = ApiContext::new(ContextInner {

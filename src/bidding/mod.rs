@@ -1,6 +1,7 @@
 //! The bid service: every bid and cancel, whichever edge received it (REST,
 //! WebSocket, or another node forwarding it), goes through here. In order:
-//! the idempotency key is looked up in the store (a retry gets the first
+//! the idempotency key is held for the request (refused when one in flight
+//! holds it for another) and looked up in the store (a retry gets the first
 //! answer), the per-user rate limit is charged (per node), and the write goes
 //! to the auction's owner: this node's auction actor when this node holds the
 //! shard, else the owning node over the cluster's internal endpoint, whose
@@ -40,6 +41,7 @@ pub struct Bidding {
     pub rate_limiter: RateLimiter,
     pub clock: Arc<dyn Clock>,
     pub users: users::KnownUsers,
+    pub keys_in_flight: Arc<keys::KeysInFlight>,
 }
 
 impl Bidding {
@@ -86,12 +88,24 @@ impl Bidding {
         if let Err(failure) = self.check_user(request.bidder_id).await {
             return self.here(Err(failure));
         }
-        let checked = if request.key.is_none() {
-            Ok(KeyCheck::Fresh)
-        } else {
-            let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
+        let keyed = request
+            .key
+            .as_deref()
+            .map(|key| (key, keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount)));
+        // Held until the bid is answered (see `KeysInFlight`).
+        let _held = match keyed {
+            Some((key, fingerprint)) => match self.keys_in_flight.hold(request.bidder_id, key, fingerprint) {
+                Some(held) => Some(held),
+                None => return self.here(Err(WriteFailure::KeyReused)),
+            },
+            None => None,
+        };
+        let checked = match keyed {
+            None => Ok(KeyCheck::Fresh),
             // Boxed: a store read's future is large, and most bids carry no key.
-            Box::pin(keys::check(&self.db, request.bidder_id, request.key.as_deref(), fingerprint, "bid")).await
+            Some((key, fingerprint)) => {
+                Box::pin(keys::check(&self.db, request.bidder_id, Some(key), fingerprint, "bid")).await
+            }
         };
         match checked {
             Ok(KeyCheck::Fresh) => {}
@@ -123,6 +137,14 @@ impl Bidding {
             return self.here(Err(failure));
         }
         let fingerprint = keys::cancel_fingerprint(request.auction_id);
+        // Held until the cancel is answered (see `KeysInFlight`).
+        let _held = match request.key.as_deref() {
+            Some(key) => match self.keys_in_flight.hold(request.by, key, fingerprint) {
+                Some(held) => Some(held),
+                None => return self.here(Err(WriteFailure::KeyReused)),
+            },
+            None => None,
+        };
         match keys::check(&self.db, request.by, request.key.as_deref(), fingerprint, "cancel").await {
             Ok(KeyCheck::Fresh) => {}
             Ok(KeyCheck::Reused) => return self.here(Err(WriteFailure::KeyReused)),

@@ -18,7 +18,8 @@ on_both_backends!(
     a_batch_committed_twice_counts_its_bids_once,
     an_auction_open_from_creation_has_its_actor_started,
     a_deleted_users_bids_are_refused_and_never_stop_other_writes,
-    one_key_sent_at_once_to_many_auctions_places_one_bid
+    one_key_sent_at_once_to_many_auctions_places_one_bid,
+    a_key_sent_at_once_to_many_auctions_never_costs_another_bidder_their_bid
 );
 
 async fn admin(sql: String) {
@@ -632,6 +633,70 @@ async fn one_key_sent_at_once_to_many_auctions_places_one_bid(backend: Backend) 
     for (index, id) in auctions.iter().enumerate() {
         let (status, body) = send(id.clone()).await;
         assert_eq!((status, &body), (first[index].0, &first[index].1), "a retry gets the first answer again");
+    }
+    app.stop().await;
+}
+
+/// One bidder's key fired at once at five auctions while another bidder bids
+/// on the same five, twenty times over: the other bidder's bids are decided
+/// by the rules alone (never `503` because one of the first bidder's, taken
+/// by its auction, was then refused by the store for its key), at most one
+/// of the keyed bids takes effect each time, and every auction's history
+/// holds exactly its `201`s.
+async fn a_key_sent_at_once_to_many_auctions_never_costs_another_bidder_their_bid(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let api = app.api();
+    let seller = api.register("seller").await;
+    let (mallory, alice) = (api.register("mallory").await, api.register("alice").await);
+    let send = |auction_id: &str, token: &str, key: Option<String>, amount: i64| {
+        let mut request = app
+            .client
+            .post(app.url(&format!("/api/v1/auctions/{auction_id}/bids")))
+            .bearer_auth(token)
+            .json(&json!({"amount": amount}));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    for round in 0..20 {
+        let mut auctions = Vec::new();
+        for _ in 0..5 {
+            auctions
+                .push(api.create_auction(&seller, auction_body(json!({}))).await["id"].as_str().unwrap().to_owned());
+        }
+        let mut keyed = Vec::new();
+        let mut others = Vec::new();
+        for id in &auctions {
+            keyed.push(tokio::spawn(send(id, &mallory.token, Some(format!("key-{round}")), 10_000)));
+            others.push(tokio::spawn(send(id, &alice.token, None, 20_000)));
+        }
+        let mut created = 0;
+        for answer in keyed {
+            let (status, body) = answer.await.unwrap();
+            assert!(
+                [StatusCode::CREATED, StatusCode::CONFLICT, StatusCode::UNPROCESSABLE_ENTITY].contains(&status),
+                "round {round}: the keyed bid got {status} {body}"
+            );
+            created += usize::from(status == StatusCode::CREATED);
+        }
+        assert!(created <= 1, "round {round}: {created} bids took effect under one key");
+        for answer in others {
+            let (status, body) = answer.await.unwrap();
+            assert!(
+                [StatusCode::CREATED, StatusCode::CONFLICT].contains(&status),
+                "round {round}: another bidder's bid got {status} {body}"
+            );
+            created += usize::from(status == StatusCode::CREATED);
+        }
+        let mut stored = 0;
+        for id in &auctions {
+            stored += api.history(id).await.len();
+        }
+        assert_eq!(stored, created, "round {round}: the histories hold exactly the 201s");
     }
     app.stop().await;
 }
