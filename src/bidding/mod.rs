@@ -88,23 +88,13 @@ impl Bidding {
         if let Err(failure) = self.check_user(request.bidder_id).await {
             return self.here(Err(failure));
         }
-        let keyed = request
-            .key
-            .as_deref()
-            .map(|key| (key, keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount)));
-        // Held until the bid is answered (see `KeysInFlight`).
-        let _held = match keyed {
-            Some((key, fingerprint)) => match self.keys_in_flight.hold(request.bidder_id, key, fingerprint) {
-                Some(held) => Some(held),
-                None => return self.here(Err(WriteFailure::KeyReused)),
-            },
-            None => None,
-        };
-        let checked = match keyed {
-            None => Ok(KeyCheck::Fresh),
-            // Boxed: a store read's future is large, and most bids carry no key.
-            Some((key, fingerprint)) => {
-                Box::pin(keys::check(&self.db, request.bidder_id, Some(key), fingerprint, "bid")).await
+        // The key is held until the bid is answered (see `KeysInFlight`).
+        let (_held, checked) = match request.key.as_deref() {
+            None => (None, Ok(KeyCheck::Fresh)),
+            Some(key) => {
+                let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
+                // Boxed: a store read's future is large, and most bids carry no key.
+                Box::pin(self.hold_and_check(request.bidder_id, key, fingerprint, "bid")).await
             }
         };
         match checked {
@@ -137,15 +127,12 @@ impl Bidding {
             return self.here(Err(failure));
         }
         let fingerprint = keys::cancel_fingerprint(request.auction_id);
-        // Held until the cancel is answered (see `KeysInFlight`).
-        let _held = match request.key.as_deref() {
-            Some(key) => match self.keys_in_flight.hold(request.by, key, fingerprint) {
-                Some(held) => Some(held),
-                None => return self.here(Err(WriteFailure::KeyReused)),
-            },
-            None => None,
+        // The key is held until the cancel is answered (see `KeysInFlight`).
+        let (_held, checked) = match request.key.as_deref() {
+            None => (None, Ok(KeyCheck::Fresh)),
+            Some(key) => self.hold_and_check(request.by, key, fingerprint, "cancel").await,
         };
-        match keys::check(&self.db, request.by, request.key.as_deref(), fingerprint, "cancel").await {
+        match checked {
             Ok(KeyCheck::Fresh) => {}
             Ok(KeyCheck::Reused) => return self.here(Err(WriteFailure::KeyReused)),
             Ok(KeyCheck::Replay(_)) => return self.here(Ok(())),
@@ -153,6 +140,23 @@ impl Bidding {
         }
         let decided = self.route(WriteRequest::Cancel(request)).await;
         Decided { decided_by: decided.decided_by, result: decided.result.map(|_| ()) }
+    }
+
+    /// Holds `key` for this request and looks it up in the store: `Reused`
+    /// without a look when a request in flight holds it for another write.
+    /// The hold is boxed: it lives across the write, in a future every layer
+    /// above moves whole.
+    async fn hold_and_check(
+        &self,
+        user_id: uuid::Uuid,
+        key: &str,
+        fingerprint: u64,
+        kind: &str,
+    ) -> (Option<Box<keys::KeyHeld>>, Result<KeyCheck, sqlx::Error>) {
+        match self.keys_in_flight.hold(user_id, key, fingerprint) {
+            None => (None, Ok(KeyCheck::Reused)),
+            Some(held) => (Some(Box::new(held)), keys::check(&self.db, user_id, Some(key), fingerprint, kind).await),
+        }
     }
 
     fn here<T>(&self, result: Result<T, WriteFailure>) -> Decided<T> {

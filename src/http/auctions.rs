@@ -199,20 +199,27 @@ pub async fn create_auction(
     {
         context.node.start_created(state).await;
     }
-    let view = AuctionView::from_row(&row, Some(user.id), context.now_ms());
+    let mut view = AuctionView::from_row(&row, Some(user.id), context.now_ms());
     if let Some(record) = &record {
-        remember_response(&context, user.id, &record.key, &view).await;
+        view = first_answer(&context, user.id, &record.key, view).await;
     }
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 /// Records `view` as the first answer to the write made under `key`, for its
-/// retries. Best effort: a retry before it is recorded (or if recording
-/// fails) gets the auction as it is then.
-async fn remember_response(context: &ApiContext, user_id: Uuid, key: &str, view: &AuctionView) {
-    let Ok(body) = serde_json::to_string(view) else { return };
-    if let Err(error) = context.db.remember_response(user_id, key, &body).await {
-        tracing::warn!(%error, "recording the first answer under its idempotency key failed");
+/// retries, unless one is recorded already, and returns the one recorded:
+/// requests with the same key that raced each other (a retry while the first
+/// was in flight) all answer alike. Best effort: where recording fails,
+/// `view` (a later retry gets the auction as it is then).
+async fn first_answer(context: &ApiContext, user_id: Uuid, key: &str, view: AuctionView) -> AuctionView {
+    let Ok(body) = serde_json::to_string(&view) else { return view };
+    match context.db.remember_response(user_id, key, &body).await {
+        Ok(Some(recorded)) => serde_json::from_str(&recorded).unwrap_or(view),
+        Ok(None) => view,
+        Err(error) => {
+            tracing::warn!(%error, "recording the first answer under its idempotency key failed");
+            view
+        }
     }
 }
 
@@ -233,8 +240,10 @@ async fn replay_create(
     if let Some(first) = recorded(&stored) {
         return Ok(Some((StatusCode::CREATED, Json(first))));
     }
+    // The first request has not recorded its answer yet: this one's stands for both.
     let row = load_row(context, stored.auction_id).await?;
-    Ok(Some((StatusCode::CREATED, Json(AuctionView::from_row(&row, Some(user_id), context.now_ms())))))
+    let view = first_answer(context, user_id, key, AuctionView::from_row(&row, Some(user_id), context.now_ms())).await;
+    Ok(Some((StatusCode::CREATED, Json(view))))
 }
 
 #[utoipa::path(get, path = "/api/v1/auctions/{id}", tag = "auctions",
@@ -363,9 +372,9 @@ pub async fn cancel_auction(
     }
     context.bidding.cancel(CancelRequest { auction_id: id, by: user.id, key: key.clone() }).await.result?;
     let row = load_row(&context, id).await?;
-    let view = AuctionView::from_row(&row, Some(user.id), context.now_ms());
+    let mut view = AuctionView::from_row(&row, Some(user.id), context.now_ms());
     if let Some(key) = &key {
-        remember_response(&context, user.id, key, &view).await;
+        view = first_answer(&context, user.id, key, view).await;
     }
     Ok(Json(view))
 }

@@ -532,10 +532,19 @@ impl Db {
     }
 
     /// Records the body of the first answer to the write made under `key`
-    /// (once: a later call changes nothing).
-    pub async fn remember_response(&self, user_id: UserId, key: &str, response: &str) -> Result<(), sqlx::Error> {
-        let sql = "UPDATE idempotency_keys SET response = $3 WHERE user_id = $1 AND key = $2 AND response IS NULL";
-        writing!(self, pool => sqlx::query(sql).bind(user_id).bind(key).bind(response).execute(pool).await.map(|_| ()))
+    /// (once: a later call changes nothing), and returns the body recorded.
+    pub async fn remember_response(
+        &self,
+        user_id: UserId,
+        key: &str,
+        response: &str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let sql = "UPDATE idempotency_keys SET response = COALESCE(response, $3) WHERE user_id = $1 AND key = $2 \
+                   RETURNING response";
+        let recorded: Option<(Option<String>,)> = writing!(self, pool => {
+            sqlx::query_as(sql).bind(user_id).bind(key).bind(response).fetch_optional(pool).await
+        })?;
+        Ok(recorded.and_then(|(response,)| response))
     }
 
     async fn load(&self, id: AuctionId) -> Result<Option<LoadedAuction>, sqlx::Error> {

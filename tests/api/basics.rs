@@ -306,6 +306,27 @@ async fn replays_of_a_create_and_a_cancel_return_the_first_body(backend: Backend
     assert_eq!(status, StatusCode::OK, "{cancelled}");
     let (status, again) = keyed(&cancel, "cancel-1", None).await;
     assert_eq!((status, &again), (StatusCode::OK, &cancelled), "the first body, its server_time included");
+
+    // Retries sent while the first is in flight answer alike too, each
+    // round on a new key: eight creates at once, then eight cancels.
+    async fn one_body(sent: Vec<tokio::task::JoinHandle<(StatusCode, String)>>, expected: StatusCode) -> String {
+        let mut bodies = Vec::new();
+        for answer in sent {
+            let (status, body) = answer.await.unwrap();
+            assert_eq!(status, expected, "{body}");
+            bodies.push(body);
+        }
+        assert!(bodies.iter().all(|body| *body == bodies[0]), "sent at once, answered apart: {bodies:#?}");
+        bodies.swap_remove(0)
+    }
+    for round in 0..5 {
+        let key = format!("create-at-once-{round}");
+        let creates = (0..8).map(|_| tokio::spawn(keyed("/api/v1/auctions", &key, Some(auction_body(json!({}))))));
+        let created = one_body(creates.collect(), StatusCode::CREATED).await;
+        let id = serde_json::from_str::<serde_json::Value>(&created).unwrap()["id"].as_str().unwrap().to_owned();
+        let (cancel, key) = (format!("/api/v1/auctions/{id}/cancel"), format!("cancel-at-once-{round}"));
+        one_body((0..8).map(|_| tokio::spawn(keyed(&cancel, &key, None))).collect(), StatusCode::OK).await;
+    }
     app.stop().await;
 }
 
