@@ -40,7 +40,7 @@ impl KeysInFlight {
             return None;
         }
         entry.1 += 1;
-        Some(KeyHeld { keys: self.clone(), user_id, key: key.to_owned() })
+        Some(KeyHeld { keys: self.clone(), user_id, key: key.to_owned(), joins_another: entry.1 > 1 })
     }
 
     #[cfg(test)]
@@ -54,6 +54,14 @@ pub struct KeyHeld {
     keys: Arc<KeysInFlight>,
     user_id: Uuid,
     key: String,
+    joins_another: bool,
+}
+
+impl KeyHeld {
+    /// Whether another request, the same as this one, held the key already.
+    pub fn joins_another(&self) -> bool {
+        self.joins_another
+    }
 }
 
 impl Drop for KeyHeld {
@@ -133,8 +141,10 @@ mod tests {
         let (on_x, on_y) = (bid_fingerprint(Uuid::now_v7(), 100, None), bid_fingerprint(Uuid::now_v7(), 100, None));
 
         let first = keys.hold(alice, "k", on_x).expect("a fresh key is held");
+        assert!(!first.joins_another());
         assert!(keys.hold(alice, "k", on_y).is_none(), "another auction under the key in flight");
         let retry = keys.hold(alice, "k", on_x).expect("the same request again goes on");
+        assert!(retry.joins_another(), "and joins the first");
         assert!(keys.hold(bob, "k", on_y).is_some(), "keys are per user");
         drop(first);
         assert!(keys.hold(alice, "k", on_y).is_none(), "held while any request holding it is in flight");

@@ -89,7 +89,7 @@ impl Bidding {
             return self.here(Err(failure));
         }
         // The key is held until the bid is answered (see `KeysInFlight`).
-        let (_held, checked) = match request.key.as_deref() {
+        let (held, checked) = match request.key.as_deref() {
             None => (None, Ok(KeyCheck::Fresh)),
             Some(key) => {
                 let fingerprint = keys::bid_fingerprint(request.auction_id, request.amount, request.max_amount);
@@ -107,8 +107,13 @@ impl Bidding {
             }
             Err(error) => return self.here(Err(storage_failure("read idempotency key", error))),
         }
-        // A replay above is the first request's answer, not a new bid: not counted.
-        if let Err(retry_after_secs) = self.rate_limiter.check(request.bidder_id, self.clock.now_ms()) {
+        // A replay above is the first request's answer, not a new bid: not
+        // counted; nor is the same request again while the first is in flight
+        // (its auction answers it with the first's answer).
+        let joins_one_in_flight = held.as_ref().is_some_and(|held| held.joins_another());
+        if !joins_one_in_flight
+            && let Err(retry_after_secs) = self.rate_limiter.check(request.bidder_id, self.clock.now_ms())
+        {
             return self.here(Err(WriteFailure::RateLimited { retry_after_secs }));
         }
         let decided = self.route(WriteRequest::Bid(request)).await;

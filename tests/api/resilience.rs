@@ -412,6 +412,47 @@ async fn bidders_over_their_rate_get_429_with_retry_after() {
     app.stop().await;
 }
 
+/// The same keyed bid sent again while the first is in flight (each commit
+/// waits a second for company here, so all twelve are) is the first request
+/// again, not a new bid: none is refused for the rate, and all twelve get
+/// the first's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_bid_sent_again_while_in_flight_is_not_charged_to_the_rate() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |config| {
+            config.bid_rate_per_user = 2;
+            config.commit_delay_us = 1_000_000;
+        },
+        NodeSettings::default(),
+    )
+    .await;
+    let api = app.api();
+    let (_seller, bidders, id) = api.scene(&["frank"], json!({})).await;
+    let sent: Vec<_> = (0..12)
+        .map(|_| {
+            let request = app
+                .client
+                .post(app.url(&format!("/api/v1/auctions/{id}/bids")))
+                .bearer_auth(&bidders[0].token)
+                .header("Idempotency-Key", "frank-1")
+                .json(&json!({"amount": 10_000}));
+            tokio::spawn(async move {
+                let response = request.send().await.unwrap();
+                (response.status(), response.json::<serde_json::Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for answer in sent {
+        answers.push(answer.await.unwrap());
+    }
+    assert!(answers.iter().all(|answer| *answer == answers[0]), "one answer for all: {answers:#?}");
+    assert_eq!(answers[0].0, StatusCode::CREATED, "{}", answers[0].1);
+    assert_eq!(api.auction(&id).await["bid_count"], 1);
+    app.stop().await;
+}
+
 /// Two databases sharing one JWT secret (a reset database, or two
 /// deployments): a token names a user of its own database only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
