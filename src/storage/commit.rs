@@ -730,7 +730,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use gavel_actors::ports::{KeyRecord, ShardLease, StoreError, Write, shard_of};
+    use gavel_actors::ports::{KeyRecord, ShardLease, StoreError, StoredKey, Write, shard_of};
     use gavel_actors::{AuctionState, BidCommand, Command, Event, Money, Status, UserRef};
     use uuid::Uuid;
 
@@ -1085,6 +1085,31 @@ mod tests {
         let stored = scene.db.load(state.id).await.unwrap().unwrap().state;
         assert_eq!((stored.status, stored.winner.clone()), (Status::Ended, Some(scene.bob.clone())));
         assert_eq!(stored, state, "{}: the row stays ended", scene.db.backend_name());
+    }
+
+    /// A cancelled auction loads with the key of its cancel (on both
+    /// backends), so a retry of the cancel that reaches a fresh actor (the
+    /// first's actor passivated or retired in between) is answered as the
+    /// first was rather than refused for the auction being cancelled.
+    #[tokio::test]
+    async fn a_cancelled_auction_loads_with_the_key_of_its_cancel() {
+        for scene in [Scene::new().await, Scene::postgres().await] {
+            let mut state = scene.auction().await;
+            let by = state.seller.id;
+            state.apply(Command::Cancel { by }, 10).expect("the seller cancels");
+            let record = KeyRecord { user_id: by, key: "cancel-1".to_owned(), fingerprint: 42 };
+            let write = Write {
+                lease: scene.leases[shard_of(state.id) as usize],
+                at_ms: 10,
+                auction: state.clone(),
+                bid: None,
+                key: Some(record.clone()),
+            };
+            commit(&scene.db, NODE, &[write]).await.unwrap();
+            let loaded = scene.db.load(state.id).await.unwrap().expect("stored");
+            assert_eq!(loaded.state.status, Status::Cancelled);
+            assert_eq!(loaded.recent_keys, vec![StoredKey { record, seq: 0 }], "{}", scene.db.backend_name());
+        }
     }
 
     /// A batch with writes under two epochs of one shard (of a lease this

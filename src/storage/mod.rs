@@ -552,12 +552,15 @@ impl Db {
             return Ok(None);
         };
         let state = row.to_state().map_err(|reason| sqlx::Error::Decode(reason.into()))?;
-        // Bid keys are committed with their bids: an auction without bids has none.
-        if state.seq == 0 {
+        // Keys are committed with their writes: an auction without bids, not
+        // cancelled, has none. A cancel's key comes too, so that a retry of the
+        // cancel that finds a fresh actor is answered as the first was.
+        if state.seq == 0 && state.status != Status::Cancelled {
             return Ok(Some(LoadedAuction { state, recent_keys: Vec::new() }));
         }
         let sql = "SELECT user_id, key, fingerprint, seq FROM idempotency_keys \
-                   WHERE auction_id = $1 AND kind = 'bid' ORDER BY created_at_ms DESC, seq DESC LIMIT 1000";
+                   WHERE auction_id = $1 AND kind IN ('bid', 'cancel') \
+                   ORDER BY created_at_ms DESC, seq DESC LIMIT 1000";
         let keys: Vec<(Uuid, String, i64, Option<i64>)> =
             reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_all(pool).await)?;
         let recent_keys = keys
