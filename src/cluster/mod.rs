@@ -16,7 +16,7 @@ mod store;
 mod tests;
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -122,6 +122,25 @@ pub struct Cluster {
     stopped: Notify,
     /// When the last tick completed (membership and leases current).
     last_tick: RwLock<Option<Instant>>,
+    /// Per shard: one read of its owner at a time, shared by the writes that
+    /// asked for it meanwhile (see `refresh`).
+    refreshes: Vec<Refresh>,
+}
+
+#[derive(Default)]
+struct Refresh {
+    turn: tokio::sync::Mutex<()>,
+    /// Reads of the shard's owner made so far.
+    made: AtomicU64,
+}
+
+/// Counts a read of a shard's owner as made when it ends, however it ends.
+struct MadeOnDrop<'a>(&'a AtomicU64);
+
+impl Drop for MadeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl Cluster {
@@ -149,6 +168,7 @@ impl Cluster {
             stopping: AtomicBool::new(false),
             stopped: Notify::new(),
             last_tick: RwLock::new(None),
+            refreshes: (0..gavel_actors::ports::SHARD_COUNT).map(|_| Refresh::default()).collect(),
         }))
     }
 
@@ -212,10 +232,21 @@ impl Cluster {
     }
 
     /// Reads `shard`'s lease and its owner's address from the store again.
+    /// While a shard moves, every write to it comes here: one read of a
+    /// shard runs at a time, and the writes that asked while it ran take its
+    /// answer rather than each reading again (the lease store's few
+    /// connections also renew this node's leases).
     pub async fn refresh(&self, shard: u32) {
         let Some(store) = &self.store else {
             return;
         };
+        let refresh = &self.refreshes[shard as usize];
+        let made_before = refresh.made.load(Ordering::Acquire);
+        let _turn = refresh.turn.lock().await;
+        if refresh.made.load(Ordering::Acquire) != made_before {
+            return;
+        }
+        let _made = MadeOnDrop(&refresh.made);
         match tokio::time::timeout(self.settings.tick, store.owner_of(shard)).await {
             Ok(Ok(Some(found))) => {
                 let mut view = self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner);
