@@ -35,6 +35,12 @@ pub struct NodeSettings {
     /// Writes accepted but not yet durable, across all auctions.
     pub persistence_queue_capacity: usize,
     pub persistence: PersistenceSettings,
+    /// Idempotency keys an auction's actor remembers, beyond those of its
+    /// writes in flight (never forgotten): what a retry that looked in the
+    /// store before the first was committed finds there, and rejections (not
+    /// stored). As many as gavel's store adapter loads at an activation
+    /// (`storage::RECENT_KEYS_LOADED`); an older retry finds its key in the
+    /// store first.
     pub recent_keys_per_auction: usize,
     pub idle_after: Duration,
     pub idle_after_final: Duration,
@@ -71,7 +77,7 @@ impl Default for NodeSettings {
             auction_mailbox_capacity: 4096,
             persistence_queue_capacity: 16_384,
             persistence: PersistenceSettings::default(),
-            recent_keys_per_auction: 10_000,
+            recent_keys_per_auction: 1_000,
             idle_after: Duration::from_secs(300),
             idle_after_final: Duration::from_secs(10),
             idle_check_interval: Duration::from_secs(5),

@@ -1087,6 +1087,15 @@ mod tests {
         assert_eq!(stored, state, "{}: the row stays ended", scene.db.backend_name());
     }
 
+    /// An activation loads as many keys as an auction's actor keeps: fewer
+    /// would forget, at each reload, keys the actor had still answered from;
+    /// more would be evicted at once.
+    #[test]
+    fn an_activation_loads_as_many_keys_as_an_actor_keeps() {
+        let kept = gavel_actors::node::NodeSettings::default().recent_keys_per_auction;
+        assert_eq!(usize::try_from(crate::storage::RECENT_KEYS_LOADED).unwrap(), kept);
+    }
+
     /// A cancelled auction loads with the key of its cancel (on both
     /// backends), so a retry of the cancel that reaches a fresh actor (the
     /// first's actor passivated or retired in between) is answered as the

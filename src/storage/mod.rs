@@ -107,6 +107,10 @@ pub use leases::PgLeases;
 
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The idempotency keys an auction's activation loads, its most recent:
+/// as many as its actor keeps (`NodeSettings::recent_keys_per_auction`).
+pub const RECENT_KEYS_LOADED: i64 = 1_000;
+
 /// The group commit's connections: the pool's settings, and no plan but
 /// nested loops over index lookups. The commit is one prepared statement,
 /// and after five runs Postgres may switch to a generic plan for it, planned
@@ -560,9 +564,9 @@ impl Db {
         }
         let sql = "SELECT user_id, key, fingerprint, seq FROM idempotency_keys \
                    WHERE auction_id = $1 AND kind IN ('bid', 'cancel') \
-                   ORDER BY created_at_ms DESC, seq DESC LIMIT 1000";
+                   ORDER BY created_at_ms DESC, seq DESC LIMIT $2";
         let keys: Vec<(Uuid, String, i64, Option<i64>)> =
-            reading!(self, pool => sqlx::query_as(sql).bind(id).fetch_all(pool).await)?;
+            reading!(self, pool => sqlx::query_as(sql).bind(id).bind(RECENT_KEYS_LOADED).fetch_all(pool).await)?;
         let recent_keys = keys
             .into_iter()
             .rev()
