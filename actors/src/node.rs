@@ -135,7 +135,7 @@ pub struct Node {
     /// Set by the persistence actor's supervisor if it fails: nothing can
     /// become durable any more, so the node takes no writes and is not ready.
     persistence_failed: Arc<AtomicBool>,
-    /// Set while commits fail and are being retried.
+    /// How many commits are failing and being retried.
     commits_failing: Arc<AtomicUsize>,
     supervisor: ActorRef<()>,
     /// Where the persistence actor runs when it has a thread of its own
@@ -300,12 +300,15 @@ impl Node {
             return Err(NodeError::Unavailable(Unavailable::ShuttingDown));
         }
         let shard = shard_of(auction_id);
-        let Some(lease) = self.leases.lease_for(shard) else {
-            return Err(NodeError::Unavailable(Unavailable::NotOwner { shard }));
-        };
         // A passivating actor may stop with our message unread; the message had
-        // no effect then, so one retry on a fresh actor is safe.
-        for _attempt in 0..3 {
+        // no effect then, so one retry on a fresh actor is safe. Retiring an
+        // actor of an older lease (below) is not an attempt: it happens once
+        // per lease the node took again, and the lease is read each time.
+        let mut attempts = 0;
+        while attempts < 3 {
+            let Some(lease) = self.leases.lease_for(shard) else {
+                return Err(NodeError::Unavailable(Unavailable::NotOwner { shard }));
+            };
             let handle = match self.registry.live_handle(auction_id) {
                 Some(handle) if handle.actor.get_status() != ActorStatus::Stopped => handle,
                 // Starting an actor (the store's read, the actor's spawn) is
@@ -314,7 +317,7 @@ impl Node {
                 // layer above a bid (handler, routing, span) moves it whole.
                 _ => Box::pin(self.activate(auction_id)).await?,
             };
-            if handle.lease != lease {
+            if handle.lease.epoch < lease.epoch {
                 // An actor of a lease the node lost and has taken again since:
                 // it takes no more writes. Once it has finished those in flight
                 // and stopped, the auction starts afresh under the lease held now.
@@ -322,6 +325,7 @@ impl Node {
                 self.registry.forget(auction_id, handle.actor.get_id());
                 continue;
             }
+            attempts += 1;
             if handle.activity.queued.fetch_add(1, Ordering::AcqRel) >= self.settings.auction_mailbox_capacity {
                 handle.activity.queued.fetch_sub(1, Ordering::AcqRel);
                 return Err(NodeError::Unavailable(Unavailable::Saturated));

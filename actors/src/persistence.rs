@@ -18,11 +18,12 @@
 //!   were applied on top of it), are refused; its auction actor answers them
 //!   503 and stops, so the auction reloads from the store. Every other write
 //!   is committed: one bad write never stops the others.
-//! - A batch refused for a stale lease epoch is the other exception: those
-//!   writes are not retried, their auctions are told to stop, and the shard
-//!   is dropped from the node's leases (no auction of it takes another
-//!   write; the lease manager finds out who owns it now). They were not
-//!   made, unless an earlier attempt at the same commit lost its answer: it
+//! - Writes under a stale lease (shard and epoch) are the other exception:
+//!   they are not retried, their auctions are told to stop, and the lease is
+//!   dropped from the node's leases if it is still the one held (no auction
+//!   under it takes another write; the lease manager finds out who owns the
+//!   shard now). The batch's other writes are retried. The refused writes
+//!   were not made, unless an earlier attempt at the same commit lost its answer: it
 //!   may have committed before the lease moved, and their auctions are told
 //!   so (`Refusal::FencedAfterLostAnswer`) instead of "not made".
 //!
@@ -170,8 +171,9 @@ pub struct PersistenceActor {
     /// Slots reserved by auction actors for each write; freed after commit.
     pub queue: Arc<Admission>,
     pub settings: PersistenceSettings,
-    /// The node's leases: a shard whose writes the store refused is dropped
-    /// from them at once, so none of its auctions takes another write.
+    /// The node's leases: a lease under which the store refused writes is
+    /// dropped from them at once (if still held), so none of its auctions
+    /// takes another write.
     pub leases: Arc<Leases>,
     /// How many commits are failing and being retried (`/ready` says so while
     /// any is: a hedge that commits does not make another's retries good).
@@ -462,7 +464,7 @@ impl PersistenceActor {
     }
 
     /// Commits `writes`, retrying in order while the store is unavailable and
-    /// taking out the writes of fenced shards.
+    /// taking out the writes under fenced leases.
     async fn commit_retrying(&self, writes: &mut Vec<Write>, origins: &mut Vec<Origin>) -> Committed {
         let mut backoff = Duration::from_millis(5);
         let mut attempt: u32 = 0;

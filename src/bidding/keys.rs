@@ -25,9 +25,23 @@ use crate::storage::{Db, KeyRow};
 /// enter at two nodes at once meet only in the store.
 #[derive(Default)]
 pub struct KeysInFlight {
-    /// (user, key) → (fingerprint, requests holding it).
-    entries: Mutex<HashMap<(Uuid, String), (u64, usize)>>,
+    entries: Mutex<HashMap<(Uuid, String), InFlight>>,
 }
+
+/// One key in flight.
+struct InFlight {
+    fingerprint: u64,
+    /// Requests holding it: the first, and the same request sent again.
+    holders: usize,
+    /// Whether one of its holders has been charged to the bidder's rate.
+    charged: bool,
+}
+
+/// Copies of one request in flight that ride on its charge to the rate
+/// limit; more are charged as new bids. A retry while the first is in flight
+/// is answered with the first's answer and places nothing, but each copy
+/// still goes to the auction: without a bound, copies would bypass the rate.
+const FREE_COPIES: usize = 4;
 
 impl KeysInFlight {
     /// Holds `key` for this request, or `None` when a request in flight holds
@@ -35,12 +49,16 @@ impl KeysInFlight {
     /// both alike).
     pub fn hold(self: &Arc<Self>, user_id: Uuid, key: &str, request_fingerprint: u64) -> Option<KeyHeld> {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = entries.entry((user_id, key.to_owned())).or_insert((request_fingerprint, 0));
-        if entry.0 != request_fingerprint {
+        let entry = entries.entry((user_id, key.to_owned())).or_insert(InFlight {
+            fingerprint: request_fingerprint,
+            holders: 0,
+            charged: false,
+        });
+        if entry.fingerprint != request_fingerprint {
             return None;
         }
-        entry.1 += 1;
-        Some(KeyHeld { keys: self.clone(), user_id, key: key.to_owned(), joins_another: entry.1 > 1 })
+        entry.holders += 1;
+        Some(KeyHeld { keys: self.clone(), user_id, key: key.to_owned(), holders_before: entry.holders - 1 })
     }
 
     #[cfg(test)]
@@ -54,13 +72,29 @@ pub struct KeyHeld {
     keys: Arc<KeysInFlight>,
     user_id: Uuid,
     key: String,
-    joins_another: bool,
+    /// Requests that held the key when this one took it.
+    holders_before: usize,
 }
 
 impl KeyHeld {
-    /// Whether another request, the same as this one, held the key already.
-    pub fn joins_another(&self) -> bool {
-        self.joins_another
+    /// Whether this request is a copy of one in flight that was charged to
+    /// the rate already (and one of the first `FREE_COPIES`): it is not
+    /// charged again. A copy of one refused for the rate, or not yet past
+    /// it, is charged as a bid.
+    pub fn rides_on_a_charged_copy(&self) -> bool {
+        self.holders_before > 0
+            && self.holders_before <= FREE_COPIES
+            && self.with_entry(|entry| entry.charged).unwrap_or(false)
+    }
+
+    /// Records that this request was charged to the rate.
+    pub fn charged(&self) {
+        self.with_entry(|entry| entry.charged = true);
+    }
+
+    fn with_entry<T>(&self, on: impl FnOnce(&mut InFlight) -> T) -> Option<T> {
+        let mut entries = self.keys.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.get_mut(&(self.user_id, self.key.clone())).map(on)
     }
 }
 
@@ -69,8 +103,8 @@ impl Drop for KeyHeld {
         let mut entries = self.keys.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let id = (self.user_id, std::mem::take(&mut self.key));
         if let Some(entry) = entries.get_mut(&id) {
-            entry.1 -= 1;
-            if entry.1 == 0 {
+            entry.holders -= 1;
+            if entry.holders == 0 {
                 entries.remove(&id);
             }
         }
@@ -141,15 +175,35 @@ mod tests {
         let (on_x, on_y) = (bid_fingerprint(Uuid::now_v7(), 100, None), bid_fingerprint(Uuid::now_v7(), 100, None));
 
         let first = keys.hold(alice, "k", on_x).expect("a fresh key is held");
-        assert!(!first.joins_another());
+        assert!(!first.rides_on_a_charged_copy(), "the first is charged");
         assert!(keys.hold(alice, "k", on_y).is_none(), "another auction under the key in flight");
         let retry = keys.hold(alice, "k", on_x).expect("the same request again goes on");
-        assert!(retry.joins_another(), "and joins the first");
         assert!(keys.hold(bob, "k", on_y).is_some(), "keys are per user");
         drop(first);
         assert!(keys.hold(alice, "k", on_y).is_none(), "held while any request holding it is in flight");
         drop(retry);
         assert_eq!(keys.len(), 0, "an answered key is let go");
         assert!(keys.hold(alice, "k", on_y).is_some(), "then the store decides");
+    }
+
+    #[test]
+    fn a_copy_rides_on_the_first_requests_charge_only_once_it_was_charged_and_only_a_few_do() {
+        let keys = Arc::new(KeysInFlight::default());
+        let alice = Uuid::now_v7();
+        let bid = bid_fingerprint(Uuid::now_v7(), 100, None);
+
+        let first = keys.hold(alice, "k", bid).unwrap();
+        let early_copy = keys.hold(alice, "k", bid).unwrap();
+        assert!(!early_copy.rides_on_a_charged_copy(), "the first is not past the rate yet (or was refused)");
+        first.charged();
+        let copies: Vec<KeyHeld> = (0..FREE_COPIES + 1).map(|_| keys.hold(alice, "k", bid).unwrap()).collect();
+        let riding = copies.iter().filter(|copy| copy.rides_on_a_charged_copy()).count();
+        assert_eq!(riding, FREE_COPIES - 1, "the early copy counts among the free ones; past them, charged");
+
+        drop((first, early_copy, copies));
+        let next = keys.hold(alice, "k", bid).unwrap();
+        let copy = keys.hold(alice, "k", bid).unwrap();
+        assert!(!copy.rides_on_a_charged_copy(), "a key let go forgets its charge");
+        drop(next);
     }
 }

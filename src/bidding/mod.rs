@@ -108,13 +108,15 @@ impl Bidding {
             Err(error) => return self.here(Err(storage_failure("read idempotency key", error))),
         }
         // A replay above is the first request's answer, not a new bid: not
-        // counted; nor is the same request again while the first is in flight
-        // (its auction answers it with the first's answer).
-        let joins_one_in_flight = held.as_ref().is_some_and(|held| held.joins_another());
-        if !joins_one_in_flight
-            && let Err(retry_after_secs) = self.rate_limiter.check(request.bidder_id, self.clock.now_ms())
-        {
-            return self.here(Err(WriteFailure::RateLimited { retry_after_secs }));
+        // counted; nor is a copy of a charged request still in flight (its
+        // auction answers it with the first's answer; see `KeyHeld`).
+        if !held.as_ref().is_some_and(|held| held.rides_on_a_charged_copy()) {
+            if let Err(retry_after_secs) = self.rate_limiter.check(request.bidder_id, self.clock.now_ms()) {
+                return self.here(Err(WriteFailure::RateLimited { retry_after_secs }));
+            }
+            if let Some(held) = &held {
+                held.charged();
+            }
         }
         let decided = self.route(WriteRequest::Bid(request)).await;
         Decided {
@@ -148,7 +150,8 @@ impl Bidding {
     }
 
     /// Holds `key` for this request and looks it up in the store: `Reused`
-    /// without a look when a request in flight holds it for another write.
+    /// when a request in flight holds it for another write, unless the store
+    /// has this very request under it (a retry: `Replay`).
     /// The hold is boxed: it lives across the write, in a future every layer
     /// above moves whole.
     async fn hold_and_check(
@@ -159,8 +162,13 @@ impl Bidding {
         kind: &str,
     ) -> (Option<Box<keys::KeyHeld>>, Result<KeyCheck, sqlx::Error>) {
         match self.keys_in_flight.hold(user_id, key, fingerprint) {
-            None => (None, Ok(KeyCheck::Reused)),
             Some(held) => (Some(Box::new(held)), keys::check(&self.db, user_id, Some(key), fingerprint, kind).await),
+            // Held for another request; this one may still be the retry of
+            // one made before under the key, which the store answers.
+            None => match keys::check(&self.db, user_id, Some(key), fingerprint, kind).await {
+                Ok(KeyCheck::Fresh) => (None, Ok(KeyCheck::Reused)),
+                checked => (None, checked),
+            },
         }
     }
 

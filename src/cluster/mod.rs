@@ -130,17 +130,11 @@ pub struct Cluster {
 #[derive(Default)]
 struct Refresh {
     turn: tokio::sync::Mutex<()>,
-    /// Reads of the shard's owner made so far.
-    made: AtomicU64,
-}
-
-/// Counts a read of a shard's owner as made when it ends, however it ends.
-struct MadeOnDrop<'a>(&'a AtomicU64);
-
-impl Drop for MadeOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::AcqRel);
-    }
+    /// The number of the last read of the shard's owner begun, and of the
+    /// last one that came to an end (an answer, an error or its time limit;
+    /// not one whose caller went away midway).
+    begun: AtomicU64,
+    ended: AtomicU64,
 }
 
 impl Cluster {
@@ -233,21 +227,25 @@ impl Cluster {
 
     /// Reads `shard`'s lease and its owner's address from the store again.
     /// While a shard moves, every write to it comes here: one read of a
-    /// shard runs at a time, and the writes that asked while it ran take its
-    /// answer rather than each reading again (the lease store's few
-    /// connections also renew this node's leases).
+    /// shard runs at a time, and the writes that asked while one waited for
+    /// its turn take the answer of the first read begun after they asked,
+    /// rather than each reading again (the lease store's few connections
+    /// also renew this node's leases).
     pub async fn refresh(&self, shard: u32) {
         let Some(store) = &self.store else {
             return;
         };
         let refresh = &self.refreshes[shard as usize];
-        let made_before = refresh.made.load(Ordering::Acquire);
+        // A read begun before this write asked may predate what it was told.
+        let begun_before_asking = refresh.begun.load(Ordering::Acquire);
         let _turn = refresh.turn.lock().await;
-        if refresh.made.load(Ordering::Acquire) != made_before {
+        if refresh.ended.load(Ordering::Acquire) > begun_before_asking {
             return;
         }
-        let _made = MadeOnDrop(&refresh.made);
-        match tokio::time::timeout(self.settings.tick, store.owner_of(shard)).await {
+        let this_read = refresh.begun.fetch_add(1, Ordering::AcqRel) + 1;
+        let read = tokio::time::timeout(self.settings.tick, store.owner_of(shard)).await;
+        refresh.ended.store(this_read, Ordering::Release);
+        match read {
             Ok(Ok(Some(found))) => {
                 let mut view = self.view.write().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if view.read_at.is_none() {

@@ -302,8 +302,9 @@ async fn leaving_releases_every_lease_in_one_round_trip() {
 }
 
 /// While a shard moves, every write to it asks for its owner again: the
-/// requests that ask while one read runs take its answer instead of each
-/// reading (a hundred at once, at 50 ms a round trip: one read).
+/// requests that ask at once share a read begun after they asked, instead of
+/// each reading (a hundred at once, at 50 ms a round trip: the first one's
+/// read, then one for the other 99, which asked while it ran).
 #[tokio::test(start_paused = true)]
 async fn writes_that_ask_for_a_shards_owner_at_once_share_one_read() {
     let store = MemoryLeases::new();
@@ -319,7 +320,21 @@ async fn writes_that_ask_for_a_shards_owner_at_once_share_one_read() {
     for ask in asking {
         ask.await.unwrap();
     }
-    assert_eq!(store.owner_reads.load(Ordering::Acquire), 1, "one read for a hundred at once");
+    assert_eq!(store.owner_reads.load(Ordering::Acquire), 2, "two reads for a hundred at once");
     a.refresh(7).await;
-    assert_eq!(store.owner_reads.load(Ordering::Acquire), 2, "a later ask reads again");
+    assert_eq!(store.owner_reads.load(Ordering::Acquire), 3, "a later ask reads again");
+
+    // A read whose caller goes away midway answers nobody: a request that
+    // asked before it began and waited for it reads for itself.
+    let spawn_refresh = |give_up_after: Duration| {
+        let a = a.clone();
+        tokio::spawn(async move { tokio::time::timeout(give_up_after, a.refresh(7)).await.is_ok() })
+    };
+    let running = spawn_refresh(Duration::from_secs(1));
+    let gives_up = spawn_refresh(Duration::from_millis(60));
+    let waits = spawn_refresh(Duration::from_secs(1));
+    assert!(running.await.unwrap(), "the read running when the others asked");
+    assert!(!gives_up.await.unwrap(), "the next one's caller goes away 10 ms into its read");
+    assert!(waits.await.unwrap());
+    assert_eq!(store.owner_reads.load(Ordering::Acquire), 6, "the one that waited read for itself");
 }

@@ -365,5 +365,16 @@ async fn a_bid_future_is_small_and_its_store_reads_are_boxed() {
     let keyed = app.bidding.place(request(11_000, &alice.id, Some("bid-2"))).await.result.expect("keyed bid");
     let again = app.bidding.place(request(11_000, &alice.id, Some("bid-2"))).await.result.expect("its retry");
     assert_eq!((keyed.seq, again.seq), (2, 2));
+
+    // While another request under that key is in flight (held here as it
+    // would be), the retry of the one made before is still answered as it
+    // was, and a new request under the key is refused.
+    let alice_id: uuid::Uuid = alice.id.parse().unwrap();
+    let in_flight = app.bidding.keys_in_flight.hold(alice_id, "bid-2", 42).expect("held for another request");
+    let retried = app.bidding.place(request(11_000, &alice.id, Some("bid-2"))).await.result;
+    assert_eq!(retried.expect("the retry is the first answer").seq, 2);
+    let reused = app.bidding.place(request(12_000, &alice.id, Some("bid-2"))).await.result;
+    assert!(matches!(reused, Err(WriteFailure::KeyReused)), "{reused:?}");
+    drop(in_flight);
     app.stop().await;
 }
