@@ -47,7 +47,11 @@ pub struct Bidding {
 impl Bidding {
     /// Places a bid. Runs in a `bid` span (auction, bidder, then seq and
     /// outcome) that the auction's actor and the commit carry on.
-    pub async fn place(&self, request: BidRequest) -> Decided<BidReceipt> {
+    ///
+    /// A keyed bid runs to its end in a task of its own, whether or not its
+    /// caller waits (a client that went away): the bid goes on in its auction
+    /// anyway, and its key must stay held until then (`KeysInFlight`).
+    pub async fn place(self: &Arc<Self>, request: BidRequest) -> Decided<BidReceipt> {
         let span = tracing::debug_span!(
             "bid",
             auction_id = %request.auction_id,
@@ -55,7 +59,20 @@ impl Bidding {
             seq = tracing::field::Empty,
             outcome = tracing::field::Empty
         );
-        let decided = self.place_in_span(request).instrument(span.clone()).await;
+        let decided = if request.key.is_none() {
+            self.place_in_span(request).instrument(span.clone()).await
+        } else {
+            let bidding = self.clone();
+            let placing = tokio::spawn(async move { bidding.place_in_span(request).await }.instrument(span.clone()));
+            // Boxed: rare next to unkeyed bids, and the task's handle is all that waits here.
+            match Box::pin(placing).await {
+                Ok(decided) => decided,
+                Err(error) => {
+                    tracing::error!(%error, "a keyed bid's task failed");
+                    self.here(Err(WriteFailure::OutcomeUnknown))
+                }
+            }
+        };
         match &decided.result {
             Ok(receipt) => {
                 span.record("seq", receipt.seq);
@@ -128,8 +145,23 @@ impl Bidding {
         }
     }
 
-    /// Cancels an auction for its seller.
-    pub async fn cancel(&self, request: CancelRequest) -> Decided<()> {
+    /// Cancels an auction for its seller; a keyed cancel, as a keyed bid, in
+    /// a task of its own (see `place`).
+    pub async fn cancel(self: &Arc<Self>, request: CancelRequest) -> Decided<()> {
+        if request.key.is_none() {
+            return self.cancel_here_or_there(request).await;
+        }
+        let bidding = self.clone();
+        match tokio::spawn(async move { bidding.cancel_here_or_there(request).await }).await {
+            Ok(decided) => decided,
+            Err(error) => {
+                tracing::error!(%error, "a keyed cancel's task failed");
+                self.here(Err(WriteFailure::OutcomeUnknown))
+            }
+        }
+    }
+
+    async fn cancel_here_or_there(&self, request: CancelRequest) -> Decided<()> {
         if let Err(failure) = self.check_user(request.by).await {
             return self.here(Err(failure));
         }

@@ -460,6 +460,52 @@ async fn a_keyed_bid_sent_again_while_in_flight_is_not_charged_to_the_rate() {
     app.stop().await;
 }
 
+/// A keyed bid whose caller goes away while its commit waits (a second here)
+/// keeps its key held until its auction answers: another request under the
+/// key, on another auction, is refused at once, while the first bid is still
+/// in flight, rather than taken by that auction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_bid_whose_caller_went_away_keeps_its_key_until_it_is_answered() {
+    use gavel::bidding::{BidRequest, WriteFailure};
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, |config| config.commit_delay_us = 1_000_000, NodeSettings::default())
+            .await;
+    let api = app.api();
+    let (seller, bidders, first_auction) = api.scene(&["frank"], json!({})).await;
+    let other_auction = api.create_auction(&seller, auction_body(json!({}))).await["id"].as_str().unwrap().to_owned();
+    let frank = &bidders[0];
+    let request = |auction_id: &str| BidRequest {
+        auction_id: auction_id.parse().unwrap(),
+        bidder_id: frank.id.parse().unwrap(),
+        bidder_username: frank.username.clone(),
+        amount: 10_000,
+        max_amount: None,
+        key: Some("frank-1".to_owned()),
+    };
+    let bidding = app.bidding.clone();
+    let first = request(&first_auction);
+    let caller = tokio::spawn(async move { bidding.place(first).await });
+    eventually(Duration::from_secs(5), "the first bid to wait for its commit", || {
+        let queued = app.node.persistence_queue.in_use();
+        async move { (queued == 1).then_some(()) }
+    })
+    .await;
+    caller.abort();
+    assert!(caller.await.is_err_and(|error| error.is_cancelled()), "its caller went away");
+
+    let reused = app.bidding.place(request(&other_auction)).await.result;
+    assert!(matches!(reused, Err(WriteFailure::KeyReused)), "{reused:?}");
+    assert_eq!(app.node.persistence_queue.in_use(), 1, "refused while the first bid is still in flight");
+    eventually(Duration::from_secs(5), "the first bid to be committed", || {
+        let queued = app.node.persistence_queue.in_use();
+        async move { (queued == 0).then_some(()) }
+    })
+    .await;
+    assert_eq!(api.history(&first_auction).await.len(), 1);
+    assert_eq!(api.history(&other_auction).await.len(), 0);
+    app.stop().await;
+}
+
 /// Two databases sharing one JWT secret (a reset database, or two
 /// deployments): a token names a user of its own database only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
