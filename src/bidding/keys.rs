@@ -48,8 +48,9 @@ impl KeysInFlight {
     /// it for another (the same request again goes on: its auction answers
     /// both alike).
     pub fn hold(self: &Arc<Self>, user_id: Uuid, key: &str, request_fingerprint: u64) -> Option<KeyHeld> {
+        let id = (user_id, key.to_owned());
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = entries.entry((user_id, key.to_owned())).or_insert(InFlight {
+        let entry = entries.entry(id.clone()).or_insert(InFlight {
             fingerprint: request_fingerprint,
             holders: 0,
             charged: false,
@@ -58,7 +59,8 @@ impl KeysInFlight {
             return None;
         }
         entry.holders += 1;
-        Some(KeyHeld { keys: self.clone(), user_id, key: key.to_owned(), holders_before: entry.holders - 1 })
+        let holders_before = entry.holders - 1;
+        Some(KeyHeld { keys: self.clone(), id, holders_before })
     }
 
     #[cfg(test)]
@@ -70,8 +72,8 @@ impl KeysInFlight {
 /// A key held while its request is in flight; let go when dropped.
 pub struct KeyHeld {
     keys: Arc<KeysInFlight>,
-    user_id: Uuid,
-    key: String,
+    /// (user, key), as `KeysInFlight` keys it.
+    id: (Uuid, String),
     /// Requests that held the key when this one took it.
     holders_before: usize,
 }
@@ -94,18 +96,17 @@ impl KeyHeld {
 
     fn with_entry<T>(&self, on: impl FnOnce(&mut InFlight) -> T) -> Option<T> {
         let mut entries = self.keys.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries.get_mut(&(self.user_id, self.key.clone())).map(on)
+        entries.get_mut(&self.id).map(on)
     }
 }
 
 impl Drop for KeyHeld {
     fn drop(&mut self) {
         let mut entries = self.keys.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let id = (self.user_id, std::mem::take(&mut self.key));
-        if let Some(entry) = entries.get_mut(&id) {
+        if let Some(entry) = entries.get_mut(&self.id) {
             entry.holders -= 1;
             if entry.holders == 0 {
-                entries.remove(&id);
+                entries.remove(&self.id);
             }
         }
     }

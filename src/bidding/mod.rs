@@ -63,15 +63,9 @@ impl Bidding {
             self.place_in_span(request).instrument(span.clone()).await
         } else {
             let bidding = self.clone();
-            let placing = tokio::spawn(async move { bidding.place_in_span(request).await }.instrument(span.clone()));
-            // Boxed: rare next to unkeyed bids, and the task's handle is all that waits here.
-            match Box::pin(placing).await {
-                Ok(decided) => decided,
-                Err(error) => {
-                    tracing::error!(%error, "a keyed bid's task failed");
-                    self.here(Err(WriteFailure::OutcomeUnknown))
-                }
-            }
+            let placing = async move { bidding.place_in_span(request).await }.instrument(span.clone());
+            // Boxed: rare next to unkeyed bids.
+            Box::pin(self.to_the_end(placing)).await
         };
         match &decided.result {
             Ok(receipt) => {
@@ -152,10 +146,19 @@ impl Bidding {
             return self.cancel_here_or_there(request).await;
         }
         let bidding = self.clone();
-        match tokio::spawn(async move { bidding.cancel_here_or_there(request).await }).await {
+        self.to_the_end(async move { bidding.cancel_here_or_there(request).await }).await
+    }
+
+    /// Runs a keyed write in a task of its own, which finishes it (and lets
+    /// its key go) whether or not this caller is still waiting.
+    async fn to_the_end<T: Send + 'static>(
+        &self,
+        write: impl Future<Output = Decided<T>> + Send + 'static,
+    ) -> Decided<T> {
+        match tokio::spawn(write).await {
             Ok(decided) => decided,
             Err(error) => {
-                tracing::error!(%error, "a keyed cancel's task failed");
+                tracing::error!(%error, "a keyed write's task failed");
                 self.here(Err(WriteFailure::OutcomeUnknown))
             }
         }
@@ -193,14 +196,13 @@ impl Bidding {
         fingerprint: u64,
         kind: &str,
     ) -> (Option<Box<keys::KeyHeld>>, Result<KeyCheck, sqlx::Error>) {
-        match self.keys_in_flight.hold(user_id, key, fingerprint) {
-            Some(held) => (Some(Box::new(held)), keys::check(&self.db, user_id, Some(key), fingerprint, kind).await),
-            // Held for another request; this one may still be the retry of
+        let held = self.keys_in_flight.hold(user_id, key, fingerprint).map(Box::new);
+        let checked = keys::check(&self.db, user_id, Some(key), fingerprint, kind).await;
+        match (held, checked) {
+            // Held for another request: this one may still be the retry of
             // one made before under the key, which the store answers.
-            None => match keys::check(&self.db, user_id, Some(key), fingerprint, kind).await {
-                Ok(KeyCheck::Fresh) => (None, Ok(KeyCheck::Reused)),
-                checked => (None, checked),
-            },
+            (None, Ok(KeyCheck::Fresh)) => (None, Ok(KeyCheck::Reused)),
+            (held, checked) => (held, checked),
         }
     }
 
