@@ -252,9 +252,11 @@ impl Actor for AuctionActor {
             self.env.timers.cancel(timer);
         }
         self.env.directory.stopped(state.auction.id, myself.get_id());
+        // Writes handed to the store and not yet answered: the persistence
+        // actor may still commit them (a shutdown whose drain timed out).
         for pending in state.pending.drain(..) {
             if let Some(reply) = pending.reply {
-                let _ = reply.send(WriteOutcome::Unavailable(Unavailable::StoppedBeforeCommit));
+                let _ = reply.send(WriteOutcome::Unknown);
             }
         }
         for waiter in state.retiring.take().unwrap_or_default() {

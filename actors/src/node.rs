@@ -91,6 +91,23 @@ impl Default for NodeSettings {
     }
 }
 
+/// A due auction's activation, run in a task of its own.
+type Activation = Result<(AuctionId, Result<AuctionHandle, NodeError>), tokio::task::JoinError>;
+
+fn log_activation(done: Option<Activation>) {
+    match done {
+        Some(Ok((auction_id, Ok(_)))) => debug!(%auction_id, "activated due auction"),
+        Some(Ok((auction_id, Err(error)))) => warn!(%auction_id, %error, "activating due auction failed"),
+        Some(Err(error)) => warn!(%error, "activating a due auction panicked"),
+        None => {}
+    }
+}
+
+/// Due auctions a sweep reads at a time.
+const SWEEP_PAGE: u32 = 1_000;
+/// Due auctions a sweep loads at once.
+const SWEEP_ACTIVATIONS_AT_ONCE: usize = 16;
+
 /// Live actors `make_room` compares to choose the one to passivate.
 const ROOM_SAMPLE: usize = 16;
 
@@ -426,6 +443,10 @@ impl Node {
         auction_id: AuctionId,
         preloaded: Option<LoadedAuction>,
     ) -> Result<AuctionHandle, NodeError> {
+        // Shutting down, it would start after the shutdown took the actors to stop.
+        if !self.is_accepting() {
+            return Err(NodeError::Unavailable(Unavailable::ShuttingDown));
+        }
         let shard = shard_of(auction_id);
         let Some(lease) = self.leases.lease_for(shard) else {
             return Err(NodeError::Unavailable(Unavailable::NotOwner { shard }));
@@ -559,29 +580,44 @@ impl Node {
         })
     }
 
+    /// Activates every due auction of this node's shards not live yet, the
+    /// earliest due first, reading them a page at a time. (One page of the
+    /// first thousand would do only while fewer are due: the auctions it
+    /// activated stay due until they end, and would fill every page after.)
     pub async fn sweep_once(self: &Arc<Self>) {
         let horizon_ms = self.clock.now_ms() + self.settings.sweep_horizon.as_millis() as i64;
-        let due = tokio::time::timeout(self.settings.load_timeout, self.store.due_auctions(horizon_ms, 1000)).await;
-        let ids = match due {
-            Ok(Ok(ids)) => ids,
-            Ok(Err(error)) => {
-                warn!(%error, "sweep for due auctions failed");
-                return;
-            }
-            Err(_) => {
-                warn!("sweep for due auctions timed out");
-                return;
-            }
-        };
-        for auction_id in ids {
+        let mut after = None;
+        while self.is_accepting() {
+            let page = self.store.due_auctions(horizon_ms, after, SWEEP_PAGE);
+            let due = match tokio::time::timeout(self.settings.load_timeout, page).await {
+                Ok(Ok(due)) => due,
+                Ok(Err(error)) => {
+                    warn!(%error, "sweep for due auctions failed");
+                    return;
+                }
+                Err(_) => {
+                    warn!("sweep for due auctions timed out");
+                    return;
+                }
+            };
+            after = due.last().copied();
             // Each due auction is its shard owner's to run; the others skip it.
-            if self.leases.lease_for(shard_of(auction_id)).is_none() || self.registry.live_handle(auction_id).is_some()
-            {
-                continue;
+            let to_activate = due.iter().map(|due| due.id).filter(|&auction_id| {
+                self.leases.lease_for(shard_of(auction_id)).is_some() && self.registry.live_handle(auction_id).is_none()
+            });
+            let mut loading = tokio::task::JoinSet::new();
+            for auction_id in to_activate {
+                if loading.len() >= SWEEP_ACTIVATIONS_AT_ONCE {
+                    log_activation(loading.join_next().await);
+                }
+                let node = self.clone();
+                loading.spawn(async move { (auction_id, node.activate(auction_id).await) });
             }
-            match self.activate(auction_id).await {
-                Ok(_) => debug!(%auction_id, "activated due auction"),
-                Err(error) => warn!(%auction_id, %error, "activating due auction failed"),
+            while let Some(done) = loading.join_next().await {
+                log_activation(Some(done));
+            }
+            if due.len() < SWEEP_PAGE as usize {
+                return;
             }
         }
     }
@@ -590,6 +626,9 @@ impl Node {
     /// Call after the edges have stopped taking requests and answered theirs.
     pub async fn shutdown(&self) {
         self.accepting.store(false, Ordering::Release);
+        // No auction starts or ends from here on (the next owner's sweep does
+        // it): an end applied after the drain could commit unannounced.
+        self.env.timers.stop();
         let handles = self.registry.handles();
         // Let each auction finish the messages it already has, then drain persistence.
         for handle in &handles {
@@ -606,7 +645,6 @@ impl Node {
         }
         self.persistence.stop(Some("shutdown".to_owned()));
         self.supervisor.stop(Some("shutdown".to_owned()));
-        self.env.timers.stop();
         info!(auctions = handles.len(), "node stopped");
     }
 }

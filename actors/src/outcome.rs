@@ -58,6 +58,8 @@ pub enum Unavailable {
     /// which it depended on) as invalid; the auction reloads from the store.
     #[error("the store refused the write as invalid")]
     WriteInvalid,
+    /// No longer sent (a write handed to the store is answered `Unknown`
+    /// when its actor stops first); decoded from nodes of earlier releases.
     #[error("the auction stopped before its write was committed")]
     StoppedBeforeCommit,
     #[error("the auction actor failed to start")]

@@ -86,8 +86,22 @@ pub trait Store: Send + Sync + 'static {
     fn commit<'a>(&'a self, batch: &'a [Write]) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Auctions not yet in a final state whose start or end is at or before
-    /// `horizon_ms`: the ones a node must activate so their timers run.
-    fn due_auctions(&self, horizon_ms: TimestampMs, limit: u32) -> BoxFuture<'_, Result<Vec<AuctionId>, StoreError>>;
+    /// `horizon_ms`: the ones a node must activate so their timers run. At
+    /// most `limit` of them, the earliest due first (by `(at_ms, id)`), after
+    /// `after` when given: a page of them, the next page after its last.
+    fn due_auctions(
+        &self,
+        horizon_ms: TimestampMs,
+        after: Option<DueAuction>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<DueAuction>, StoreError>>;
+}
+
+/// An auction whose start (scheduled) or end (active) comes at `at_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DueAuction {
+    pub at_ms: TimestampMs,
+    pub id: AuctionId,
 }
 
 /// Receives every event once it is durable, per auction in order, with the

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use gavel_actors::node::{Node, NodeError, NodeSettings};
 use gavel_actors::outcome::{Unavailable, WriteOutcome};
-use gavel_actors::ports::{BoxFuture, Clock, LoadedAuction, NoEvents, Store, StoreError, Write};
+use gavel_actors::ports::{BoxFuture, Clock, DueAuction, LoadedAuction, NoEvents, Store, StoreError, Write};
 use gavel_actors::shards::{Leases, ShardLease, shard_of};
 use gavel_actors::{AuctionId, AuctionState, BidCommand, Money, Status, Terms, TimestampMs, UserRef};
 use tokio::sync::Semaphore;
@@ -133,8 +133,30 @@ impl Store for MemoryStore {
         })
     }
 
-    fn due_auctions(&self, _horizon_ms: TimestampMs, _limit: u32) -> BoxFuture<'_, Result<Vec<AuctionId>, StoreError>> {
-        Box::pin(async { Ok(Vec::new()) })
+    fn due_auctions(
+        &self,
+        horizon_ms: TimestampMs,
+        after: Option<DueAuction>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<DueAuction>, StoreError>> {
+        let mut due: Vec<DueAuction> = self
+            .auctions
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|auction| {
+                let at_ms = match auction.status {
+                    Status::Scheduled => auction.start_at_ms,
+                    Status::Active => auction.end_at_ms,
+                    Status::Ended | Status::Cancelled => return None,
+                };
+                Some(DueAuction { at_ms, id: auction.id })
+            })
+            .filter(|due| due.at_ms <= horizon_ms && after.is_none_or(|after| *due > after))
+            .collect();
+        due.sort_unstable();
+        due.truncate(limit as usize);
+        Box::pin(async move { Ok(due) })
     }
 }
 
@@ -477,6 +499,53 @@ async fn failed_commits_are_retried_in_order_until_durable() {
     assert_eq!((accepted_seq(&first), accepted_seq(&second)), (Some(1), Some(2)));
     assert_eq!(harness.store.stored_seqs(harness.auction_id), vec![1, 2]);
     assert_eq!(harness.store.failures_left.load(Ordering::Acquire), 0);
+}
+
+/// A shutdown whose drain times out (the store hangs) stops the actors with
+/// writes still in the persistence actor's hands, in a commit the store may
+/// have made (a Postgres `COMMIT` sent, its answer not back): their bidders
+/// learn the outcome is unknown, never "not accepted". And once the node
+/// shuts down, nothing starts an auction's actor again: a write retried after
+/// its actor stopped started one, which wrote to a stopped persistence actor.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_that_cannot_drain_answers_outcome_unknown_and_starts_no_actor() {
+    let harness = harness().await;
+    let held = harness.hold_commits().await;
+    let bid = harness.spawn_bid(100);
+    settle().await;
+    harness.node.shutdown().await;
+    let answer = bid.await.unwrap();
+    assert!(
+        matches!(answer, Ok(WriteOutcome::Unknown) | Err(NodeError::OutcomeUnknown)),
+        "a write the store may still make is not called refused: {answer:?}"
+    );
+    let other = harness.another_auction();
+    assert_eq!(
+        harness.node.activate(other).await.err(),
+        Some(NodeError::Unavailable(Unavailable::ShuttingDown)),
+        "no actor starts once the node shuts down"
+    );
+    assert!(!harness.node.is_live(other));
+    drop(held);
+}
+
+/// Thousands of auctions ending together: the sweep read the first thousand
+/// due and activated those; they stay due until they end, so every sweep
+/// after read the same thousand, and the others were activated (their timers
+/// run, their `ended` is announced) only as those ended, a sweep or more late.
+#[tokio::test(start_paused = true)]
+async fn one_sweep_activates_every_due_auction_however_many() {
+    let harness = harness().await;
+    let mut due = Vec::new();
+    for _ in 0..2_500 {
+        let id = harness.another_auction();
+        harness.store.auctions.lock().unwrap().get_mut(&id).unwrap().end_at_ms = NOW_MS + 1_000;
+        due.push(id);
+    }
+    harness.node.sweep_once().await;
+    let live = due.iter().filter(|id| harness.node.is_live(**id)).count();
+    assert_eq!(live, due.len(), "every auction due within the horizon is live after one sweep");
+    assert!(!harness.node.is_live(harness.auction_id), "an auction not due is left alone");
 }
 
 #[tokio::test(start_paused = true)]

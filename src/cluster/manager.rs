@@ -16,7 +16,9 @@
 //!    raising its epoch.
 //!
 //! A shard whose owner died is free once its lease expires: at most a lease
-//! length after the owner's last renewal, plus a tick.
+//! length after the owner's last renewal, plus a tick. A node whose
+//! persistence actor failed (it takes no more writes) leaves at its next tick:
+//! its shards move at once, and it forwards the writes it is sent.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -51,6 +53,12 @@ impl Cluster {
                 () = self.stopped.notified() => return,
             }
             if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if self.node.persistence_failed() {
+                // It takes no more writes: held on, its shards would take none either.
+                warn!("the persistence actor failed; leaving the cluster so that the other nodes take its shards");
+                self.leave().await;
                 return;
             }
             let deadline = self.settings.lease / 2;
@@ -214,11 +222,10 @@ impl Cluster {
         self.stopping.store(true, Ordering::Release);
         self.stopped.notify_one();
         let me = self.settings.node_id.as_str();
-        let held = self.node.leases.held();
-        for lease in &held {
+        for lease in self.node.leases.held() {
             self.node.leases.revoke(lease.shard);
         }
-        match store.leave(me, &held).await {
+        match store.leave(me).await {
             Ok(released) => {
                 metrics::counter!(telemetry::SHARD_MOVES_TOTAL, "kind" => "released").increment(released.len() as u64);
                 info!(shards = released.len(), "left the cluster and released every shard");

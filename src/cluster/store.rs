@@ -65,15 +65,13 @@ pub trait LeaseStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<ShardLease>, LeaseStoreError>>;
     /// Gives a lease up at once (if still `node_id`'s at that epoch).
     fn release<'a>(&'a self, node_id: &'a str, lease: ShardLease) -> BoxFuture<'a, Result<bool, LeaseStoreError>>;
-    /// Removes `node_id` from the members and gives up every lease of `held`
-    /// still its own, all at once (one transaction: a node holds a hundred
-    /// leases, and a round trip each under load took seconds). Returns the
-    /// shards released.
-    fn leave<'a>(
-        &'a self,
-        node_id: &'a str,
-        held: &'a [ShardLease],
-    ) -> BoxFuture<'a, Result<Vec<u32>, LeaseStoreError>>;
+    /// Removes `node_id` from the members and gives up every lease it owns,
+    /// all at once (one transaction: a node holds a hundred leases, and a
+    /// round trip each under load took seconds). Called once the node writes
+    /// no more, so it gives up every epoch it owns, also one it took without
+    /// learning of it (a take cut short at shutdown). Returns the shards
+    /// released.
+    fn leave<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<Vec<u32>, LeaseStoreError>>;
     /// One shard's lease with its owner's membership row.
     fn owner_of(&self, shard: u32) -> BoxFuture<'_, Result<Option<ShardOwner>, LeaseStoreError>>;
 }

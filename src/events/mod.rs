@@ -42,10 +42,10 @@ impl Version {
 /// WebSocket hub (`ws::Hub`) implements it. A trait here so that this module
 /// needs nothing of `ws`.
 pub trait Watchers: EventSink {
-    /// Makes every subscriber of the auction take a fresh snapshot (events
-    /// from another node were missed).
+    /// Makes every subscriber of the auction take a fresh snapshot, and a
+    /// later resume take one too (events from another node were missed).
     fn resync(&self, auction_id: AuctionId);
-    /// `resync` for every watched auction that `which` picks.
+    /// `resync` for every auction that `which` picks.
     fn resync_where(&self, which: &dyn Fn(AuctionId) -> bool);
     /// This node's watchers, by auction, of every auction that has some.
     fn local_viewers(&self) -> Vec<(AuctionId, u64)>;
@@ -123,7 +123,7 @@ impl Sequencer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc as StdArc;
 
     use gavel_actors::{BidCommand, Command, Money, Status, Terms, UserRef};
@@ -154,7 +154,8 @@ mod tests {
         }
     }
 
-    fn bid(state: &mut AuctionState, amount: i64) -> (Event, AuctionState) {
+    /// A bid of `amount` by a new bidder: the event and the auction after it.
+    pub(crate) fn bid(state: &mut AuctionState, amount: i64) -> (Event, AuctionState) {
         let bidder = UserRef { id: Uuid::now_v7(), username: StdArc::from("bob") };
         let command = Command::PlaceBid(BidCommand { bidder, amount: Money::parse(amount).unwrap(), max_amount: None });
         let event = state.apply(command, 10).unwrap();

@@ -321,7 +321,11 @@ impl RedisEvents {
                 }
             }
         }
-        while reconnects.recv().await.is_ok() {
+        loop {
+            // A reconnect missed (lagged) is a reconnect all the same.
+            if let Err(tokio::sync::broadcast::error::RecvError::Closed) = reconnects.recv().await {
+                return;
+            }
             info!("reconnected to Redis; subscribing again and resynchronising watchers");
             if let Err(error) = self.subscriber.psubscribe(pattern.clone()).await {
                 warn!(%error, "subscribing again after a reconnect failed");

@@ -17,7 +17,8 @@ use uuid::Uuid;
 use super::ApiContext;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::extract::{
-    ApiJson, ApiPath, ApiQuery, AuthUser, IdempotencyKeyHeader, MaybeAuthUser, earlier_write, fingerprint, parse_id,
+    ApiJson, ApiPath, ApiQuery, AuthUser, IdempotencyKeyHeader, MaybeAuthUser, NoFields, earlier_write, fingerprint,
+    parse_id,
 };
 use super::views::{AuctionPage, AuctionView, MyBidView, MyBidsPage};
 use crate::bidding::CancelRequest;
@@ -348,11 +349,13 @@ pub async fn list_auctions(
            ("Idempotency-Key" = Option<String>, Header, description = "1..=64 printable ASCII", min_length = 1, max_length = 64, pattern = r"^[\x20-\x7e]{1,64}$")),
     responses(
         (status = 200, description = "cancelled (the seller's view)", body = AuctionView),
-        (status = 400, description = "INVALID_REQUEST", body = ErrorBody),
+        (status = 400, description = "INVALID_REQUEST (also a body other than none or `{}`)", body = ErrorBody),
         (status = 401, description = "UNAUTHENTICATED", body = ErrorBody),
         (status = 403, description = "FORBIDDEN: not the seller", body = ErrorBody),
         (status = 404, description = "AUCTION_NOT_FOUND", body = ErrorBody),
         (status = 409, description = "AUCTION_HAS_BIDS or AUCTION_NOT_ACTIVE", body = ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT: the body did not arrive within --http-body-timeout-secs", body = ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = ErrorBody),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED", body = ErrorBody),
         (status = 503, description = "UNAVAILABLE", body = ErrorBody),
     ))]
@@ -361,6 +364,7 @@ pub async fn cancel_auction(
     user: AuthUser,
     ApiPath(id): ApiPath,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    _: NoFields,
 ) -> ApiResult<Json<AuctionView>> {
     let id = parse_id(&id, "auction id")?;
     // A retry gets the first answer as it was.

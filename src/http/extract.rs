@@ -43,18 +43,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let deadline = request.extensions().get::<BodyTimeout>().copied().unwrap_or_default();
-        let read = tokio::time::timeout(deadline.0, Bytes::from_request(request, state));
-        let bytes = read.await.map_err(|_| ApiError::BodyTimeout)?.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::InvalidRequest(format!("could not read the body: {}", rejection.body_text()))
-            }
-        })?;
-        if bytes.len() > MAX_BODY_BYTES {
-            return Err(ApiError::PayloadTooLarge);
-        }
+        let bytes = read_body(request, state).await?;
         serde_json::from_slice(&bytes).map(ApiJson).map_err(|error| {
             // A number beyond what JSON parsing represents (`1e400`) is an
             // absurd amount, not malformed JSON: every number field is an amount
@@ -65,6 +54,47 @@ where
                 ApiError::InvalidRequest(format!("invalid JSON body: {error}"))
             }
         })
+    }
+}
+
+/// The body, whole, within the body deadline and `MAX_BODY_BYTES`.
+async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
+    let deadline = request.extensions().get::<BodyTimeout>().copied().unwrap_or_default();
+    let read = tokio::time::timeout(deadline.0, Bytes::from_request(request, state));
+    let bytes = read.await.map_err(|_| ApiError::BodyTimeout)?.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::InvalidRequest(format!("could not read the body: {}", rejection.body_text()))
+        }
+    })?;
+    if bytes.len() > MAX_BODY_BYTES {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    Ok(bytes)
+}
+
+/// The body of a write that takes no fields: empty, or the empty object
+/// `{}`. Anything else is refused as any body with unknown fields is
+/// (`400 INVALID_REQUEST`; over 16 KiB, `413`).
+pub struct NoFields;
+
+impl<S: Send + Sync> FromRequest<S> for NoFields {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(request, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(NoFields);
+        }
+        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes) {
+            Ok(fields) if fields.is_empty() => Ok(NoFields),
+            Ok(fields) => Err(ApiError::InvalidRequest(format!(
+                "unknown field `{}`: this request takes no body, or `{{}}`",
+                fields.keys().next().map_or("", String::as_str)
+            ))),
+            Err(error) => Err(ApiError::InvalidRequest(format!("this request takes no body, or `{{}}`: {error}"))),
+        }
     }
 }
 

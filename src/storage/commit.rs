@@ -735,7 +735,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::{PostgresCommitShape, changed_rows, commit, postgres_commit_sql};
-    use crate::storage::{Db, committer_options, fresh_postgres_database, test_lamp};
+    use crate::storage::{Db, NewAuction, committer_options, fresh_postgres_database, test_lamp};
 
     const NODE: &str = "node-a";
 
@@ -880,6 +880,55 @@ mod tests {
     /// go in chunks of 64 rows and a padded chunk, and alice's two bids on one
     /// auction update one participation. Run again, as after a lost outcome,
     /// the batch changes nothing.
+    /// The sweep reads due auctions a page at a time: every one due by the
+    /// horizon comes once, the earliest first, a start (scheduled) and an end
+    /// (active) alike; none past the horizon, none ended or cancelled.
+    #[tokio::test]
+    async fn due_auctions_come_once_each_earliest_first_a_page_at_a_time() {
+        for scene in [Scene::new().await, Scene::postgres().await] {
+            due_auctions_by_page(scene).await;
+        }
+    }
+
+    async fn due_auctions_by_page(scene: Scene) {
+        use gavel_actors::ports::DueAuction;
+
+        let seller = scene.db.user_by_name("seller").await.unwrap().unwrap().id;
+        let mut expected = Vec::new();
+        // Seven at each time, so that pages end inside a run of equal times.
+        for (status, start_at_ms, end_at_ms) in [
+            (Status::Active, 0, 5_000),
+            (Status::Scheduled, 3_000, 9_000),
+            (Status::Active, 0, 3_000),
+            (Status::Active, 0, 20_000),
+            (Status::Scheduled, 15_000, 30_000),
+            (Status::Ended, 0, 1_000),
+            (Status::Cancelled, 0, 1_000),
+        ] {
+            for _ in 0..7 {
+                let auction = NewAuction { status, start_at_ms, end_at_ms, ..test_lamp(seller, 0) };
+                scene.db.insert_auction(&auction, None, 0).await.unwrap();
+                let at_ms = if status == Status::Scheduled { start_at_ms } else { end_at_ms };
+                if matches!(status, Status::Active | Status::Scheduled) && at_ms <= 10_000 {
+                    expected.push(DueAuction { at_ms, id: auction.id });
+                }
+            }
+        }
+        expected.sort_unstable();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = scene.db.due(10_000, after, 4).await.unwrap();
+            assert!(page.len() <= 4);
+            seen.extend_from_slice(&page);
+            after = page.last().copied();
+            if page.len() < 4 {
+                break;
+            }
+        }
+        assert_eq!(seen, expected);
+    }
+
     #[tokio::test]
     async fn a_batch_of_many_auctions_writes_every_row_once_even_when_run_again() {
         for scene in [Scene::new().await, Scene::postgres().await] {

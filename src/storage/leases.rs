@@ -187,12 +187,8 @@ impl LeaseStore for PgLeases {
         Box::pin(async move { Ok(PgLeases::release(self, node_id, lease).await?) })
     }
 
-    fn leave<'a>(
-        &'a self,
-        node_id: &'a str,
-        held: &'a [ShardLease],
-    ) -> BoxFuture<'a, Result<Vec<u32>, LeaseStoreError>> {
-        Box::pin(async move { Ok(PgLeases::leave(self, node_id, held).await?) })
+    fn leave<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<Vec<u32>, LeaseStoreError>> {
+        Box::pin(async move { Ok(PgLeases::leave(self, node_id).await?) })
     }
 
     fn owner_of(&self, shard: u32) -> BoxFuture<'_, Result<Option<ShardOwner>, LeaseStoreError>> {
@@ -275,16 +271,24 @@ impl PgLeases {
     }
 
     /// Leaves the cluster in one transaction: this node is no longer counted
-    /// when shards are spread, and every lease of `held` still its own at that
-    /// epoch expires now. Returns the shards released.
-    pub async fn leave(&self, node_id: &str, held: &[ShardLease]) -> Result<Vec<u32>, sqlx::Error> {
-        let sql = "UPDATE shard_leases s SET expires_at_ms = 0 FROM UNNEST($2::int4[], $3::int8[]) AS h(shard, epoch) \
-                   WHERE s.shard = h.shard AND s.epoch = h.epoch AND s.owner = $1 RETURNING s.shard";
+    /// when shards are spread, and every lease it owns expires now, whatever
+    /// its epoch (the node writes no more). Returns the shards released.
+    pub async fn leave(&self, node_id: &str) -> Result<Vec<u32>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM cluster_nodes WHERE node_id = $1").bind(node_id).execute(&mut *tx).await?;
-        let released = update_held(&mut tx, sql, node_id, held, None).await?;
+        // Locked in shard order first, as every statement over several lease rows.
+        sqlx::query("SELECT shard FROM shard_leases WHERE owner = $1 ORDER BY shard FOR NO KEY UPDATE")
+            .bind(node_id)
+            .execute(&mut *tx)
+            .await?;
+        let released: Vec<i32> = sqlx::query_scalar(
+            "UPDATE shard_leases SET expires_at_ms = 0 WHERE owner = $1 AND expires_at_ms > 0 RETURNING shard",
+        )
+        .bind(node_id)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(released)
+        Ok(released.into_iter().map(|shard| shard as u32).collect())
     }
 
     /// One shard's lease as the store has it now, with its owner's address.
@@ -354,5 +358,30 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(stopped.commit().await.is_err(), "the stopped node's session was ended");
+    }
+
+    /// Leaving gives up every lease the node owns in the store, at whatever
+    /// epoch (also one it took without learning of it), and only its own.
+    #[tokio::test]
+    async fn leaving_releases_every_lease_the_node_owns_and_no_other() {
+        let db = Db::open_postgres(&fresh_postgres_database().await).await.unwrap();
+        let leases = db.cluster_leases(Duration::from_secs(5)).unwrap();
+        leases.heartbeat("node-a", "http://a").await.unwrap();
+        leases.heartbeat("node-b", "http://b").await.unwrap();
+        let (mine, theirs): (Vec<u32>, Vec<u32>) = (0..SHARD_COUNT).partition(|shard| shard % 2 == 0);
+        assert_eq!(leases.take("node-a", &mine, 60_000).await.unwrap().len(), mine.len());
+        // Taken again: a later epoch than any the node may have heard of.
+        assert_eq!(leases.take("node-a", &mine[..3], 60_000).await.unwrap().len(), 3);
+        assert_eq!(leases.take("node-b", &theirs, 60_000).await.unwrap().len(), theirs.len());
+
+        let mut released = leases.leave("node-a").await.unwrap();
+        released.sort_unstable();
+        assert_eq!(released, mine);
+        let rows = leases.read().await.unwrap();
+        assert_eq!(rows.members.iter().map(|m| m.node_id.as_str()).collect::<Vec<_>>(), ["node-b"]);
+        for row in rows.leases {
+            let expired = row.expires_at_ms <= rows.now_ms;
+            assert_eq!(expired, row.shard % 2 == 0, "shard {} released only if node A owned it", row.shard);
+        }
     }
 }

@@ -21,7 +21,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gavel_actors::ports::{BoxFuture, KeyRecord, LoadedAuction, Store, StoreError, StoredKey, Write};
+use gavel_actors::ports::{BoxFuture, DueAuction, KeyRecord, LoadedAuction, Store, StoreError, StoredKey, Write};
 use gavel_actors::{AuctionId, Status, TimestampMs, UserId};
 use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -578,10 +578,28 @@ impl Db {
         Ok(Some(LoadedAuction { state, recent_keys }))
     }
 
-    async fn due(&self, horizon_ms: TimestampMs, limit: u32) -> Result<Vec<AuctionId>, sqlx::Error> {
-        let sql = "SELECT id FROM auctions WHERE status = 'scheduled' AND start_at_ms <= $1 \
-                   UNION SELECT id FROM auctions WHERE status = 'active' AND end_at_ms <= $1 LIMIT $2";
-        reading!(self, pool => sqlx::query_scalar(sql).bind(horizon_ms).bind(i64::from(limit)).fetch_all(pool).await)
+    /// A page of the auctions due by `horizon_ms`, by `(at_ms, id)` after `after`.
+    async fn due(
+        &self,
+        horizon_ms: TimestampMs,
+        after: Option<DueAuction>,
+        limit: u32,
+    ) -> Result<Vec<DueAuction>, sqlx::Error> {
+        let sql = "SELECT at_ms, id FROM (\
+                   SELECT start_at_ms AS at_ms, id FROM auctions WHERE status = 'scheduled' \
+                   AND start_at_ms <= $1 AND (start_at_ms, id) > ($2, $3) \
+                   UNION ALL SELECT end_at_ms AS at_ms, id FROM auctions WHERE status = 'active' \
+                   AND end_at_ms <= $1 AND (end_at_ms, id) > ($2, $3)\
+                   ) AS due ORDER BY at_ms, id LIMIT $4";
+        let after = after.unwrap_or(DueAuction { at_ms: TimestampMs::MIN, id: Uuid::nil() });
+        let rows: Vec<(i64, Uuid)> = reading!(self, pool => sqlx::query_as(sql)
+            .bind(horizon_ms)
+            .bind(after.at_ms)
+            .bind(after.id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await)?;
+        Ok(rows.into_iter().map(|(at_ms, id)| DueAuction { at_ms, id }).collect())
     }
 }
 
@@ -621,7 +639,12 @@ impl Store for DbStore {
         Box::pin(commit::commit(&self.db, &self.node_id, batch))
     }
 
-    fn due_auctions(&self, horizon_ms: TimestampMs, limit: u32) -> BoxFuture<'_, Result<Vec<AuctionId>, StoreError>> {
-        Box::pin(async move { self.db.due(horizon_ms, limit).await.map_err(unavailable) })
+    fn due_auctions(
+        &self,
+        horizon_ms: TimestampMs,
+        after: Option<DueAuction>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<DueAuction>, StoreError>> {
+        Box::pin(async move { self.db.due(horizon_ms, after, limit).await.map_err(unavailable) })
     }
 }

@@ -44,7 +44,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use frame::OPCODE_PING;
 pub use hub::{Hub, WsSettings};
-use protocol::{Batch, ClientMessage, Encoding, Frame, MSGPACK_PROTOCOL, ServerMessage, Version};
+use protocol::{Batch, ClientMessage, Encoding, Frame, MSGPACK_PROTOCOL, ServerMessage, Version, follows_on};
 
 use crate::http::ApiContext;
 use crate::http::bids::{PlaceBidRequest, bid_request};
@@ -72,6 +72,16 @@ const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
+
+/// What a snapshot that cannot be read (the store is down or too slow) ends in.
+#[derive(Clone, Copy)]
+enum Unreadable {
+    /// The client subscribed: an `error` `UNAVAILABLE` answers it.
+    Reply,
+    /// The server resynchronises a subscription: the connection closes.
+    Close,
+}
 
 #[derive(Deserialize)]
 pub struct WsParams {
@@ -546,12 +556,15 @@ impl Connection {
         self.resubscribe(auction_id).await
     }
 
-    /// A fresh snapshot, and the auction's events from there on.
+    /// A fresh snapshot, and the auction's events from there on. When it
+    /// cannot be read, the connection closes with 1013 (try again later): the
+    /// client asked for nothing, so an `error` would leave it watching an
+    /// auction that no longer moves; reconnecting, it resumes.
     async fn resubscribe(&mut self, auction_id: AuctionId) -> Result<(), Stop> {
         self.subscriptions.remove(&auction_id);
         self.versions.remove(&auction_id);
         let joined = self.hub.join(auction_id, None);
-        self.send_snapshot(auction_id, joined.receiver).await
+        self.send_snapshot(auction_id, joined.receiver, Unreadable::Close).await
     }
 
     async fn on_message(&mut self, message: Message) -> Result<(), Stop> {
@@ -676,7 +689,7 @@ impl Connection {
                 }
                 self.write(out).await
             }
-            None => self.send_snapshot(auction_id, joined.receiver).await,
+            None => self.send_snapshot(auction_id, joined.receiver, Unreadable::Reply).await,
         }
     }
 
@@ -688,6 +701,7 @@ impl Connection {
         &mut self,
         auction_id: AuctionId,
         receiver: broadcast::Receiver<Arc<Batch>>,
+        unreadable: Unreadable,
     ) -> Result<(), Stop> {
         let db = self.context.db.clone();
         let redis = self.context.redis.clone();
@@ -706,11 +720,15 @@ impl Connection {
                 };
                 return self.reply(message).await;
             }
-            Ok(Ok(Err(error))) => {
-                tracing::error!(%error, %auction_id, "reading a snapshot");
-                return self.reply(unavailable(auction_id)).await;
+            failed => {
+                if let Ok(Ok(Err(error))) = failed {
+                    tracing::error!(%error, %auction_id, "reading a snapshot");
+                }
+                return match unreadable {
+                    Unreadable::Reply => self.reply(unavailable(auction_id)).await,
+                    Unreadable::Close => Err(Stop::Close(CLOSE_TRY_AGAIN_LATER, "an auction could not be read")),
+                };
             }
-            Ok(Err(_)) | Err(_) => return self.reply(unavailable(auction_id)).await,
         };
         let now = self.context.now_ms();
         let viewer = self.user.as_ref().map(|user| user.id);
@@ -768,27 +786,6 @@ impl Connection {
         });
         Ok(())
     }
-}
-
-/// Whether `frames` continue the sequence from `shown` without a gap: each
-/// bid raises `seq` by one, each start, end or cancel moves the stage at the
-/// same `seq`. A node's own auctions always do; events that crossed Redis
-/// might not.
-fn follows_on(shown: Version, frames: &[Arc<protocol::Frame>]) -> bool {
-    let mut last = shown;
-    for frame in frames {
-        let Some(version) = frame.version else { continue };
-        let next = if frame.is_lifecycle() {
-            version.seq == last.seq && version.stage > last.stage
-        } else {
-            version.seq == last.seq + 1 && version.stage == last.stage
-        };
-        if !next {
-            return false;
-        }
-        last = version;
-    }
-    true
 }
 
 /// The `request_id` of a JSON bid that failed to parse only because a number

@@ -361,3 +361,24 @@ pub fn private_messages(event: &Event, auction_id: AuctionId) -> Option<(Uuid, S
         _ => None,
     }
 }
+
+/// Whether `frames` continue the sequence from `shown` without a gap: each
+/// bid raises `seq` by one, each start, end or cancel moves the stage at the
+/// same `seq`. A node's own auctions always do; events that crossed Redis
+/// might not.
+pub fn follows_on(shown: Version, frames: &[Arc<Frame>]) -> bool {
+    let mut last = shown;
+    for frame in frames {
+        let Some(version) = frame.version else { continue };
+        let next = if frame.is_lifecycle() {
+            version.seq == last.seq && version.stage > last.stage
+        } else {
+            version.seq == last.seq + 1 && version.stage == last.stage
+        };
+        if !next {
+            return false;
+        }
+        last = version;
+    }
+    true
+}

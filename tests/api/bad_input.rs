@@ -154,6 +154,18 @@ async fn bad_input_battery(backend: Backend) {
     let oversized = app.client.post(app.url("/api/v1/auth/register")).body(big);
     expect_error(oversized, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "oversized register").await;
 
+    // A cancel takes no body, or `{}`: fields it does not define, and bodies
+    // over 16 KiB, are refused as on every other write (they cancelled the auction).
+    let cancel = format!("/api/v1/auctions/{id}/cancel");
+    let seller_token = Some(seller.token.as_str());
+    for (case, body) in [("cancel with a field", r#"{"reason": "changed my mind"}"#), ("cancel with an array", "[]")] {
+        expect_error(raw_request(&app, &cancel, seller_token, body), StatusCode::BAD_REQUEST, "INVALID_REQUEST", case)
+            .await;
+    }
+    let oversized =
+        app.client.post(app.url(&cancel)).bearer_auth(&seller.token).body(format!("{{}}{}", " ".repeat(17 * 1024)));
+    expect_error(oversized, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE", "oversized cancel").await;
+
     // Idempotency keys outside 1..=64 printable ASCII.
     let long_key = raw_request(&app, &bids, token, r#"{"amount": 12000}"#).header("Idempotency-Key", "k".repeat(65));
     expect_error(long_key, StatusCode::BAD_REQUEST, "INVALID_REQUEST", "65-char key").await;

@@ -437,6 +437,60 @@ async fn a_stalled_reader_blocks_nobody_and_catches_up_by_snapshot() {
     app.stop().await;
 }
 
+/// A reader that fell behind is resynchronised by snapshot. When the store
+/// cannot answer that read, the reader got an `error` it never asked for,
+/// and its subscription was dropped: a client that took the error for a
+/// passing one (as the page does) watched an auction that no longer moved.
+/// The connection now closes with 1013 (try again later), and the client,
+/// reconnecting, resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_whose_snapshot_cannot_be_read_closes_with_1013() {
+    use sqlx::Connection as _;
+
+    let (app, bidders, auction_id, mut stalled) = behind_a_small_window(Backend::Postgres, 60, Some(16)).await;
+    let api = app.api();
+    let total: u64 = 150;
+    for seq in 1..=total {
+        let (status, body) = api.bid(&bidders[(seq % 2) as usize], &auction_id, 1_000 + seq as i64, None).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    // The store stops answering reads of auctions, then the reader reads.
+    let mut locker = sqlx::PgConnection::connect(app.database_url.as_deref().unwrap()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE auctions IN ACCESS EXCLUSIVE MODE").execute(&mut locker).await.unwrap();
+    let mut last_seq = 0;
+    let close = loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), futures_util::StreamExt::next(&mut stalled.stream))
+            .await
+            .expect("the server writes or closes within 30 s");
+        let text = match message {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("the connection ended without a close frame: {other:?}"),
+        };
+        let message: Value = serde_json::from_str(&text).unwrap();
+        match message["type"].as_str() {
+            Some("bid") => {
+                assert_eq!(message["seq"], last_seq + 1, "in order until the gap");
+                last_seq += 1;
+            }
+            Some("viewers") => {}
+            _ => panic!("a resync that cannot be read sends nothing but a close: got {message}"),
+        }
+    };
+    assert!(last_seq < total, "the reader fell behind (it read {last_seq} of {total})");
+    assert_eq!(close.map(|frame| u16::from(frame.code)), Some(1013), "try again later");
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+
+    // Reconnecting, the client watches again.
+    let mut again = WsClient::connect(&app.address, None).await;
+    let snapshot = again.subscribe(&auction_id).await;
+    assert_eq!(snapshot["auction"]["seq"].as_u64(), Some(total), "{snapshot}");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbid_and_won_reach_their_user_and_nobody_else() {
     let app = TestApp::spawn(Backend::Sqlite).await;
@@ -869,11 +923,12 @@ async fn a_repeated_request_id_gets_the_first_result_and_places_nothing() {
 /// A node with small socket buffers and every event sent at once, an
 /// auction with two bidders, and a watcher on a `small_window_client`.
 async fn behind_a_small_window(
+    backend: Backend,
     write_timeout_secs: u64,
     buffer_events: Option<u32>,
 ) -> (TestApp, Vec<User>, String, WsClient) {
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        backend,
         |config| {
             config.ws_buffer_events = buffer_events.unwrap_or(config.ws_buffer_events);
             config.ws_messages_per_sec = 0;
@@ -896,7 +951,7 @@ async fn behind_a_small_window(
 /// the other watchers never wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_takes_nothing_is_dropped_at_the_write_timeout() {
-    let (app, bidders, auction_id, _stuck) = behind_a_small_window(1, None).await;
+    let (app, bidders, auction_id, _stuck) = behind_a_small_window(Backend::Sqlite, 1, None).await;
     assert_eq!(metric(&app, "gavel_ws_connections").await, 1.0);
 
     // REST bids until the stuck connection is gone: each is answered at once.
@@ -921,7 +976,7 @@ async fn a_reader_that_takes_nothing_is_dropped_at_the_write_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_keeps_falling_behind_is_closed_with_1008() {
     use futures_util::StreamExt;
-    let (app, bidders, auction_id, mut slow) = behind_a_small_window(60, Some(2)).await;
+    let (app, bidders, auction_id, mut slow) = behind_a_small_window(Backend::Sqlite, 60, Some(2)).await;
 
     // Bids pour in over a WebSocket while the slow reader takes a message every 20 ms.
     let bidding = tokio::spawn({
