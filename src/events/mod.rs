@@ -47,6 +47,10 @@ pub trait Watchers: EventSink {
     fn resync(&self, auction_id: AuctionId);
     /// `resync` for every auction that `which` picks.
     fn resync_where(&self, which: &dyn Fn(AuctionId) -> bool);
+    /// The auction's owner says its last event, a while ago, brought it to
+    /// `head`: the subscribers shown less take a fresh snapshot (after the
+    /// events already on their way to them).
+    fn check_head(&self, auction_id: AuctionId, head: Version);
     /// This node's watchers, by auction, of every auction that has some.
     fn local_viewers(&self) -> Vec<(AuctionId, u64)>;
     /// Where the watchers of the other nodes are counted.
@@ -114,6 +118,19 @@ impl Sequencer {
             _ => version.seq == previous.seq,
         };
         if follows { Arrival::Next } else { Arrival::Gap }
+    }
+
+    /// Moves the auction's last version up to `head` when it is behind it;
+    /// whether it was (events of it were missed).
+    pub fn advance(&self, auction_id: AuctionId, head: Version) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match last.get_mut(&auction_id) {
+            Some(version) if *version < head => {
+                *version = head;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Forgets every auction (events may have been missed: the watchers resync).

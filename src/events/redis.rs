@@ -27,6 +27,11 @@
 //!   channel (`ViewerReport`); each node adds the other nodes' fresh counts
 //!   (at most three seconds old) to its own (`RemoteViewers`), so `viewers`
 //!   counts the watchers of every node, sent at most once a second.
+//! - **Heads.** A gap shows only when a later event arrives. So with its
+//!   counts, the owner sends the version each of its auctions watched on
+//!   other nodes stands at, for 30 s after each event, from a second after it
+//!   was published: a node whose watchers were shown less (an event was lost
+//!   on the way, and none came after) resynchronises them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,8 +49,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::snapshots::Snapshots;
-use super::wire::{EVENTS_VERSION, EventEnvelope, ViewerReport};
-use super::{Arrival, Sequencer};
+use super::wire::{AuctionHead, EVENTS_VERSION, EventEnvelope, ViewerReport};
+use super::{Arrival, Sequencer, Version};
 use super::{RemoteViewers, Watchers};
 use crate::read_cache::ReadCache;
 use crate::telemetry;
@@ -64,6 +69,13 @@ const SEQUENCED_AUCTIONS: usize = 100_000;
 const COUNTED_AUCTIONS: usize = 100_000;
 /// Another node's count older than this is not counted (that node is gone or cut off).
 const VIEWER_REPORT_FRESH: Duration = Duration::from_secs(3);
+/// An auction's head is reported once its event was handed to Redis this
+/// long ago (any node that was sent it has it by then) ...
+const HEAD_SETTLED: Duration = Duration::from_secs(1);
+/// ... in every report for this long after ...
+const HEAD_REPORTED_FOR: Duration = Duration::from_secs(30);
+/// ... and for at most this many auctions a report (the most recent first).
+const HEADS_PER_REPORT: usize = 10_000;
 
 pub struct RedisEvents {
     node_id: String,
@@ -81,6 +93,9 @@ pub struct RedisEvents {
     snapshots: Arc<Snapshots>,
     /// The other nodes' watcher counts: auction → node → (count, when reported).
     remote_viewers: Mutex<HashMap<AuctionId, NodeCounts>>,
+    /// This node's auctions with an event in the last `HEAD_REPORTED_FOR`:
+    /// the version it brought them to, and when it was handed to Redis.
+    heads: Mutex<HashMap<AuctionId, (Version, Instant)>>,
 }
 
 /// One auction's watchers on other nodes: node → (count, when reported).
@@ -140,6 +155,7 @@ impl RedisEvents {
             subscriber,
             snapshots,
             remote_viewers: Mutex::new(HashMap::new()),
+            heads: Mutex::new(HashMap::new()),
         });
         events.hub.set_remote_viewers(events.clone());
         metrics::gauge!(telemetry::REDIS_UP).set(0.0);
@@ -273,10 +289,45 @@ impl RedisEvents {
                 counts.remove(&auction_id);
             }
         }
+        drop(counts);
+        // An event its owner published a while ago and this node never got
+        // (the owner's link to Redis stalled or broke), with no later event
+        // to show the gap.
+        for head in report.heads {
+            if self.leases.epoch_of(shard_of(head.auction_id)).is_some() {
+                continue;
+            }
+            let version = Version { seq: head.seq, stage: head.stage };
+            if self.sequencer.advance(head.auction_id, version) {
+                metrics::counter!(telemetry::PUBSUB_GAPS_TOTAL).increment(1);
+            }
+            self.hub.check_head(head.auction_id, version);
+        }
+    }
+
+    /// The heads of this node's auctions watched on other nodes whose last
+    /// event was handed to Redis between `HEAD_SETTLED` and
+    /// `HEAD_REPORTED_FOR` ago, most recent first; forgets older ones.
+    fn heads_to_report(&self) -> Vec<AuctionHead> {
+        let now = Instant::now();
+        let mut recent: Vec<(AuctionId, Version, Instant)> = {
+            let mut heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            heads.retain(|_, (_, at)| now.duration_since(*at) < HEAD_REPORTED_FOR);
+            heads
+                .iter()
+                .filter(|(_, (_, at))| now.duration_since(*at) >= HEAD_SETTLED)
+                .map(|(id, (version, at))| (*id, *version, *at))
+                .collect()
+        };
+        recent.retain(|(id, _, _)| self.leases.epoch_of(shard_of(*id)).is_some() && self.count(*id) > 0);
+        recent.sort_unstable_by_key(|(_, _, at)| std::cmp::Reverse(*at));
+        recent.truncate(HEADS_PER_REPORT);
+        recent.into_iter().map(|(auction_id, v, _)| AuctionHead { auction_id, seq: v.seq, stage: v.stage }).collect()
     }
 
     /// Sends this node's watcher counts every second (and a zero for each
-    /// auction that had watchers at the last report and has none now).
+    /// auction that had watchers at the last report and has none now), with
+    /// the heads of its auctions watched elsewhere.
     async fn report_viewers(self: Arc<Self>) {
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -287,10 +338,11 @@ impl RedisEvents {
             let now_watched: std::collections::HashSet<AuctionId> = counts.iter().map(|(id, _)| *id).collect();
             counts.extend(reported.iter().filter(|id| !now_watched.contains(id)).map(|id| (*id, 0)));
             reported = now_watched.into_iter().collect();
-            if counts.is_empty() {
+            let heads = self.heads_to_report();
+            if counts.is_empty() && heads.is_empty() {
                 continue;
             }
-            let report = ViewerReport { version: EVENTS_VERSION, node: self.node_id.clone(), counts };
+            let report = ViewerReport { version: EVENTS_VERSION, node: self.node_id.clone(), counts, heads };
             let Ok(bytes) = rmp_serde::to_vec_named(&report) else { continue };
             let publish = self.publisher.publish::<(), _, _>(self.viewers_channel(), RedisValue::Bytes(bytes.into()));
             if let Ok(Err(error)) | Err(error) = tokio::time::timeout(COMMAND_TIMEOUT, publish)
@@ -380,7 +432,24 @@ impl EventSink for RedisEvents {
         if self.queue.try_send((shard, bytes)).is_err() {
             metrics::counter!(telemetry::PUBSUB_DROPPED_TOTAL).increment(1);
         }
+        self.remember_head(state);
         self.snapshots.mark(event, state);
+    }
+}
+
+impl RedisEvents {
+    /// Where `state`'s auction stands now, for the heads this node reports.
+    fn remember_head(&self, state: &AuctionState) {
+        let mut heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if heads.len() >= SEQUENCED_AUCTIONS && !heads.contains_key(&state.id) {
+            // Bounded: past it, the oldest are forgotten first (a report a second forgets them anyway).
+            let now = Instant::now();
+            heads.retain(|_, (_, at)| now.duration_since(*at) < HEAD_SETTLED);
+            if heads.len() >= SEQUENCED_AUCTIONS {
+                return;
+            }
+        }
+        heads.insert(state.id, (Version::of(state.seq, state.status), Instant::now()));
     }
 }
 

@@ -56,11 +56,26 @@ pub struct SnapshotBid {
 
 /// A node's watcher counts, sent every second on the viewers channel: every
 /// auction it has watchers of, and a zero for each it had at the last report.
+/// With them, where its own auctions watched on other nodes stand (`heads`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewerReport {
     pub version: u16,
     pub node: String,
     pub counts: Vec<(uuid::Uuid, u64)>,
+    /// Absent from the reports of nodes of earlier releases.
+    #[serde(default)]
+    pub heads: Vec<AuctionHead>,
+}
+
+/// Where an auction stood after its owner's last event, which the owner
+/// published at least a second before (`redis.rs`): a node whose watchers
+/// were shown less missed events, and resynchronises them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuctionHead {
+    pub auction_id: uuid::Uuid,
+    pub seq: u64,
+    /// 0 scheduled, 1 active, 2 ended or cancelled (`events::Version`).
+    pub stage: u8,
 }
 
 #[cfg(test)]
@@ -80,5 +95,29 @@ mod tests {
         };
         let bytes = rmp_serde::to_vec_named(&envelope).unwrap();
         assert_eq!(rmp_serde::from_slice::<EventEnvelope>(&bytes).unwrap(), envelope);
+    }
+
+    /// Nodes of the release before send watcher counts without heads; this
+    /// release reads them, and they read its reports (unknown fields are skipped).
+    #[test]
+    fn viewer_reports_with_and_without_heads_cross_releases() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Before {
+            version: u16,
+            node: String,
+            counts: Vec<(uuid::Uuid, u64)>,
+        }
+        let before =
+            Before { version: EVENTS_VERSION, node: "node-a".to_owned(), counts: vec![(uuid::Uuid::nil(), 3)] };
+        let read: ViewerReport = rmp_serde::from_slice(&rmp_serde::to_vec_named(&before).unwrap()).unwrap();
+        assert_eq!((read.counts, read.heads), (before.counts.clone(), Vec::new()));
+        let now = ViewerReport {
+            version: EVENTS_VERSION,
+            node: "node-b".to_owned(),
+            counts: Vec::new(),
+            heads: vec![AuctionHead { auction_id: uuid::Uuid::nil(), seq: 7, stage: 2 }],
+        };
+        let read: Before = rmp_serde::from_slice(&rmp_serde::to_vec_named(&now).unwrap()).unwrap();
+        assert_eq!(read.node, "node-b");
     }
 }

@@ -85,6 +85,13 @@ struct Topic {
     sending: Mutex<()>,
 }
 
+impl TopicState {
+    /// Whether the topic waits for the ticker already.
+    fn is_waiting(&self) -> bool {
+        !self.pending.is_empty() || !self.pending_private.is_empty() || self.pending_head.is_some()
+    }
+}
+
 impl Topic {
     fn receiver_count(&self) -> usize {
         self.sender.get().map_or(0, broadcast::Sender::receiver_count)
@@ -103,6 +110,8 @@ struct TopicState {
     /// Published, waiting for the next batch, with the private messages they cause.
     pending: Vec<Arc<Frame>>,
     pending_private: Vec<(UserId, ServerMessage)>,
+    /// The owner's last version, to check the subscribers against after the batch.
+    pending_head: Option<Version>,
     viewers_sent: usize,
     touched: Instant,
 }
@@ -216,13 +225,20 @@ impl Hub {
         for (auction_id, topic) in waiting {
             let Some(topic) = topic.upgrade() else { continue };
             let _sending = topic.sending.lock().expect("sending lock");
-            let (frames, private) = {
+            let (frames, private, head) = {
                 let mut state = topic.state.lock().expect("topic lock");
-                (std::mem::take(&mut state.pending), std::mem::take(&mut state.pending_private))
+                (
+                    std::mem::take(&mut state.pending),
+                    std::mem::take(&mut state.pending_private),
+                    state.pending_head.take(),
+                )
             };
             if !frames.is_empty() {
                 // No receivers is not an error: nobody is watching.
                 topic.send(Batch::new(auction_id, frames));
+            }
+            if let Some(head) = head {
+                topic.send(Batch::head(auction_id, head));
             }
             for (user_id, message) in private {
                 self.send_private(user_id, message);
@@ -274,6 +290,7 @@ impl Hub {
                         recent: VecDeque::new(),
                         pending: Vec::new(),
                         pending_private: Vec::new(),
+                        pending_head: None,
                         viewers_sent: 0,
                         touched: long_ago,
                     }),
@@ -397,6 +414,24 @@ impl Watchers for Hub {
         }
     }
 
+    fn check_head(&self, auction_id: AuctionId, head: Version) {
+        let Some(topic) = self.topics.lock().expect("topics lock").get(&auction_id).cloned() else {
+            return;
+        };
+        if topic.receiver_count() == 0 {
+            return;
+        }
+        let was_waiting = {
+            let mut state = topic.state.lock().expect("topic lock");
+            let was_waiting = state.is_waiting();
+            state.pending_head = Some(state.pending_head.map_or(head, |pending| pending.max(head)));
+            was_waiting
+        };
+        if !was_waiting {
+            self.waiting.lock().expect("waiting lock").push((auction_id, Arc::downgrade(&topic)));
+        }
+    }
+
     fn local_viewers(&self) -> Vec<(AuctionId, u64)> {
         let topics = self.topics.lock().expect("topics lock");
         topics.iter().map(|(id, topic)| (*id, topic.receiver_count() as u64)).filter(|(_, count)| *count > 0).collect()
@@ -434,7 +469,7 @@ impl EventSink for Hub {
                 topic_state.recent.pop_front();
             }
             topic_state.recent.push_back(frame.clone());
-            let was_waiting = !topic_state.pending.is_empty() || !topic_state.pending_private.is_empty();
+            let was_waiting = topic_state.is_waiting();
             topic_state.pending.push(frame);
             if let Some(private) = private_messages(event, state.id) {
                 topic_state.pending_private.push(private);

@@ -470,6 +470,12 @@ impl Connection {
                 Ok(batch) if batch.resync => {
                     stale.insert(auction_id);
                 }
+                Ok(batch) if batch.head.is_some() => {
+                    let shown = self.versions.get(&auction_id);
+                    if batch.head.is_some_and(|head| shown.is_some_and(|shown| *shown < head)) {
+                        stale.insert(auction_id);
+                    }
+                }
                 Ok(batch) if !lagged.contains(&auction_id) && !stale.contains(&auction_id) => {
                     if !self.accept_batch(&batch, &mut out) {
                         stale.insert(auction_id);

@@ -285,6 +285,10 @@ pub struct Batch {
     /// No frames: the node may have missed events of the auction (from another
     /// node); each subscriber takes a fresh snapshot instead.
     pub resync: bool,
+    /// No frames: the auction's owner (another node) says its last event, a
+    /// while ago, brought it to this version. A subscriber shown less missed
+    /// events on the way here, and takes a fresh snapshot.
+    pub head: Option<Version>,
     json: OnceLock<(Bytes, Vec<usize>)>,
     msgpack: OnceLock<(Bytes, Vec<usize>)>,
     /// The whole batch compressed (`permessage-deflate`), per encoding.
@@ -298,6 +302,7 @@ impl Batch {
             auction_id,
             frames,
             resync: false,
+            head: None,
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
             json_deflated: OnceLock::new(),
@@ -308,6 +313,11 @@ impl Batch {
     /// Tells every subscriber of the auction to take a fresh snapshot.
     pub fn resync(auction_id: AuctionId) -> Batch {
         Batch { resync: true, ..Batch::new(auction_id, Vec::new()) }
+    }
+
+    /// Tells every subscriber where the auction's owner stands (`head`).
+    pub fn head(auction_id: AuctionId, version: Version) -> Batch {
+        Batch { head: Some(version), ..Batch::new(auction_id, Vec::new()) }
     }
 
     /// Every message of the batch, compressed as one stream that starts with

@@ -266,6 +266,71 @@ async fn a_redis_restart_fails_no_bid_and_watchers_are_resynchronised() {
     assert_eq!(next["seq"].as_u64(), Some(last_seq + 1), "{next}");
 }
 
+/// The local ports of the TCP connections process `pid` has open to `remote_port`
+/// on this host (its sockets' inodes, found in `/proc/net/tcp`).
+fn connection_ports(pid: i32, remote_port: u16) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process's descriptors")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let port_of = |address: &str| u16::from_str_radix(address.rsplit(':').next()?, 16).ok();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, inode) = (fields.get(1)?, fields.get(2)?, fields.get(9)?);
+            (port_of(remote)? == remote_port && inodes.contains(*inode)).then(|| port_of(local)).flatten()
+        })
+        .collect()
+}
+
+/// The owner commits a bid but its event never reaches Redis (its link stalls
+/// while Redis holds its writes, then the connection is cut: the paused
+/// `PUBLISH` dies with it), and no later event comes. The other node's
+/// connection to Redis never broke, so nothing told it to resynchronise: its
+/// watcher showed the auction without that bid for good. The owner's heads,
+/// sent with its watcher counts every second, now show the other node what it
+/// missed, and its watcher takes a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_owner_could_not_publish_reaches_watchers_elsewhere_by_snapshot() {
+    let redis = RedisServer::start().await;
+    let cluster = cluster_with_redis(2, 10, &redis).await;
+    let (_seller, bidders, auction_id, owner) = cluster.hot_auction(1).await;
+    let other = 1 - owner;
+    let mut watcher = WsClient::connect(&cluster.address(other), None).await;
+    let snapshot = watcher.subscribe(&auction_id).await;
+    assert_eq!(snapshot["auction"]["seq"], 0);
+
+    assert_eq!(redis.cli(&["CLIENT", "PAUSE", "20000", "WRITE"]).await, "OK");
+    let (status, placed) = cluster.api(owner).bid(&bidders[0], &auction_id, 1_000, None).await;
+    assert_eq!(status, StatusCode::CREATED, "{placed}");
+    let owner_address = cluster.address(owner);
+    eventually(Duration::from_secs(10), "the owner's publish to time out", || {
+        let address = owner_address.clone();
+        async move { (labelled_metric(&address, "gavel_pubsub_dropped_total").await >= 1.0).then_some(()) }
+    })
+    .await;
+    let ports = connection_ports(cluster.process(owner).pid(), redis.port);
+    assert!(!ports.is_empty(), "the owner is connected to Redis");
+    for port in ports {
+        redis.cli(&["CLIENT", "KILL", "ADDR", &format!("127.0.0.1:{port}")]).await;
+    }
+    assert_eq!(redis.cli(&["CLIENT", "UNPAUSE"]).await, "OK");
+
+    let message = watcher.next_event().await;
+    assert_eq!(
+        (message["type"].as_str(), message["auction"]["seq"].as_u64()),
+        (Some("snapshot"), Some(1)),
+        "the bid whose event was lost comes as a snapshot: {message}"
+    );
+}
+
 /// The non-owner's reads of the auction: (from Redis, from the store).
 async fn snapshot_reads(address: &str) -> (f64, f64) {
     (
