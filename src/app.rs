@@ -37,6 +37,9 @@ const READ_CACHE_ENTRIES: usize = 16_384;
 /// milliseconds, or 503 within its persistence queue's bounds; a node that
 /// stopped answering is skipped within a few ticks anyway.
 const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long after the shutdown signal requests in flight may hold the
+/// node's shards; then they are handed over while those requests finish.
+const STEP_DOWN_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 pub struct Application {
     listener: LimitedListener,
@@ -219,7 +222,34 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Application { listener, limits, body_timeout, context, hub, sweeper, ticker, manager } = self;
         let router = http::router(context.clone(), body_timeout, crate::ws::routes(hub.clone()));
-        crate::serve::serve(listener, router, limits, shutdown).await;
+        let signalled = Arc::new(tokio::sync::Notify::new());
+        let shutdown = {
+            let signalled = signalled.clone();
+            async move {
+                shutdown.await;
+                signalled.notify_one();
+            }
+        };
+        let serving = crate::serve::serve(listener, router, limits, shutdown);
+        tokio::pin!(serving);
+        // Requests in flight normally end within milliseconds; past that, the
+        // shards move meanwhile, not after the slowest client.
+        let mut stepping_down = None;
+        tokio::select! {
+            () = &mut serving => {}
+            () = async {
+                signalled.notified().await;
+                tokio::time::sleep(STEP_DOWN_AFTER).await;
+            } => {
+                info!(after = ?STEP_DOWN_AFTER, "requests still in flight; handing the shards over meanwhile");
+                let cluster = context.cluster.clone();
+                stepping_down = Some(tokio::spawn(async move { cluster.step_down().await }));
+                serving.await;
+            }
+        }
+        if let Some(stepping_down) = stepping_down {
+            let _ = stepping_down.await;
+        }
         info!("stopped taking requests; draining");
         sweeper.abort();
         context.node.shutdown().await;

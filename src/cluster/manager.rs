@@ -52,6 +52,7 @@ impl Cluster {
                 () = self.wake.notified() => {}
                 () = self.stopped.notified() => return,
             }
+            let _ticking = self.ticking.lock().await;
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
@@ -209,6 +210,37 @@ impl Cluster {
                 cluster.poke(&url).await;
             }
         });
+    }
+
+    /// Hands every shard over while the node still finishes the requests it
+    /// is in (a client may take up to the body deadline to send one): no more
+    /// ticks, no more writes taken under its leases, its actors' writes in
+    /// flight answered, then `leave`. A request still running is forwarded
+    /// to the shard's new owner.
+    pub async fn step_down(self: &Arc<Self>) {
+        if self.store.is_none() {
+            return;
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.stopped.notify_one();
+        // A tick under way ends first; none starts after it.
+        let _ticking = self.ticking.lock().await;
+        let held = self.node.leases.held();
+        for lease in &held {
+            self.node.leases.revoke(lease.shard);
+        }
+        self.read_cache.clear();
+        let retiring: Vec<_> = held
+            .into_iter()
+            .map(|lease| {
+                let node = self.node.clone();
+                tokio::spawn(async move { node.retire_shard(lease).await })
+            })
+            .collect();
+        for retired in retiring {
+            let _ = retired.await;
+        }
+        self.leave().await;
     }
 
     /// Leaves the cluster after the node has drained: no more membership, every

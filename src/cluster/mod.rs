@@ -120,6 +120,9 @@ pub struct Cluster {
     wake: Notify,
     stopping: AtomicBool,
     stopped: Notify,
+    /// Held by the lease manager through each tick: stepping down waits for
+    /// the one under way (it may be taking shards).
+    ticking: tokio::sync::Mutex<()>,
     /// When the last tick completed (membership and leases current).
     last_tick: RwLock<Option<Instant>>,
     /// Per shard: one read of its owner at a time, shared by the writes that
@@ -161,6 +164,7 @@ impl Cluster {
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             stopped: Notify::new(),
+            ticking: tokio::sync::Mutex::new(()),
             last_tick: RwLock::new(None),
             refreshes: (0..gavel_actors::ports::SHARD_COUNT).map(|_| Refresh::default()).collect(),
         }))

@@ -553,6 +553,59 @@ async fn sigterm_hands_the_shards_over_at_once_under_load() {
     check_acknowledged_are_stored(&history, &acknowledged_of(&answers));
 }
 
+/// A node stopped with SIGTERM finishes the requests it is in before it
+/// exits. One client trickling its request's body held the shards (and every
+/// bid other nodes forward to them) until the body's deadline, 10 s. Half a
+/// second into the drain the node now hands its shards over meanwhile, and
+/// the trickled bid, once whole, is forwarded to the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_shards_over_at_once_though_a_client_trickles_its_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut cluster = TestCluster::start(2, 10).await;
+    let (_seller, bidders, auction_id, _owner) = cluster.hot_auction(1).await;
+    let (leaving, staying) = (0, 1);
+    let address = cluster.address(leaving).trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let body = br#"{"amount":5000}"#;
+    let head = format!(
+        "POST /api/v1/auctions/{auction_id}/bids HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        bidders[0].token,
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    // `100 Continue` comes when the handler starts reading the body: the request is in flight.
+    let mut answer = vec![0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut answer)).await.unwrap().unwrap();
+    assert!(answer[..read].starts_with(b"HTTP/1.1 100"), "{}", String::from_utf8_lossy(&answer[..read]));
+    slow.write_all(&body[..10]).await.unwrap();
+
+    let leaving_id = cluster.members[leaving].id.clone();
+    let process = cluster.take(leaving);
+    let terminated_at = Instant::now();
+    let exit = tokio::spawn(process.terminate());
+    eventually(Duration::from_secs(15), "the shards to move off the stopping node", || async {
+        let view = cluster.view(staying).await;
+        let shards = view["shards"].as_array().unwrap();
+        shards.iter().all(|shard| shard["owner"].as_str().is_some_and(|owner| owner != leaving_id)).then_some(())
+    })
+    .await;
+    let moved_after = terminated_at.elapsed();
+    assert!(moved_after <= Duration::from_secs(2), "shards moved {moved_after:?} after SIGTERM");
+
+    // The trickled bid, whole at last, is decided by the new owner.
+    slow.write_all(&body[10..]).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut response)).await.unwrap().unwrap();
+    let response = String::from_utf8_lossy(&response).to_lowercase();
+    assert!(response.starts_with("http/1.1 201"), "{response}");
+    let decided_by = format!("gavel-owner: {}", cluster.members[staying].id.to_lowercase());
+    assert!(response.contains(&decided_by), "{response}");
+    let status = exit.await.unwrap();
+    assert!(status.success(), "graceful exit: {status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auction_whose_owner_died_closes_on_time_after_takeover() {
     let mut cluster = TestCluster::start(2, 3).await;
