@@ -253,12 +253,13 @@ impl Application {
         info!("stopped taking requests; draining");
         sweeper.abort();
         context.node.shutdown().await;
-        // Every write taken is answered: hand the shards over to the other nodes.
+        // Every write taken is answered: hand the shards over to the other
+        // nodes (after the lease tick under way, if any; then the manager stops).
+        context.cluster.leave().await;
         if let Some(manager) = manager {
             manager.abort();
             let _ = manager.await;
         }
-        context.cluster.leave().await;
         // Bid results of the last commits are written, then every socket closes.
         hub.shut_down(std::time::Duration::from_secs(5)).await;
         ticker.abort();

@@ -285,6 +285,11 @@ impl Node {
         self.registry.len()
     }
 
+    /// The leases the live actors write under.
+    pub fn live_leases(&self) -> std::collections::HashSet<ShardLease> {
+        self.registry.handles().iter().map(|handle| handle.lease).collect()
+    }
+
     /// Whether the auction has an actor on this node now.
     pub fn is_live(&self, auction_id: AuctionId) -> bool {
         self.registry.live_handle(auction_id).is_some()

@@ -52,13 +52,14 @@ impl Cluster {
                 () = self.wake.notified() => {}
                 () = self.stopped.notified() => return,
             }
-            let _ticking = self.ticking.lock().await;
+            let ticking = self.ticking.lock().await;
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
             if self.node.persistence_failed() {
                 // It takes no more writes: held on, its shards would take none either.
                 warn!("the persistence actor failed; leaving the cluster so that the other nodes take its shards");
+                drop(ticking);
                 self.leave().await;
                 return;
             }
@@ -216,21 +217,22 @@ impl Cluster {
     /// is in (a client may take up to the body deadline to send one): no more
     /// ticks, no more writes taken under its leases, its actors' writes in
     /// flight answered, then `leave`. A request still running is forwarded
-    /// to the shard's new owner.
+    /// to the shard's new owner once that node has taken the shard.
     pub async fn step_down(self: &Arc<Self>) {
         if self.store.is_none() {
             return;
         }
-        self.stopping.store(true, Ordering::Release);
-        self.stopped.notify_one();
-        // A tick under way ends first; none starts after it.
-        let _ticking = self.ticking.lock().await;
+        self.stop_ticking().await;
         let held = self.node.leases.held();
         for lease in &held {
             self.node.leases.revoke(lease.shard);
         }
         self.read_cache.clear();
-        let retiring: Vec<_> = held
+        // Also the actors of leases a tick began to hand over: their writes
+        // must be answered before `leave` releases every lease.
+        let mut leases: HashSet<ShardLease> = held.into_iter().collect();
+        leases.extend(self.node.live_leases());
+        let retiring: Vec<_> = leases
             .into_iter()
             .map(|lease| {
                 let node = self.node.clone();
@@ -243,26 +245,41 @@ impl Cluster {
         self.leave().await;
     }
 
-    /// Leaves the cluster after the node has drained: no more membership, every
-    /// lease released at once, the other nodes woken to take the shards. Stop
-    /// the manager's task first (a heartbeat after this would make the node
-    /// look live again, and the others would wait for it).
+    /// No tick starts from now on, and the one under way (it may be taking
+    /// shards) has ended when this returns.
+    async fn stop_ticking(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stopped.notify_one();
+        drop(self.ticking.lock().await);
+    }
+
+    /// Leaves the cluster once the node writes no more (it has drained, or
+    /// handed its shards over, or its persistence actor failed): no more
+    /// membership, every lease it owns in the store released at once, the
+    /// other nodes woken to take the shards. A tick under way ends first (a
+    /// heartbeat after this would make the node look live again, and the
+    /// others would wait for it). Once only: later calls do nothing.
     pub async fn leave(self: &Arc<Self>) {
         let Some(store) = &self.store else {
             return;
         };
-        self.stopping.store(true, Ordering::Release);
-        self.stopped.notify_one();
+        if self.left.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.stop_ticking().await;
         let me = self.settings.node_id.as_str();
         for lease in self.node.leases.held() {
             self.node.leases.revoke(lease.shard);
         }
-        match store.leave(me).await {
-            Ok(released) => {
+        match tokio::time::timeout(self.settings.lease, store.leave(me)).await {
+            Ok(Ok(released)) => {
                 metrics::counter!(telemetry::SHARD_MOVES_TOTAL, "kind" => "released").increment(released.len() as u64);
                 info!(shards = released.len(), "left the cluster and released every shard");
             }
-            Err(error) => warn!(%error, "leaving the cluster failed; the other nodes wait for the leases to expire"),
+            Ok(Err(error)) => {
+                warn!(%error, "leaving the cluster failed; the other nodes wait for the leases to expire")
+            }
+            Err(_) => warn!("leaving the cluster timed out; the other nodes wait for the leases to expire"),
         }
         let others: Vec<String> =
             self.members().into_iter().filter(|member| member.node_id != me).map(|m| m.advertise_url).collect();

@@ -34,6 +34,8 @@ struct MemoryLeases {
     tables: Mutex<Tables>,
     round_trip: Mutex<Duration>,
     owner_reads: AtomicUsize,
+    /// What happened, in order: each lease a `leave` released ("released 7").
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl MemoryLeases {
@@ -46,6 +48,7 @@ impl MemoryLeases {
             tables: Mutex::new(Tables { members: HashMap::new(), leases }),
             round_trip: Mutex::new(Duration::ZERO),
             owner_reads: AtomicUsize::new(0),
+            log: Arc::default(),
         })
     }
 
@@ -156,6 +159,7 @@ impl LeaseStore for MemoryLeases {
             if row.owner == node_id && row.expires_at_ms > 0 {
                 row.expires_at_ms = 0;
                 released.push(*shard);
+                self.log.lock().unwrap().push(format!("released {shard}"));
             }
         }
         self.answer(released)
@@ -172,15 +176,28 @@ impl LeaseStore for MemoryLeases {
 
 /// The auctions' store of these nodes: none at all (they only hold leases),
 /// or one auction open for bids whose commits panic (a bug in the store's
-/// adapter): the node's persistence actor fails at its first write.
+/// adapter: the node's persistence actor fails at its first write) or wait
+/// for a permit of a gate, then say so in a log.
 struct Auctions {
-    broken: Option<AuctionState>,
+    open: Option<AuctionState>,
+    commits: Commits,
+}
+
+enum Commits {
+    Panic,
+    Held { gate: Arc<tokio::sync::Semaphore>, log: Arc<Mutex<Vec<String>>> },
+}
+
+impl Auctions {
+    fn none() -> Arc<Auctions> {
+        Arc::new(Auctions { open: None, commits: Commits::Panic })
+    }
 }
 
 impl Store for Auctions {
     fn load_auction(&self, id: AuctionId) -> BoxFuture<'_, Result<Option<LoadedAuction>, StoreError>> {
         let found = self
-            .broken
+            .open
             .as_ref()
             .filter(|auction| auction.id == id)
             .map(|auction| LoadedAuction { state: auction.clone(), recent_keys: Vec::new() });
@@ -188,7 +205,16 @@ impl Store for Auctions {
     }
 
     fn commit<'a>(&'a self, _batch: &'a [Write]) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async { panic!("a bug in the store adapter") })
+        Box::pin(async move {
+            match &self.commits {
+                Commits::Panic => panic!("a bug in the store adapter"),
+                Commits::Held { gate, log } => {
+                    gate.acquire().await.expect("gate open").forget();
+                    log.lock().unwrap().push("committed".to_owned());
+                    Ok(())
+                }
+            }
+        })
     }
 
     fn due_auctions(
@@ -210,7 +236,7 @@ impl Clock for FixedClock {
 }
 
 async fn node(name: &str, store: &Arc<MemoryLeases>) -> Arc<Cluster> {
-    node_on(name, store, Arc::new(Auctions { broken: None })).await
+    node_on(name, store, Auctions::none()).await
 }
 
 async fn node_on(name: &str, store: &Arc<MemoryLeases>, auctions: Arc<dyn Store>) -> Arc<Cluster> {
@@ -354,7 +380,8 @@ async fn another_node_takes_every_shard(store: &Arc<MemoryLeases>) {
 async fn a_node_whose_persistence_failed_leaves_and_its_shards_move() {
     let store = MemoryLeases::new();
     let auction = crate::events::tests::auction();
-    let a = node_on("node-a", &store, Arc::new(Auctions { broken: Some(auction.clone()) })).await;
+    let a =
+        node_on("node-a", &store, Arc::new(Auctions { open: Some(auction.clone()), commits: Commits::Panic })).await;
     let _manager = a.join().await.unwrap().expect("a cluster node runs a lease manager");
     assert_eq!(store.owned_by("node-a"), 256);
 
@@ -367,6 +394,55 @@ async fn a_node_whose_persistence_failed_leaves_and_its_shards_move() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     another_node_takes_every_shard(&store).await;
+}
+
+/// SIGTERM while a tick of the node's own hands shards over: those leases
+/// were revoked already, so stepping down waited for none of their writes,
+/// and its `leave` released them while a write was still in flight (another
+/// node could take the shard, and the write was then refused). Stepping down
+/// now waits for the writes of every live actor, whatever its lease.
+#[tokio::test(start_paused = true)]
+async fn stepping_down_waits_for_the_writes_of_shards_a_tick_is_handing_over() {
+    let store = MemoryLeases::new();
+    // An auction of a shard that moves to node B once B joins.
+    let desired = super::assign(&["node-a".to_owned(), "node-b".to_owned()]);
+    let mut auction = crate::events::tests::auction();
+    while desired[gavel_actors::ports::shard_of(auction.id) as usize] != Some(1) {
+        auction = crate::events::tests::auction();
+    }
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let commits = Commits::Held { gate: gate.clone(), log: store.log.clone() };
+    let a = node_on("node-a", &store, Arc::new(Auctions { open: Some(auction.clone()), commits })).await;
+    tick(&a, &store).await;
+    let bidder = UserRef { id: uuid::Uuid::now_v7(), username: Arc::from("bob") };
+    let command = BidCommand { bidder, amount: Money::parse(100).unwrap(), max_amount: None };
+    let bid = {
+        let a = a.clone();
+        tokio::spawn(async move { a.node.place_bid(auction.id, command, None).await })
+    };
+    while a.node.live_auctions() == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    // B joins; A's tick starts handing B's share over, the auction's shard with it.
+    let b = node("node-b", &store).await;
+    tick(&b, &store).await;
+    a.tick().await.unwrap();
+    let stepping_down = {
+        let a = a.clone();
+        tokio::spawn(async move { a.step_down().await })
+    };
+    // Stepping down cannot end before the write is answered; the write's
+    // commit goes through only now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gate.add_permits(1);
+    stepping_down.await.unwrap();
+    assert!(bid.await.unwrap().is_ok(), "the write in flight was answered");
+    let log = store.log.lock().unwrap().clone();
+    let shard = gavel_actors::ports::shard_of(auction.id);
+    let committed = log.iter().position(|line| line == "committed").expect("the write was committed");
+    let released = log.iter().position(|line| *line == format!("released {shard}"));
+    assert!(released.is_none_or(|released| released > committed), "its lease went after its write: {log:?}");
 }
 
 /// While a shard moves, every write to it asks for its owner again: the

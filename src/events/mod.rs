@@ -120,19 +120,6 @@ impl Sequencer {
         if follows { Arrival::Next } else { Arrival::Gap }
     }
 
-    /// Moves the auction's last version up to `head` when it is behind it;
-    /// whether it was (events of it were missed).
-    pub fn advance(&self, auction_id: AuctionId, head: Version) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match last.get_mut(&auction_id) {
-            Some(version) if *version < head => {
-                *version = head;
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Forgets every auction (events may have been missed: the watchers resync).
     pub fn clear(&self) {
         self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();

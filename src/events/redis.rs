@@ -83,7 +83,7 @@ pub struct RedisEvents {
     prefix: String,
     leases: Arc<Leases>,
     clock: Arc<dyn Clock>,
-    queue: mpsc::Sender<(u32, Vec<u8>)>,
+    queue: mpsc::Sender<Queued>,
     up: AtomicBool,
     hub: Arc<dyn Watchers>,
     read_cache: Arc<ReadCache>,
@@ -100,6 +100,15 @@ pub struct RedisEvents {
 
 /// One auction's watchers on other nodes: node → (count, when reported).
 type NodeCounts = HashMap<String, (u64, Instant)>;
+
+/// An event waiting to be published: its shard, its auction and the version
+/// it brings that auction to, and its bytes.
+struct Queued {
+    shard: u32,
+    auction_id: AuctionId,
+    version: Version,
+    bytes: Vec<u8>,
+}
 
 fn config(url: &str) -> anyhow::Result<Builder> {
     let config = Config::from_url(url)?;
@@ -178,16 +187,20 @@ impl RedisEvents {
         self.is_up().then_some(&*self.snapshots)
     }
 
-    /// Sends what is queued, a pipeline at a time.
-    async fn publish_queued(self: Arc<Self>, mut queued: mpsc::Receiver<(u32, Vec<u8>)>) {
+    /// Sends what is queued, a pipeline at a time. Once a pipeline has gone
+    /// (or failed, or timed out: its events may then never arrive), the heads
+    /// of its auctions watched elsewhere are reported from a second on.
+    async fn publish_queued(self: Arc<Self>, mut queued: mpsc::Receiver<Queued>) {
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
         while queued.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
             let count = batch.len() as u64;
             let pipeline = self.publisher.pipeline();
-            for (shard, bytes) in batch.drain(..) {
+            let mut heads = Vec::with_capacity(batch.len());
+            for Queued { shard, auction_id, version, bytes } in batch.drain(..) {
                 let channel = format!("{}{shard}", self.prefix);
                 // Queued in the pipeline; sent by `all` below.
                 let _: Result<(), _> = pipeline.publish(channel, RedisValue::Bytes(bytes.into())).await;
+                heads.push((auction_id, version));
             }
             match tokio::time::timeout(COMMAND_TIMEOUT, pipeline.all::<Vec<RedisValue>>()).await {
                 Ok(Ok(_)) => {}
@@ -200,6 +213,7 @@ impl RedisEvents {
                     warn!(events = count, "publishing events to Redis timed out; dropped");
                 }
             }
+            self.remember_heads(heads);
         }
     }
 
@@ -297,17 +311,17 @@ impl RedisEvents {
             if self.leases.epoch_of(shard_of(head.auction_id)).is_some() {
                 continue;
             }
-            let version = Version { seq: head.seq, stage: head.stage };
-            if self.sequencer.advance(head.auction_id, version) {
-                metrics::counter!(telemetry::PUBSUB_GAPS_TOTAL).increment(1);
-            }
-            self.hub.check_head(head.auction_id, version);
+            // The sequencer is left as it is: an event still on its way
+            // (Redis lagging) goes to the watchers as usual, after this check.
+            self.hub.check_head(head.auction_id, Version { seq: head.seq, stage: head.stage });
         }
     }
 
     /// The heads of this node's auctions watched on other nodes whose last
     /// event was handed to Redis between `HEAD_SETTLED` and
-    /// `HEAD_REPORTED_FOR` ago, most recent first; forgets older ones.
+    /// `HEAD_REPORTED_FOR` ago, most recent first; forgets older ones. Also
+    /// of shards it no longer holds: the new owner has no head until its own
+    /// first event, and a head below what a watcher was shown does nothing.
     fn heads_to_report(&self) -> Vec<AuctionHead> {
         let now = Instant::now();
         let mut recent: Vec<(AuctionId, Version, Instant)> = {
@@ -319,7 +333,7 @@ impl RedisEvents {
                 .map(|(id, (version, at))| (*id, *version, *at))
                 .collect()
         };
-        recent.retain(|(id, _, _)| self.leases.epoch_of(shard_of(*id)).is_some() && self.count(*id) > 0);
+        recent.retain(|(id, _, _)| self.count(*id) > 0);
         recent.sort_unstable_by_key(|(_, _, at)| std::cmp::Reverse(*at));
         recent.truncate(HEADS_PER_REPORT);
         recent.into_iter().map(|(auction_id, v, _)| AuctionHead { auction_id, seq: v.seq, stage: v.stage }).collect()
@@ -429,27 +443,39 @@ impl EventSink for RedisEvents {
         let Ok(bytes) = rmp_serde::to_vec_named(&envelope) else {
             return;
         };
-        if self.queue.try_send((shard, bytes)).is_err() {
+        let version = Version::of(state.seq, state.status);
+        let queued = Queued { shard, auction_id: state.id, version, bytes };
+        if self.queue.try_send(queued).is_err() {
             metrics::counter!(telemetry::PUBSUB_DROPPED_TOTAL).increment(1);
+            self.remember_heads(vec![(state.id, version)]);
         }
-        self.remember_head(state);
         self.snapshots.mark(event, state);
     }
 }
 
 impl RedisEvents {
-    /// Where `state`'s auction stands now, for the heads this node reports.
-    fn remember_head(&self, state: &AuctionState) {
+    /// Where these auctions stand, their events just sent (or dropped), for
+    /// the heads this node reports: of those watched on other nodes only.
+    fn remember_heads(&self, sent: Vec<(AuctionId, Version)>) {
+        let watched: Vec<(AuctionId, Version)> = sent.into_iter().filter(|(id, _)| self.count(*id) > 0).collect();
+        if watched.is_empty() {
+            return;
+        }
+        let now = Instant::now();
         let mut heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if heads.len() >= SEQUENCED_AUCTIONS && !heads.contains_key(&state.id) {
-            // Bounded: past it, the oldest are forgotten first (a report a second forgets them anyway).
-            let now = Instant::now();
-            heads.retain(|_, (_, at)| now.duration_since(*at) < HEAD_SETTLED);
-            if heads.len() >= SEQUENCED_AUCTIONS {
-                return;
+        for (auction_id, version) in watched {
+            let full = heads.len() >= SEQUENCED_AUCTIONS;
+            match heads.get_mut(&auction_id) {
+                // An event dropped from a full queue may be newer than one sent after it.
+                Some(entry) if entry.0 <= version => *entry = (version, now),
+                Some(_) => {}
+                // Bounded (a report a second forgets the old ones anyway).
+                None if full => {}
+                None => {
+                    heads.insert(auction_id, (version, now));
+                }
             }
         }
-        heads.insert(state.id, (Version::of(state.seq, state.status), Instant::now()));
     }
 }
 

@@ -74,8 +74,8 @@ async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes,
     Ok(bytes)
 }
 
-/// The body of a write that takes no fields: empty, or the empty object
-/// `{}`. Anything else is refused as any body with unknown fields is
+/// The body of a write that takes no fields: empty, `null`, or the empty
+/// object `{}`. Anything else is refused as any body with unknown fields is
 /// (`400 INVALID_REQUEST`; over 16 KiB, `413`).
 pub struct NoFields;
 
@@ -87,9 +87,10 @@ impl<S: Send + Sync> FromRequest<S> for NoFields {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(NoFields);
         }
-        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&bytes) {
-            Ok(fields) if fields.is_empty() => Ok(NoFields),
-            Ok(fields) => Err(ApiError::InvalidRequest(format!(
+        match serde_json::from_slice::<Option<serde_json::Map<String, serde_json::Value>>>(&bytes) {
+            Ok(None) => Ok(NoFields),
+            Ok(Some(fields)) if fields.is_empty() => Ok(NoFields),
+            Ok(Some(fields)) => Err(ApiError::InvalidRequest(format!(
                 "unknown field `{}`: this request takes no body, or `{{}}`",
                 fields.keys().next().map_or("", String::as_str)
             ))),

@@ -876,10 +876,6 @@ mod tests {
         }
     }
 
-    /// 70 auctions, three bids each (alice, bob, alice again): the statements
-    /// go in chunks of 64 rows and a padded chunk, and alice's two bids on one
-    /// auction update one participation. Run again, as after a lost outcome,
-    /// the batch changes nothing.
     /// The sweep reads due auctions a page at a time: every one due by the
     /// horizon comes once, the earliest first, a start (scheduled) and an end
     /// (active) alike; none past the horizon, none ended or cancelled.
@@ -929,6 +925,10 @@ mod tests {
         assert_eq!(seen, expected);
     }
 
+    /// 70 auctions, three bids each (alice, bob, alice again): the statements
+    /// go in chunks of 64 rows and a padded chunk, and alice's two bids on one
+    /// auction update one participation. Run again, as after a lost outcome,
+    /// the batch changes nothing.
     #[tokio::test]
     async fn a_batch_of_many_auctions_writes_every_row_once_even_when_run_again() {
         for scene in [Scene::new().await, Scene::postgres().await] {

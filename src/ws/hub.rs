@@ -418,11 +418,17 @@ impl Watchers for Hub {
         let Some(topic) = self.topics.lock().expect("topics lock").get(&auction_id).cloned() else {
             return;
         };
-        if topic.receiver_count() == 0 {
-            return;
-        }
+        let watched = topic.receiver_count() > 0;
         let was_waiting = {
             let mut state = topic.state.lock().expect("topic lock");
+            // Events after the last at hand were missed: a resume from the
+            // last at hand must not be answered with nothing.
+            if state.recent.back().and_then(|frame| frame.version).is_some_and(|last| last < head) {
+                state.recent.clear();
+            }
+            if !watched {
+                return;
+            }
             let was_waiting = state.is_waiting();
             state.pending_head = Some(state.pending_head.map_or(head, |pending| pending.max(head)));
             was_waiting
@@ -516,5 +522,25 @@ mod tests {
         let (event, after) = bid(&mut state, 200);
         hub.publish(&event, &after);
         assert_eq!(replayed(8), Some(0), "events after the resync are at hand again");
+    }
+
+    /// The owner says where the auction stands. Past the last event at hand,
+    /// events were missed: a resume from there takes a snapshot rather than
+    /// an empty replay, whether anyone watches here now or not.
+    #[test]
+    fn a_head_past_the_events_at_hand_makes_a_resume_take_a_snapshot() {
+        let hub = Hub::new(WsSettings::default()).unwrap();
+        let mut state = auction();
+        let id = state.id;
+        drop(hub.join(id, None));
+        for step in 0..3 {
+            let (event, after) = bid(&mut state, 100 + step);
+            hub.publish(&event, &after);
+        }
+        let replayed = |since: u64| hub.join(id, Some(since)).replay.map(|(_, frames)| frames.len());
+        hub.check_head(id, Version { seq: 3, stage: 1 });
+        assert_eq!(replayed(2), Some(1), "a head at hand changes nothing");
+        hub.check_head(id, Version { seq: 4, stage: 1 });
+        assert_eq!(replayed(3), None, "seq 4 was missed: a snapshot");
     }
 }

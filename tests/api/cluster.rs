@@ -40,6 +40,7 @@ impl TestCluster {
         Self::start_with(nodes, lease_secs, Vec::new()).await
     }
 
+    /// `nodes` nodes, each (and each added later) with `extra_flags`.
     pub async fn start_with(nodes: usize, lease_secs: u64, extra_flags: Vec<String>) -> TestCluster {
         let mut cluster =
             TestCluster { database_url: fresh_postgres_database().await, lease_secs, members: Vec::new(), extra_flags };
@@ -50,8 +51,24 @@ impl TestCluster {
         cluster
     }
 
+    /// A node for each entry of `flags`, with those flags of its own.
+    pub async fn start_each(lease_secs: u64, flags: Vec<Vec<String>>) -> TestCluster {
+        let database_url = fresh_postgres_database().await;
+        let mut cluster = TestCluster { database_url, lease_secs, members: Vec::new(), extra_flags: Vec::new() };
+        for own in &flags {
+            cluster.add_with(own).await;
+        }
+        cluster.settled(flags.len()).await;
+        cluster
+    }
+
     /// Starts one more node; returns its index.
     pub async fn add(&mut self) -> usize {
+        self.add_with(&[]).await
+    }
+
+    /// Starts one more node with `own` flags besides the cluster's; returns its index.
+    pub async fn add_with(&mut self, own: &[String]) -> usize {
         let index = self.members.len();
         let id = NODE_NAMES[index].to_owned();
         let port = free_port();
@@ -61,6 +78,7 @@ impl TestCluster {
                 .iter()
                 .map(|flag| (*flag).to_owned())
                 .chain(self.extra_flags.iter().cloned())
+                .chain(own.iter().cloned())
                 .collect();
         let process = ServerProcess::start_with(data_dir.path(), Some(&self.database_url), port, &flags).await;
         self.members.push(Member { id, port, _data_dir: data_dir, process: Some(process) });
