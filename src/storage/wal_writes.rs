@@ -328,6 +328,20 @@ pub(super) mod tests {
     use super::wal_write_counts;
     use crate::storage::Db;
 
+    /// This VFS holds a commit's WAL writes until SQLite's next call on the
+    /// file. That is sound for what SQLite 3.51.3 does (read against its
+    /// source): every byte of a commit is written before the sync that ends
+    /// it, and the shared-memory index is published after that sync, with
+    /// powersafe overwrite (no padding frame written after the sync) and
+    /// `synchronous=FULL`. Another SQLite may order these otherwise: read
+    /// `walFrames` and `walWriteToLog` of the new one before moving this.
+    #[test]
+    fn the_bundled_sqlite_is_the_one_this_vfs_was_checked_against() {
+        // SAFETY: sqlite3_libversion returns a static NUL-terminated string.
+        let version = unsafe { std::ffi::CStr::from_ptr(libsqlite3_sys::sqlite3_libversion()) };
+        assert_eq!(version.to_str().unwrap(), "3.51.3", "re-read SQLite's WAL writes before moving this version");
+    }
+
     pub(in crate::storage) fn writer(db: &Db) -> &sqlx::SqlitePool {
         match db {
             Db::Sqlite { writer, .. } => writer.pool(),

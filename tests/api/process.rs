@@ -218,7 +218,7 @@ async fn every_kind_of_change_is_stored_across_a_kill(backend: Backend) {
 
 /// On SQLite the node copies committed pages from the WAL back to the
 /// database file beside the commits, not only inside the commit that fills
-/// the WAL (10 MiB): a few bids are in the database file itself within a
+/// the WAL (100,000 pages, some 100 MiB): a few bids are in the database file itself within a
 /// deadline, as a copy of the file without its WAL shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_checkpoints_run_beside_the_commits() {
