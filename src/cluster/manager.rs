@@ -258,14 +258,18 @@ impl Cluster {
     /// membership, every lease it owns in the store released at once, the
     /// other nodes woken to take the shards. A tick under way ends first (a
     /// heartbeat after this would make the node look live again, and the
-    /// others would wait for it). Once only: later calls do nothing.
+    /// others would wait for it). Once only: a later call waits for the
+    /// first to end (the first may be the manager's own, which the app stops
+    /// once `leave` has returned).
     pub async fn leave(self: &Arc<Self>) {
-        let Some(store) = &self.store else {
-            return;
-        };
-        if self.left.swap(true, Ordering::AcqRel) {
+        if self.store.is_none() {
             return;
         }
+        self.left.get_or_init(|| self.leave_now()).await;
+    }
+
+    async fn leave_now(self: &Arc<Self>) {
+        let store = self.shared();
         self.stop_ticking().await;
         let me = self.settings.node_id.as_str();
         for lease in self.node.leases.held() {

@@ -120,8 +120,8 @@ pub struct Cluster {
     wake: Notify,
     stopping: AtomicBool,
     stopped: Notify,
-    /// Set by the first `leave`.
-    left: AtomicBool,
+    /// Set once the first `leave` has ended.
+    left: tokio::sync::OnceCell<()>,
     /// Held by the lease manager through each tick: stepping down waits for
     /// the one under way (it may be taking shards).
     ticking: tokio::sync::Mutex<()>,
@@ -166,7 +166,7 @@ impl Cluster {
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             stopped: Notify::new(),
-            left: AtomicBool::new(false),
+            left: tokio::sync::OnceCell::new(),
             ticking: tokio::sync::Mutex::new(()),
             last_tick: RwLock::new(None),
             refreshes: (0..gavel_actors::ports::SHARD_COUNT).map(|_| Refresh::default()).collect(),

@@ -151,18 +151,26 @@ impl LeaseStore for MemoryLeases {
         self.answer(held)
     }
 
+    /// Takes effect at the end of its round trip, as a transaction commits
+    /// at its end.
     fn leave<'a>(&'a self, node_id: &'a str) -> BoxFuture<'a, Result<Vec<u32>, LeaseStoreError>> {
-        let mut tables = self.tables.lock().unwrap();
-        tables.members.remove(node_id);
-        let mut released = Vec::new();
-        for (shard, row) in tables.leases.iter_mut() {
-            if row.owner == node_id && row.expires_at_ms > 0 {
-                row.expires_at_ms = 0;
-                released.push(*shard);
-                self.log.lock().unwrap().push(format!("released {shard}"));
+        let round_trip = *self.round_trip.lock().unwrap();
+        Box::pin(async move {
+            if !round_trip.is_zero() {
+                tokio::time::sleep(round_trip).await;
             }
-        }
-        self.answer(released)
+            let mut tables = self.tables.lock().unwrap();
+            tables.members.remove(node_id);
+            let mut released = Vec::new();
+            for (shard, row) in tables.leases.iter_mut() {
+                if row.owner == node_id && row.expires_at_ms > 0 {
+                    row.expires_at_ms = 0;
+                    released.push(*shard);
+                    self.log.lock().unwrap().push(format!("released {shard}"));
+                }
+            }
+            Ok(released)
+        })
     }
 
     fn owner_of(&self, shard: u32) -> BoxFuture<'_, Result<Option<ShardOwner>, LeaseStoreError>> {
@@ -443,6 +451,26 @@ async fn stepping_down_waits_for_the_writes_of_shards_a_tick_is_handing_over() {
     let committed = log.iter().position(|line| line == "committed").expect("the write was committed");
     let released = log.iter().position(|line| *line == format!("released {shard}"));
     assert!(released.is_none_or(|released| released > committed), "its lease went after its write: {log:?}");
+}
+
+/// `leave` runs once. A second call while the first is under way (the
+/// lease manager leaving for a failed persistence actor, then SIGTERM)
+/// returned at once, and the app then stopped the manager, cutting the first
+/// short before it released anything. A later call now waits for the first.
+#[tokio::test(start_paused = true)]
+async fn a_second_leave_waits_for_the_first_to_end() {
+    let store = MemoryLeases::new();
+    let a = node("node-a", &store).await;
+    tick(&a, &store).await;
+    *store.round_trip.lock().unwrap() = Duration::from_millis(100);
+    let first = {
+        let a = a.clone();
+        tokio::spawn(async move { a.leave().await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    a.leave().await;
+    first.abort();
+    assert_eq!(store.owned_by("node-a"), 0, "every lease released when the second call returns");
 }
 
 /// While a shard moves, every write to it asks for its owner again: the

@@ -120,6 +120,17 @@ impl Sequencer {
         if follows { Arrival::Next } else { Arrival::Gap }
     }
 
+    /// Forgets the auction when its last version is behind `head` (its owner
+    /// says it went further: events were missed); whether it was.
+    pub fn forget_if_behind(&self, auction_id: AuctionId, head: Version) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let behind = last.get(&auction_id).is_some_and(|version| *version < head);
+        if behind {
+            last.remove(&auction_id);
+        }
+        behind
+    }
+
     /// Forgets every auction (events may have been missed: the watchers resync).
     pub fn clear(&self) {
         self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
@@ -183,6 +194,21 @@ pub(crate) mod tests {
         let ended = state.apply(Command::End, 1_000).unwrap();
         assert_eq!(sequencer.arrive(&ended, &state), Arrival::Next, "the end keeps seq and moves the stage");
         assert_eq!(sequencer.arrive(&ended, &state), Arrival::Repeat);
+    }
+
+    /// A head past the last event seen: the auction is forgotten, so its next
+    /// event is taken as it comes (the watchers took a snapshot at the head).
+    #[test]
+    fn a_head_ahead_forgets_the_auction_and_one_at_hand_changes_nothing() {
+        let sequencer = Sequencer::new(16);
+        let mut state = auction();
+        let first = bid(&mut state, 100);
+        assert_eq!(sequencer.arrive(&first.0, &first.1), Arrival::Next);
+        assert!(!sequencer.forget_if_behind(state.id, Version { seq: 1, stage: 1 }), "at hand");
+        let _lost = bid(&mut state, 101);
+        assert!(sequencer.forget_if_behind(state.id, Version { seq: 2, stage: 1 }), "seq 2 was missed");
+        let third = bid(&mut state, 102);
+        assert_eq!(sequencer.arrive(&third.0, &third.1), Arrival::Next, "not a second gap");
     }
 
     #[test]

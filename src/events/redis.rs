@@ -311,9 +311,14 @@ impl RedisEvents {
             if self.leases.epoch_of(shard_of(head.auction_id)).is_some() {
                 continue;
             }
-            // The sequencer is left as it is: an event still on its way
-            // (Redis lagging) goes to the watchers as usual, after this check.
-            self.hub.check_head(head.auction_id, Version { seq: head.seq, stage: head.stage });
+            let version = Version { seq: head.seq, stage: head.stage };
+            // Behind it, this node missed events: forgotten, the auction's next
+            // event is taken as it comes (the watchers resynchronise now, once).
+            if self.sequencer.forget_if_behind(head.auction_id, version) {
+                metrics::counter!(telemetry::PUBSUB_GAPS_TOTAL).increment(1);
+                self.read_cache.invalidate(head.auction_id);
+            }
+            self.hub.check_head(head.auction_id, version);
         }
     }
 
@@ -485,5 +490,49 @@ impl RemoteViewers for RedisEvents {
         counts.get(&auction_id).map_or(0, |nodes| {
             nodes.values().filter(|(_, at)| at.elapsed() < VIEWER_REPORT_FRESH).map(|(count, _)| count).sum()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node's Redis side, its Redis unreachable (nothing here needs it).
+    async fn events(db_dir: &std::path::Path) -> Arc<RedisEvents> {
+        let parts = NodeParts {
+            node_id: "node-a".to_owned(),
+            leases: Arc::new(Leases::none()),
+            clock: Arc::new(crate::clock::SystemClock),
+            hub: crate::ws::Hub::new(crate::ws::hub::WsSettings::default()).unwrap(),
+            read_cache: Arc::new(ReadCache::new(16)),
+            db: crate::storage::Db::open_sqlite(db_dir).await.unwrap(),
+        };
+        RedisEvents::start("redis://127.0.0.1:1", "test", parts).unwrap()
+    }
+
+    /// Heads are kept only for auctions watched on other nodes, and never
+    /// move back: an event dropped from a full queue is remembered at once,
+    /// and may be newer than one of the same auction whose pipeline ends later.
+    #[test]
+    fn heads_are_kept_for_auctions_watched_elsewhere_and_never_move_back() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        runtime.block_on(async {
+            let events = events(dir.path()).await;
+            let (watched, unwatched) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+            let report = ViewerReport {
+                version: EVENTS_VERSION,
+                node: "node-b".to_owned(),
+                counts: vec![(watched, 1)],
+                heads: Vec::new(),
+            };
+            events.on_viewer_report(&rmp_serde::to_vec_named(&report).unwrap());
+            let version = |seq| Version { seq, stage: 1 };
+            events.remember_heads(vec![(watched, version(5)), (unwatched, version(5))]);
+            events.remember_heads(vec![(watched, version(4))]);
+            let heads = events.heads.lock().unwrap().clone();
+            assert_eq!(heads.keys().collect::<Vec<_>>(), [&watched], "only the auction watched elsewhere");
+            assert_eq!(heads[&watched].0, version(5), "a later pipeline's older event does not move it back");
+        });
     }
 }
