@@ -245,6 +245,37 @@ impl Bidding {
         }
     }
 
+    /// Decides a write another node forwarded here (see `decide_here`), its
+    /// key held meanwhile, as the node it entered at holds it: one key sent
+    /// at once to two auctions of this node, through this node and another,
+    /// meets here (`422` for the second), not in the store, where the write
+    /// refused would take other bidders' writes on its auction with it. A
+    /// keyed write runs to its end in a task of its own, as on that node.
+    pub async fn decide_forwarded(self: &Arc<Self>, request: WriteRequest) -> Result<WriteDone, WriteFailure> {
+        let keyed = match &request {
+            WriteRequest::Bid(bid) => bid
+                .key
+                .as_deref()
+                .map(|key| (bid.bidder_id, key, keys::bid_fingerprint(bid.auction_id, bid.amount, bid.max_amount))),
+            WriteRequest::Cancel(cancel) => {
+                cancel.key.as_deref().map(|key| (cancel.by, key, keys::cancel_fingerprint(cancel.auction_id)))
+            }
+        };
+        let Some((user_id, key, fingerprint)) = keyed else {
+            return self.decide_here(request).await;
+        };
+        let Some(held) = self.keys_in_flight.hold(user_id, key, fingerprint) else {
+            return Err(WriteFailure::KeyReused);
+        };
+        let bidding = self.clone();
+        let deciding = async move {
+            let decided = bidding.decide_here(request).await;
+            drop(held);
+            bidding.here(decided)
+        };
+        self.to_the_end(deciding).await.result
+    }
+
     /// Decides a write on this node, which must own its auction (else
     /// `NotOwner`): what the owner runs for writes forwarded to it.
     pub async fn decide_here(&self, request: WriteRequest) -> Result<WriteDone, WriteFailure> {

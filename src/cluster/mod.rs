@@ -302,8 +302,13 @@ impl Cluster {
             .map_err(|error| {
                 if error.is_connect() { ForwardError::Unreachable(error.to_string()) } else { ForwardError::TimedOut }
             })?;
+        if response.status().is_server_error() {
+            // The owner's edge (its time limit, an answer it could not encode)
+            // or a proxy before it: the write may have been decided.
+            return Err(ForwardError::TimedOut);
+        }
         if response.status() != reqwest::StatusCode::OK {
-            // Refused before it was decided (authentication, version): not delivered.
+            // Refused before it was decided (authentication, version, size): not delivered.
             return Err(ForwardError::Unreachable(format!("owner answered {}", response.status())));
         }
         let bytes = response.bytes().await.map_err(|_| ForwardError::TimedOut)?;

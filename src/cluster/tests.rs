@@ -510,3 +510,38 @@ async fn writes_that_ask_for_a_shards_owner_at_once_share_one_read() {
     assert!(waits.await.unwrap());
     assert_eq!(store.owner_reads.load(Ordering::Acquire), 6, "the one that waited read for itself");
 }
+
+/// An owner (or a proxy before it) answering a forwarded write with a 5xx may
+/// have decided it: its edge's time limit, an answer it could not encode.
+/// Taken for "not delivered", the write was sent again after a refresh, and
+/// an unkeyed bid could stand twice. A 5xx is now "outcome unknown"; a 4xx
+/// (a refusal before deciding: secret, version, size) is still "not delivered".
+#[tokio::test]
+async fn a_5xx_from_the_owner_is_an_unknown_outcome_and_a_4xx_is_not_delivered() {
+    use axum::http::StatusCode;
+
+    let store = MemoryLeases::new();
+    let a = node("node-a", &store).await;
+    let request = crate::bidding::wire::WriteRequest::Cancel(crate::bidding::wire::CancelRequest {
+        auction_id: uuid::Uuid::now_v7(),
+        by: uuid::Uuid::now_v7(),
+        key: None,
+    });
+    for (status, unknown) in [(StatusCode::SERVICE_UNAVAILABLE, true), (StatusCode::INTERNAL_SERVER_ERROR, true)]
+        .into_iter()
+        .chain([(StatusCode::UNAUTHORIZED, false), (StatusCode::BAD_REQUEST, false)])
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let owner =
+            axum::Router::new().route("/internal/v1/writes", axum::routing::post(move || async move { status }));
+        let server = tokio::spawn(async move { axum::serve(listener, owner).await });
+        let result = a.forward(&url, &request).await;
+        server.abort();
+        match result {
+            Err(super::ForwardError::TimedOut) => assert!(unknown, "{status}: not delivered, yet called unknown"),
+            Err(super::ForwardError::Unreachable(_)) => assert!(!unknown, "{status}: maybe decided, yet sent again"),
+            Ok(_) => panic!("{status}: no answer to relay"),
+        }
+    }
+}

@@ -58,7 +58,7 @@ where
 }
 
 /// The body, whole, within the body deadline and `MAX_BODY_BYTES`.
-async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
     let deadline = request.extensions().get::<BodyTimeout>().copied().unwrap_or_default();
     let read = tokio::time::timeout(deadline.0, Bytes::from_request(request, state));
     let bytes = read.await.map_err(|_| ApiError::BodyTimeout)?.map_err(|rejection| {

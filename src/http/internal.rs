@@ -5,8 +5,7 @@
 //! without it they answer 401 like any unauthenticated request.
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -26,10 +25,16 @@ fn authenticated(context: &ApiContext, headers: &HeaderMap) -> bool {
 
 /// Decides a forwarded write here, as if it had been received here, and
 /// answers with the outcome: this node's own verdict, `NotOwner` included.
-async fn writes(State(context): State<ApiContext>, headers: HeaderMap, body: Bytes) -> Response {
-    if !authenticated(&context, &headers) {
+/// The secret is checked before the body is read (within the body deadline
+/// and size, as any request's): without it, nothing is waited for.
+async fn writes(State(context): State<ApiContext>, request: Request) -> Response {
+    if !authenticated(&context, request.headers()) {
         return ApiError::Unauthenticated.into_response();
     }
+    let body = match crate::http::extract::read_body(request, &()).await {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
     let forwarded: Forwarded = match rmp_serde::from_slice(&body) {
         Ok(forwarded) => forwarded,
         Err(error) => return ApiError::InvalidRequest(format!("not a forwarded write: {error}")).into_response(),
@@ -38,7 +43,7 @@ async fn writes(State(context): State<ApiContext>, headers: HeaderMap, body: Byt
         let message = format!("wire version {} is not {WIRE_VERSION}", forwarded.version);
         return ApiError::InvalidRequest(message).into_response();
     }
-    let result = context.bidding.decide_here(forwarded.request).await;
+    let result = context.bidding.decide_forwarded(forwarded.request).await;
     let reply = ForwardedReply { version: WIRE_VERSION, owner: context.node_id.clone(), result };
     match rmp_serde::to_vec_named(&reply) {
         Ok(bytes) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/msgpack")], bytes).into_response(),

@@ -870,6 +870,12 @@ mod tests {
             assert_eq!(version, Some((state.seq as i64, state.status.as_str().to_owned())), "{backend}, {context}");
         }
 
+        /// The auction's own row: `(seq, end_at_ms, status)`.
+        async fn auction_row(&self, auction: &AuctionState) -> (i64, i64, String) {
+            let sql = "SELECT seq, end_at_ms, status FROM auctions WHERE id = $1";
+            reading!(&self.db, pool => sqlx::query_as(sql).bind(auction.id).fetch_one(pool).await.unwrap())
+        }
+
         async fn bids_of(&self, auction: &AuctionState) -> i64 {
             let sql = "SELECT count(*) FROM bids WHERE auction_id = $1";
             reading!(&self.db, pool => sqlx::query_scalar(sql).bind(auction.id).fetch_one(pool).await.unwrap())
@@ -1115,12 +1121,23 @@ mod tests {
     }
 
     async fn a_late_attempt_changes_nothing(scene: Scene) {
-        let mut state = scene.auction().await;
-        let first = scene.bid(&mut state, &scene.alice, 1_000, None);
-        let second = scene.bid(&mut state, &scene.bob, 1_500, None);
+        // Bids that move the end (soft close) write the auction's row too: a
+        // late write of the first must leave the row at the second's state.
+        // (A load would show the second's state anyway, from its bid's row;
+        // the auction's row itself is read here.)
+        let mut state = scene.auction_closing_softly(60).await;
+        let first = scene.bid_at(&mut state, &scene.alice, 1_000, None, 950_000);
+        let second = scene.bid_at(&mut state, &scene.bob, 1_500, None, 960_000);
         commit(&scene.db, NODE, std::slice::from_ref(&first)).await.unwrap();
         commit(&scene.db, NODE, std::slice::from_ref(&second)).await.unwrap();
         commit(&scene.db, NODE, std::slice::from_ref(&first)).await.unwrap();
+        let row = scene.auction_row(&state).await;
+        assert_eq!(
+            row,
+            (2, state.end_at_ms, "active".to_owned()),
+            "{}: the row is the second bid's",
+            scene.db.backend_name()
+        );
         let stored = scene.db.load(state.id).await.unwrap().unwrap().state;
         assert_eq!(stored, state, "{}: the row keeps the second bid's state", scene.db.backend_name());
 
@@ -1131,6 +1148,7 @@ mod tests {
         let end = Write { at_ms: 2_000_000, auction: state.clone(), bid: None, key: None, ..second.clone() };
         commit(&scene.db, NODE, &[end]).await.unwrap();
         commit(&scene.db, NODE, &[second]).await.unwrap();
+        assert_eq!(scene.auction_row(&state).await, (2, state.end_at_ms, "ended".to_owned()));
         let stored = scene.db.load(state.id).await.unwrap().unwrap().state;
         assert_eq!((stored.status, stored.winner.clone()), (Status::Ended, Some(scene.bob.clone())));
         assert_eq!(stored, state, "{}: the row stays ended", scene.db.backend_name());

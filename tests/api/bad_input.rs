@@ -329,3 +329,22 @@ async fn scheme_case_absurd_numbers_extra_fields_and_cors() {
     assert!(!response.await.unwrap().headers().contains_key("access-control-allow-origin"));
     plain.stop().await;
 }
+
+/// The node-to-node endpoint checks the cluster secret before it reads a
+/// body. It read the body first, with no deadline of its own: anyone could
+/// hold a connection there, trickling a body, for the edge's whole time limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_endpoint_refuses_a_request_without_the_secret_before_its_body() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!("POST /internal/v1/writes HTTP/1.1\r\nHost: {address}\r\nContent-Length: 1000\r\n\r\n");
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut answer))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    assert!(answer[..read].starts_with(b"HTTP/1.1 401"), "{}", String::from_utf8_lossy(&answer[..read]));
+    app.stop().await;
+}

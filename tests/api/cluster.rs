@@ -624,6 +624,54 @@ async fn sigterm_hands_the_shards_over_at_once_though_a_client_trickles_its_requ
     assert!(status.success(), "graceful exit: {status:?}");
 }
 
+/// One key sent at once to several auctions of one node, some through that
+/// node and some through another, twenty times over, while another bidder
+/// bids on them. The copies that entered at the other node were decided by
+/// the owner without the key held, and met the others only in the store,
+/// where the one refused took the other bidder's bid on its auction with it
+/// (`503`). The owner now holds the key for a forwarded write too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sent_at_once_through_two_nodes_never_costs_another_bidder_their_bid() {
+    // Each commit waits 300 ms for company: the writes of a round are all in
+    // their auctions before the first commits.
+    let cluster = TestCluster::start_with(2, 10, vec!["--commit-delay-us".to_owned(), "300000".to_owned()]).await;
+    let (seller, users) = users(&cluster.api(0), 2).await;
+    let (mallory, alice) = (&users[0], &users[1]);
+    let owner_id = cluster.members[0].id.clone();
+    let client = crate::helpers::client();
+    let send = |via: usize, auction_id: &str, token: &str, key: Option<String>, amount: i64| {
+        let url = format!("{}/api/v1/auctions/{auction_id}/bids", cluster.address(via));
+        crate::helpers::bid_request(&client, url, token, key, amount)
+    };
+    for round in 0..20 {
+        // Four auctions of node 0.
+        let mut auctions = Vec::new();
+        while auctions.len() < 4 {
+            let auction = cluster.api(0).create_auction(&seller, auction_body(json!({}))).await;
+            let id = auction["id"].as_str().unwrap().to_owned();
+            if cluster.owner_of(0, &id).await == owner_id {
+                auctions.push(id);
+            }
+        }
+        let keyed: Vec<_> = auctions
+            .iter()
+            .enumerate()
+            .map(|(index, id)| tokio::spawn(send(index % 2, id, &mallory.token, Some(format!("key-{round}")), 10_000)))
+            .collect();
+        // Each node refuses at once its second copy (its own hold); the
+        // others are in their auctions, waiting for the commit, once the
+        // owner's queue holds a write. Then another bidder bids on top.
+        eventually(Duration::from_secs(5), "the keyed bids to reach their auctions", || async {
+            let refused = keyed.iter().filter(|answer| answer.is_finished()).count();
+            let queued = labelled_metric(&cluster.address(0), "gavel_persistence_queue_depth").await;
+            (refused >= 2 && queued >= 1.0).then_some(())
+        })
+        .await;
+        let others: Vec<_> = auctions.iter().map(|id| tokio::spawn(send(0, id, &alice.token, None, 20_000))).collect();
+        crate::helpers::check_keyed_round(round, keyed, others).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_auction_whose_owner_died_closes_on_time_after_takeover() {
     let mut cluster = TestCluster::start(2, 3).await;

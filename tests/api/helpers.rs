@@ -245,6 +245,55 @@ impl Api<'_> {
 }
 
 /// An auction body with sane defaults; `overrides` replaces fields.
+/// A bid of `amount` posted to `url`, with an `Idempotency-Key` when given:
+/// its status and body, once sent.
+pub fn bid_request(
+    client: &reqwest::Client,
+    url: String,
+    token: &str,
+    key: Option<String>,
+    amount: i64,
+) -> impl Future<Output = (StatusCode, Value)> + Send + use<> {
+    let mut request = client.post(url).bearer_auth(token).json(&json!({"amount": amount}));
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    async move {
+        let response = request.send().await.unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    }
+}
+
+/// The answers of one round of a key sent at once to several auctions
+/// (`keyed`) while another bidder bids on them (`others`): each keyed bid is
+/// `201`, `409` or `422`, at most one of them `201`; every other bid is decided
+/// by the rules alone (`201` or `409`, never `503`). Returns the `201`s.
+pub async fn check_keyed_round(
+    round: usize,
+    keyed: Vec<tokio::task::JoinHandle<(StatusCode, Value)>>,
+    others: Vec<tokio::task::JoinHandle<(StatusCode, Value)>>,
+) -> usize {
+    let mut created = 0;
+    for answer in keyed {
+        let (status, body) = answer.await.unwrap();
+        assert!(
+            [StatusCode::CREATED, StatusCode::CONFLICT, StatusCode::UNPROCESSABLE_ENTITY].contains(&status),
+            "round {round}: the keyed bid got {status} {body}"
+        );
+        created += usize::from(status == StatusCode::CREATED);
+    }
+    assert!(created <= 1, "round {round}: {created} bids took effect under one key");
+    for answer in others {
+        let (status, body) = answer.await.unwrap();
+        assert!(
+            [StatusCode::CREATED, StatusCode::CONFLICT].contains(&status),
+            "round {round}: another bidder's bid got {status} {body}"
+        );
+        created += usize::from(status == StatusCode::CREATED);
+    }
+    created
+}
+
 pub fn auction_body(overrides: Value) -> Value {
     let mut body = json!({
         "title": "Leica M6", "description": "a camera", "currency": "EUR",

@@ -743,18 +743,8 @@ async fn a_key_sent_at_once_to_many_auctions_never_costs_another_bidder_their_bi
     let seller = api.register("seller").await;
     let (mallory, alice) = (api.register("mallory").await, api.register("alice").await);
     let send = |auction_id: &str, token: &str, key: Option<String>, amount: i64| {
-        let mut request = app
-            .client
-            .post(app.url(&format!("/api/v1/auctions/{auction_id}/bids")))
-            .bearer_auth(token)
-            .json(&json!({"amount": amount}));
-        if let Some(key) = key {
-            request = request.header("Idempotency-Key", key);
-        }
-        async move {
-            let response = request.send().await.unwrap();
-            (response.status(), response.json::<serde_json::Value>().await.unwrap())
-        }
+        let url = app.url(&format!("/api/v1/auctions/{auction_id}/bids"));
+        crate::helpers::bid_request(&app.client, url, token, key, amount)
     };
     for round in 0..20 {
         let mut auctions = Vec::new();
@@ -768,24 +758,7 @@ async fn a_key_sent_at_once_to_many_auctions_never_costs_another_bidder_their_bi
             keyed.push(tokio::spawn(send(id, &mallory.token, Some(format!("key-{round}")), 10_000)));
             others.push(tokio::spawn(send(id, &alice.token, None, 20_000)));
         }
-        let mut created = 0;
-        for answer in keyed {
-            let (status, body) = answer.await.unwrap();
-            assert!(
-                [StatusCode::CREATED, StatusCode::CONFLICT, StatusCode::UNPROCESSABLE_ENTITY].contains(&status),
-                "round {round}: the keyed bid got {status} {body}"
-            );
-            created += usize::from(status == StatusCode::CREATED);
-        }
-        assert!(created <= 1, "round {round}: {created} bids took effect under one key");
-        for answer in others {
-            let (status, body) = answer.await.unwrap();
-            assert!(
-                [StatusCode::CREATED, StatusCode::CONFLICT].contains(&status),
-                "round {round}: another bidder's bid got {status} {body}"
-            );
-            created += usize::from(status == StatusCode::CREATED);
-        }
+        let created = crate::helpers::check_keyed_round(round, keyed, others).await;
         let mut stored = 0;
         for id in &auctions {
             stored += api.history(id).await.len();
