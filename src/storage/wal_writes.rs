@@ -20,7 +20,10 @@
 //! that fails is reported by the call that issues it (a sync, for a commit),
 //! and SQLite then treats the transaction as failed, as it would a failed
 //! write. (With a weaker setting the WAL is not synced at each commit, and a
-//! reader could see frames still in the buffer: this VFS is for `FULL` only.)
+//! reader could see frames still in the buffer: this VFS is for `FULL` only.
+//! Nor is a WAL buffered whose database has powersafe overwrite turned off:
+//! SQLite then pads each commit to a sector and writes part of the padding
+//! after the sync.)
 
 use std::ffi::{CStr, c_int, c_void};
 use std::ptr;
@@ -108,7 +111,7 @@ unsafe extern "C" fn open(
     unsafe {
         let inner_vfs = (*vfs).pAppData.cast::<ffi::sqlite3_vfs>();
         let inner_open = (*inner_vfs).xOpen.expect("the default VFS opens files");
-        if flags & ffi::SQLITE_OPEN_WAL == 0 {
+        if flags & ffi::SQLITE_OPEN_WAL == 0 || !powersafe_overwrite(name) {
             return inner_open(inner_vfs, name, file, flags, out_flags);
         }
         let wal = file.cast::<WalFile>();
@@ -128,6 +131,24 @@ unsafe extern "C" fn open(
         ptr::addr_of_mut!((*wal).buffer).write(Vec::new());
         (*wal).base.pMethods = &WAL_METHODS;
         ffi::SQLITE_OK
+    }
+}
+
+/// Whether SQLite writes this WAL with powersafe overwrite (the default, and
+/// gavel never turns it off): then every byte of a commit is written before
+/// the sync that ends it. Without it SQLite pads a commit to a sector and
+/// writes the last padding frame's tail after the sync (`walWriteToLog`);
+/// held in the buffer, that frame would be published before it was written.
+/// Such a WAL is left to the unix VFS as it is.
+///
+/// # Safety
+/// `name` is the filename SQLite passed to `xOpen`.
+unsafe fn powersafe_overwrite(name: ffi::sqlite3_filename) -> bool {
+    // SAFETY: both read NUL-terminated strings; a WAL's filename carries its
+    // database's URI parameters.
+    unsafe {
+        let compiled = ffi::sqlite3_compileoption_used(c"POWERSAFE_OVERWRITE=0".as_ptr()) == 0;
+        ffi::sqlite3_uri_boolean(name, c"psow".as_ptr(), c_int::from(compiled)) != 0
     }
 }
 
@@ -340,6 +361,48 @@ pub(super) mod tests {
         // SAFETY: sqlite3_libversion returns a static NUL-terminated string.
         let version = unsafe { std::ffi::CStr::from_ptr(libsqlite3_sys::sqlite3_libversion()) };
         assert_eq!(version.to_str().unwrap(), "3.51.3", "re-read SQLite's WAL writes before moving this version");
+    }
+
+    /// A database opened through this VFS with powersafe overwrite off
+    /// (`psow=0`): SQLite pads its commits, and writes part of the padding
+    /// after the commit's sync, so its WAL must not be buffered. Its WAL
+    /// writes go straight to the unix VFS (none is counted here), and what
+    /// it committed reads back whole from a plain connection.
+    #[tokio::test]
+    async fn a_wal_without_powersafe_overwrite_is_not_buffered() {
+        use std::ffi::CString;
+
+        super::register().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("padded.db");
+        let uri =
+            CString::new(format!("file:{}?psow=0&vfs={}", path.display(), super::NAME.to_str().unwrap())).unwrap();
+        let (asked_before, _) = wal_write_counts();
+        // SAFETY: plain use of SQLite's C API on a handle this test owns and closes.
+        unsafe {
+            let mut db = std::ptr::null_mut();
+            let flags = libsqlite3_sys::SQLITE_OPEN_READWRITE
+                | libsqlite3_sys::SQLITE_OPEN_CREATE
+                | libsqlite3_sys::SQLITE_OPEN_URI;
+            assert_eq!(libsqlite3_sys::sqlite3_open_v2(uri.as_ptr(), &mut db, flags, std::ptr::null()), 0);
+            let sql = c"PRAGMA page_size=1024; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; \
+                        CREATE TABLE padded (key INTEGER PRIMARY KEY, body BLOB NOT NULL); \
+                        BEGIN; WITH RECURSIVE n(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM n WHERE k < 300) \
+                        INSERT INTO padded SELECT k, randomblob(500) FROM n; COMMIT; \
+                        INSERT INTO padded VALUES (1000, x'00');";
+            let code = libsqlite3_sys::sqlite3_exec(db, sql.as_ptr(), None, std::ptr::null_mut(), std::ptr::null_mut());
+            assert_eq!(code, 0, "the commits went through");
+            let (asked, _) = wal_write_counts();
+            assert_eq!(asked - asked_before, 0, "no WAL write of a padded WAL went through the buffer");
+            let plain = SqliteConnectOptions::new().filename(&path).read_only(true);
+            let mut reader = plain.connect().await.unwrap();
+            let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM padded").fetch_one(&mut reader).await.unwrap();
+            assert_eq!(rows, 301);
+            let check: String = sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&mut reader).await.unwrap();
+            assert_eq!(check, "ok");
+            reader.close().await.unwrap();
+            libsqlite3_sys::sqlite3_close(db);
+        }
     }
 
     pub(in crate::storage) fn writer(db: &Db) -> &sqlx::SqlitePool {
