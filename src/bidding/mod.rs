@@ -253,20 +253,32 @@ impl Bidding {
     /// keyed write runs to its end in a task of its own, as on that node.
     pub async fn decide_forwarded(self: &Arc<Self>, request: WriteRequest) -> Result<WriteDone, WriteFailure> {
         let keyed = match &request {
-            WriteRequest::Bid(bid) => bid
-                .key
-                .as_deref()
-                .map(|key| (bid.bidder_id, key, keys::bid_fingerprint(bid.auction_id, bid.amount, bid.max_amount))),
+            WriteRequest::Bid(bid) => bid.key.as_deref().map(|key| {
+                (bid.bidder_id, key, keys::bid_fingerprint(bid.auction_id, bid.amount, bid.max_amount), "bid")
+            }),
             WriteRequest::Cancel(cancel) => {
-                cancel.key.as_deref().map(|key| (cancel.by, key, keys::cancel_fingerprint(cancel.auction_id)))
+                cancel.key.as_deref().map(|key| (cancel.by, key, keys::cancel_fingerprint(cancel.auction_id), "cancel"))
             }
         };
-        let Some((user_id, key, fingerprint)) = keyed else {
+        let Some((user_id, key, fingerprint, kind)) = keyed else {
             return self.decide_here(request).await;
         };
-        let Some(held) = self.keys_in_flight.hold(user_id, key, fingerprint) else {
-            return Err(WriteFailure::KeyReused);
-        };
+        // As where it entered: held, then looked up (a write made meanwhile
+        // under the key, maybe this very one, is in the store by now).
+        let (held, checked) = self.hold_and_check(user_id, key, fingerprint, kind).await;
+        match checked {
+            Ok(KeyCheck::Fresh) => {}
+            Ok(KeyCheck::Reused) => return Err(WriteFailure::KeyReused),
+            Ok(KeyCheck::Replay(stored)) => {
+                return match request {
+                    WriteRequest::Bid(_) => Box::pin(self.replay(stored.auction_id, stored.seq.unwrap_or(0) as u64))
+                        .await
+                        .map(WriteDone::Bid),
+                    WriteRequest::Cancel(_) => Ok(WriteDone::Cancelled),
+                };
+            }
+            Err(error) => return Err(storage_failure("read idempotency key", error)),
+        }
         let bidding = self.clone();
         let deciding = async move {
             let decided = bidding.decide_here(request).await;
