@@ -221,3 +221,26 @@ where
     // A second init (tests) keeps the first subscriber.
     let _ = result;
 }
+
+/// Whether a warning that could come with every request is due: at most
+/// once a minute for each `last` (seconds since the process started, plus
+/// one, when it was last given; 0 for never).
+pub fn now_and_then(last: &std::sync::atomic::AtomicU64) -> bool {
+    static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let now = STARTED.get_or_init(std::time::Instant::now).elapsed().as_secs() + 1;
+    let previous = last.load(std::sync::atomic::Ordering::Relaxed);
+    (previous == 0 || now >= previous + 60)
+        && last
+            .compare_exchange(previous, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+            .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_warning_now_and_then_is_given_once_a_minute() {
+        let last = std::sync::atomic::AtomicU64::new(0);
+        assert!(super::now_and_then(&last), "the first is given");
+        assert!(!super::now_and_then(&last), "the next within a minute is not");
+    }
+}

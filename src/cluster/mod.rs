@@ -109,6 +109,9 @@ impl View {
     }
 }
 
+/// When an owner of another wire version was last logged (see `now_and_then`).
+static VERSION_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct Cluster {
     settings: ClusterSettings,
     /// `None`: a single embedded node.
@@ -306,6 +309,11 @@ impl Cluster {
             // The owner's edge (its time limit, an answer it could not encode)
             // or a proxy before it: the write may have been decided.
             return Err(ForwardError::TimedOut);
+        }
+        if response.status() == reqwest::StatusCode::UPGRADE_REQUIRED && crate::telemetry::now_and_then(&VERSION_WARNED)
+        {
+            // The owner runs a release with another wire version: not delivered.
+            tracing::warn!(%url, ours = WIRE_VERSION, "the owner speaks another wire version (a rolling upgrade?): not forwarded");
         }
         if response.status() != reqwest::StatusCode::OK {
             // Refused before it was decided (authentication, version, size): not delivered.

@@ -15,6 +15,9 @@ use super::error::ApiError;
 use crate::bidding::wire::{Forwarded, ForwardedReply, WIRE_VERSION};
 use crate::cluster::SECRET_HEADER;
 
+/// When a write in another wire version was last logged (see `now_and_then`).
+static VERSION_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub fn routes() -> Router<ApiContext> {
     Router::new().route("/internal/v1/writes", post(writes)).route("/internal/v1/cluster/wake", post(wake))
 }
@@ -40,8 +43,20 @@ async fn writes(State(context): State<ApiContext>, request: Request) -> Response
         Err(error) => return ApiError::InvalidRequest(format!("not a forwarded write: {error}")).into_response(),
     };
     if forwarded.version != WIRE_VERSION {
+        // Nodes of two releases (a rolling upgrade): refused before deciding,
+        // and told apart from a bad request, so the sender can say so.
+        if crate::telemetry::now_and_then(&VERSION_WARNED) {
+            tracing::warn!(
+                theirs = forwarded.version,
+                ours = WIRE_VERSION,
+                from = %forwarded.from_node,
+                "writes forwarded in another wire version are refused (a rolling upgrade?)"
+            );
+        }
         let message = format!("wire version {} is not {WIRE_VERSION}", forwarded.version);
-        return ApiError::InvalidRequest(message).into_response();
+        let mut response = ApiError::InvalidRequest(message).into_response();
+        *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
+        return response;
     }
     let result = context.bidding.decide_forwarded(forwarded.request).await;
     let reply = ForwardedReply { version: WIRE_VERSION, owner: context.node_id.clone(), result };

@@ -348,3 +348,43 @@ async fn the_internal_endpoint_refuses_a_request_without_the_secret_before_its_b
     assert!(answer[..read].starts_with(b"HTTP/1.1 401"), "{}", String::from_utf8_lossy(&answer[..read]));
     app.stop().await;
 }
+
+/// A write forwarded in another wire version (nodes of two releases during a
+/// rolling upgrade) is refused before it is decided with `426`, told apart
+/// from a malformed request (`400`), so the sending node can say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_forwarded_in_another_wire_version_is_refused_with_426() {
+    use gavel::bidding::wire::{CancelRequest, Forwarded, WIRE_VERSION, WriteRequest};
+
+    let secret = "s".repeat(32);
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        |config| config.cluster_secret = Some(gavel::auth::Secret::new("s".repeat(32))),
+        gavel_actors::node::NodeSettings::default(),
+    )
+    .await;
+    let request =
+        WriteRequest::Cancel(CancelRequest { auction_id: uuid::Uuid::now_v7(), by: uuid::Uuid::now_v7(), key: None });
+    let post = |version: u16| {
+        let body =
+            rmp_serde::to_vec_named(&Forwarded { version, from_node: "node-z".to_owned(), request: request.clone() });
+        app.client
+            .post(app.url("/internal/v1/writes"))
+            .header("Gavel-Cluster-Secret", &secret)
+            .header("Content-Type", "application/msgpack")
+            .body(body.unwrap())
+            .send()
+    };
+    assert_eq!(post(WIRE_VERSION + 1).await.unwrap().status(), StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(post(WIRE_VERSION).await.unwrap().status(), StatusCode::OK, "the same write in this version is decided");
+    let malformed = app
+        .client
+        .post(app.url("/internal/v1/writes"))
+        .header("Gavel-Cluster-Secret", &secret)
+        .body("not MessagePack")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    app.stop().await;
+}
