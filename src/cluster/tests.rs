@@ -467,7 +467,10 @@ async fn a_second_leave_waits_for_the_first_to_end() {
         let a = a.clone();
         tokio::spawn(async move { a.leave().await })
     };
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The first call has begun (it stops the ticks first).
+    while !a.stopping.load(Ordering::Acquire) {
+        tokio::task::yield_now().await;
+    }
     a.leave().await;
     first.abort();
     assert_eq!(store.owned_by("node-a"), 0, "every lease released when the second call returns");

@@ -536,6 +536,29 @@ async fn a_paused_owner_is_fenced_when_it_wakes_and_the_auction_has_one_winner()
     }
 }
 
+/// Stops node `leaving` with SIGTERM and checks, as node `observer` sees
+/// it, that no shard is the stopping node's within 2 s (the contract);
+/// returns the process's exit.
+async fn terminate_and_see_its_shards_move_at_once(
+    cluster: &mut TestCluster,
+    leaving: usize,
+    observer: usize,
+) -> tokio::task::JoinHandle<std::process::ExitStatus> {
+    let leaving_id = cluster.members[leaving].id.clone();
+    let process = cluster.take(leaving);
+    let terminated_at = Instant::now();
+    let exit = tokio::spawn(process.terminate());
+    eventually(Duration::from_secs(15), "the shards to move off the stopping node", || async {
+        let view = cluster.view(observer).await;
+        let shards = view["shards"].as_array().unwrap();
+        shards.iter().all(|shard| shard["owner"].as_str().is_some_and(|owner| owner != leaving_id)).then_some(())
+    })
+    .await;
+    let moved_after = terminated_at.elapsed();
+    assert!(moved_after <= Duration::from_secs(2), "shards moved {moved_after:?} after SIGTERM");
+    exit
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_shards_over_at_once_under_load() {
     let mut cluster = TestCluster::start(3, 10).await;
@@ -548,19 +571,7 @@ async fn sigterm_hands_the_shards_over_at_once_under_load() {
     let answers = storm.answers.clone();
     wait_for_acknowledged(&answers, 60, "60 bids before SIGTERM").await;
 
-    let leaving_id = cluster.members[leaving].id.clone();
-    let process = cluster.take(leaving);
-    let terminated_at = Instant::now();
-    let exit = tokio::spawn(process.terminate());
-    let observer = staying[0];
-    eventually(Duration::from_secs(10), "the shards to move off the stopping node", || async {
-        let view = cluster.view(observer).await;
-        let shards = view["shards"].as_array().unwrap();
-        shards.iter().all(|shard| shard["owner"].as_str().is_some_and(|owner| owner != leaving_id)).then_some(())
-    })
-    .await;
-    let moved_after = terminated_at.elapsed();
-    assert!(moved_after <= Duration::from_secs(2), "shards moved {moved_after:?} after SIGTERM");
+    let exit = terminate_and_see_its_shards_move_at_once(&mut cluster, leaving, staying[0]).await;
     let status = exit.await.unwrap();
     assert!(status.success(), "graceful exit: {status:?}");
     let after_exit = created_count(&answers);
@@ -599,18 +610,7 @@ async fn sigterm_hands_the_shards_over_at_once_though_a_client_trickles_its_requ
     assert!(answer[..read].starts_with(b"HTTP/1.1 100"), "{}", String::from_utf8_lossy(&answer[..read]));
     slow.write_all(&body[..10]).await.unwrap();
 
-    let leaving_id = cluster.members[leaving].id.clone();
-    let process = cluster.take(leaving);
-    let terminated_at = Instant::now();
-    let exit = tokio::spawn(process.terminate());
-    eventually(Duration::from_secs(15), "the shards to move off the stopping node", || async {
-        let view = cluster.view(staying).await;
-        let shards = view["shards"].as_array().unwrap();
-        shards.iter().all(|shard| shard["owner"].as_str().is_some_and(|owner| owner != leaving_id)).then_some(())
-    })
-    .await;
-    let moved_after = terminated_at.elapsed();
-    assert!(moved_after <= Duration::from_secs(2), "shards moved {moved_after:?} after SIGTERM");
+    let exit = terminate_and_see_its_shards_move_at_once(&mut cluster, leaving, staying).await;
 
     // The trickled bid, whole at last, is decided by the new owner.
     slow.write_all(&body[10..]).await.unwrap();
